@@ -141,3 +141,19 @@ type Restorer interface {
 
 // ErrNotSupported is returned for an operation a backend does not declare.
 var ErrNotSupported = errors.New("not supported by this sandbox backend")
+
+// RestoreReporter is implemented by restored sandboxes that can report what
+// their restore measured (memory-manager stages and page statistics). The
+// values grow while the instance runs (lazy faults); callers read them after
+// the first invocation.
+type RestoreReporter interface {
+	RestoreStats() RestoreResult
+}
+
+// Recorder is implemented by sandboxes restored in MemoryRecord mode.
+// FinishRecord stops recording and writes the working-set file atomically;
+// the instance keeps running, its later faults served lazily. The
+// orchestrator calls it after the first invocation of a recording instance.
+type Recorder interface {
+	FinishRecord(ctx context.Context) error
+}
