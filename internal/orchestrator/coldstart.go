@@ -1,0 +1,409 @@
+package orchestrator
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/sandbox"
+)
+
+// SnapshotKey identifies the snapshot of one function revision: anything
+// that changes what an instance is changes the key.
+type SnapshotKey struct {
+	Function    string
+	ImageDigest string
+	Backend     string
+	// Config is a hash of the instance configuration (port, env, limits).
+	Config string
+}
+
+// Snapshot is a committed snapshot.
+type Snapshot struct {
+	ID  string
+	Dir string
+	// WorkingSet is where the REAP working-set file lives (it exists when
+	// HasWorkingSet).
+	WorkingSet    string
+	HasWorkingSet bool
+}
+
+// SnapshotStore is what the orchestrator needs of the snapshot store.
+type SnapshotStore interface {
+	// Get returns the usable snapshot for key. It wraps ErrNotFound when
+	// there is none; any other error says why the one there is unusable
+	// (corrupt, incomplete, incompatible) and the caller boots instead.
+	Get(ctx context.Context, key SnapshotKey) (Snapshot, error)
+	// Create runs write on a fresh directory and commits it atomically as
+	// the snapshot for key. If another Create for key is under way or done,
+	// it returns the existing snapshot without calling write.
+	Create(ctx context.Context, key SnapshotKey, write func(ctx context.Context, dir string) error) (Snapshot, error)
+	// CommitWorkingSet records that the working-set file of snap has been
+	// written (REAP record phase finished).
+	CommitWorkingSet(ctx context.Context, snap Snapshot) error
+	// Invalidate removes a snapshot found unusable, so a fresh one is taken.
+	Invalidate(ctx context.Context, key SnapshotKey, why string) error
+	// RemoveFunction removes every snapshot of a function.
+	RemoveFunction(ctx context.Context, function string) error
+}
+
+// coldStart accumulates the stages of one cold start.
+type coldStart struct {
+	begin  time.Time
+	stages []Stage
+	memory map[string]int64
+}
+
+func (cs *coldStart) add(name string, d time.Duration) {
+	cs.stages = append(cs.stages, Stage{Name: name, Duration: d})
+}
+
+func (cs *coldStart) time(name string, fn func() error) error {
+	t := time.Now()
+	err := fn()
+	cs.add(name, time.Since(t))
+	return err
+}
+
+func (f *function) snapshotKey(img Image) SnapshotKey {
+	h := sha256.New()
+	fmt.Fprintf(h, "port=%d\nmem=%d\ncpu=%g\n", f.spec.Port, f.spec.MemoryMiB, f.spec.CPU)
+	keys := make([]string, 0, len(f.spec.Env))
+	for k := range f.spec.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(h, "env %s=%s\n", k, f.spec.Env[k])
+	}
+	return SnapshotKey{Function: f.spec.Name, ImageDigest: img.Digest, Backend: f.spec.Sandbox, Config: hex.EncodeToString(h.Sum(nil))[:16]}
+}
+
+func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
+	env := append([]string(nil), img.Env...)
+	keys := make([]string, 0, len(f.spec.Env))
+	for k := range f.spec.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		env = setEnv(env, k, f.spec.Env[k])
+	}
+	env = setEnv(env, "GUEST_PORT", fmt.Sprint(f.spec.Port))
+	args := append(append([]string(nil), img.Entrypoint...), img.Cmd...)
+	cwd := img.WorkingDir
+	if cwd == "" {
+		cwd = "/"
+	}
+	return sandbox.Spec{
+		ID:          id,
+		Function:    f.spec.Name,
+		ImageDigest: img.Digest,
+		Rootfs:      img.Rootfs,
+		Process:     sandbox.Process{Args: args, Env: env, Cwd: cwd, User: img.User},
+		Port:        f.spec.Port,
+		MemoryLimit: f.spec.MemoryMiB << 20,
+		CPULimit:    f.spec.CPU,
+		WasmModule:  img.WasmModule,
+	}
+}
+
+func setEnv(env []string, k, v string) []string {
+	for i, kv := range env {
+		if strings.HasPrefix(kv, k+"=") {
+			env[i] = k + "=" + v
+			return env
+		}
+	}
+	return append(env, k+"="+v)
+}
+
+// start runs one cold start: boot, or restore from a snapshot when the
+// function's start mode asks for it and a usable snapshot exists.
+func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
+	cs := &coldStart{begin: time.Now()}
+	var img Image
+	err := cs.time("GetImage", func() error {
+		var err error
+		img, err = f.o.cfg.Images.Resolve(ctx, f.spec.Image)
+		return err
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: function %q: image %q: %v", ErrStartFailed, f.spec.Name, f.spec.Image, err)
+	}
+	if img.Digest != f.spec.ImageDigest {
+		f.o.log.Warn("image digest changed since deploy; using the current one", "function", f.spec.Name, "deployed", f.spec.ImageDigest, "now", img.Digest)
+	}
+	be := f.o.cfg.Backends[f.spec.Sandbox]
+	id := newInstanceID(f.spec.Name)
+	spec := f.sandboxSpec(id, img)
+
+	var sb sandbox.Sandbox
+	mode := ModeBoot
+	if f.spec.StartMode != ModeBoot && f.o.cfg.Snapshots != nil {
+		sb, mode = f.tryRestore(ctx, cs, be, spec, img)
+	}
+	if sb == nil {
+		mode = ModeBoot
+		err = cs.time("CreateSandbox", func() error {
+			var err error
+			sb, err = be.Create(ctx, spec)
+			return err
+		})
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w: function %q: create %s sandbox: %v", ErrStartFailed, f.spec.Name, f.spec.Sandbox, err)
+		}
+		err = cs.time("StartSandbox", func() error { return sb.Start(ctx) })
+		if err != nil {
+			f.stopSandbox(sb)
+			return nil, nil, fmt.Errorf("%w: function %q: start %s sandbox: %v", ErrStartFailed, f.spec.Name, f.spec.Sandbox, err)
+		}
+	}
+	in := &instance{id: id, sb: sb, startMode: mode, started: time.Now()}
+	f.persistInstance(in)
+	err = cs.time("ConnectFuncClient", func() error { return f.connect(ctx, in) })
+	if err != nil {
+		f.stopSandbox(sb)
+		if derr := f.o.cfg.Store.DeleteInstance(id); derr != nil {
+			f.o.log.Warn("forget instance", "instance", id, "err", derr)
+		}
+		return nil, nil, fmt.Errorf("%w: function %q: %v", ErrStartFailed, f.spec.Name, err)
+	}
+	f.o.log.Info("instance started", "function", f.spec.Name, "instance", id, "mode", mode, "endpoint", sb.Endpoint())
+	return in, cs, nil
+}
+
+func (f *function) stopSandbox(sb sandbox.Sandbox) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := sb.Stop(ctx); err != nil {
+		f.o.log.Error("stop sandbox after failed start", "function", f.spec.Name, "instance", sb.ID(), "err", err)
+	}
+}
+
+// tryRestore restores from the function's snapshot if there is a usable one.
+// It returns a nil sandbox when the caller must boot; the reason is logged
+// and counted.
+func (f *function) tryRestore(ctx context.Context, cs *coldStart, be sandbox.Backend, spec sandbox.Spec, img Image) (sandbox.Sandbox, string) {
+	restorer, ok := be.(sandbox.Restorer)
+	if !ok {
+		return nil, ModeBoot
+	}
+	key := f.snapshotKey(img)
+	snap, err := f.o.cfg.Snapshots.Get(ctx, key)
+	if errors.Is(err, ErrNotFound) {
+		return nil, ModeBoot // the first cold start boots; a snapshot follows
+	}
+	if err != nil {
+		f.fallback(ctx, key, "unusable", err)
+		return nil, ModeBoot
+	}
+	opts := sandbox.RestoreOptions{WorkingSet: snap.WorkingSet}
+	mode := f.spec.StartMode
+	switch f.spec.StartMode {
+	case ModeSnapshot:
+		opts.Mode = sandbox.MemoryEager
+	case ModeLazy:
+		opts.Mode = sandbox.MemoryLazy
+	case ModeReap:
+		f.mu.Lock()
+		switch {
+		case snap.HasWorkingSet:
+			opts.Mode, mode = sandbox.MemoryPrefetch, "reap-prefetch"
+		case !f.recording:
+			f.recording = true
+			opts.Mode, mode = sandbox.MemoryRecord, "reap-record"
+		default:
+			// Another instance is recording; serve this one lazily.
+			opts.Mode, mode = sandbox.MemoryLazy, ModeLazy
+		}
+		f.mu.Unlock()
+	}
+	var sb sandbox.Sandbox
+	err = cs.time("RestoreSandbox", func() error {
+		var err error
+		sb, err = restorer.Restore(ctx, spec, snap.Dir, opts)
+		return err
+	})
+	if err != nil {
+		if opts.Mode == sandbox.MemoryRecord {
+			f.mu.Lock()
+			f.recording = false
+			f.mu.Unlock()
+		}
+		f.fallback(ctx, key, "restore-failed", err)
+		return nil, ModeBoot
+	}
+	return sb, mode
+}
+
+func (f *function) fallback(ctx context.Context, key SnapshotKey, reason string, err error) {
+	f.o.log.Warn("snapshot not usable; booting instead", "function", f.spec.Name, "reason", reason, "err", err)
+	f.o.cfg.Metrics.fallback(f.spec.Name, reason)
+	if ierr := f.o.cfg.Snapshots.Invalidate(ctx, key, fmt.Sprintf("%s: %v", reason, err)); ierr != nil {
+		f.o.log.Warn("invalidate snapshot", "function", f.spec.Name, "err", ierr)
+	}
+}
+
+// afterFirstInvocation implements vHive's snapshot policy: after the first
+// successful invocation of a booted instance, pause it, snapshot it and let
+// it continue; after the first invocation of a recording instance, write the
+// working set. Neither delays the reply that triggered it.
+func (f *function) afterFirstInvocation(in *instance) {
+	if f.spec.StartMode == ModeBoot || f.o.cfg.Snapshots == nil {
+		return
+	}
+	if rec, ok := in.sb.(sandbox.Recorder); ok && in.startMode == "reap-record" {
+		go f.finishRecord(in, rec)
+		return
+	}
+	if in.startMode != ModeBoot {
+		return
+	}
+	snapper, ok := in.sb.(sandbox.Snapshotter)
+	if !ok {
+		return
+	}
+	f.mu.Lock()
+	if f.snapshotting || in.stopping {
+		f.mu.Unlock()
+		return
+	}
+	f.snapshotting = true
+	in.held = true
+	f.mu.Unlock()
+	go f.takeSnapshot(in, snapper)
+}
+
+func (f *function) takeSnapshot(in *instance, snapper sandbox.Snapshotter) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	defer func() {
+		f.mu.Lock()
+		f.snapshotting = false
+		in.held = false
+		f.broadcast()
+		f.mu.Unlock()
+	}()
+	// Wait for requests already on the instance to finish: snapshots are
+	// taken at a quiescent point.
+	for {
+		f.mu.Lock()
+		busy, ch, stopping := in.inflight, f.changed, in.stopping
+		f.mu.Unlock()
+		if stopping {
+			return
+		}
+		if busy == 0 {
+			break
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return
+		}
+	}
+	img, err := f.o.cfg.Images.Resolve(ctx, f.spec.Image)
+	if err != nil {
+		f.o.log.Warn("snapshot skipped: image", "function", f.spec.Name, "err", err)
+		return
+	}
+	key := f.snapshotKey(img)
+	t := time.Now()
+	snap, err := f.o.cfg.Snapshots.Create(ctx, key, func(ctx context.Context, dir string) error {
+		return snapper.Snapshot(ctx, dir)
+	})
+	if err != nil {
+		f.o.log.Warn("snapshot failed", "function", f.spec.Name, "instance", in.id, "err", err)
+		return
+	}
+	f.o.log.Info("snapshot taken", "function", f.spec.Name, "instance", in.id, "snapshot", snap.ID, "took", time.Since(t))
+}
+
+func (f *function) finishRecord(in *instance, rec sandbox.Recorder) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	defer func() {
+		f.mu.Lock()
+		f.recording = false
+		f.mu.Unlock()
+	}()
+	if err := rec.FinishRecord(ctx); err != nil {
+		f.o.log.Warn("REAP record: writing the working set failed", "function", f.spec.Name, "instance", in.id, "err", err)
+		return
+	}
+	img, err := f.o.cfg.Images.Resolve(ctx, f.spec.Image)
+	if err != nil {
+		return
+	}
+	snap, err := f.o.cfg.Snapshots.Get(ctx, f.snapshotKey(img))
+	if err != nil {
+		f.o.log.Warn("REAP record: snapshot vanished", "function", f.spec.Name, "err", err)
+		return
+	}
+	if err := f.o.cfg.Snapshots.CommitWorkingSet(ctx, snap); err != nil {
+		f.o.log.Warn("REAP record: commit working set", "function", f.spec.Name, "err", err)
+		return
+	}
+	f.o.log.Info("REAP working set recorded", "function", f.spec.Name, "instance", in.id)
+}
+
+// connect dials the function's gRPC server and waits until it accepts
+// connections, the sandbox exits, or ReadyTimeout passes.
+func (f *function) connect(ctx context.Context, in *instance) error {
+	ctx, cancel := context.WithTimeout(ctx, f.o.cfg.ReadyTimeout)
+	defer cancel()
+	ep := in.sb.Endpoint()
+	network, addr, target := "tcp", ep, "passthrough:///"+ep
+	if p, ok := strings.CutPrefix(ep, "unix://"); ok {
+		network, addr, target = "unix", p, ep
+	}
+	// Poll until the function listens: a refused connection costs
+	// microseconds, where gRPC's reconnect backoff would cost a second.
+	var d net.Dialer
+	for {
+		c, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case <-in.sb.Done():
+			return fmt.Errorf("instance %q exited before its function listened on %s: %v", in.id, ep, in.sb.Err())
+		case <-ctx.Done():
+			return fmt.Errorf("instance %q: function never listened on %s within %s (last error: %v)", in.id, ep, f.o.cfg.ReadyTimeout, err)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	conn, err := grpc.NewClient(target,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 5 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 200 * time.Millisecond},
+			MinConnectTimeout: time.Second,
+		}))
+	if err != nil {
+		return fmt.Errorf("instance %q: gRPC client for %s: %w", in.id, ep, err)
+	}
+	conn.Connect()
+	for st := conn.GetState(); st != connectivity.Ready; st = conn.GetState() {
+		if !conn.WaitForStateChange(ctx, st) {
+			conn.Close()
+			return fmt.Errorf("instance %q: gRPC connection to %s not ready within %s (state %s)", in.id, ep, f.o.cfg.ReadyTimeout, st)
+		}
+	}
+	in.conn = conn
+	in.client = helloworld.NewGreeterClient(conn)
+	return nil
+}

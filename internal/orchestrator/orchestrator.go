@@ -1,0 +1,552 @@
+// Package orchestrator keeps a pool of instances per deployed function,
+// routes each invocation to a free instance (warm) or starts one (cold), stops
+// idle instances after their keepalive (scale to zero), and times every stage
+// of a cold start with vHive's stage names.
+//
+// Data flows one way: the daemon's API calls the orchestrator; the
+// orchestrator calls the image resolver, the sandbox backends and the
+// snapshot store, which never call back.
+package orchestrator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"vhive.dev/vhive/internal/sandbox"
+	"vhive.dev/vhive/internal/store"
+)
+
+// Image is a resolved function image, as the orchestrator needs it.
+type Image struct {
+	Ref        string
+	Digest     string
+	Rootfs     string
+	Kind       string // "linux" or "wasm"
+	WasmModule string
+	Entrypoint []string
+	Cmd        []string
+	Env        []string
+	WorkingDir string
+	User       string
+}
+
+// Images resolves image references; the daemon adapts the image service.
+type Images interface {
+	// Resolve returns the image for ref, pulling it if it is not cached.
+	Resolve(ctx context.Context, ref string) (Image, error)
+}
+
+// FunctionStore persists functions and live instances.
+type FunctionStore interface {
+	PutFunction(store.FunctionRecord) error
+	DeleteFunction(name string) error
+	Functions() ([]store.FunctionRecord, error)
+	PutInstance(store.InstanceRecord) error
+	DeleteInstance(id string) error
+}
+
+// Start modes.
+const (
+	ModeBoot     = "boot"
+	ModeSnapshot = "snapshot"
+	ModeLazy     = "lazy"
+	ModeReap     = "reap"
+)
+
+// Config configures an Orchestrator.
+type Config struct {
+	Backends map[string]sandbox.Backend
+	Images   Images
+	Store    FunctionStore
+	// Snapshots enables the snapshot start modes; nil means boot only.
+	Snapshots SnapshotStore
+	Logger    *slog.Logger
+	Metrics   *Metrics
+
+	DefaultSandbox      string        // default "gvisor"
+	DefaultKeepalive    time.Duration // default 10m
+	DefaultMaxInstances int           // default 16
+	DefaultStartMode    string        // default "boot"
+	DefaultMemoryMiB    int64         // default 256
+	// ReadyTimeout bounds how long a new instance may take to accept
+	// gRPC connections. Default 30s.
+	ReadyTimeout time.Duration
+	// QueueTimeout bounds how long a request waits for an instance when
+	// max-instances is reached. Default 60s.
+	QueueTimeout time.Duration
+	// MaxPayload is the largest accepted payload in bytes. Default 1 MiB.
+	MaxPayload int
+	// ReapInterval is how often idle instances are looked for. Default 1s.
+	ReapInterval time.Duration
+	// DrainTimeout bounds how long Remove waits for in-flight requests.
+	// Default 30s.
+	DrainTimeout time.Duration
+}
+
+func (c *Config) setDefaults() error {
+	if len(c.Backends) == 0 {
+		return fmt.Errorf("%w: no sandbox backend configured", ErrInvalid)
+	}
+	if c.Images == nil || c.Store == nil {
+		return fmt.Errorf("%w: Images and Store are required", ErrInvalid)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Metrics == nil {
+		m, err := NewMetrics(nil)
+		if err != nil {
+			return err
+		}
+		c.Metrics = m
+	}
+	if c.DefaultSandbox == "" {
+		c.DefaultSandbox = "gvisor"
+	}
+	if c.DefaultKeepalive == 0 {
+		c.DefaultKeepalive = 10 * time.Minute
+	}
+	if c.DefaultMaxInstances == 0 {
+		c.DefaultMaxInstances = 16
+	}
+	if c.DefaultStartMode == "" {
+		c.DefaultStartMode = ModeBoot
+	}
+	if c.DefaultMemoryMiB == 0 {
+		c.DefaultMemoryMiB = 256
+	}
+	if c.ReadyTimeout == 0 {
+		c.ReadyTimeout = 30 * time.Second
+	}
+	if c.QueueTimeout == 0 {
+		c.QueueTimeout = 60 * time.Second
+	}
+	if c.MaxPayload == 0 {
+		c.MaxPayload = 1 << 20
+	}
+	if c.ReapInterval == 0 {
+		c.ReapInterval = time.Second
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 30 * time.Second
+	}
+	return nil
+}
+
+// FunctionSpec is a function as deployed. Zero values take defaults.
+type FunctionSpec struct {
+	Name          string
+	Image         string
+	Sandbox       string
+	Port          int
+	Env           map[string]string
+	Keepalive     time.Duration
+	MaxInstances  int
+	Concurrency   int
+	StartMode     string
+	MemoryMiB     int64
+	CPU           float64
+	CreatedAt     time.Time
+	ImageDigest   string // filled in by Deploy
+	ImageKindHint string // unused by callers; filled from the image
+}
+
+// FunctionStatus reports a function and its pool.
+type FunctionStatus struct {
+	Spec      FunctionSpec
+	Instances int
+	Busy      int
+	Cold      uint64
+	Warm      uint64
+}
+
+// InstanceInfo describes a live instance.
+type InstanceInfo struct {
+	ID        string
+	Function  string
+	Sandbox   string
+	StartMode string
+	Endpoint  string
+	Started   time.Time
+	InFlight  int
+	Stats     sandbox.Stats
+}
+
+// Result is the outcome of one invocation.
+type Result struct {
+	Payload    []byte
+	Cold       bool
+	InstanceID string
+	StartMode  string
+	Stages     []Stage // cold starts only, in order, ending with Total
+	Memory     map[string]int64
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// Orchestrator runs function pools.
+type Orchestrator struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex
+	functions map[string]*function
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	wg       sync.WaitGroup
+}
+
+// New creates an orchestrator and reloads the functions persisted in the
+// store. Instances are not restored: a restarted daemon starts with empty
+// pools (the backends' Cleanup removes what a previous run left).
+func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	o := &Orchestrator{cfg: cfg, log: cfg.Logger, functions: map[string]*function{}, stop: make(chan struct{})}
+	recs, err := cfg.Store.Functions()
+	if err != nil {
+		return nil, fmt.Errorf("load functions: %w", err)
+	}
+	for _, r := range recs {
+		spec := specFromRecord(r)
+		o.functions[spec.Name] = newFunction(o, spec)
+		o.log.Info("function restored from state", "function", spec.Name, "image", spec.Image, "sandbox", spec.Sandbox)
+	}
+	o.wg.Add(1)
+	go o.reapLoop()
+	return o, nil
+}
+
+func specFromRecord(r store.FunctionRecord) FunctionSpec {
+	return FunctionSpec{Name: r.Name, Image: r.Image, ImageDigest: r.ImageDigest, Sandbox: r.Sandbox, Port: r.Port,
+		Env: r.Env, Keepalive: r.Keepalive, MaxInstances: r.MaxInst, Concurrency: r.Concurrency,
+		StartMode: r.StartMode, MemoryMiB: r.MemoryMiB, CPU: r.CPU, CreatedAt: r.Created}
+}
+
+func recordFromSpec(s FunctionSpec) store.FunctionRecord {
+	return store.FunctionRecord{Name: s.Name, Image: s.Image, ImageDigest: s.ImageDigest, Sandbox: s.Sandbox, Port: s.Port,
+		Env: s.Env, Keepalive: s.Keepalive, MaxInst: s.MaxInstances, Concurrency: s.Concurrency,
+		StartMode: s.StartMode, MemoryMiB: s.MemoryMiB, CPU: s.CPU, Created: s.CreatedAt}
+}
+
+// normalize validates spec and fills in defaults.
+func (o *Orchestrator) normalize(spec *FunctionSpec) error {
+	if !nameRE.MatchString(spec.Name) {
+		return fmt.Errorf("%w: function name %q: use 1-63 lower-case letters, digits and '-'", ErrInvalid, spec.Name)
+	}
+	if strings.TrimSpace(spec.Image) == "" {
+		return fmt.Errorf("%w: function %q: an image is required", ErrInvalid, spec.Name)
+	}
+	if spec.Sandbox == "" {
+		spec.Sandbox = o.cfg.DefaultSandbox
+	}
+	be, ok := o.cfg.Backends[spec.Sandbox]
+	if !ok {
+		return fmt.Errorf("%w: sandbox %q is not available on this node (have: %s)", ErrInvalid, spec.Sandbox, strings.Join(o.backendNames(), ", "))
+	}
+	if spec.Port == 0 {
+		spec.Port = 50051
+	}
+	if spec.Port < 1 || spec.Port > 65535 {
+		return fmt.Errorf("%w: port %d out of range", ErrInvalid, spec.Port)
+	}
+	if spec.Keepalive == 0 {
+		spec.Keepalive = o.cfg.DefaultKeepalive
+	}
+	if spec.Keepalive < 0 {
+		return fmt.Errorf("%w: keepalive %s is negative", ErrInvalid, spec.Keepalive)
+	}
+	if spec.MaxInstances == 0 {
+		spec.MaxInstances = o.cfg.DefaultMaxInstances
+	}
+	if spec.MaxInstances < 0 {
+		return fmt.Errorf("%w: max-instances %d is negative", ErrInvalid, spec.MaxInstances)
+	}
+	if spec.Concurrency == 0 {
+		spec.Concurrency = 1
+	}
+	if spec.Concurrency < 0 {
+		return fmt.Errorf("%w: concurrency %d is negative", ErrInvalid, spec.Concurrency)
+	}
+	if spec.MemoryMiB == 0 {
+		spec.MemoryMiB = o.cfg.DefaultMemoryMiB
+	}
+	if spec.StartMode == "" {
+		spec.StartMode = o.cfg.DefaultStartMode
+	}
+	caps := be.Capabilities()
+	switch spec.StartMode {
+	case ModeBoot:
+	case ModeSnapshot:
+		if !caps.Snapshot || o.cfg.Snapshots == nil {
+			return fmt.Errorf("%w: start mode %q needs snapshots, which sandbox %q does not support", ErrUnsupported, spec.StartMode, spec.Sandbox)
+		}
+	case ModeLazy, ModeReap:
+		if !caps.Snapshot || !caps.LazyMemory || o.cfg.Snapshots == nil || (spec.StartMode == ModeReap && !caps.REAP) {
+			why := "lazily served snapshot memory"
+			if caps.EagerRestore {
+				why += " (its restore reads the whole memory image eagerly)"
+			}
+			return fmt.Errorf("%w: start mode %q needs %s, which sandbox %q does not support", ErrUnsupported, spec.StartMode, why, spec.Sandbox)
+		}
+	default:
+		return fmt.Errorf("%w: unknown start mode %q (boot, snapshot, lazy, reap)", ErrInvalid, spec.StartMode)
+	}
+	for k := range spec.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return fmt.Errorf("%w: environment variable name %q", ErrInvalid, k)
+		}
+	}
+	return nil
+}
+
+func (o *Orchestrator) backendNames() []string {
+	var names []string
+	for n := range o.cfg.Backends {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Deploy registers a function (or replaces it when replace is set). The image
+// is resolved (pulled if needed) so that a bad reference fails here, not at
+// the first invocation.
+func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bool) (FunctionStatus, error) {
+	if err := o.normalize(&spec); err != nil {
+		return FunctionStatus{}, err
+	}
+	o.mu.Lock()
+	_, exists := o.functions[spec.Name]
+	o.mu.Unlock()
+	if exists && !replace {
+		return FunctionStatus{}, fmt.Errorf("%w: function %q (use --replace to redeploy)", ErrAlreadyExists, spec.Name)
+	}
+	img, err := o.cfg.Images.Resolve(ctx, spec.Image)
+	if err != nil {
+		return FunctionStatus{}, fmt.Errorf("function %q: image %q: %w", spec.Name, spec.Image, err)
+	}
+	wantWasm := spec.Sandbox == "wasm"
+	if wantWasm != (img.Kind == "wasm") {
+		return FunctionStatus{}, fmt.Errorf("%w: image %q is a %s image; sandbox %q needs a %s image", ErrInvalid, spec.Image, img.Kind, spec.Sandbox, map[bool]string{true: "wasm", false: "linux"}[wantWasm])
+	}
+	spec.ImageDigest = img.Digest
+	spec.CreatedAt = time.Now().UTC()
+
+	if exists {
+		if err := o.Remove(ctx, spec.Name); err != nil && !errors.Is(err, ErrNotFound) {
+			return FunctionStatus{}, fmt.Errorf("replace function %q: %w", spec.Name, err)
+		}
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.functions[spec.Name]; ok {
+		return FunctionStatus{}, fmt.Errorf("%w: function %q was deployed concurrently", ErrAlreadyExists, spec.Name)
+	}
+	if err := o.cfg.Store.PutFunction(recordFromSpec(spec)); err != nil {
+		return FunctionStatus{}, err
+	}
+	f := newFunction(o, spec)
+	o.functions[spec.Name] = f
+	o.log.Info("function deployed", "function", spec.Name, "image", spec.Image, "digest", img.Digest, "sandbox", spec.Sandbox, "mode", spec.StartMode)
+	return f.status(), nil
+}
+
+func (o *Orchestrator) get(name string) (*function, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	f, ok := o.functions[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: function %q is not deployed", ErrNotFound, name)
+	}
+	return f, nil
+}
+
+// Remove deletes a function: new requests fail with ErrNotFound, in-flight
+// requests get up to DrainTimeout to finish, then every instance stops and
+// the function's snapshots are removed.
+func (o *Orchestrator) Remove(ctx context.Context, name string) error {
+	o.mu.Lock()
+	f, ok := o.functions[name]
+	if ok {
+		delete(o.functions, name)
+	}
+	o.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: function %q is not deployed", ErrNotFound, name)
+	}
+	if err := o.cfg.Store.DeleteFunction(name); err != nil {
+		return err
+	}
+	f.shutdown(ctx, o.cfg.DrainTimeout)
+	o.cfg.Metrics.forget(name)
+	if o.cfg.Snapshots != nil {
+		if err := o.cfg.Snapshots.RemoveFunction(ctx, name); err != nil {
+			o.log.Warn("removing snapshots of function", "function", name, "err", err)
+		}
+	}
+	o.log.Info("function removed", "function", name)
+	return nil
+}
+
+// List reports every function, sorted by name.
+func (o *Orchestrator) List() []FunctionStatus {
+	o.mu.Lock()
+	fs := make([]*function, 0, len(o.functions))
+	for _, f := range o.functions {
+		fs = append(fs, f)
+	}
+	o.mu.Unlock()
+	out := make([]FunctionStatus, 0, len(fs))
+	for _, f := range fs {
+		out = append(out, f.status())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Spec.Name < out[j].Spec.Name })
+	return out
+}
+
+// Function reports one function.
+func (o *Orchestrator) Function(name string) (FunctionStatus, error) {
+	f, err := o.get(name)
+	if err != nil {
+		return FunctionStatus{}, err
+	}
+	return f.status(), nil
+}
+
+// FunctionsUsingImage reports whether any function references digest.
+func (o *Orchestrator) FunctionsUsingImage(digest string) []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var names []string
+	for _, f := range o.functions {
+		if f.spec.ImageDigest == digest {
+			names = append(names, f.spec.Name)
+		}
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Invoke runs one request on function name.
+func (o *Orchestrator) Invoke(ctx context.Context, name string, payload []byte) (Result, error) {
+	if len(payload) > o.cfg.MaxPayload {
+		return Result{}, fmt.Errorf("%w: payload of %d bytes exceeds the limit of %d bytes (daemon flag --max-payload)", ErrInvalid, len(payload), o.cfg.MaxPayload)
+	}
+	f, err := o.get(name)
+	if err != nil {
+		return Result{}, err
+	}
+	return f.invoke(ctx, payload)
+}
+
+// StopInstances stops every idle and busy instance of function name (all
+// functions if name is empty) after their in-flight requests finish.
+func (o *Orchestrator) StopInstances(ctx context.Context, name string) (int, error) {
+	var fs []*function
+	if name != "" {
+		f, err := o.get(name)
+		if err != nil {
+			return 0, err
+		}
+		fs = append(fs, f)
+	} else {
+		o.mu.Lock()
+		for _, f := range o.functions {
+			fs = append(fs, f)
+		}
+		o.mu.Unlock()
+	}
+	n := 0
+	for _, f := range fs {
+		n += f.stopAll(ctx, o.cfg.DrainTimeout)
+	}
+	return n, nil
+}
+
+// Instances lists live instances of name (all if empty), measuring memory
+// when stats is set.
+func (o *Orchestrator) Instances(ctx context.Context, name string, stats bool) ([]InstanceInfo, error) {
+	var fs []*function
+	if name != "" {
+		f, err := o.get(name)
+		if err != nil {
+			return nil, err
+		}
+		fs = append(fs, f)
+	} else {
+		o.mu.Lock()
+		for _, f := range o.functions {
+			fs = append(fs, f)
+		}
+		o.mu.Unlock()
+	}
+	var out []InstanceInfo
+	for _, f := range fs {
+		out = append(out, f.instanceInfos(ctx, stats)...)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// Close stops every instance and the background loop. Functions stay in the
+// store.
+func (o *Orchestrator) Close(ctx context.Context) error {
+	o.stopOnce.Do(func() { close(o.stop) })
+	o.wg.Wait()
+	o.mu.Lock()
+	fs := make([]*function, 0, len(o.functions))
+	for _, f := range o.functions {
+		fs = append(fs, f)
+	}
+	o.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, f := range fs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.stopAll(ctx, 5*time.Second)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func (o *Orchestrator) reapLoop() {
+	defer o.wg.Done()
+	t := time.NewTicker(o.cfg.ReapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-o.stop:
+			return
+		case now := <-t.C:
+			o.mu.Lock()
+			fs := make([]*function, 0, len(o.functions))
+			for _, f := range o.functions {
+				fs = append(fs, f)
+			}
+			o.mu.Unlock()
+			for _, f := range fs {
+				f.reapIdle(now)
+			}
+		}
+	}
+}
+
+func newInstanceID(function string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return function + "-" + hex.EncodeToString(b[:])
+}

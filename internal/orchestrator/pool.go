@@ -1,0 +1,410 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/sandbox"
+	"vhive.dev/vhive/internal/store"
+)
+
+// function is one deployed function and its pool of instances.
+//
+// Locking: f.mu guards every field below it. No sandbox or network call is
+// made while holding it.
+type function struct {
+	o    *Orchestrator
+	spec FunctionSpec
+
+	mu        sync.Mutex
+	instances []*instance
+	starting  int  // instances being started
+	waiting   int  // requests waiting for a slot
+	removed   bool // no new requests
+	changed   chan struct{}
+	cold      uint64
+	warm      uint64
+	// snapshotting is set while a snapshot of this function is being
+	// taken, so that only one instance is snapshotted at a time.
+	snapshotting bool
+	// recording is set while an instance restored in record mode has not
+	// finished its recording.
+	recording bool
+}
+
+type instance struct {
+	id        string
+	sb        sandbox.Sandbox
+	conn      *grpc.ClientConn
+	client    helloworld.GreeterClient
+	startMode string
+	started   time.Time
+
+	// guarded by function.mu
+	inflight int
+	lastUsed time.Time
+	stopping bool
+	// held: not available for new requests (being snapshotted).
+	held bool
+	// served counts successful invocations.
+	served uint64
+}
+
+func newFunction(o *Orchestrator, spec FunctionSpec) *function {
+	return &function{o: o, spec: spec, changed: make(chan struct{})}
+}
+
+// broadcast wakes every waiter. Caller holds f.mu.
+func (f *function) broadcast() {
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+func (f *function) status() FunctionStatus {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := FunctionStatus{Spec: f.spec, Instances: len(f.instances), Cold: f.cold, Warm: f.warm}
+	for _, in := range f.instances {
+		if in.inflight > 0 {
+			st.Busy++
+		}
+	}
+	return st
+}
+
+// freeInstance returns an instance with a free slot, preferring the busiest
+// (bin packing keeps other instances idle so they can scale to zero).
+// Caller holds f.mu.
+func (f *function) freeInstance() *instance {
+	var best *instance
+	for _, in := range f.instances {
+		if in.stopping || in.held || in.inflight >= f.spec.Concurrency {
+			continue
+		}
+		if best == nil || in.inflight > best.inflight {
+			best = in
+		}
+	}
+	return best
+}
+
+// acquire returns an instance with a slot reserved for the caller. cold is
+// set (with the cold start's stages) when the caller started it.
+func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, err error) {
+	deadline := time.NewTimer(f.o.cfg.QueueTimeout)
+	defer deadline.Stop()
+	f.mu.Lock()
+	for {
+		if f.removed {
+			f.mu.Unlock()
+			return nil, nil, fmt.Errorf("%w: function %q is being removed", ErrNotFound, f.spec.Name)
+		}
+		if in := f.freeInstance(); in != nil {
+			in.inflight++
+			f.mu.Unlock()
+			return in, nil, nil
+		}
+		// A starting instance has Concurrency-1 slots its starter does not
+		// use; wait for one of those rather than start another instance.
+		spare := f.starting * (f.spec.Concurrency - 1)
+		total := len(f.instances) + f.starting
+		if spare <= f.waiting && total < f.spec.MaxInstances {
+			f.starting++
+			f.mu.Unlock()
+			in, cs, err := f.start(ctx)
+			f.mu.Lock()
+			f.starting--
+			if err != nil {
+				f.broadcast()
+				f.mu.Unlock()
+				return nil, nil, err
+			}
+			if f.removed {
+				f.mu.Unlock()
+				f.stopInstance(context.WithoutCancel(ctx), in, "function removed during start")
+				return nil, nil, fmt.Errorf("%w: function %q was removed while its instance started", ErrNotFound, f.spec.Name)
+			}
+			in.inflight = 1
+			in.lastUsed = time.Now()
+			f.instances = append(f.instances, in)
+			f.o.cfg.Metrics.setInstances(f.spec.Name, len(f.instances))
+			f.broadcast()
+			f.mu.Unlock()
+			go f.watch(in)
+			return in, cs, nil
+		}
+		// Wait for a slot, a new instance or a failed start.
+		ch := f.changed
+		f.waiting++
+		f.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			f.mu.Lock()
+			f.waiting--
+			f.mu.Unlock()
+			return nil, nil, fmt.Errorf("waiting for an instance of %q: %w", f.spec.Name, ctx.Err())
+		case <-deadline.C:
+			f.mu.Lock()
+			f.waiting--
+			f.mu.Unlock()
+			return nil, nil, fmt.Errorf("%w: no instance of %q became free within %s (max-instances %d reached)", ErrUnavailable, f.spec.Name, f.o.cfg.QueueTimeout, f.spec.MaxInstances)
+		}
+		f.mu.Lock()
+		f.waiting--
+	}
+}
+
+func (f *function) release(in *instance, ok bool) {
+	f.mu.Lock()
+	in.inflight--
+	in.lastUsed = time.Now()
+	if ok {
+		in.served++
+	}
+	f.broadcast()
+	f.mu.Unlock()
+}
+
+func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
+	in, cs, err := f.acquire(ctx)
+	if err != nil {
+		f.o.cfg.Metrics.invocation(f.spec.Name, "error")
+		return Result{}, err
+	}
+	t0 := time.Now()
+	reply, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)})
+	invokeDur := time.Since(t0)
+	if err != nil {
+		err = f.invocationError(in, err)
+		f.release(in, false)
+		f.o.cfg.Metrics.invocation(f.spec.Name, "error")
+		return Result{}, err
+	}
+	res := Result{Payload: []byte(reply.GetMessage()), InstanceID: in.id, StartMode: in.startMode}
+	f.mu.Lock()
+	first := in.served == 0
+	if cs != nil {
+		f.cold++
+	} else {
+		f.warm++
+	}
+	f.mu.Unlock()
+	if cs != nil {
+		res.Cold = true
+		cs.add("FuncInvocation", invokeDur)
+		cs.add("Total", time.Since(cs.begin))
+		res.Stages = cs.stages
+		res.Memory = cs.memory
+		f.o.cfg.Metrics.observeStages(f.spec.Name, in.startMode, res.Stages)
+		f.o.cfg.Metrics.invocation(f.spec.Name, "cold")
+	} else {
+		f.o.cfg.Metrics.invocation(f.spec.Name, "warm")
+	}
+	if rr, ok := in.sb.(sandbox.RestoreReporter); ok && first {
+		// Page statistics after the first invocation of a restored
+		// instance: what REAP's tables report.
+		st := rr.RestoreStats()
+		if res.Memory == nil {
+			res.Memory = map[string]int64{}
+		}
+		for k, v := range st.Pages {
+			res.Memory[k] = v
+		}
+		for k, v := range st.Stages {
+			res.Memory[k+"Us"] = v.Microseconds()
+		}
+	}
+	f.release(in, true)
+	if first {
+		f.afterFirstInvocation(in)
+	}
+	return res, nil
+}
+
+// invocationError classifies an invocation failure. If the sandbox died, the
+// error says so with its exit reason.
+func (f *function) invocationError(in *instance, err error) error {
+	select {
+	case <-in.sb.Done():
+		return fmt.Errorf("%w: instance %q of %q exited during the request: %v (invocation error: %v)", ErrInstanceFailed, in.id, f.spec.Name, in.sb.Err(), err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if s, ok := status.FromError(err); ok {
+		switch s.Code() {
+		case codes.Canceled, codes.DeadlineExceeded:
+			return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, err)
+		case codes.Unavailable:
+			return fmt.Errorf("%w: instance %q of %q is unreachable: %v", ErrInstanceFailed, in.id, f.spec.Name, err)
+		}
+	}
+	return fmt.Errorf("%w: function %q (instance %q) returned an error: %v", ErrInstanceFailed, f.spec.Name, in.id, err)
+}
+
+// watch removes an instance from the pool when its sandbox exits on its own.
+func (f *function) watch(in *instance) {
+	<-in.sb.Done()
+	f.mu.Lock()
+	stopping := in.stopping
+	if !stopping {
+		in.stopping = true
+		f.removeLocked(in)
+	}
+	f.mu.Unlock()
+	if stopping {
+		return
+	}
+	f.o.log.Warn("instance exited", "function", f.spec.Name, "instance", in.id, "err", in.sb.Err())
+	f.finalize(context.Background(), in)
+}
+
+// removeLocked takes in out of the pool. Caller holds f.mu.
+func (f *function) removeLocked(in *instance) {
+	for i, x := range f.instances {
+		if x == in {
+			f.instances = append(f.instances[:i], f.instances[i+1:]...)
+			break
+		}
+	}
+	f.o.cfg.Metrics.setInstances(f.spec.Name, len(f.instances))
+	f.broadcast()
+}
+
+// stopInstance takes in out of the pool (if there) and stops it.
+func (f *function) stopInstance(ctx context.Context, in *instance, why string) {
+	f.mu.Lock()
+	if in.stopping {
+		f.mu.Unlock()
+		return
+	}
+	in.stopping = true
+	f.removeLocked(in)
+	f.mu.Unlock()
+	f.o.log.Info("stopping instance", "function", f.spec.Name, "instance", in.id, "why", why)
+	f.finalize(ctx, in)
+}
+
+// finalize releases an instance that is already out of the pool.
+func (f *function) finalize(ctx context.Context, in *instance) {
+	if in.conn != nil {
+		in.conn.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := in.sb.Stop(ctx); err != nil {
+		f.o.log.Error("stop sandbox", "function", f.spec.Name, "instance", in.id, "err", err)
+	}
+	if err := f.o.cfg.Store.DeleteInstance(in.id); err != nil {
+		f.o.log.Warn("forget instance", "instance", in.id, "err", err)
+	}
+}
+
+// reapIdle stops instances idle for longer than the keepalive.
+func (f *function) reapIdle(now time.Time) {
+	f.mu.Lock()
+	var idle []*instance
+	for _, in := range f.instances {
+		if in.inflight == 0 && !in.held && !in.stopping && now.Sub(in.lastUsed) >= f.spec.Keepalive {
+			idle = append(idle, in)
+		}
+	}
+	f.mu.Unlock()
+	for _, in := range idle {
+		f.mu.Lock()
+		still := in.inflight == 0 && !in.held && !in.stopping
+		f.mu.Unlock()
+		if still {
+			f.stopInstance(context.Background(), in, "keepalive expired")
+		}
+	}
+}
+
+// drain waits until no request is in flight on the function, or timeout.
+func (f *function) drain(ctx context.Context, timeout time.Duration) {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		f.mu.Lock()
+		busy := 0
+		for _, in := range f.instances {
+			busy += in.inflight
+		}
+		busy += f.starting
+		ch := f.changed
+		f.mu.Unlock()
+		if busy == 0 {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			f.o.log.Warn("drain timed out; stopping instances with requests in flight", "function", f.spec.Name, "in_flight", busy)
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// stopAll drains then stops every instance; returns how many were stopped.
+func (f *function) stopAll(ctx context.Context, timeout time.Duration) int {
+	f.drain(ctx, timeout)
+	f.mu.Lock()
+	all := append([]*instance(nil), f.instances...)
+	f.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, in := range all {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.stopInstance(ctx, in, "stop requested")
+		}()
+	}
+	wg.Wait()
+	return len(all)
+}
+
+// shutdown rejects new requests, drains and stops everything.
+func (f *function) shutdown(ctx context.Context, timeout time.Duration) {
+	f.mu.Lock()
+	f.removed = true
+	f.broadcast()
+	f.mu.Unlock()
+	f.stopAll(ctx, timeout)
+}
+
+func (f *function) instanceInfos(ctx context.Context, withStats bool) []InstanceInfo {
+	f.mu.Lock()
+	all := append([]*instance(nil), f.instances...)
+	infos := make([]InstanceInfo, len(all))
+	for i, in := range all {
+		infos[i] = InstanceInfo{ID: in.id, Function: f.spec.Name, Sandbox: f.spec.Sandbox, StartMode: in.startMode,
+			Endpoint: in.sb.Endpoint(), Started: in.started, InFlight: in.inflight}
+	}
+	f.mu.Unlock()
+	if withStats {
+		for i, in := range all {
+			st, err := in.sb.Stats(ctx)
+			if err != nil {
+				f.o.log.Warn("instance stats", "instance", in.id, "err", err)
+				continue
+			}
+			infos[i].Stats = st
+		}
+	}
+	return infos
+}
+
+func (f *function) persistInstance(in *instance) {
+	if err := f.o.cfg.Store.PutInstance(store.InstanceRecord{ID: in.id, Function: f.spec.Name, Sandbox: f.spec.Sandbox, Started: in.started}); err != nil {
+		f.o.log.Warn("record instance", "instance", in.id, "err", err)
+	}
+}
+
