@@ -407,4 +407,3 @@ func (f *function) persistInstance(in *instance) {
 		f.o.log.Warn("record instance", "instance", in.id, "err", err)
 	}
 }
-

@@ -1,0 +1,183 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"vhive.dev/vhive/internal/orchestrator"
+)
+
+func newStore(t *testing.T, version string) *Store {
+	t.Helper()
+	s, err := New(Options{Root: filepath.Join(t.TempDir(), "snaps"), Backends: map[string]BackendInfo{
+		"wasm": {RuntimeVersion: version, Modes: []string{"snapshot", "lazy", "reap"}, Restore: "lazy"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+var key = orchestrator.SnapshotKey{Function: "fn", ImageDigest: "sha256:aa", Backend: "wasm", Config: "c1"}
+
+func writeFiles(ctx context.Context, dir string) error {
+	if err := os.WriteFile(filepath.Join(dir, "memory"), make([]byte, 8192), 0o600); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"x":1}`), 0o600)
+}
+
+func TestConcurrentCreateWritesOnce(t *testing.T) {
+	s := newStore(t, "v1")
+	ctx := context.Background()
+	var writes atomic.Int32
+	var wg sync.WaitGroup
+	ids := make([]string, 8)
+	for i := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			snap, err := s.Create(ctx, key, func(ctx context.Context, dir string) error {
+				writes.Add(1)
+				return writeFiles(ctx, dir)
+			})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ids[i] = snap.ID
+		}()
+	}
+	wg.Wait()
+	if n := writes.Load(); n != 1 {
+		t.Fatalf("backend wrote %d snapshots for one key, want 1", n)
+	}
+	for _, id := range ids {
+		if id != ids[0] {
+			t.Fatalf("different snapshot ids returned: %v", ids)
+		}
+	}
+	snap, err := s.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.HasWorkingSet {
+		t.Fatal("fresh snapshot claims a working set")
+	}
+	list, err := s.List(ctx, "fn")
+	if err != nil || len(list) != 1 || list[0].DiskBytes < 8192 {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+}
+
+func TestCorruptAndIncompatibleSnapshotsAreRefused(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap, err := s.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another key (new image digest) never sees this snapshot.
+	other := key
+	other.ImageDigest = "sha256:bb"
+	if _, err := s.Get(ctx, other); !errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get(other digest) = %v, want ErrNotFound", err)
+	}
+	// Flip a byte: same size, so only the checksum catches it.
+	if err := os.WriteFile(filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, key); err == nil || errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get of corrupt snapshot = %v, want a corruption error", err)
+	}
+	if err := s.Invalidate(ctx, key, "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, key); !errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get after Invalidate = %v, want ErrNotFound", err)
+	}
+
+	// A truncated file is refused.
+	snap, err = s.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filepath.Join(snap.Dir, "memory"), 100); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, key); err == nil {
+		t.Fatal("truncated snapshot accepted")
+	}
+
+	// A snapshot from another runtime version is refused.
+	s2 := newStore(t, "v1")
+	if _, err := s2.Create(ctx, key, writeFiles); err != nil {
+		t.Fatal(err)
+	}
+	s3, err := New(Options{Root: s2.root, Backends: map[string]BackendInfo{"wasm": {RuntimeVersion: "v2"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s3.Get(ctx, key); err == nil {
+		t.Fatal("snapshot of another runtime version accepted")
+	}
+}
+
+func TestFailedWriteLeavesNothing(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	_, err := s.Create(ctx, key, func(ctx context.Context, dir string) error {
+		_ = writeFiles(ctx, dir)
+		return errors.New("checkpoint failed")
+	})
+	if err == nil {
+		t.Fatal("Create succeeded although the backend failed")
+	}
+	ents, _ := os.ReadDir(s.root)
+	if len(ents) != 0 {
+		t.Fatalf("failed snapshot left %d entries in the store", len(ents))
+	}
+}
+
+func TestWorkingSetAndRemoveFunction(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap, err := s.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(snap.WorkingSet, []byte("ws-bytes"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CommitWorkingSet(ctx, snap); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Get(ctx, key)
+	if err != nil || !got.HasWorkingSet {
+		t.Fatalf("Get after CommitWorkingSet = %+v, %v", got, err)
+	}
+	// The snapshot directory deleted under a live store: treated as absent.
+	if err := os.RemoveAll(snap.Dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, key); !errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get after external delete = %v", err)
+	}
+	if _, err := s.Create(ctx, key, writeFiles); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RemoveFunction(ctx, "fn"); err != nil {
+		t.Fatal(err)
+	}
+	if list, _ := s.List(ctx, ""); len(list) != 0 {
+		t.Fatalf("snapshots left after RemoveFunction: %+v", list)
+	}
+	if _, err := s.Inspect(ctx, "../etc"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Inspect(../etc) = %v", err)
+	}
+}
