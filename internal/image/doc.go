@@ -1,0 +1,72 @@
+// Package image pulls, imports, caches and unpacks OCI images for vhive's
+// sandboxes.
+//
+// An image is identified by its manifest digest. Each digest is unpacked ONCE
+// into a root filesystem directory that the sandboxes use as a read-only lower
+// layer (read-only by convention: nothing in vhive writes into it after the
+// unpack). References (names such as 127.0.0.1:5000/hello:v1) point at digests;
+// several references may share one digest.
+//
+// # Layout on disk
+//
+//	<Root>/meta.db                          bbolt database (schema below)
+//	<Root>/digests/<algo>/<hex>/rootfs/     unpacked root filesystem
+//	<Root>/digests/<algo>/<hex>/module.wasm wasm module (wasm-layer images only)
+//	<Root>/digests/<algo>/<hex>/manifest.json, config.json  raw image metadata
+//	<Root>/tmp/                             in-progress unpacks and archive imports
+//
+// An unpack is done in <Root>/tmp/unpack-* and renamed into place when it has
+// fully succeeded, so a failed or interrupted unpack leaves nothing behind and
+// never disturbs an existing image. New removes whatever <Root>/tmp holds and
+// any digest directory that no record names.
+//
+// # bbolt schema (version 1)
+//
+//	v1                     bucket
+//	├── refs               bucket: key = normalised reference (ggcr's
+//	│                      name.Reference.Name(), e.g.
+//	│                      "index.docker.io/library/alpine:latest"),
+//	│                      value = manifest digest "sha256:<hex>"
+//	└── images             bucket: key = manifest digest "sha256:<hex>",
+//	                       value = JSON of record (digest, size, created,
+//	                       config, kind, wasm module file name, unpack time)
+//
+// A record is written only after its digest directory is in place; removing
+// the last reference to a digest removes its record and then its directory.
+//
+// # Wasm images
+//
+// Two forms are recognised, both giving Kind "wasm":
+//
+//  1. A layer with media type application/vnd.wasm.content.layer.v1+wasm (the
+//     form containerd's runwasi uses). The layer blob is stored as the file
+//     module.wasm in the digest directory, not unpacked as a tar; WasmModule is
+//     its path. Other (tar) layers of the image are unpacked into rootfs as
+//     usual. More than one wasm layer is rejected.
+//  2. A plain tar image whose config label or manifest annotation
+//     dev.vhive.wasm.module names a file in the image (e.g. /module.wasm).
+//     WasmModule is that file's path inside the unpacked rootfs; it must be a
+//     regular file reached without leaving the rootfs.
+//
+// # Unpack safety
+//
+// Layers are untrusted input. Every entry is written through an os.Root
+// opened on the temporary rootfs, which resolves each path component without
+// following a symlink out of the root (absolute symlinks and ".." escapes are
+// refused when a later entry would write through them; creating such a
+// symlink is fine, it only means something inside the sandbox). In addition
+// entry names and hard-link targets must be relative and free of ".."
+// components. Rejected, with an UnsafeLayerError naming the layer digest and
+// the entry path: names or link targets that are absolute or contain "..",
+// writes through a symlink that leaves the rootfs, hard links to anything
+// outside it, character and block devices, FIFOs (vhive's functions never
+// need them and they can block readers), unknown entry types, an entry larger
+// than Options.MaxEntryBytes and a layer whose uncompressed tar stream is
+// larger than Options.MaxLayerBytes.
+//
+// Whiteouts (.wh.<name>) remove <name> from lower layers, opaque markers
+// (.wh..wh..opq) remove a directory's lower-layer contents; neither marker is
+// written. Modes (including setuid/setgid/sticky), ownership (when running as
+// root), hard links, symlinks and mtimes of files and directories are kept;
+// symlink mtimes and extended attributes are not (documented limitation).
+package image

@@ -1,0 +1,313 @@
+package image
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"sort"
+	"strings"
+	"time"
+)
+
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+)
+
+// errLayerTooLarge is returned by limitReader past the layer limit.
+var errLayerTooLarge = errors.New("layer exceeds the size limit")
+
+// limitReader fails with errLayerTooLarge once more than n bytes were read.
+type limitReader struct {
+	r io.Reader
+	n int64 // bytes still allowed
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.n < 0 {
+		return 0, errLayerTooLarge
+	}
+	if int64(len(p)) > l.n+1 {
+		p = p[:l.n+1]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	if l.n < 0 {
+		return n, errLayerTooLarge
+	}
+	return n, err
+}
+
+// unpacker applies tar layers, in order, to one rootfs.
+type unpacker struct {
+	root     *os.Root
+	maxEntry int64
+	maxLayer int64
+	chown    bool
+	// dirTimes are applied after the last layer: writing into a directory
+	// changes its mtime.
+	dirTimes map[string]time.Time
+	// dirs known to exist in the current layer; only an optimisation (os.Root
+	// re-resolves every path safely), dropped when a path is replaced.
+	dirs map[string]bool
+	// written holds the paths the current layer wrote, for opaque markers.
+	written map[string]bool
+}
+
+func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
+	return &unpacker{
+		root:     root,
+		maxEntry: maxEntry,
+		maxLayer: maxLayer,
+		chown:    os.Geteuid() == 0,
+		dirTimes: map[string]time.Time{},
+	}
+}
+
+// applyLayer reads one uncompressed tar layer. layer is its digest, for errors.
+func (u *unpacker) applyLayer(ctx context.Context, layer string, r io.Reader) error {
+	u.dirs = map[string]bool{".": true}
+	u.written = map[string]bool{}
+	lr := &limitReader{r: r, n: u.maxLayer}
+	tr := tar.NewReader(lr)
+	last := ""
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			if errors.Is(err, errLayerTooLarge) {
+				return &UnsafeLayerError{Layer: layer, Path: last, Reason: fmt.Sprintf("uncompressed layer larger than %d bytes", u.maxLayer)}
+			}
+			return fmt.Errorf("layer %s: read tar after entry %q: %w", layer, last, err)
+		}
+		last = hdr.Name
+		if err := u.apply(layer, hdr, tr); err != nil {
+			if errors.Is(err, errLayerTooLarge) {
+				return &UnsafeLayerError{Layer: layer, Path: hdr.Name, Reason: fmt.Sprintf("uncompressed layer larger than %d bytes", u.maxLayer)}
+			}
+			return err
+		}
+	}
+}
+
+func unsafe(layer string, hdr *tar.Header, reason string, err error) error {
+	return &UnsafeLayerError{Layer: layer, Path: hdr.Name, Reason: reason, Err: err}
+}
+
+// pathError classifies an os.Root failure: an escape attempt is unsafe, any
+// other failure (disk full, missing parent) is a plain error naming the entry.
+func pathError(layer string, hdr *tar.Header, op string, err error) error {
+	// os.Root reports escapes with an unexported error whose text is stable.
+	if strings.Contains(err.Error(), "path escapes from parent") {
+		return unsafe(layer, hdr, op+" would leave the rootfs", err)
+	}
+	return fmt.Errorf("layer %s: entry %q: %s: %w", layer, hdr.Name, op, err)
+}
+
+func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
+	p, err := cleanEntryPath(hdr.Name)
+	if err != nil {
+		return unsafe(layer, hdr, "bad name", err)
+	}
+	dir, base := path.Split(p)
+	dir = path.Clean(dir) // "" → "."
+
+	if strings.HasPrefix(base, whiteoutPrefix) {
+		return u.whiteout(layer, hdr, dir, base)
+	}
+
+	switch hdr.Typeflag {
+	case tar.TypeReg, '\x00', tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
+	case tar.TypeXGlobalHeader:
+		return nil
+	case tar.TypeChar, tar.TypeBlock:
+		return unsafe(layer, hdr, "device node", nil)
+	case tar.TypeFifo:
+		return unsafe(layer, hdr, "FIFO (not supported)", nil)
+	default:
+		return unsafe(layer, hdr, fmt.Sprintf("unsupported entry type %q", hdr.Typeflag), nil)
+	}
+	if p == "." && hdr.Typeflag != tar.TypeDir {
+		return unsafe(layer, hdr, "non-directory entry replaces the rootfs", nil)
+	}
+	if hdr.Size > u.maxEntry {
+		return unsafe(layer, hdr, fmt.Sprintf("entry of %d bytes exceeds the limit of %d", hdr.Size, u.maxEntry), nil)
+	}
+
+	if p != "." && !u.dirs[dir] {
+		if err := u.root.MkdirAll(dir, 0o755); err != nil {
+			return pathError(layer, hdr, "create parent directory", err)
+		}
+		u.dirs[dir] = true
+	}
+	// Replace whatever is there, except a directory by a directory.
+	if p != "." {
+		fi, err := u.root.Lstat(p)
+		switch {
+		case err == nil:
+			if !(fi.IsDir() && hdr.Typeflag == tar.TypeDir) {
+				if err := u.root.RemoveAll(p); err != nil {
+					return pathError(layer, hdr, "replace existing entry", err)
+				}
+				u.forget(p)
+			}
+		case errors.Is(err, fs.ErrNotExist):
+		default:
+			return pathError(layer, hdr, "inspect existing entry", err)
+		}
+	}
+	u.written[p] = true
+
+	mode := hdr.FileInfo().Mode() & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		if p != "." {
+			if err := u.root.Mkdir(p, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+				return pathError(layer, hdr, "create directory", err)
+			}
+		}
+		u.dirs[p] = true
+		if err := u.meta(p, hdr, mode); err != nil {
+			return pathError(layer, hdr, "set directory attributes", err)
+		}
+		u.dirTimes[p] = hdr.ModTime
+	case tar.TypeReg, '\x00':
+		f, err := u.root.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return pathError(layer, hdr, "create file", err)
+		}
+		n, err := io.Copy(f, tr)
+		if err == nil && n != hdr.Size {
+			err = io.ErrUnexpectedEOF
+		}
+		if err == nil && u.chown {
+			err = f.Chown(hdr.Uid, hdr.Gid)
+		}
+		if err == nil {
+			err = f.Chmod(mode) // after chown, which clears setuid/setgid
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			if errors.Is(err, errLayerTooLarge) {
+				return err
+			}
+			return fmt.Errorf("layer %s: entry %q: write file: %w", layer, hdr.Name, err)
+		}
+		if err := u.root.Chtimes(p, hdr.AccessTime, hdr.ModTime); err != nil {
+			return pathError(layer, hdr, "set file times", err)
+		}
+	case tar.TypeSymlink:
+		if hdr.Linkname == "" || strings.IndexByte(hdr.Linkname, 0) >= 0 {
+			return unsafe(layer, hdr, fmt.Sprintf("bad symlink target %q", hdr.Linkname), nil)
+		}
+		if err := u.root.Symlink(hdr.Linkname, p); err != nil {
+			return pathError(layer, hdr, "create symlink", err)
+		}
+		if u.chown {
+			if err := u.root.Lchown(p, hdr.Uid, hdr.Gid); err != nil {
+				return pathError(layer, hdr, "chown symlink", err)
+			}
+		}
+	case tar.TypeLink:
+		target, err := cleanEntryPath(hdr.Linkname)
+		if err != nil {
+			return unsafe(layer, hdr, fmt.Sprintf("bad hard-link target %q", hdr.Linkname), err)
+		}
+		if target == "." {
+			return unsafe(layer, hdr, "hard link to the rootfs directory", nil)
+		}
+		if err := u.root.Link(target, p); err != nil {
+			return pathError(layer, hdr, fmt.Sprintf("hard link to %q", hdr.Linkname), err)
+		}
+	}
+	return nil
+}
+
+// meta sets ownership and mode of a directory.
+func (u *unpacker) meta(p string, hdr *tar.Header, mode fs.FileMode) error {
+	if u.chown {
+		if err := u.root.Lchown(p, hdr.Uid, hdr.Gid); err != nil {
+			return err
+		}
+	}
+	return u.root.Chmod(p, mode)
+}
+
+// forget drops cached directories at or below p after p was replaced.
+func (u *unpacker) forget(p string) {
+	for d := range u.dirs {
+		if d == p || strings.HasPrefix(d, p+"/") {
+			delete(u.dirs, d)
+		}
+	}
+}
+
+func (u *unpacker) whiteout(layer string, hdr *tar.Header, dir, base string) error {
+	if base == opaqueMarker {
+		f, err := u.root.Open(dir)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return pathError(layer, hdr, "open opaque directory", err)
+		}
+		names, err := f.Readdirnames(-1)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("layer %s: entry %q: read opaque directory: %w", layer, hdr.Name, err)
+		}
+		for _, n := range names {
+			c := path.Join(dir, n)
+			if u.written[c] {
+				continue
+			}
+			if err := u.root.RemoveAll(c); err != nil {
+				return pathError(layer, hdr, "clear opaque directory", err)
+			}
+			u.forget(c)
+		}
+		return nil
+	}
+	victim := base[len(whiteoutPrefix):]
+	if victim == "" || victim == "." || victim == ".." {
+		return unsafe(layer, hdr, "bad whiteout name", nil)
+	}
+	p := path.Join(dir, victim)
+	if err := u.root.RemoveAll(p); err != nil {
+		return pathError(layer, hdr, "apply whiteout", err)
+	}
+	u.forget(p)
+	delete(u.dirTimes, p)
+	return nil
+}
+
+// finish sets directory mtimes, deepest first.
+func (u *unpacker) finish() error {
+	paths := make([]string, 0, len(u.dirTimes))
+	for p := range u.dirTimes {
+		paths = append(paths, p)
+	}
+	sort.Slice(paths, func(i, j int) bool { return len(paths[i]) > len(paths[j]) })
+	for _, p := range paths {
+		fi, err := u.root.Lstat(p)
+		if err != nil || !fi.IsDir() {
+			continue // removed or replaced by a later layer
+		}
+		if err := u.root.Chtimes(p, u.dirTimes[p], u.dirTimes[p]); err != nil {
+			return fmt.Errorf("set mtime of directory %q: %w", p, err)
+		}
+	}
+	return nil
+}
