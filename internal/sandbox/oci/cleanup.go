@@ -1,0 +1,173 @@
+package oci
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	runc "github.com/containerd/go-runc"
+	"golang.org/x/sys/unix"
+)
+
+// Cleanup removes what a previous run of this backend (same Root) left
+// behind: it force-deletes every container in the runtime's state
+// directory, unmounts every mount under Root and removes every bundle, and
+// removes leftover cgroups under /vhive/<runtime>. Call it at daemon start,
+// before any Create; instances of this Backend that are still registered
+// are skipped. Network namespaces are the pool's: see netpool.Cleanup.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	b.mu.Lock()
+	live := map[string]bool{}
+	for id := range b.instances {
+		live[id] = true
+	}
+	b.mu.Unlock()
+
+	var errs []error
+	list, err := b.rt.List(ctx)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("oci: cleanup: list %s containers: %w", b.cfg.Runtime, err))
+	}
+	for _, c := range list {
+		if live[c.ID] {
+			continue
+		}
+		b.log.Info("cleanup: deleting leftover container", "id", c.ID, "status", c.Status, "pid", c.Pid)
+		if err := b.rt.Delete(ctx, c.ID, &runc.DeleteOpts{Force: true}); err != nil && !b.gone(ctx, c.ID) {
+			errs = append(errs, fmt.Errorf("oci: cleanup: delete container %q: %w", c.ID, err))
+		}
+	}
+	mounts, err := mountsUnder(b.cfg.Root)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	// Deepest first.
+	for i := len(mounts) - 1; i >= 0; i-- {
+		m := mounts[i]
+		if id := bundleOf(b.bundles, m); id != "" && live[id] {
+			continue
+		}
+		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("oci: cleanup: unmount %q: %w", m, err))
+		}
+	}
+	ents, err := os.ReadDir(b.bundles)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("oci: cleanup: list bundles: %w", err))
+	}
+	for _, e := range ents {
+		if live[e.Name()] {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(b.bundles, e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("oci: cleanup: remove bundle %q: %w", e.Name(), err))
+		}
+	}
+	for _, d := range b.cgroupDirs() {
+		cg, err := os.ReadDir(d)
+		if err != nil {
+			continue
+		}
+		for _, e := range cg {
+			if e.IsDir() && !live[e.Name()] {
+				// rmdir of a cgroup fails while it holds processes;
+				// those were killed above.
+				if err := os.Remove(filepath.Join(d, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("oci: cleanup: remove cgroup %q: %w", filepath.Join(d, e.Name()), err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// cgroupDirs lists the directories holding this backend's per-instance
+// cgroups in every mounted hierarchy (v1 controllers and v2).
+func (b *Backend) cgroupDirs() []string {
+	var out []string
+	ms, _ := filepath.Glob("/sys/fs/cgroup/*/vhive/" + b.cfg.Runtime)
+	out = append(out, ms...)
+	if fi, err := os.Stat("/sys/fs/cgroup/vhive/" + b.cfg.Runtime); err == nil && fi.IsDir() {
+		out = append(out, "/sys/fs/cgroup/vhive/"+b.cfg.Runtime)
+	}
+	return out
+}
+
+// CgroupDirs returns the cgroup directories of instance id that exist now
+// (one per v1 controller, or the v2 one). Tests use it.
+func (b *Backend) CgroupDirs(id string) []string {
+	var out []string
+	for _, d := range b.cgroupDirs() {
+		p := filepath.Join(d, id)
+		if _, err := os.Stat(p); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// MountsUnder lists mount points at or below dir, outermost first.
+func MountsUnder(dir string) ([]string, error) { return mountsUnder(dir) }
+
+func mountsUnder(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("oci: read mountinfo: %w", err)
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMount(fields[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	return out, sc.Err()
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for space, ...).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var v byte
+			ok := true
+			for _, c := range []byte(s[i+1 : i+4]) {
+				if c < '0' || c > '7' {
+					ok = false
+					break
+				}
+				v = v*8 + (c - '0')
+			}
+			if ok {
+				b.WriteByte(v)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// bundleOf returns the instance ID whose bundle holds path, or "".
+func bundleOf(bundles, path string) string {
+	rest, ok := strings.CutPrefix(path, bundles+"/")
+	if !ok {
+		return ""
+	}
+	id, _, _ := strings.Cut(rest, "/")
+	return id
+}
