@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"vhive.dev/vhive/internal/daemon"
+)
+
+func newDaemonCmd(g *globalOpts) *cobra.Command {
+	var (
+		cfg       daemon.Config
+		sandboxes string
+		logLevel  string
+		logJSON   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "daemon",
+		Short: "Run the vhive node daemon",
+		Long: `Run the vhive node daemon: it keeps deployed functions in --state-dir, starts
+sandboxes for them on demand, and serves the control API on --socket (0600) and
+the data plane (vHive's FwdGreeter and a Greeter gateway routed by :authority)
+on --gateway. Stop it with SIGINT or SIGTERM: instances are stopped and
+everything they held is released; deployed functions remain.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: %w", logLevel, err)
+			}
+			opts := &slog.HandlerOptions{Level: lvl}
+			var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+			if logJSON {
+				h = slog.NewJSONHandler(os.Stderr, opts)
+			}
+			cfg.Logger = slog.New(h)
+			cfg.Socket = g.socket
+			if sandboxes != "" {
+				cfg.Sandboxes = strings.Split(sandboxes, ",")
+			}
+			d, err := daemon.New(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			return d.Serve(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.StateDir, "state-dir", "/var/lib/vhive", "directory for functions, images, snapshots and sandbox state")
+	f.StringVar(&cfg.ControlTCP, "control-tcp", "", "also serve the control API on this TCP address (no authentication; off by default)")
+	f.StringVar(&cfg.Gateway, "gateway", "127.0.0.1:3334", `data-plane address (FwdGreeter + Greeter by :authority); "off" disables`)
+	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus /metrics on this address (off by default), e.g. 127.0.0.1:9090")
+	f.StringVar(&sandboxes, "sandboxes", "", "comma-separated sandboxes to enable (default gvisor,runc,wasm: those whose tools are present)")
+	f.StringVar(&cfg.DefaultSandbox, "default-sandbox", "", "sandbox for functions deployed without --sandbox (default: first enabled)")
+	f.StringVar(&cfg.RunscPath, "runsc", "", "runsc binary (default $VHIVE_CACHE/bin/runsc, built by `make runsc`)")
+	f.StringVar(&cfg.RuncPath, "runc", "", "runc binary (default from PATH)")
+	f.IntVar(&cfg.NetPoolSize, "net-pool-size", 4, "network namespaces prepared ahead (vHive's -netPoolSize)")
+	f.StringVar(&cfg.NetPrefix, "net-prefix", "vh", "name prefix of the daemon's network namespaces and veths (at most 8 characters)")
+	f.DurationVar(&cfg.DefaultKeepalive, "keepalive", 10*time.Minute, "default idle time before an instance stops")
+	f.IntVar(&cfg.DefaultMaxInstances, "max-instances", 16, "default cap on instances per function")
+	f.StringVar(&cfg.DefaultStartMode, "start-mode", "boot", "default start mode: boot, snapshot, lazy, reap")
+	f.IntVar(&cfg.MaxPayload, "max-payload", 1<<20, "largest accepted invocation payload in bytes")
+	f.DurationVar(&cfg.ReadyTimeout, "ready-timeout", 30*time.Second, "how long a new instance may take to listen")
+	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a request waits for an instance at max-instances")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.BoolVar(&logJSON, "log-json", false, "log as JSON")
+	return cmd
+}

@@ -1,0 +1,267 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	vhivepb "vhive.dev/vhive/api/proto/vhive"
+)
+
+func newDeployCmd(g *globalOpts) *cobra.Command {
+	var (
+		spec      vhivepb.FunctionSpec
+		port      uint32
+		env       []string
+		keepalive time.Duration
+		replace   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "deploy NAME --image REF",
+		Short: "Deploy a function",
+		Long: `Deploy a function packaged as an OCI image. The image is resolved (pulled if it is
+not cached) at deploy time, so a bad reference fails here. Instances start on the
+first invocation.
+
+Start modes: boot (every cold start boots), snapshot (after the first
+invocation the instance is snapshotted; later cold starts restore), lazy
+(restore with memory served on demand), reap (record the working set on the
+first restore, prefetch it on later ones). A mode the sandbox cannot do is
+refused.`,
+		Example: `  vhive deploy helloworld --image localhost/vhive/helloworld:latest
+  vhive deploy hello-runc --image localhost/vhive/helloworld:latest --sandbox runc
+  vhive deploy hello-wasm --image localhost/vhive/helloworld-wasm:latest --sandbox wasm --start-mode reap`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec.Name = args[0]
+			spec.Port = port
+			spec.KeepaliveMs = keepalive.Milliseconds()
+			spec.Env = map[string]string{}
+			for _, kv := range env {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok || k == "" {
+					return fmt.Errorf("--env %q: want KEY=VALUE", kv)
+				}
+				spec.Env[k] = v
+			}
+			conn, c, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			resp, err := c.Deploy(cmd.Context(), &vhivepb.DeployRequest{Spec: &spec, Replace: replace})
+			if err != nil {
+				return fmt.Errorf("deploy %q: %w", spec.Name, grpcErr(err))
+			}
+			fs := resp.GetFunction()
+			fmt.Fprintf(cmd.OutOrStdout(), "deployed %s: image %s (%s), sandbox %s, start mode %s\n",
+				fs.GetSpec().GetName(), fs.GetSpec().GetImage(), shortDigest(fs.GetImageDigest()), fs.GetSpec().GetSandbox(), fs.GetSpec().GetStartMode())
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&spec.Image, "image", "", "function image reference (required)")
+	f.StringVar(&spec.Sandbox, "sandbox", "", "gvisor, runc or wasm (default: the daemon's default sandbox)")
+	f.Uint32Var(&port, "port", 50051, "port the function's gRPC server listens on (GUEST_PORT)")
+	f.StringArrayVar(&env, "env", nil, "environment variable KEY=VALUE for the function (repeatable)")
+	f.DurationVar(&keepalive, "keepalive", 0, "idle time before an instance stops (default: the daemon's, 10m)")
+	f.Uint32Var(&spec.MaxInstances, "max-instances", 0, "cap on instances (default: the daemon's, 16)")
+	f.Uint32Var(&spec.Concurrency, "concurrency", 1, "requests one instance serves at once")
+	f.StringVar(&spec.StartMode, "start-mode", "", "boot, snapshot, lazy or reap (default: the daemon's, boot)")
+	f.Int64Var(&spec.MemoryLimitMib, "memory", 0, "memory limit in MiB (default: the daemon's, 256)")
+	f.Float64Var(&spec.CpuLimit, "cpus", 0, "CPU limit in cores (default: none)")
+	f.BoolVar(&replace, "replace", false, "replace an existing function of the same name")
+	_ = cmd.MarkFlagRequired("image")
+	return cmd
+}
+
+func newInvokeCmd(g *globalOpts) *cobra.Command {
+	var (
+		payload string
+		timeout time.Duration
+		quiet   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "invoke NAME",
+		Short: "Invoke a function and print its reply and cold-start stages",
+		Args:  cobra.ExactArgs(1),
+		Example: `  vhive invoke helloworld --payload world
+  vhive invoke aes --payload record`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			conn, c, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			t0 := time.Now()
+			resp, err := c.Invoke(cmd.Context(), &vhivepb.InvokeRequest{Function: args[0], Payload: []byte(payload), TimeoutMs: timeout.Milliseconds()})
+			if err != nil {
+				return fmt.Errorf("invoke %q: %w", args[0], grpcErr(err))
+			}
+			rtt := time.Since(t0)
+			out := cmd.OutOrStdout()
+			fmt.Fprintln(out, string(resp.GetPayload()))
+			if quiet {
+				return nil
+			}
+			kind := "warm"
+			if resp.GetColdStart() {
+				kind = "cold (" + resp.GetStartMode() + ")"
+			}
+			fmt.Fprintf(out, "\n%s invocation on instance %s, %s round trip from the CLI\n", kind, resp.GetInstanceId(), fmtMicros(rtt.Microseconds()))
+			if len(resp.GetStages()) > 0 {
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', tabwriter.AlignRight)
+				fmt.Fprintln(tw, "stage\tµs\t")
+				for _, st := range resp.GetStages() {
+					fmt.Fprintf(tw, "%s\t%d\t\n", st.GetName(), st.GetMicros())
+				}
+				tw.Flush()
+			}
+			if ms := resp.GetMemoryStats(); len(ms) > 0 {
+				keys := make([]string, 0, len(ms))
+				for k := range ms {
+					keys = append(keys, k)
+				}
+				sort.Strings(keys)
+				fmt.Fprintln(out, "\nmemory:")
+				for _, k := range keys {
+					fmt.Fprintf(out, "  %s = %d\n", k, ms[k])
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&payload, "payload", "", `payload (vHive: "record"/"replay" select the functions' input sets)`)
+	cmd.Flags().DurationVar(&timeout, "timeout", 0, "give up after this long (default: no limit beyond the daemon's)")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only the reply")
+	return cmd
+}
+
+func newLsCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "ls",
+		Short: "List deployed functions",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn, c, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			resp, err := c.ListFunctions(cmd.Context(), &vhivepb.ListFunctionsRequest{})
+			if err != nil {
+				return grpcErr(err)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
+			for _, f := range resp.GetFunctions() {
+				s := f.GetSpec()
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
+					s.GetSandbox(), s.GetStartMode(), f.GetInstances(), f.GetBusy(), f.GetColdStarts(), f.GetWarmInvocations(),
+					time.Duration(s.GetKeepaliveMs())*time.Millisecond)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func newRmCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm NAME...",
+		Short: "Remove functions (in-flight requests finish first), their instances and snapshots",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			conn, c, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			for _, name := range args {
+				if _, err := c.RemoveFunction(cmd.Context(), &vhivepb.RemoveFunctionRequest{Name: name}); err != nil {
+					return fmt.Errorf("rm %q: %w", name, grpcErr(err))
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), "removed", name)
+			}
+			return nil
+		},
+	}
+}
+
+func newInstancesCmd(g *globalOpts) *cobra.Command {
+	var stats bool
+	var stop bool
+	cmd := &cobra.Command{
+		Use:   "instances [FUNCTION]",
+		Short: "List live instances (with --stats: RSS and PSS), or stop them with --stop",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fn := ""
+			if len(args) == 1 {
+				fn = args[0]
+			}
+			conn, c, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			if stop {
+				resp, err := c.StopInstances(cmd.Context(), &vhivepb.StopInstancesRequest{Function: fn})
+				if err != nil {
+					return grpcErr(err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "stopped %d instance(s)\n", resp.GetStopped())
+				return nil
+			}
+			resp, err := c.ListInstances(cmd.Context(), &vhivepb.ListInstancesRequest{Function: fn, Stats: stats})
+			if err != nil {
+				return grpcErr(err)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tFUNCTION\tSANDBOX\tSTARTED AS\tENDPOINT\tIN FLIGHT\tAGE\tRSS\tPSS")
+			for _, in := range resp.GetInstances() {
+				age := time.Since(time.UnixMilli(in.GetStartedUnixMs())).Round(time.Second)
+				rss, pss := "-", "-"
+				if stats {
+					rss, pss = fmtBytes(in.GetRssBytes()), fmtBytes(in.GetPssBytes())
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", in.GetId(), in.GetFunction(), in.GetSandbox(), in.GetStartMode(),
+					in.GetEndpoint(), in.GetInFlight(), age, rss, pss)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&stats, "stats", false, "measure each instance's RSS and PSS")
+	cmd.Flags().BoolVar(&stop, "stop", false, "stop the instances (scale to zero) instead of listing them")
+	return cmd
+}
+
+func shortDigest(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}
+
+func fmtMicros(us int64) string {
+	if us >= 10000 {
+		return fmt.Sprintf("%.1f ms", float64(us)/1000)
+	}
+	return fmt.Sprintf("%d µs", us)
+}
+
+func fmtBytes(b int64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.1fGiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1fMiB", float64(b)/(1<<20))
+	case b >= 1<<10:
+		return fmt.Sprintf("%.1fKiB", float64(b)/(1<<10))
+	}
+	return fmt.Sprintf("%dB", b)
+}
+
