@@ -1,0 +1,87 @@
+# vhive — build, demo and test on a fresh Debian 12 machine (run as root).
+#
+#   make demo   installs what is missing, builds runsc, vhive and the example
+#               images, then runs a daemon, deploys helloworld and invokes it
+#               cold then warm (gVisor and runc)
+#   make test   installs what is missing, then runs every test suite (CI)
+
+SHELL        := /bin/bash
+export PATH  := /usr/local/go/bin:$(PATH)
+GO           ?= go
+VHIVE_CACHE  ?= /var/cache/vhive
+export VHIVE_CACHE
+RUNSC_VERSION := v0.0.0-20260905035102-160fafc42237
+RUNSC        := $(VHIVE_CACHE)/bin/runsc
+RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
+BIN          := bin/vhive
+IMAGES       := out/images
+APT_PKGS     := runc iproute2 ca-certificates
+FUZZTIME     ?= 15s
+
+.PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench
+
+all: build
+
+## deps: install the Debian packages vhive needs (idempotent)
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq $$missing; \
+	fi
+
+## runsc: build runsc from the pinned gVisor module (tools/runsc), cached
+runsc: $(RUNSC_STAMP)
+$(RUNSC_STAMP): tools/runsc/go.mod tools/runsc/go.sum
+	@mkdir -p $(VHIVE_CACHE)/bin
+	@echo "building runsc $(RUNSC_VERSION) (a few minutes the first time)"
+	cd tools/runsc && CGO_ENABLED=0 $(GO) build -trimpath \
+		-ldflags "-X gvisor.dev/gvisor/runsc/version.version=$(RUNSC_VERSION)" \
+		-o $(RUNSC).tmp gvisor.dev/gvisor/runsc
+	mv $(RUNSC).tmp $(RUNSC)
+	touch $@
+
+## build: the vhive binary
+build:
+	$(GO) build -o $(BIN) ./cmd/vhive
+
+## images: package the example functions as OCI images (Linux and wasm)
+images:
+	$(GO) run ./tools/mkimage -all -target both -out $(IMAGES)
+
+## demo: the main job — see the README
+demo: deps runsc build images
+	./scripts/demo.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+## test: every suite, with the real tools (what CI runs)
+test: deps runsc vet test-unit test-fuzz
+
+test-unit:
+	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
+
+## test-fuzz: each fuzz target for a short bounded time
+test-fuzz:
+	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' internal functions 2>/dev/null); do \
+		pkg=./$$(dirname $$f); \
+		for t in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
+			echo "fuzz $$pkg $$t ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+## bench: the go benchmarks (see docs/benchmarks.md)
+bench: runsc
+	VHIVE_RUNSC=$(RUNSC) $(GO) test -run '^$$' -bench . -benchtime 10x ./internal/...
+
+## proto: regenerate the protobuf code (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
+proto:
+	protoc -I api/proto --go_out=. --go_opt=module=vhive.dev/vhive --go-grpc_out=. --go-grpc_opt=module=vhive.dev/vhive \
+		api/proto/helloworld/helloworld.proto api/proto/vhive/control.proto
+
+clean:
+	rm -rf bin out
