@@ -1,0 +1,268 @@
+package memory
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The tests re-execute the test binary as the sandbox process: it maps
+// guest memory, attaches it to the manager under test over the real
+// handshake and touches it, verifying every byte against the memory file.
+// The peer must be a separate process: a Go process must never serve its
+// own faults.
+
+const childEnv = "VHIVE_MEMORY_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if cfg := os.Getenv(childEnv); cfg != "" {
+		os.Exit(childMain(cfg))
+	}
+	os.Exit(m.Run())
+}
+
+// op is one step of the child's access pattern, on pages [Page, Page+N).
+type op struct {
+	Kind string `json:"k"` // read, write, dontneed, notify, waitstdin, exit
+	Page uint64 `json:"p"`
+	N    uint64 `json:"n"`
+}
+
+type childConfig struct {
+	Socket  string `json:"socket"`
+	MemFile string `json:"mem_file"`
+	Size    uint64 `json:"size"`   // bytes mapped
+	Offset  uint64 `json:"offset"` // of the mapping in the memory file
+	Ops     []op   `json:"ops"`
+	// Bench: after attaching, read one byte per page of Ops and report the
+	// elapsed time of attach + touch; no verification.
+	Bench bool `json:"bench"`
+}
+
+type childResult struct {
+	Touched    int    `json:"touched"` // page reads verified
+	Mismatches int    `json:"mismatches"`
+	First      string `json:"first,omitempty"` // first mismatch
+	AttachNS   int64  `json:"attach_ns"`
+	TouchNS    int64  `json:"touch_ns"`
+}
+
+func childMain(cfgJSON string) int {
+	var cfg childConfig
+	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "child config:", err)
+		return 2
+	}
+	res, err := runChild(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	json.NewEncoder(os.Stdout).Encode(res)
+	return 0
+}
+
+func runChild(cfg childConfig) (childResult, error) {
+	var res childResult
+	ps := uint64(os.Getpagesize())
+	f, err := os.Open(cfg.MemFile)
+	if err != nil {
+		return res, err
+	}
+	defer f.Close()
+	mem, err := unix.Mmap(-1, 0, int(cfg.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return res, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	c, err := Attach(ctx, cfg.Socket, mem, cfg.Offset)
+	if err != nil {
+		return res, err
+	}
+	defer c.Close()
+	res.AttachNS = int64(time.Since(t0))
+
+	// state per page: 0 = memory file, 1 = zero (dontneed), 2 = written.
+	state := make([]byte, cfg.Size/ps)
+	want := make([]byte, ps)
+	fill := func(p uint64) {
+		switch state[p] {
+		case 0:
+			n, _ := f.ReadAt(want, int64(cfg.Offset+p*ps))
+			clear(want[n:])
+		case 1:
+			clear(want)
+		case 2:
+			for i := range want {
+				want[i] = byte(p*7 + uint64(i)/512 + 1)
+			}
+		}
+	}
+	verify := func(p uint64) {
+		fill(p)
+		res.Touched++
+		if got := mem[p*ps : (p+1)*ps]; !bytes.Equal(got, want) {
+			res.Mismatches++
+			if res.First == "" {
+				i := 0
+				for got[i] == want[i] {
+					i++
+				}
+				res.First = fmt.Sprintf("page %d byte %d: got %#x want %#x (state %d)", p, i, got[i], want[i], state[p])
+			}
+		}
+	}
+	t1 := time.Now()
+	var sink byte
+	stdin := bufio.NewReader(os.Stdin)
+	for _, o := range cfg.Ops {
+		n := max(o.N, 1)
+		switch o.Kind {
+		case "read":
+			for p := o.Page; p < o.Page+n; p++ {
+				if cfg.Bench {
+					sink += mem[p*ps]
+					continue
+				}
+				verify(p)
+			}
+		case "write":
+			for p := o.Page; p < o.Page+n; p++ {
+				verify(p) // faults the page in (read fault) first
+				state[p] = 2
+				fill(p)
+				copy(mem[p*ps:], want)
+				verify(p)
+			}
+		case "writefirst": // a write fault on a missing page
+			for p := o.Page; p < o.Page+n; p++ {
+				fill(p)
+				mem[p*ps+100] = want[100] // store without a load first
+				verify(p)
+			}
+		case "dontneed":
+			if err := unix.Madvise(mem[o.Page*ps:(o.Page+n)*ps], unix.MADV_DONTNEED); err != nil {
+				return res, fmt.Errorf("madvise: %w", err)
+			}
+			for p := o.Page; p < o.Page+n; p++ {
+				state[p] = 1
+			}
+		case "notify":
+			fmt.Println("NOTIFY")
+		case "waitstdin":
+			stdin.ReadString('\n')
+		case "exit":
+			os.Exit(3)
+		default:
+			return res, fmt.Errorf("unknown op %q", o.Kind)
+		}
+	}
+	res.TouchNS = int64(time.Since(t1))
+	_ = sink
+	return res, nil
+}
+
+// child is a running sandbox-process stand-in.
+type child struct {
+	cmd    *exec.Cmd
+	stdout *bufio.Reader
+	stdin  io.WriteCloser
+	stderr bytes.Buffer
+}
+
+func startChild(t testing.TB, cfg childConfig) *child {
+	t.Helper()
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &child{cmd: exec.Command(os.Args[0], "-test.run=^$")}
+	c.cmd.Env = append(os.Environ(), childEnv+"="+string(b))
+	c.cmd.Stderr = &c.stderr
+	out, err := c.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.stdout = bufio.NewReader(out)
+	if c.stdin, err = c.cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if c.cmd.ProcessState == nil {
+			c.cmd.Process.Kill() // only the process this test started
+			c.cmd.Wait()
+		}
+	})
+	return c
+}
+
+// line reads the child's next stdout line, failing the test if none comes
+// within a minute (the child is hung: that is the bug being tested for).
+func (c *child) line(t testing.TB) string {
+	t.Helper()
+	ch := make(chan string, 1)
+	go func() {
+		s, _ := c.stdout.ReadString('\n')
+		ch <- s
+	}()
+	select {
+	case s := <-ch:
+		return strings.TrimSpace(s)
+	case <-time.After(time.Minute):
+		t.Fatalf("child %d: no output within a minute (hung?); stderr: %s", c.cmd.Process.Pid, c.stderr.String())
+		return ""
+	}
+}
+
+// wait waits for the child to exit, at most a minute.
+func (c *child) wait(t testing.TB) *os.ProcessState {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		c.cmd.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return c.cmd.ProcessState
+	case <-time.After(time.Minute):
+		t.Fatalf("child %d did not exit within a minute (hung?); stderr: %s", c.cmd.Process.Pid, c.stderr.String())
+		return nil
+	}
+}
+
+// result reads the child's result line and waits for a clean exit.
+func (c *child) result(t testing.TB) childResult {
+	t.Helper()
+	l := c.line(t)
+	st := c.wait(t)
+	if !st.Success() {
+		t.Fatalf("child exited with %v; stderr: %s", st, c.stderr.String())
+	}
+	var r childResult
+	if err := json.Unmarshal([]byte(l), &r); err != nil {
+		t.Fatalf("child result %q: %v; stderr: %s", l, err, c.stderr.String())
+	}
+	return r
+}
+
+func killedBySIGKILL(st *os.ProcessState) bool {
+	ws, ok := st.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}

@@ -1,0 +1,544 @@
+package memory
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/testutil"
+	"vhive.dev/vhive/internal/uffd"
+)
+
+const testPages = 4096 // 16 MiB memory file
+
+// isHolePage: pages left as holes in the sparse test memory file.
+func isHolePage(p uint64) bool { return p%16 == 5 || p%16 == 6 || p == testPages-1 }
+
+// writeMemFile writes a sparse memory file of pages pages: every data page
+// holds bytes derived from its number, hole pages are never written.
+func writeMemFile(t testing.TB, dir string, pages uint64) string {
+	t.Helper()
+	ps := uint64(os.Getpagesize())
+	path := filepath.Join(dir, "mem")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(int64(pages * ps)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, ps)
+	for p := range pages {
+		if isHolePage(p) {
+			continue
+		}
+		x := p*0x9E3779B97F4A7C15 + 1
+		for i := 0; i < len(buf); i += 8 {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			binary.LittleEndian.PutUint64(buf[i:], x)
+		}
+		if _, err := f.WriteAt(buf, int64(p*ps)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return path
+}
+
+// Access patterns, as ops on page ranges.
+func seqOps(first, n uint64) []op { return []op{{Kind: "read", Page: first, N: n}} }
+
+func randomOps(seed uint64, n int) []op {
+	r := rand.New(rand.NewPCG(seed, 1))
+	var ops []op
+	for range n {
+		ops = append(ops, op{Kind: "read", Page: r.Uint64N(testPages), N: 1})
+	}
+	return ops
+}
+
+// clusteredOps: runs of 1–32 pages at random places, touched in random
+// order of runs — the shape of a function's working set.
+func clusteredOps(seed uint64, runs int) []op {
+	r := rand.New(rand.NewPCG(seed, 2))
+	var ops []op
+	for range runs {
+		n := 1 + r.Uint64N(32)
+		ops = append(ops, op{Kind: "read", Page: r.Uint64N(testPages - n), N: n})
+	}
+	return ops
+}
+
+func writeOps() []op {
+	return []op{
+		{Kind: "read", Page: 100, N: 20},
+		{Kind: "write", Page: 105, N: 5}, // writes after reads
+		{Kind: "writefirst", Page: 200, N: 10},
+		{Kind: "write", Page: 300, N: 3}, // write faults on missing pages
+		{Kind: "read", Page: 100, N: 220},
+	}
+}
+
+func removeOps() []op {
+	return []op{
+		{Kind: "read", Page: 0, N: 64},
+		{Kind: "dontneed", Page: 8, N: 16},
+		{Kind: "read", Page: 0, N: 64}, // 8..23 must read zero
+		{Kind: "write", Page: 10, N: 3},
+		{Kind: "dontneed", Page: 10, N: 1},
+		{Kind: "read", Page: 0, N: 64},
+		{Kind: "dontneed", Page: 1000, N: 4}, // never touched: zero too
+		{Kind: "read", Page: 998, N: 8},
+	}
+}
+
+// distinctPages counts the distinct pages the ops read or write.
+func distinctPages(ops []op) int {
+	seen := map[uint64]bool{}
+	for _, o := range ops {
+		if o.Kind == "dontneed" || o.Kind == "notify" || o.Kind == "waitstdin" {
+			continue
+		}
+		for p := o.Page; p < o.Page+max(o.N, 1); p++ {
+			seen[p] = true
+		}
+	}
+	return len(seen)
+}
+
+type env struct {
+	dir, memFile string
+	mgr          *Manager
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	testutil.RequiresRoot(t) // userfaultfd for kernel-mode faults needs CAP_SYS_PTRACE
+	e := &env{dir: t.TempDir()}
+	e.memFile = writeMemFile(t, e.dir, testPages)
+	var err error
+	if e.mgr, err = NewManager(Config{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.mgr.Close() })
+	return e
+}
+
+func (e *env) cfg(id string, mode Mode) RestoreConfig {
+	return RestoreConfig{
+		ID: id, Mode: mode, MemoryFile: e.memFile,
+		SocketPath: filepath.Join(e.dir, id+".sock"),
+		WorkingSet: filepath.Join(e.dir, "ws"),
+	}
+}
+
+// run serves one restore for a child running ops and returns what both
+// sides saw.
+func (e *env) run(t *testing.T, cfg RestoreConfig, ops []op) (childResult, Stats) {
+	t.Helper()
+	r, err := e.mgr.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * uint64(os.Getpagesize()), Ops: ops})
+	res := c.result(t)
+	select {
+	case <-r.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("restore still serving a minute after its peer exited")
+	}
+	if err := r.Err(); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	st := r.Stats()
+	if res.Mismatches != 0 {
+		t.Fatalf("%d of %d pages read wrong bytes; first: %s", res.Mismatches, res.Touched, res.First)
+	}
+	if res.Touched == 0 {
+		t.Fatal("child touched nothing")
+	}
+	return res, st
+}
+
+func TestLazyPatterns(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		name string
+		ops  []op
+	}{
+		{"sequential", seqOps(0, 600)},
+		{"random", randomOps(1, 500)},
+		{"clustered", clusteredOps(2, 60)},
+		{"writes", writeOps()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, st := e.run(t, e.cfg("lazy-"+tc.name, ModeLazy), tc.ops)
+			want := int64(distinctPages(tc.ops))
+			if st.Unique != want || st.Faults != want {
+				t.Errorf("Unique=%d Faults=%d, want %d each (one fault per distinct page)", st.Unique, st.Faults, want)
+			}
+			if st.ZeroPages == 0 {
+				t.Errorf("no zero pages served, though the pattern touches holes")
+			}
+			if len(st.FaultLatency) != int(st.Faults) || st.Percentile(50) <= 0 {
+				t.Errorf("%d latency samples for %d faults, p50 %v", len(st.FaultLatency), st.Faults, st.Percentile(50))
+			}
+		})
+	}
+}
+
+func TestLazyRemoveReadsZero(t *testing.T) {
+	e := newEnv(t)
+	_, st := e.run(t, e.cfg("remove", ModeLazy), removeOps())
+	if st.Removes < 3 {
+		t.Errorf("Removes=%d, want >= 3 (one per madvise)", st.Removes)
+	}
+	// 16 + 1 removed pages fault again and get zero pages, plus the 4
+	// never-touched removed pages and the file's holes.
+	if st.ZeroPages < 21 {
+		t.Errorf("ZeroPages=%d, want >= 21", st.ZeroPages)
+	}
+}
+
+func TestLazyChunks(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg("chunks", ModeLazy)
+	cfg.ChunkPages = 16
+	_, st := e.run(t, cfg, append(seqOps(0, 1024), removeOps()...))
+	// 1024 sequential pages in aligned 16-page chunks: 64 faults, plus the
+	// removed pages' re-faults.
+	if st.Faults > 64+40 {
+		t.Errorf("Faults=%d with 16-page chunks over 1024 sequential pages, want about 64", st.Faults)
+	}
+	if st.Unique < 1024 {
+		t.Errorf("Unique=%d, want >= 1024 pages installed", st.Unique)
+	}
+}
+
+func TestRecordThenPrefetch(t *testing.T) {
+	e := newEnv(t)
+	ops := clusteredOps(3, 80)
+	ops = append(ops, writeOps()...)
+	touched := int64(distinctPages(ops))
+
+	rec := e.cfg("record", ModeRecord)
+	rec.Trace = filepath.Join(e.dir, "trace.csv")
+	_, rst := e.run(t, rec, ops) // Close writes the working set
+	if rst.RecPages != touched || rst.RecRegions == 0 {
+		t.Fatalf("record: RecPages=%d RecRegions=%d, want %d pages", rst.RecPages, rst.RecRegions, touched)
+	}
+	trace, err := os.ReadFile(rec.Trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lines := strings.Count(string(trace), "\n"); lines != int(touched)+1 {
+		t.Errorf("trace has %d lines, want header + %d", lines, touched)
+	}
+	b, err := os.ReadFile(rec.WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws.Pages() != touched || int64(len(ws.Runs)) != rst.RecRegions {
+		t.Fatalf("WS holds %d pages in %d runs, want %d in %d", ws.Pages(), len(ws.Runs), touched, rst.RecRegions)
+	}
+
+	pst := func() Stats { _, s := e.run(t, e.cfg("prefetch", ModePrefetch), ops); return s }()
+	if pst.PrefetchFallback {
+		t.Fatal("prefetch fell back to lazy")
+	}
+	fromWS := touched - pst.Unique
+	if float64(fromWS) < 0.97*float64(touched) {
+		t.Errorf("prefetch served %d of %d touched pages from the WS (Unique=%d), want >= 97%%", fromWS, touched, pst.Unique)
+	}
+	if pst.RecPages != touched || pst.FetchState <= 0 || pst.InstallWS <= 0 {
+		t.Errorf("prefetch stats %+v", pst)
+	}
+}
+
+func TestPrefetchBadWorkingSetFallsBack(t *testing.T) {
+	e := newEnv(t)
+	ops := clusteredOps(4, 30)
+	e.run(t, e.cfg("record", ModeRecord), ops)
+	good, err := os.ReadFile(e.cfg("", ModeRecord).WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dataOff := len(good) - int(alignUp(uint64(len(ws.Data)), wsAlign))
+	for _, tc := range []struct {
+		name   string
+		mangle func([]byte) []byte
+	}{
+		{"flipped data byte", func(b []byte) []byte { b[dataOff+100] ^= 0xFF; return b }},
+		{"flipped run table", func(b []byte) []byte { b[wsHeaderSize] ^= 0x10; return b }},
+		{"truncated", func(b []byte) []byte { return b[:len(b)/2] }},
+		{"empty", func(b []byte) []byte { return nil }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := e.cfg("bad", ModePrefetch)
+			cfg.WorkingSet = filepath.Join(e.dir, "bad-ws")
+			if err := os.WriteFile(cfg.WorkingSet, tc.mangle(slices.Clone(good)), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, st := e.run(t, cfg, ops)
+			if !st.PrefetchFallback || st.RecPages != 0 {
+				t.Errorf("PrefetchFallback=%v RecPages=%d, want a lazy fallback", st.PrefetchFallback, st.RecPages)
+			}
+			if want := int64(distinctPages(ops)); st.Unique != want {
+				t.Errorf("Unique=%d, want %d (all served lazily)", st.Unique, want)
+			}
+		})
+	}
+}
+
+func countFDs(t testing.TB) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// settle waits up to 5 s for goroutines to drop to n (the runtime and the
+// test's helpers end asynchronously).
+func settle(n int) int {
+	for range 100 {
+		if g := runtime.NumGoroutine(); g <= n {
+			return g
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return runtime.NumGoroutine()
+}
+
+func TestPeerDiesMidRun(t *testing.T) {
+	e := newEnv(t)
+	fds, gs := countFDs(t), runtime.NumGoroutine()
+	cfg := e.cfg("dies", ModeRecord)
+	r, err := e.mgr.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096,
+		Ops: append(seqOps(0, 200), op{Kind: "exit"})})
+	if st := c.wait(t); st.ExitCode() != 3 {
+		t.Fatalf("child: %v; stderr: %s", st, c.stderr.String())
+	}
+	select {
+	case <-r.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("restore still serving a minute after its peer died")
+	}
+	if err := r.Err(); err != nil {
+		t.Errorf("Err after the peer died: %v", err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if st := r.Stats(); st.RecPages != 200 {
+		t.Errorf("RecPages=%d after the peer died, want 200 (recorded so far)", st.RecPages)
+	}
+	if n := countFDs(t); n > fds {
+		t.Errorf("%d fds open after the restore, %d before", n, fds)
+	}
+	if g := settle(gs); g > gs {
+		t.Errorf("%d goroutines after the restore, %d before", g, gs)
+	}
+}
+
+func TestManagerCloseKillsPeer(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg("stop", ModeLazy)
+	r, err := e.mgr.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096,
+		Ops: []op{{Kind: "read", N: 50}, {Kind: "notify"}, {Kind: "waitstdin"}, {Kind: "read", Page: 50, N: 50}}})
+	if l := c.line(t); l != "NOTIFY" {
+		t.Fatalf("child said %q; stderr: %s", l, c.stderr.String())
+	}
+	pid := r.PeerPID()
+	if pid != c.cmd.Process.Pid {
+		t.Fatalf("PeerPID=%d, child is %d", pid, c.cmd.Process.Pid)
+	}
+	if err := e.mgr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st := c.wait(t)
+	if !killedBySIGKILL(st) {
+		t.Fatalf("child ended with %v, want killed by SIGKILL", st)
+	}
+	if _, err := e.mgr.Start(context.Background(), e.cfg("after", ModeLazy)); err == nil {
+		t.Error("Start after Close succeeded")
+	}
+}
+
+// TestHandshakeRejected connects like a sandbox process and sends bad
+// handshakes; each must be refused with a reason naming the problem.
+func TestHandshakeRejected(t *testing.T) {
+	e := newEnv(t)
+	u, err := uffd.New(uffd.FeatureEventRemove)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	const size = testPages * 4096
+	for _, tc := range []struct {
+		name, payload string
+		noFD          bool
+		want          string
+	}{
+		{"malformed JSON", `[{"base_host_virt_addr":`, false, "not a JSON array"},
+		{"not an array", `{"size":4096}`, false, "not a JSON array"},
+		{"no regions", `[]`, false, "no regions"},
+		{"overlap", `[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096},{"base_host_virt_addr":8192,"size":4096,"offset":8192,"page_size":4096}]`, false, "overlap"},
+		{"unaligned base", `[{"base_host_virt_addr":4097,"size":4096,"offset":0,"page_size":4096}]`, false, "not aligned"},
+		{"unaligned size", `[{"base_host_virt_addr":4096,"size":100,"offset":0,"page_size":4096}]`, false, "multiple of page size"},
+		{"beyond file", `[{"base_host_virt_addr":4096,"size":8192,"offset":16773120,"page_size":4096}]`, false, "beyond the memory file"},
+		{"no page size", `[{"base_host_virt_addr":4096,"size":4096,"offset":0}]`, false, "no page_size"},
+		{"bad page size", `[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":3000}]`, false, "power of two"},
+		{"no fd", `[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096}]`, true, "exactly 1 fd"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := e.cfg("bad", ModeLazy)
+			r, err := e.mgr.Start(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: cfg.SocketPath, Net: "unix"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			var oob []byte
+			if !tc.noFD {
+				oob = unix.UnixRights(u.Int())
+			}
+			if _, _, err := conn.WriteMsgUnix([]byte(tc.payload), oob, nil); err != nil {
+				t.Fatal(err)
+			}
+			conn.CloseWrite()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			err = WaitReady(ctx, conn)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("client saw %v, want an error containing %q", err, tc.want)
+			}
+			if err := r.ReadyErr(); !errors.Is(err, ErrBadHandshake) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("ReadyErr = %v, want ErrBadHandshake containing %q", err, tc.want)
+			}
+		})
+	}
+	_ = size
+}
+
+func TestStartRejectsBadConfig(t *testing.T) {
+	e := newEnv(t)
+	notSock := filepath.Join(e.dir, "file")
+	os.WriteFile(notSock, []byte("x"), 0o600)
+	empty := filepath.Join(e.dir, "empty")
+	os.WriteFile(empty, nil, 0o600)
+	for _, tc := range []struct {
+		name   string
+		mangle func(*RestoreConfig)
+		want   string
+	}{
+		{"no id", func(c *RestoreConfig) { c.ID = "" }, "ID is empty"},
+		{"bad mode", func(c *RestoreConfig) { c.Mode = "eager" }, `unknown memory mode "eager"`},
+		{"record without ws", func(c *RestoreConfig) { c.Mode, c.WorkingSet = ModeRecord, "" }, "needs a working-set"},
+		{"prefetch missing ws", func(c *RestoreConfig) { c.Mode = ModePrefetch }, "no such file"},
+		{"missing memory file", func(c *RestoreConfig) { c.MemoryFile += ".nope" }, "no such file"},
+		{"empty memory file", func(c *RestoreConfig) { c.MemoryFile = empty }, "not a non-empty regular file"},
+		{"socket path is a file", func(c *RestoreConfig) { c.SocketPath = notSock }, "not a socket"},
+		{"chunk", func(c *RestoreConfig) { c.ChunkPages = -1 }, "chunk pages"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := e.cfg("cfg", ModeLazy)
+			tc.mangle(&cfg)
+			_, err := e.mgr.Start(context.Background(), cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Start = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	// A failed Start leaves the ID free.
+	r, err := e.mgr.Start(context.Background(), e.cfg("cfg", ModeLazy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Start(context.Background(), e.cfg("cfg", ModeLazy)); err == nil || !strings.Contains(err.Error(), "is active") {
+		t.Errorf("duplicate ID: %v", err)
+	}
+	r.Close()
+	if err := r.ReadyErr(); err == nil || !strings.Contains(err.Error(), "closed before the sandbox connected") {
+		t.Errorf("ReadyErr after Close without a peer: %v", err)
+	}
+}
+
+func TestMetricsRegistered(t *testing.T) {
+	testutil.RequiresRoot(t)
+	e := &env{dir: t.TempDir()}
+	e.memFile = writeMemFile(t, e.dir, testPages)
+	reg := prometheus.NewRegistry()
+	met, err := NewMetrics(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewMetrics(reg); err == nil {
+		t.Error("registering the collectors twice succeeded")
+	}
+	if e.mgr, err = NewManager(Config{Metrics: met}); err != nil {
+		t.Fatal(err)
+	}
+	defer e.mgr.Close()
+	e.run(t, e.cfg("m", ModeLazy), seqOps(0, 100))
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			switch {
+			case m.GetCounter() != nil:
+				got[mf.GetName()] += m.GetCounter().GetValue()
+			case m.GetHistogram() != nil:
+				got[mf.GetName()] += float64(m.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	for name, want := range map[string]float64{
+		"vhive_memory_faults_total": 100, "vhive_memory_unique_pages_total": 100,
+		"vhive_memory_fault_service_seconds": 100, "vhive_memory_restores_total": 1,
+	} {
+		if got[name] != want {
+			t.Errorf("%s = %v, want %v", name, got[name], want)
+		}
+	}
+}

@@ -1,0 +1,135 @@
+package memory
+
+import (
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// maxLatencySamples bounds the per-fault latency samples kept per restore.
+const maxLatencySamples = 1 << 16
+
+// Stats is what one restore measured, with vHive's names. Durations are
+// wall time in the manager; page counts are in pages of the regions' page
+// size.
+type Stats struct {
+	// FetchState: reading (and verifying) the WS file (prefetch).
+	FetchState time.Duration
+	// InstallWS: installing the WS (UFFDIO_COPY per run + UFFDIO_WAKE).
+	InstallWS time.Duration
+	// ServeUnique: total service time of the faults served lazily.
+	ServeUnique time.Duration
+
+	// RecPages, RecRegions: pages and contiguous runs of the working set
+	// (recorded by FinishRecord in record mode, installed in prefetch).
+	RecPages   int64
+	RecRegions int64
+	// Unique: pages served lazily on a fault (prefetch: outside the WS).
+	Unique int64
+	// Faults: page-fault events handled (including chunked neighbours'
+	// faults that never happen: those are not counted).
+	Faults int64
+	// ZeroPages: pages installed with UFFDIO_ZEROPAGE (holes of a sparse
+	// memory file, pages after UFFD_EVENT_REMOVE).
+	ZeroPages int64
+	// Removes: UFFD_EVENT_REMOVE events.
+	Removes int64
+	// BytesRead: bytes read from the memory file (lazy pages) and the WS
+	// file.
+	BytesRead int64
+	// PrefetchFallback: the WS file was unusable, the restore served lazily.
+	PrefetchFallback bool
+
+	// FaultLatency: service time of each fault (event read → page
+	// installed), in fault order, at most 65536 samples.
+	FaultLatency []time.Duration
+}
+
+// Percentile returns the p-th percentile (0 < p <= 100) of FaultLatency, 0
+// without samples.
+func (s Stats) Percentile(p float64) time.Duration {
+	if len(s.FaultLatency) == 0 {
+		return 0
+	}
+	l := slices.Clone(s.FaultLatency)
+	slices.Sort(l)
+	i := int(p/100*float64(len(l))+0.5) - 1
+	return l[max(0, min(i, len(l)-1))]
+}
+
+// Stages returns the durations under vHive's stage names, for
+// sandbox.RestoreResult.Stages.
+func (s Stats) Stages() map[string]time.Duration {
+	return map[string]time.Duration{"FetchState": s.FetchState, "InstallWS": s.InstallWS, "ServeUnique": s.ServeUnique}
+}
+
+// Pages returns the page statistics under vHive's names, for
+// sandbox.RestoreResult.Pages.
+func (s Stats) Pages() map[string]int64 {
+	return map[string]int64{
+		"RecPages": s.RecPages, "RecRegions": s.RecRegions, "Unique": s.Unique,
+		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead,
+	}
+}
+
+// Metrics are the memory manager's Prometheus collectors. Build one with
+// NewMetrics and pass it in Config; the zero value is not usable.
+type Metrics struct {
+	restores    *prometheus.CounterVec
+	faults      *prometheus.CounterVec
+	unique      *prometheus.CounterVec
+	bytesRead   *prometheus.CounterVec
+	fallbacks   prometheus.Counter
+	faultTime   *prometheus.HistogramVec
+	stageTime   *prometheus.HistogramVec
+	activeCount prometheus.Gauge
+}
+
+// NewMetrics creates the collectors and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	modes := []string{"mode"}
+	m := &Metrics{
+		restores: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "restores_total",
+			Help: "Restores served by the memory manager.",
+		}, modes),
+		faults: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "faults_total",
+			Help: "Page-fault events handled.",
+		}, modes),
+		unique: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "unique_pages_total",
+			Help: "Pages served lazily on a fault (outside the working set).",
+		}, modes),
+		bytesRead: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "read_bytes_total",
+			Help: "Bytes read from memory files and working-set files.",
+		}, modes),
+		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "prefetch_fallbacks_total",
+			Help: "Prefetch restores that served lazily because the working-set file was unusable.",
+		}),
+		faultTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "fault_service_seconds",
+			Help:    "Time to serve one page fault (event read to page installed).",
+			Buckets: prometheus.ExponentialBuckets(2e-6, 2, 16),
+		}, modes),
+		stageTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "stage_seconds",
+			Help:    "Memory restore stages (FetchState, InstallWS).",
+			Buckets: prometheus.ExponentialBuckets(1e-4, 2, 16),
+		}, []string{"stage"}),
+		activeCount: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "active_restores",
+			Help: "Restores currently served.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.restores, m.faults, m.unique, m.bytesRead, m.fallbacks, m.faultTime, m.stageTime, m.activeCount} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register memory metrics: %w", err)
+		}
+	}
+	return m, nil
+}

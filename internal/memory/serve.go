@@ -1,0 +1,519 @@
+package memory
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/uffd"
+)
+
+// errPeerGone: the sandbox's address space is gone (it exited).
+var errPeerGone = errors.New("peer address space gone")
+
+// region is a handshake region with the serving goroutine's page state.
+type region struct {
+	Region
+	pages    uint64
+	present  bitset // installed by us and not removed since
+	removed  bitset // UFFD_EVENT_REMOVE seen: reads as zero on the next fault
+	inWS     bitset // installed by the prefetch
+	recorded bitset // already in the record log
+}
+
+// server is the state owned by a restore's serving goroutine.
+type server struct {
+	r       *Restore
+	uffd    *uffd.FD
+	regions []*region
+	pidfd   int
+	pid     int
+	msgs    []uffd.Msg
+	pending []uffd.Msg // faults read while draining for EAGAIN
+	ws      *WorkingSet
+	wsBuf   *wsBuffer
+}
+
+func (r *Restore) setReady(err error) {
+	r.readyErr = err
+	close(r.ready)
+}
+
+// run is the restore's serving goroutine: fetch the WS (prefetch), accept
+// one peer, take its handshake, install the WS, ack, serve faults.
+func (r *Restore) run() {
+	s := &server{r: r, pidfd: -1, msgs: make([]uffd.Msg, 64)}
+	readySet := false
+	var notReady error
+	defer func() {
+		if !readySet {
+			if notReady == nil {
+				notReady = r.err
+			}
+			r.setReady(fmt.Errorf("restore %q: %w", r.cfg.ID, notReady))
+		}
+		if s.wsBuf != nil {
+			s.wsBuf.release()
+		}
+		if s.uffd != nil {
+			s.uffd.Close()
+		}
+		if s.pidfd >= 0 {
+			unix.Close(s.pidfd)
+		}
+		close(r.done)
+	}()
+	if r.cfg.Mode == ModePrefetch {
+		s.fetch()
+	}
+	conn, err := r.ln.AcceptUnix()
+	if err != nil {
+		if r.isClosing() {
+			notReady = errors.New("closed before the sandbox connected")
+		} else {
+			r.err = fmt.Errorf("accept on %s: %w", r.cfg.SocketPath, err)
+		}
+		return
+	}
+	defer conn.Close()
+	r.ln.Close() // one peer per restore
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	h, err := recvHandshake(conn, r.memSize)
+	conn.SetReadDeadline(time.Time{})
+	if err != nil {
+		r.log.Warn("handshake rejected", "err", err)
+		ack(conn, ackError+err.Error()+"\n")
+		r.err = err
+		return
+	}
+	s.uffd, s.pid = h.uffd, h.pid
+	minPS := h.regions[0].PageSize
+	for _, reg := range h.regions {
+		n := reg.Size / reg.PageSize
+		s.regions = append(s.regions, &region{Region: reg, pages: n,
+			present: newBitset(n), removed: newBitset(n), inWS: newBitset(n), recorded: newBitset(n)})
+		minPS = min(minPS, reg.PageSize)
+	}
+	if s.pid > 0 {
+		if fd, err := unix.PidfdOpen(s.pid, 0); err == nil {
+			s.pidfd = fd
+		} else {
+			r.log.Warn("pidfd_open failed: the peer's exit will not be noticed", "pid", s.pid, "err", err)
+		}
+	}
+	r.mu.Lock()
+	r.pid, r.pageSize = s.pid, minPS
+	r.mu.Unlock()
+	r.log.Debug("handshake", "pid", s.pid, "regions", len(s.regions))
+
+	if s.ws != nil {
+		if err := s.install(); err != nil {
+			r.err = fmt.Errorf("install working set: %w", err)
+			ack(conn, ackError+r.err.Error()+"\n")
+			s.killPeer()
+			return
+		}
+	}
+	ack(conn, ackOK)
+	readySet = true
+	r.setReady(nil)
+
+	if err := s.loop(); err != nil {
+		r.err = err
+		r.log.Error("serving failed; killing the sandbox process", "pid", s.pid, "err", err)
+	}
+	s.killPeer()
+}
+
+func ack(conn *net.UnixConn, msg string) {
+	conn.SetWriteDeadline(time.Now().Add(time.Second))
+	conn.Write([]byte(msg)) // a Firecracker peer never reads it: ignore errors
+}
+
+func (r *Restore) isClosing() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closing
+}
+
+// fetch reads and verifies the WS file; on any problem it logs a warning and
+// leaves s.ws nil so that the restore serves lazily.
+func (s *server) fetch() {
+	r := s.r
+	t0 := time.Now()
+	buf, err := readWorkingSetFile(r.cfg.WorkingSet)
+	var ws *WorkingSet
+	if err == nil {
+		ws, err = ParseWorkingSet(buf.b)
+	}
+	if err == nil && ws.MemSize != r.memSize {
+		err = fmt.Errorf("%w: recorded against a %d-byte memory file, %s has %d", ErrBadWorkingSet, ws.MemSize, r.cfg.MemoryFile, r.memSize)
+	}
+	d := time.Since(t0)
+	r.mu.Lock()
+	r.stats.FetchState = d
+	if buf != nil {
+		r.stats.BytesRead += int64(len(buf.b))
+	}
+	if err != nil {
+		r.stats.PrefetchFallback = true
+	}
+	r.mu.Unlock()
+	if buf != nil && s.r.obs != nil {
+		s.r.obs.bytesRead.Add(float64(len(buf.b)))
+	}
+	if err != nil {
+		if buf != nil {
+			buf.release()
+		}
+		r.log.Warn("working set unusable: serving lazily", "path", r.cfg.WorkingSet, "err", err)
+		if r.obs != nil {
+			r.obs.m.fallbacks.Inc()
+		}
+		return
+	}
+	if r.obs != nil {
+		r.obs.m.stageTime.WithLabelValues("FetchState").Observe(d.Seconds())
+	}
+	s.ws, s.wsBuf = ws, buf
+}
+
+// install copies every WS run into the peer with UFFDIO_COPY_MODE_DONTWAKE,
+// then wakes each region once.
+func (s *server) install() error {
+	r := s.r
+	for _, reg := range s.regions {
+		if s.ws.PageSize != reg.PageSize {
+			r.log.Warn("working set page size differs from the region's: serving lazily",
+				"ws_page_size", s.ws.PageSize, "region_page_size", reg.PageSize)
+			r.mu.Lock()
+			r.stats.PrefetchFallback = true
+			r.mu.Unlock()
+			return nil
+		}
+	}
+	t0 := time.Now()
+	var at uint64 // offset of the run's bytes in ws.Data
+	var pages int64
+	for _, run := range s.ws.Runs {
+		for _, reg := range s.regions {
+			lo, hi := max(run.Offset, reg.Offset), min(run.Offset+run.Length, reg.Offset+reg.Size)
+			if lo >= hi {
+				continue
+			}
+			dst := reg.BaseHostVirtAddr + (lo - reg.Offset)
+			src := uintptr(unsafe.Pointer(&s.ws.Data[at+(lo-run.Offset)]))
+			if _, err := s.copyRange(reg, dst, src, hi-lo, false, uffd.ModeDontWake); err != nil {
+				return err
+			}
+			for p := (dst - reg.BaseHostVirtAddr) / reg.PageSize; p < (dst+hi-lo-reg.BaseHostVirtAddr)/reg.PageSize; p++ {
+				reg.inWS.set(p)
+			}
+			pages += int64((hi - lo) / reg.PageSize)
+		}
+		at += run.Length
+	}
+	for _, reg := range s.regions {
+		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr), reg.Size); err != nil {
+			return err
+		}
+	}
+	d := time.Since(t0)
+	r.mu.Lock()
+	r.stats.InstallWS = d
+	r.stats.RecPages, r.stats.RecRegions = pages, int64(len(s.ws.Runs))
+	r.mu.Unlock()
+	if r.obs != nil {
+		r.obs.m.stageTime.WithLabelValues("InstallWS").Observe(d.Seconds())
+	}
+	s.wsBuf.release()
+	s.wsBuf, s.ws = nil, nil
+	return nil
+}
+
+// copyRange installs [dst, dst+n) of reg — zero pages if zero, else from src
+// — skipping pages that are already present. It marks installed pages
+// present and returns how many bytes it installed.
+func (s *server) copyRange(reg *region, dst uint64, src uintptr, n uint64, zero bool, mode uint64) (uint64, error) {
+	ps := reg.PageSize
+	var installed uint64
+	for n > 0 {
+		var got uint64
+		var err error
+		if zero {
+			got, err = s.uffd.ZeroPage(uintptr(dst), n, mode)
+		} else {
+			got, err = s.uffd.Copy(uintptr(dst), src, n, mode)
+		}
+		for p := (dst - reg.BaseHostVirtAddr) / ps; p < (dst+got-reg.BaseHostVirtAddr)/ps; p++ {
+			reg.present.set(p)
+		}
+		installed += got
+		dst, n = dst+got, n-got
+		if !zero {
+			src += uintptr(got)
+		}
+		switch {
+		case err == nil && n == 0:
+			return installed, nil
+		case err == nil, errors.Is(err, unix.EAGAIN) && got > 0:
+			// Partial: retry the rest.
+		case errors.Is(err, unix.EEXIST):
+			// The first remaining page is already there (the peer or an
+			// earlier chunk faulted it in): skip it.
+			reg.present.set((dst - reg.BaseHostVirtAddr) / ps)
+			dst, n = dst+ps, n-ps
+			if !zero {
+				src += uintptr(ps)
+			}
+		case errors.Is(err, unix.EAGAIN):
+			// The mapping is changing (a remove event is pending): read
+			// the events, then retry.
+			if err := s.drain(); err != nil {
+				return installed, err
+			}
+		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOENT):
+			return installed, errPeerGone
+		default:
+			return installed, fmt.Errorf("install [%#x, +%#x): %w", dst, n, err)
+		}
+	}
+	return installed, nil
+}
+
+// drain reads pending events: removes are applied now, faults queued.
+func (s *server) drain() error {
+	for {
+		n, err := s.uffd.Read(s.msgs)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return nil
+		}
+		for _, m := range s.msgs[:n] {
+			if m.Event == uffd.EventPagefault {
+				s.pending = append(s.pending, m)
+			} else {
+				s.event(m)
+			}
+		}
+	}
+}
+
+// loop serves events until the peer exits, Close is called or serving
+// fails.
+func (s *server) loop() error {
+	fds := []unix.PollFd{
+		{Fd: int32(s.r.stop), Events: unix.POLLIN},
+		{Fd: int32(s.uffd.Int()), Events: unix.POLLIN},
+		{Fd: int32(s.pidfd), Events: unix.POLLIN}, // -1 is ignored by poll
+	}
+	for {
+		for len(s.pending) > 0 {
+			m := s.pending[0]
+			s.pending = s.pending[1:]
+			if err := s.fault(m); err != nil {
+				return s.faultErr(err)
+			}
+		}
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return fmt.Errorf("poll: %w", err)
+		}
+		if fds[0].Revents != 0 {
+			return nil // Close
+		}
+		if ev := fds[1].Revents; ev&unix.POLLIN != 0 {
+			n, err := s.uffd.Read(s.msgs)
+			if err != nil {
+				return err
+			}
+			for i := range n {
+				m := s.msgs[i]
+				if m.Event != uffd.EventPagefault {
+					s.event(m)
+					continue
+				}
+				if err := s.fault(m); err != nil {
+					return s.faultErr(err)
+				}
+			}
+		} else if ev&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			return fmt.Errorf("userfaultfd poll events %#x", ev)
+		}
+		if fds[2].Revents != 0 {
+			s.r.log.Debug("peer exited", "pid", s.pid)
+			return nil
+		}
+	}
+}
+
+func (s *server) faultErr(err error) error {
+	if errors.Is(err, errPeerGone) {
+		return nil
+	}
+	return err
+}
+
+func (s *server) region(addr uint64) *region {
+	for _, reg := range s.regions {
+		if addr >= reg.BaseHostVirtAddr && addr < reg.end() {
+			return reg
+		}
+	}
+	return nil
+}
+
+// event applies a non-fault event.
+func (s *server) event(m uffd.Msg) {
+	switch m.Event {
+	case uffd.EventRemove, uffd.EventUnmap:
+		for _, reg := range s.regions {
+			lo, hi := max(m.Start, reg.BaseHostVirtAddr), min(m.End, reg.end())
+			if lo >= hi {
+				continue
+			}
+			// Pages partly removed are treated as removed: the kernel
+			// zaps whole pages.
+			for p := (lo - reg.BaseHostVirtAddr) / reg.PageSize; p*reg.PageSize+reg.BaseHostVirtAddr < hi; p++ {
+				reg.removed.set(p)
+				reg.present.clear(p)
+			}
+		}
+		s.r.mu.Lock()
+		s.r.stats.Removes++
+		s.r.mu.Unlock()
+	default:
+		s.r.log.Debug("ignoring userfaultfd event", "event", m.Event)
+	}
+}
+
+// fault serves one page fault: the aligned chunk around the faulting page,
+// pages in holes or removed as zero pages, the rest copied from the memory
+// file.
+func (s *server) fault(m uffd.Msg) error {
+	t0 := time.Now()
+	reg := s.region(m.Address)
+	if reg == nil {
+		s.r.log.Warn("fault outside every region", "addr", fmt.Sprintf("%#x", m.Address))
+		return nil
+	}
+	ps := reg.PageSize
+	page := (m.Address - reg.BaseHostVirtAddr) / ps
+	cs := s.r.chunk
+	first, last := page/cs*cs, min(page/cs*cs+cs, reg.pages)
+
+	var unique, zeros, read uint64
+	var rec []span
+	recording := s.r.cfg.Mode == ModeRecord
+	faultedPresent := reg.present.get(page)
+	for p := first; p < last; {
+		if reg.present.get(p) {
+			p++
+			continue
+		}
+		zero := s.isZero(reg, p)
+		q := p + 1
+		for q < last && !reg.present.get(q) && s.isZero(reg, q) == zero {
+			q++
+		}
+		dst := reg.BaseHostVirtAddr + p*ps
+		off := reg.Offset + p*ps
+		var src uintptr
+		if !zero {
+			src = uintptr(unsafe.Pointer(&s.r.mem[off]))
+		}
+		got, err := s.copyRange(reg, dst, src, (q-p)*ps, zero, 0)
+		if err != nil {
+			return err
+		}
+		unique += got / ps
+		if zero {
+			zeros += got / ps
+		} else {
+			read += got
+		}
+		for i := p; i < q; i++ {
+			removed := reg.removed.get(i)
+			reg.removed.clear(i)
+			if recording && !removed && !reg.recorded.get(i) {
+				reg.recorded.set(i)
+				rec = append(rec, span{off: reg.Offset + i*ps, len: ps})
+			}
+		}
+		p = q
+	}
+	if faultedPresent || unique == 0 {
+		// Already there (installed by the prefetch or an earlier chunk
+		// while this fault was queued): make sure the thread runs.
+		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr+page*ps), ps); err != nil {
+			return err
+		}
+	}
+	d := time.Since(t0)
+	r := s.r
+	r.mu.Lock()
+	r.stats.Faults++
+	r.stats.Unique += int64(unique)
+	r.stats.ZeroPages += int64(zeros)
+	r.stats.BytesRead += int64(read)
+	if unique > 0 {
+		r.stats.ServeUnique += d
+	}
+	if len(r.stats.FaultLatency) < maxLatencySamples {
+		r.stats.FaultLatency = append(r.stats.FaultLatency, d)
+	}
+	if r.recording && len(rec) > 0 {
+		// Keep the faulting page first: the trace is in fault order.
+		r.spans = append(r.spans, rec...)
+	}
+	r.mu.Unlock()
+	if o := r.obs; o != nil {
+		o.faults.Inc()
+		o.unique.Add(float64(unique))
+		o.bytesRead.Add(float64(read))
+		o.faultTime.Observe(d.Seconds())
+	}
+	return nil
+}
+
+// isZero: page p of reg must be installed as a zero page (removed since it
+// was last installed, or wholly a hole of the memory file).
+func (s *server) isZero(reg *region, p uint64) bool {
+	if reg.removed.get(p) {
+		return true
+	}
+	off := reg.Offset + p*reg.PageSize
+	for o := off; o < off+reg.PageSize; o += 4096 {
+		if !s.r.holes.get(o / 4096) {
+			return false
+		}
+	}
+	return true
+}
+
+// killPeer sends SIGKILL to the peer if it is still running: without its
+// page server it would hang on its next fault. Only the pidfd's process can
+// be hit, never a recycled pid.
+func (s *server) killPeer() {
+	if s.pidfd < 0 || s.pid == os.Getpid() {
+		return // never this process (a peer in our own process is a caller bug)
+	}
+	fds := []unix.PollFd{{Fd: int32(s.pidfd), Events: unix.POLLIN}}
+	if n, _ := unix.Poll(fds, 0); n > 0 {
+		return // already exited
+	}
+	if err := unix.PidfdSendSignal(s.pidfd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		s.r.log.Warn("kill sandbox process", "pid", s.pid, "err", err)
+		return
+	}
+	s.r.log.Warn("killed sandbox process: its memory is no longer served", "pid", s.pid)
+}
