@@ -160,8 +160,9 @@ func (e *env) assertClean(t testing.TB, id string) {
 	}
 	// runsc keeps a "null-netns" mount in its state directory; only the
 	// bundles are ours.
-	if ms, err := MountsUnder(filepath.Join(e.root, "bundles")); err != nil || len(ms) > 0 {
-		t.Errorf("mounts left under %s/bundles: %v %v", e.root, ms, err)
+	bundle := filepath.Join(e.root, "bundles", id)
+	if ms, err := MountsUnder(bundle); err != nil || len(ms) > 0 {
+		t.Errorf("mounts left under %s: %v %v", bundle, ms, err)
 	}
 	if cg := e.b.CgroupDirs(id); len(cg) > 0 {
 		t.Errorf("cgroups of %q left: %v", id, cg)
