@@ -35,7 +35,7 @@ const (
 func (s *Service) Import(ctx context.Context, path, ref string) (Image, error) {
 	fi, err := os.Stat(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return Image{}, fmt.Errorf("image: import %q: %w", path, ErrNotFound)
+		return Image{}, fmt.Errorf("image: import %q: no such file or directory: %w", path, ErrNotFound)
 	}
 	if err != nil {
 		return Image{}, fmt.Errorf("image: import %q: %w", path, err)

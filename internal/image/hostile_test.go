@@ -1,0 +1,143 @@
+package image
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// From the temporary rootfs (<base>/images/tmp/unpack-*/rootfs) four ".."
+// reach <base>, where the canary lives.
+const up = "../../../.."
+
+func TestHostileLayersRejected(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, func(o *Options) {
+		o.MaxEntryBytes = 1 << 20
+		o.MaxLayerBytes = 4 << 20
+	})
+	canaryAbs := e.canary
+	big := strings.Repeat("z", 1<<20)
+
+	// A good image pulled first must survive every failed unpack.
+	good := buildImage(t, v1.Config{}, layer(t, file("ok", "good", 0o644)))
+	goodImg, err := e.svc.Pull(ctx, push(t, host, "fn/good:v1", good))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	chr := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "dev/mem", Mode: 0o600, Devmajor: 1, Devminor: 1}}
+	blk := entry{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "dev/sda", Mode: 0o600, Devmajor: 8}}
+	fifo := entry{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "run/pipe", Mode: 0o600}}
+
+	cases := []struct {
+		name    string
+		entries []entry
+		bad     string // the entry name the error must name
+	}{
+		{"dotdot", []entry{file(up+"/canary", "pwned", 0o644)}, up + "/canary"},
+		{"dotdot-inside", []entry{file("a/../../canary", "pwned", 0o644)}, "a/../../canary"},
+		{"absolute", []entry{file(canaryAbs, "pwned", 0o644)}, canaryAbs},
+		{"absolute-etc", []entry{file("/etc/x", "pwned", 0o644)}, "/etc/x"},
+		{"symlink-root-then-write", []entry{symlink("a", "/"), file("a"+canaryAbs, "pwned", 0o644)}, "a" + canaryAbs},
+		{"symlink-dotdot-chain", []entry{
+			symlink("b", ".."), symlink("c", "b/"+up[3:]), file("c/canary", "pwned", 0o644),
+		}, "c/canary"},
+		{"symlink-escape-dir", []entry{symlink("esc", up), file("esc/canary", "pwned", 0o644)}, "esc/canary"},
+		{"symlink-escape-mkdir", []entry{symlink("esc", up), dir("esc/newdir/", 0o755)}, "esc/newdir/"},
+		{"hardlink-dotdot", []entry{hardlink("h", up+"/canary")}, "h"},
+		{"hardlink-absolute", []entry{hardlink("h", canaryAbs)}, "h"},
+		{"hardlink-through-symlink", []entry{symlink("esc", up), hardlink("h", "esc/canary")}, "h"},
+		{"whiteout-through-symlink", []entry{symlink("esc", up), file("esc/.wh.canary", "", 0o644)}, "esc/.wh.canary"},
+		{"whiteout-dotdot", []entry{file(up+"/.wh.canary", "", 0o644)}, up + "/.wh.canary"},
+		{"char-device", []entry{dir("dev/", 0o755), chr}, "dev/mem"},
+		{"block-device", []entry{blk}, "dev/sda"},
+		{"fifo", []entry{fifo}, "run/pipe"},
+		{"oversized-entry", []entry{file("big", big+"x", 0o644)}, "big"},
+		{"oversized-layer", []entry{
+			file("b1", big, 0o644), file("b2", big, 0o644), file("b3", big, 0o644), file("b4", big, 0o644), file("b5", big, 0o644),
+		}, "b4"},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// A benign entry first, so a partial unpack exists when it fails.
+			entries := append([]entry{file("first", "benign", 0o644)}, tc.entries...)
+			bad := layer(t, entries...)
+			img := buildImage(t, v1.Config{}, layer(t, file("base", "b", 0o644)), bad)
+			ref := push(t, host, "fn/hostile:"+strings.ReplaceAll(tc.name, "_", "-")+"-"+string(rune('a'+i)), img)
+
+			_, err := e.svc.Pull(ctx, ref)
+			if !errors.Is(err, ErrUnsafeLayer) {
+				t.Fatalf("Pull err = %v, want ErrUnsafeLayer", err)
+			}
+			var ue *UnsafeLayerError
+			if !errors.As(err, &ue) {
+				t.Fatalf("err %T is not an *UnsafeLayerError", err)
+			}
+			if ue.Layer != layerDigest(t, bad) {
+				t.Errorf("error names layer %s, want %s", ue.Layer, layerDigest(t, bad))
+			}
+			if ue.Path != tc.bad {
+				t.Errorf("error names entry %q, want %q", ue.Path, tc.bad)
+			}
+			if !strings.Contains(err.Error(), layerDigest(t, bad)) {
+				t.Errorf("message %q lacks the layer digest", err)
+			}
+			t.Logf("rejected: %v", err)
+
+			e.checkCanary(t)
+			e.checkTmpEmpty(t)
+			if _, err := os.Stat(filepath.Dir(e.svc.digestDir(imageDigest(t, img)))); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(e.svc.digestDir(imageDigest(t, img))); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("failed image left a digest dir: %v", err)
+			}
+			if _, err := e.svc.Get(ctx, ref); !errors.Is(err, ErrNotFound) {
+				t.Errorf("failed image was recorded: %v", err)
+			}
+			if s := readFile(t, filepath.Join(goodImg.Rootfs, "ok")); s != "good" {
+				t.Errorf("good image changed: %q", s)
+			}
+			if _, err := os.Stat("/etc/x"); err == nil && tc.name == "absolute-etc" {
+				t.Errorf("/etc/x exists on the host")
+			}
+		})
+	}
+	if l, err := e.svc.List(ctx); err != nil || len(l) != 1 {
+		t.Errorf("List after hostile pulls = %+v, %v; want only the good image", l, err)
+	}
+}
+
+// A symlink whose target is outside is fine to create, and a later entry of
+// the same name replaces the link instead of writing through it.
+func TestReplacingEscapingSymlinkDoesNotFollowIt(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{},
+		layer(t, symlink("x", up+"/canary"), symlink("y", "/etc/passwd")),
+		layer(t, file("x", "replaced", 0o644)),
+	)
+	got, err := e.svc.Pull(ctx, push(t, host, "fn/links:v1", img))
+	if err != nil {
+		t.Fatalf("Pull: %v", err)
+	}
+	if s := readFile(t, filepath.Join(got.Rootfs, "x")); s != "replaced" {
+		t.Errorf("x = %q", s)
+	}
+	if fi, err := os.Lstat(filepath.Join(got.Rootfs, "x")); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("x is not a regular file: %v %v", fi.Mode(), err)
+	}
+	if l, err := os.Readlink(filepath.Join(got.Rootfs, "y")); err != nil || l != "/etc/passwd" {
+		t.Errorf("y -> %q, %v", l, err)
+	}
+	e.checkCanary(t)
+}

@@ -1,0 +1,200 @@
+package image
+
+import (
+	"archive/tar"
+	"compress/gzip"
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// writeLayout writes img to an OCI layout directory with annotations.
+func writeLayout(t *testing.T, dir string, img v1.Image, ann map[string]string) {
+	t.Helper()
+	p, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.AppendImage(img, layout.WithAnnotations(ann)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// tarDir packs dir into a tar file (an OCI archive), gzip-compressed if asked.
+func tarDir(t *testing.T, dir, dst string, gz bool) {
+	t.Helper()
+	f, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var w io.Writer = f
+	var zw *gzip.Writer
+	if gz {
+		zw = gzip.NewWriter(f)
+		w = zw
+	}
+	tw := tar.NewWriter(w)
+	if err := tw.AddFS(os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if zw != nil {
+		if err := zw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestImportOCILayoutAndArchive(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{Cmd: []string{"/hello"}}, layer(t, file("hello", "from layout", 0o755)))
+
+	named := filepath.Join(t.TempDir(), "named")
+	writeLayout(t, named, img, map[string]string{annotationRefName: "registry.local/fn/hello:v1"})
+	got, err := e.svc.Import(ctx, named, "")
+	if err != nil {
+		t.Fatalf("Import(layout): %v", err)
+	}
+	if got.Ref != "registry.local/fn/hello:v1" || got.Digest != imageDigest(t, img) {
+		t.Errorf("Import(layout) = %s %s", got.Ref, got.Digest)
+	}
+	if s := readFile(t, filepath.Join(got.Rootfs, "hello")); s != "from layout" {
+		t.Errorf("hello = %q", s)
+	}
+
+	// The same layout as a gzip OCI archive, under an explicit name: a cache hit.
+	arch := filepath.Join(t.TempDir(), "hello.oci.tar.gz")
+	tarDir(t, named, arch, true)
+	got2, err := e.svc.Import(ctx, arch, "fn/hello:archive")
+	if err != nil {
+		t.Fatalf("Import(oci archive): %v", err)
+	}
+	if got2.Ref != "index.docker.io/fn/hello:archive" || got2.Digest != got.Digest {
+		t.Errorf("Import(oci archive) = %s %s", got2.Ref, got2.Digest)
+	}
+	if n := e.svc.Unpacks(); n != 1 {
+		t.Errorf("Unpacks = %d, want 1 (same digest)", n)
+	}
+
+	// A bare tag annotation names no repository: a ref is needed.
+	bare := filepath.Join(t.TempDir(), "bare")
+	writeLayout(t, bare, img, map[string]string{annotationRefName: "latest"})
+	if _, err := e.svc.Import(ctx, bare, ""); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Import(unnamed) err = %v, want ErrInvalid", err)
+	}
+	if got3, err := e.svc.Import(ctx, bare, "127.0.0.1:5000/fn/bare:v1"); err != nil || got3.Ref != "127.0.0.1:5000/fn/bare:v1" {
+		t.Errorf("Import(unnamed, ref) = %+v, %v", got3, err)
+	}
+
+	// Two images: the ref chooses.
+	other := buildImage(t, v1.Config{}, layer(t, file("other", "2", 0o644)))
+	multi := filepath.Join(t.TempDir(), "multi")
+	writeLayout(t, multi, img, map[string]string{annotationContainerdName: "docker.io/library/a:1"})
+	p, _ := layout.FromPath(multi)
+	if err := p.AppendImage(other, layout.WithAnnotations(map[string]string{annotationContainerdName: "docker.io/library/b:1"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.Import(ctx, multi, ""); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Import(two images, no ref) err = %v, want ErrInvalid", err)
+	}
+	b, err := e.svc.Import(ctx, multi, "b:1")
+	if err != nil || b.Digest != imageDigest(t, other) || b.Ref != "index.docker.io/library/b:1" {
+		t.Errorf("Import(two images, b:1) = %+v, %v", b, err)
+	}
+	if _, err := e.svc.Import(ctx, multi, "c:1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Import(two images, c:1) err = %v, want ErrNotFound", err)
+	}
+	e.checkTmpEmpty(t)
+}
+
+func TestImportDockerArchive(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{Entrypoint: []string{"/server"}}, layer(t, file("server", "docker", 0o755)))
+	tag, err := name.NewTag("example.com/fn/server:v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "server.tar")
+	if err := tarball.WriteToFile(path, tag, img); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.svc.Import(ctx, path, "")
+	if err != nil {
+		t.Fatalf("Import(docker archive): %v", err)
+	}
+	if got.Ref != "example.com/fn/server:v2" || got.Digest == "" || got.Config.Entrypoint[0] != "/server" {
+		t.Errorf("Import = %+v", got)
+	}
+	if s := readFile(t, filepath.Join(got.Rootfs, "server")); s != "docker" {
+		t.Errorf("server = %q", s)
+	}
+	// The digest is docker-archive's (docker media types), so reimporting
+	// under another name shares the unpack.
+	got2, err := e.svc.Import(ctx, path, "example.com/fn/server:alias")
+	if err != nil || got2.Digest != got.Digest {
+		t.Errorf("reimport = %+v, %v", got2, err)
+	}
+	if n := e.svc.Unpacks(); n != 1 {
+		t.Errorf("Unpacks = %d, want 1", n)
+	}
+}
+
+func TestImportBadInput(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	dir := t.TempDir()
+	notTar := filepath.Join(dir, "junk.tar")
+	if err := os.WriteFile(notTar, []byte("this is not a tar archive at all, not even close...."), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	emptyTar := filepath.Join(dir, "empty.tar")
+	tarDir(t, t.TempDir(), emptyTar, false)
+	// An OCI archive with an entry escaping the extraction dir.
+	evil := filepath.Join(dir, "evil.tar")
+	f, _ := os.Create(evil)
+	tw := tar.NewWriter(f)
+	for _, en := range []entry{file("oci-layout", `{"imageLayoutVersion":"1.0.0"}`, 0o644), file("../escape", "x", 0o644)} {
+		h := en.hdr
+		tw.WriteHeader(&h)
+		io.WriteString(tw, en.body)
+	}
+	tw.Close()
+	f.Close()
+
+	for _, tc := range []struct {
+		path string
+		want error
+	}{
+		{filepath.Join(dir, "missing"), ErrNotFound},
+		{notTar, ErrInvalid},
+		{emptyTar, ErrInvalid},
+		{t.TempDir(), ErrInvalid}, // an empty directory is no layout
+		{evil, ErrInvalid},
+	} {
+		if _, err := e.svc.Import(ctx, tc.path, ""); !errors.Is(err, tc.want) {
+			t.Errorf("Import(%s) err = %v, want %v", tc.path, err, tc.want)
+		} else {
+			t.Logf("Import(%s): %v", filepath.Base(tc.path), err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(e.svc.Root()), "escape")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("evil archive wrote outside: %v", err)
+	}
+	e.checkCanary(t)
+	e.checkTmpEmpty(t)
+}
