@@ -1,0 +1,299 @@
+// Package build compiles the example functions and packages them as OCI
+// images without Docker, using go-containerregistry.
+//
+// A Linux image has one gzip layer holding the static binary at
+// /usr/local/bin/<name> (plus empty /dev, /etc, /proc, /sys, /tmp mount
+// points) and a config with Entrypoint [/usr/local/bin/<name>],
+// Env [GUEST_PORT=50051 PATH=...], ExposedPorts 50051/tcp, WorkingDir /,
+// OS linux. Its reference is localhost/vhive/<name>:latest.
+//
+// A wasm image (a wasip1 reactor built with -buildmode=c-shared) has one
+// layer of media type application/vnd.wasm.content.layer.v1+wasm whose blob
+// is the raw module (as containerd's runwasi expects), a config with OS wasip1
+// and architecture wasm, and the manifest annotation dev.vhive.wasm.module set
+// to that layer's digest. Its reference is localhost/vhive/<name>-wasm:latest.
+//
+// Outputs, under Options.OutDir:
+//
+//	<name>[-wasm]/      OCI image layout; index.json's descriptor is annotated
+//	                    org.opencontainers.image.ref.name=<full reference>
+//	                    (and io.containerd.image.name, the same)
+//	<name>[-wasm].tar   docker-archive tarball (go-containerregistry's
+//	                    tarball.WriteToFile), RepoTags [<full reference>]
+//
+// A docker-archive keeps no layer media types: after reading the wasm tarball
+// back, recognise it by the config's OS "wasip1"; the layer's uncompressed
+// bytes are the module.
+//
+// Every timestamp is fixed (the Unix epoch) and binaries are built with
+// -trimpath, so building the same source twice gives the same digests.
+package build
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+)
+
+// Target is what a function is compiled for.
+type Target string
+
+const (
+	// TargetLinux is a static Linux executable serving gRPC (sdk.Run).
+	TargetLinux Target = "linux"
+	// TargetWasm is a wasip1 reactor module exporting the sdk's wasm ABI.
+	TargetWasm Target = "wasm"
+)
+
+// Format is an output format for an image.
+type Format string
+
+const (
+	// FormatLayout is an OCI image layout directory.
+	FormatLayout Format = "layout"
+	// FormatTar is a docker-archive tarball.
+	FormatTar Format = "tar"
+)
+
+// WasmLayerMediaType is the media type of the layer holding a raw wasm module.
+const WasmLayerMediaType = "application/vnd.wasm.content.layer.v1+wasm"
+
+// WasmModuleAnnotation is the manifest annotation naming the module layer's
+// digest in a wasm image.
+const WasmModuleAnnotation = "dev.vhive.wasm.module"
+
+// RefNameAnnotation annotates the image in an OCI layout's index.json.
+const RefNameAnnotation = "org.opencontainers.image.ref.name"
+
+// GuestPort is the port every Linux function image listens on.
+const GuestPort = 50051
+
+// modulePath is the module that holds the functions.
+const modulePath = "vhive.dev/vhive"
+
+// Names returns the example functions under functions/, for -all.
+func Names() []string {
+	return []string{"helloworld", "aes", "fibonacci", "json-serdes", "counter", "lookup", "heavyinit"}
+}
+
+// Ref returns the image reference of a function built for target, e.g.
+// localhost/vhive/helloworld:latest or localhost/vhive/helloworld-wasm:latest.
+func Ref(function string, target Target) string {
+	return "localhost/vhive/" + imageName(function, target) + ":latest"
+}
+
+func imageName(function string, target Target) string {
+	if target == TargetWasm {
+		return function + "-wasm"
+	}
+	return function
+}
+
+// Options says what to build and where.
+type Options struct {
+	// Function is the function's directory name under functions/ (required).
+	Function string
+	// Targets defaults to [TargetLinux].
+	Targets []Target
+	// Formats defaults to [FormatLayout, FormatTar].
+	Formats []Format
+	// OutDir defaults to <ModuleDir>/out/images.
+	OutDir string
+	// ModuleDir is the root of the vhive.dev/vhive module. By default it is
+	// found with `go env GOMOD` from the working directory, which works from
+	// anywhere inside the repository (including from a package's test).
+	ModuleDir string
+	// GoCmd is the go command; default "go" from PATH (go test puts
+	// GOROOT/bin first in PATH).
+	GoCmd string
+	// Arch is the GOARCH of Linux images; default runtime.GOARCH.
+	Arch string
+}
+
+// Image is one built image.
+type Image struct {
+	Function string
+	Target   Target
+	Ref      string // e.g. localhost/vhive/helloworld:latest
+	Digest   string // manifest digest, sha256:...
+	Layout   string // OCI layout directory, "" unless FormatLayout
+	Tarball  string // docker-archive file, "" unless FormatTar
+}
+
+var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+
+// withDefaults validates o and fills in the defaults.
+func (o Options) withDefaults(ctx context.Context) (Options, error) {
+	if !validName.MatchString(o.Function) {
+		return o, fmt.Errorf("function name %q is invalid (want a directory name under functions/, e.g. helloworld)", o.Function)
+	}
+	if len(o.Targets) == 0 {
+		o.Targets = []Target{TargetLinux}
+	}
+	for _, t := range o.Targets {
+		if t != TargetLinux && t != TargetWasm {
+			return o, fmt.Errorf("target %q is unknown (want %q or %q)", t, TargetLinux, TargetWasm)
+		}
+	}
+	if len(o.Formats) == 0 {
+		o.Formats = []Format{FormatLayout, FormatTar}
+	}
+	for _, f := range o.Formats {
+		if f != FormatLayout && f != FormatTar {
+			return o, fmt.Errorf("format %q is unknown (want %q or %q)", f, FormatLayout, FormatTar)
+		}
+	}
+	if o.GoCmd == "" {
+		o.GoCmd = "go"
+	}
+	if o.Arch == "" {
+		o.Arch = runtime.GOARCH
+	}
+	if o.ModuleDir == "" {
+		dir, err := findModuleDir(ctx, o.GoCmd)
+		if err != nil {
+			return o, err
+		}
+		o.ModuleDir = dir
+	}
+	if err := checkModule(o.ModuleDir); err != nil {
+		return o, err
+	}
+	src := filepath.Join(o.ModuleDir, "functions", o.Function)
+	if matches, _ := filepath.Glob(filepath.Join(src, "*.go")); len(matches) == 0 {
+		return o, fmt.Errorf("function %q: no Go files in %s (known: %s)", o.Function, src, strings.Join(Names(), ", "))
+	}
+	if o.OutDir == "" {
+		o.OutDir = filepath.Join(o.ModuleDir, "out", "images")
+	}
+	return o, nil
+}
+
+func findModuleDir(ctx context.Context, goCmd string) (string, error) {
+	out, err := exec.CommandContext(ctx, goCmd, "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("find the module root with `%s env GOMOD`: %w", goCmd, err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("not inside the %s module (go env GOMOD is empty): set Options.ModuleDir", modulePath)
+	}
+	return filepath.Dir(gomod), nil
+}
+
+func checkModule(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+	if err != nil {
+		return fmt.Errorf("module dir %s: %w", dir, err)
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	if strings.TrimSpace(first) != "module "+modulePath {
+		return fmt.Errorf("module dir %s holds %q, not module %s", dir, strings.TrimSpace(first), modulePath)
+	}
+	return nil
+}
+
+// BuildFunction compiles o.Function for each target and writes its images
+// in each format under o.OutDir, replacing earlier outputs. It returns one
+// Image per target.
+func BuildFunction(ctx context.Context, o Options) ([]Image, error) {
+	o, err := o.withDefaults(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create output dir: %w", err)
+	}
+	var images []Image
+	for _, t := range o.Targets {
+		img, err := buildTarget(ctx, o, t)
+		if err != nil {
+			return images, err
+		}
+		images = append(images, img)
+	}
+	return images, nil
+}
+
+func buildTarget(ctx context.Context, o Options, t Target) (Image, error) {
+	tmp, err := os.MkdirTemp(o.OutDir, ".build-"+o.Function+"-")
+	if err != nil {
+		return Image{}, fmt.Errorf("function %q: %w", o.Function, err)
+	}
+	defer os.RemoveAll(tmp)
+	bin := filepath.Join(tmp, o.Function)
+	if err := buildBinary(ctx, o, t, bin); err != nil {
+		return Image{}, err
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return Image{}, fmt.Errorf("function %q: %w", o.Function, err)
+	}
+	res := Image{Function: o.Function, Target: t, Ref: Ref(o.Function, t)}
+	img, err := newImage(o.Function, t, o.Arch, data)
+	if err != nil {
+		return Image{}, fmt.Errorf("function %q (%s): package image: %w", o.Function, t, err)
+	}
+	d, err := img.Digest()
+	if err != nil {
+		return Image{}, fmt.Errorf("function %q (%s): image digest: %w", o.Function, t, err)
+	}
+	res.Digest = d.String()
+	for _, f := range o.Formats {
+		switch f {
+		case FormatLayout:
+			res.Layout = filepath.Join(o.OutDir, imageName(o.Function, t))
+			err = writeLayout(res.Layout, res.Ref, img)
+		case FormatTar:
+			res.Tarball = filepath.Join(o.OutDir, imageName(o.Function, t)+".tar")
+			err = writeTarball(res.Tarball, res.Ref, img)
+		}
+		if err != nil {
+			return Image{}, fmt.Errorf("function %q (%s): write %s: %w", o.Function, t, f, err)
+		}
+	}
+	return res, nil
+}
+
+// BuildBinary compiles o.Function for t into the file out without packaging
+// it: a static Linux executable (CGO_ENABLED=0) or a wasip1 reactor module.
+// Only Function, ModuleDir, GoCmd and Arch of o are used.
+func BuildBinary(ctx context.Context, o Options, t Target, out string) error {
+	o.Targets, o.Formats = []Target{t}, nil
+	o, err := o.withDefaults(ctx)
+	if err != nil {
+		return err
+	}
+	return buildBinary(ctx, o, t, out)
+}
+
+func buildBinary(ctx context.Context, o Options, t Target, out string) error {
+	out, err := filepath.Abs(out)
+	if err != nil {
+		return err
+	}
+	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out}
+	env := append(os.Environ(), "CGO_ENABLED=0")
+	switch t {
+	case TargetLinux:
+		env = append(env, "GOOS=linux", "GOARCH="+o.Arch)
+	case TargetWasm:
+		env = append(env, "GOOS=wasip1", "GOARCH=wasm")
+		args = append(args, "-buildmode=c-shared")
+	default:
+		return fmt.Errorf("target %q is unknown", t)
+	}
+	args = append(args, "./functions/"+o.Function)
+	cmd := exec.CommandContext(ctx, o.GoCmd, args...)
+	cmd.Dir = o.ModuleDir
+	cmd.Env = env
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("function %q: go build for %s: %w\n%s", o.Function, t, err, b)
+	}
+	return nil
+}
