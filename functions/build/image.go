@@ -152,7 +152,7 @@ func writeLayout(dir, ref string, img v1.Image) error {
 		return err
 	}
 	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{
-		RefNameAnnotation:           ref,
+		RefNameAnnotation:          ref,
 		"io.containerd.image.name": ref,
 	})); err != nil {
 		return err
