@@ -1,0 +1,271 @@
+package cri
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ociRuntime drives an OCI runtime CLI (runc, or runsc which takes the same
+// commands) for the containers of vhive-handler pods. Each container is run
+// with `<runtime> run` in the foreground as a child of the daemon, so its exit
+// status is the container's and no subreaper is needed; the runtime deletes
+// the container when its process exits.
+type ociRuntime struct {
+	bin  string
+	args []string // global flags
+	root string   // --root: the runtime's state directory, ours alone
+	log  *slog.Logger
+}
+
+func (r *ociRuntime) command(ctx context.Context, args ...string) *exec.Cmd {
+	all := append([]string{"--root", r.root}, r.args...)
+	return exec.CommandContext(ctx, r.bin, append(all, args...)...)
+}
+
+// output runs a short runtime command and returns its stdout, or an error
+// naming the command with its stderr.
+func (r *ociRuntime) output(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := r.command(ctx, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("%s %s: %w: %s", filepath.Base(r.bin), strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// forceDelete removes the runtime's container id if it exists (kills it).
+func (r *ociRuntime) forceDelete(ctx context.Context, id string) error {
+	if _, err := os.Stat(filepath.Join(r.root, id)); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if _, err := r.output(ctx, "delete", "--force", id); err != nil {
+		if strings.Contains(err.Error(), "does not exist") || strings.Contains(err.Error(), "not exist") {
+			return nil
+		}
+		return fmt.Errorf("cri: delete container %q: %w", id, err)
+	}
+	return nil
+}
+
+type ociState struct {
+	Status string `json:"status"`
+	Pid    int    `json:"pid"`
+}
+
+func (r *ociRuntime) state(ctx context.Context, id string) (ociState, error) {
+	var st ociState
+	out, err := r.output(ctx, "state", id)
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return st, fmt.Errorf("decode state of %q: %w", id, err)
+	}
+	return st, nil
+}
+
+// ociProc is a running `<runtime> run`.
+type ociProc struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed after the process exited and its output was drained
+	exit int32
+	err  error // why the runtime failed, when it did not run the process
+	pid  int   // container init pid (host namespace), 0 if unknown
+}
+
+// start runs the bundle's container with its stdout/stderr copied into w. It
+// returns once the container's process runs (or has already exited).
+func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter) (*ociProc, error) {
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("cri: stdout pipe for %q: %w", id, err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, fmt.Errorf("cri: stderr pipe for %q: %w", id, err)
+	}
+	logFile := filepath.Join(bundle, "runtime.log")
+	_ = os.Remove(logFile)
+	// Not CommandContext: the container outlives the request.
+	all := append([]string{"--root", r.root, "--log", logFile}, r.args...)
+	cmd := exec.Command(r.bin, append(all, "run", "--bundle", bundle, id)...)
+	cmd.Stdout = outW
+	cmd.Stderr = errW
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		outR.Close()
+		outW.Close()
+		errR.Close()
+		errW.Close()
+		return nil, fmt.Errorf("cri: start %s run %q: %w", r.bin, id, err)
+	}
+	outW.Close()
+	errW.Close()
+	p := &ociProc{cmd: cmd, done: make(chan struct{})}
+	copied := make(chan struct{}, 2)
+	go func() { w.copyFrom("stdout", outR); outR.Close(); copied <- struct{}{} }()
+	go func() { w.copyFrom("stderr", errR); errR.Close(); copied <- struct{}{} }()
+	exited := make(chan struct{})
+	go func() {
+		err := cmd.Wait()
+		var ee *exec.ExitError
+		switch {
+		case err == nil:
+		case errors.As(err, &ee):
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				p.exit = 128 + int32(ws.Signal())
+			} else {
+				p.exit = int32(ee.ExitCode())
+			}
+		default:
+			p.exit = -1
+			p.err = err
+		}
+		close(exited)
+		<-copied
+		<-copied
+		close(p.done)
+	}()
+	// Wait until the runtime reports the container running, or the run ended.
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := r.state(ctx, id)
+		if err == nil && (st.Status == "running" || st.Status == "stopped") {
+			p.pid = st.Pid
+			return p, nil
+		}
+		select {
+		case <-exited:
+			if p.exit != 0 || p.err != nil {
+				if msg := runtimeError(logFile); msg != "" {
+					p.err = errors.New(msg)
+				}
+			}
+			if p.err != nil {
+				return p, fmt.Errorf("cri: start container %q: %w", id, p.err)
+			}
+			return p, nil
+		case <-ctx.Done():
+			return p, fmt.Errorf("cri: start container %q: %w", id, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// runtimeError extracts the last error runc logged (JSON or text log).
+func runtimeError(logFile string) string {
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		return ""
+	}
+	var last string
+	for _, line := range strings.Split(string(b), "\n") {
+		var rec struct {
+			Level string `json:"level"`
+			Msg   string `json:"msg"`
+		}
+		if json.Unmarshal([]byte(line), &rec) == nil {
+			if rec.Level == "error" || rec.Level == "fatal" {
+				last = rec.Msg
+			}
+			continue
+		}
+		if strings.Contains(strings.ToLower(line), "error") {
+			last = line
+		}
+	}
+	return last
+}
+
+// kill signals the container's processes (all of them with all=true).
+func (r *ociRuntime) kill(ctx context.Context, id string, sig unix.Signal, all bool) error {
+	args := []string{"kill"}
+	if all {
+		args = append(args, "--all")
+	}
+	args = append(args, id, fmt.Sprint(int(sig)))
+	_, err := r.output(ctx, args...)
+	return err
+}
+
+// execSync runs args in container id with the container's process settings
+// and returns its output and exit code. A timeout kills it.
+func (r *ociRuntime) execSync(ctx context.Context, id string, args []string, timeout time.Duration) (stdout, stderr []byte, exit int32, err error) {
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	cmd := r.command(ctx, append([]string{"exec", id}, args...)...)
+	var o, e bytes.Buffer
+	cmd.Stdout = &o
+	cmd.Stderr = &e
+	err = cmd.Run()
+	if ctx.Err() != nil {
+		return o.Bytes(), e.Bytes(), -1, fmt.Errorf("exec in container %q: %w", id, ctx.Err())
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return o.Bytes(), e.Bytes(), int32(ee.ExitCode()), nil
+	}
+	if err != nil {
+		return nil, nil, -1, fmt.Errorf("exec in container %q: %w", id, err)
+	}
+	return o.Bytes(), e.Bytes(), 0, nil
+}
+
+type ociStats struct {
+	CPUTotal     uint64 // ns
+	MemoryUsage  uint64
+	InactiveFile uint64
+}
+
+func (r *ociRuntime) stats(ctx context.Context, id string) (ociStats, error) {
+	var st ociStats
+	out, err := r.output(ctx, "events", "--stats", id)
+	if err != nil {
+		return st, err
+	}
+	var ev struct {
+		Data struct {
+			CPU struct {
+				Usage struct {
+					Total uint64 `json:"total"`
+				} `json:"usage"`
+			} `json:"cpu"`
+			Memory struct {
+				Usage struct {
+					Usage uint64 `json:"usage"`
+				} `json:"usage"`
+				Raw map[string]uint64 `json:"raw"`
+			} `json:"memory"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(out, &ev); err != nil {
+		return st, fmt.Errorf("decode stats of %q: %w", id, err)
+	}
+	st.CPUTotal = ev.Data.CPU.Usage.Total
+	st.MemoryUsage = ev.Data.Memory.Usage.Usage
+	st.InactiveFile = ev.Data.Memory.Raw["total_inactive_file"]
+	if st.InactiveFile == 0 {
+		st.InactiveFile = ev.Data.Memory.Raw["inactive_file"]
+	}
+	return st, nil
+}

@@ -1,0 +1,536 @@
+package cri
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"vhive.dev/vhive/internal/image"
+)
+
+// ociBundle is a container's bundle directory: config.json and rootfs (an
+// overlay of the read-only image root with a private upper dir).
+type ociBundle struct {
+	Dir    string
+	Rootfs string
+}
+
+// defaultCaps is the capability set containerd gives unprivileged containers.
+var defaultCaps = []string{
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+	"CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+	"CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+}
+
+// prepareBundle mounts the overlay rootfs and writes config.json. On error
+// nothing is left mounted (the directory is removed by the caller).
+func prepareBundle(dir string, img image.Image, spec *specs.Spec) (*ociBundle, error) {
+	b := &ociBundle{Dir: dir, Rootfs: filepath.Join(dir, "rootfs")}
+	for _, d := range []string{b.Rootfs, filepath.Join(dir, "upper"), filepath.Join(dir, "work")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("create %q: %w", d, err)
+		}
+	}
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", img.Rootfs, filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
+	if err := unix.Mount("overlay", b.Rootfs, "overlay", 0, opts); err != nil {
+		return nil, fmt.Errorf("mount overlay rootfs at %q (lower %q): %w", b.Rootfs, img.Rootfs, err)
+	}
+	spec.Root = &specs.Root{Path: b.Rootfs, Readonly: spec.Root != nil && spec.Root.Readonly}
+	// Mount points the image lacks (the runtime would create them in the
+	// overlay anyway; doing it here keeps errors readable).
+	data, err := json.MarshalIndent(spec, "", "  ")
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "config.json"), data, 0o600)
+	}
+	if err != nil {
+		_ = unix.Unmount(b.Rootfs, unix.MNT_DETACH)
+		return nil, fmt.Errorf("write config.json in %q: %w", dir, err)
+	}
+	return b, nil
+}
+
+// removeContainerDir unmounts a container's rootfs and removes its directory.
+func removeContainerDir(dir string) error {
+	rootfs := filepath.Join(dir, "rootfs")
+	if err := unix.Unmount(rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("cri: unmount %q: %w", rootfs, err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("cri: remove %q: %w", dir, err)
+	}
+	return nil
+}
+
+// processArgs applies Docker's rules: the CRI command replaces the image
+// entrypoint, the CRI args replace the image cmd.
+func processArgs(cfg *runtimeapi.ContainerConfig, ic image.Config) []string {
+	if len(cfg.GetCommand()) > 0 {
+		return append(append([]string{}, cfg.GetCommand()...), cfg.GetArgs()...)
+	}
+	args := cfg.GetArgs()
+	if len(args) == 0 {
+		args = ic.Cmd
+	}
+	return append(append([]string{}, ic.Entrypoint...), args...)
+}
+
+// mergeEnv returns image env overridden by the CRI env (order kept).
+func mergeEnv(imageEnv []string, kvs []*runtimeapi.KeyValue, extra ...string) []string {
+	idx := map[string]int{}
+	var out []string
+	set := func(kv string) {
+		k, _, _ := strings.Cut(kv, "=")
+		if i, ok := idx[k]; ok {
+			out[i] = kv
+			return
+		}
+		idx[k] = len(out)
+		out = append(out, kv)
+	}
+	for _, kv := range imageEnv {
+		set(kv)
+	}
+	for _, kv := range kvs {
+		set(kv.GetKey() + "=" + string(kv.GetValue()))
+	}
+	for _, kv := range extra {
+		set(kv)
+	}
+	if _, ok := idx["PATH"]; !ok {
+		set("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+	}
+	return out
+}
+
+// resolveUser computes uid, gid and additional gids from the security
+// context, falling back to the image's USER, with names looked up in the
+// rootfs's /etc/passwd and /etc/group.
+func resolveUser(rootfs string, sc *runtimeapi.LinuxContainerSecurityContext, imageUser string) (specs.User, error) {
+	var u specs.User
+	var name string
+	haveUID := false
+	var groupOverride *uint32
+	switch {
+	case sc.GetRunAsUser() != nil:
+		u.UID = uint32(sc.GetRunAsUser().GetValue())
+		haveUID = true
+	case sc.GetRunAsUsername() != "":
+		name = sc.GetRunAsUsername()
+	case imageUser != "":
+		user, group, hasGroup := strings.Cut(imageUser, ":")
+		if n, err := strconv.ParseUint(user, 10, 32); err == nil {
+			u.UID = uint32(n)
+			haveUID = true
+		} else {
+			name = user
+		}
+		if hasGroup {
+			if n, err := strconv.ParseUint(group, 10, 32); err == nil {
+				u.GID = uint32(n)
+			} else {
+				gid, ok := lookupGroup(rootfs, group)
+				if !ok {
+					return u, fmt.Errorf("image user %q: no group %q in /etc/group", imageUser, group)
+				}
+				u.GID = gid
+			}
+			g := u.GID
+			groupOverride = &g
+		}
+	default:
+		haveUID = true
+	}
+	pwName, pwUID, pwGID, found := lookupPasswd(rootfs, name, u.UID, haveUID)
+	if name != "" {
+		if !found {
+			return u, fmt.Errorf("user %q not found in the image's /etc/passwd", name)
+		}
+		u.UID = pwUID
+	}
+	if found {
+		u.GID = pwGID
+		u.AdditionalGids = groupsOf(rootfs, pwName, pwGID)
+	}
+	if groupOverride != nil {
+		u.GID = *groupOverride
+	}
+	if sc.GetRunAsGroup() != nil {
+		u.GID = uint32(sc.GetRunAsGroup().GetValue())
+	}
+	for _, g := range sc.GetSupplementalGroups() {
+		u.AdditionalGids = append(u.AdditionalGids, uint32(g))
+	}
+	return u, nil
+}
+
+func readLines(path string, fn func(fields []string)) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		fn(strings.Split(line, ":"))
+	}
+}
+
+// lookupPasswd finds a user by name (or by uid when byUID).
+func lookupPasswd(rootfs, name string, uid uint32, byUID bool) (string, uint32, uint32, bool) {
+	var rn string
+	var ru, rg uint32
+	found := false
+	readLines(filepath.Join(rootfs, "etc", "passwd"), func(f []string) {
+		if found || len(f) < 4 {
+			return
+		}
+		pu, err1 := strconv.ParseUint(f[2], 10, 32)
+		pg, err2 := strconv.ParseUint(f[3], 10, 32)
+		if err1 != nil || err2 != nil {
+			return
+		}
+		if (name != "" && f[0] == name) || (name == "" && byUID && uint32(pu) == uid) {
+			rn, ru, rg, found = f[0], uint32(pu), uint32(pg), true
+		}
+	})
+	return rn, ru, rg, found
+}
+
+func lookupGroup(rootfs, name string) (uint32, bool) {
+	var gid uint32
+	found := false
+	readLines(filepath.Join(rootfs, "etc", "group"), func(f []string) {
+		if found || len(f) < 3 || f[0] != name {
+			return
+		}
+		if n, err := strconv.ParseUint(f[2], 10, 32); err == nil {
+			gid, found = uint32(n), true
+		}
+	})
+	return gid, found
+}
+
+// groupsOf lists the gids of the groups naming user as a member.
+func groupsOf(rootfs, user string, primary uint32) []uint32 {
+	var gids []uint32
+	readLines(filepath.Join(rootfs, "etc", "group"), func(f []string) {
+		if len(f) < 4 {
+			return
+		}
+		n, err := strconv.ParseUint(f[2], 10, 32)
+		if err != nil || uint32(n) == primary {
+			return
+		}
+		for _, m := range strings.Split(f[3], ",") {
+			if m == user {
+				gids = append(gids, uint32(n))
+			}
+		}
+	})
+	return gids
+}
+
+func propagation(p runtimeapi.MountPropagation) string {
+	switch p {
+	case runtimeapi.MountPropagation_PROPAGATION_HOST_TO_CONTAINER:
+		return "rslave"
+	case runtimeapi.MountPropagation_PROPAGATION_BIDIRECTIONAL:
+		return "rshared"
+	default:
+		return "rprivate"
+	}
+}
+
+// buildSpec turns a CRI container config into an OCI runtime spec for a
+// container of vhive-handler pod p.
+func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Image, targetPid int) (*specs.Spec, error) {
+	lc := cfg.GetLinux()
+	sc := lc.GetSecurityContext()
+	args := processArgs(cfg, img.Config)
+	if len(args) == 0 {
+		return nil, fmt.Errorf("no command: the container config and image %q give neither command nor entrypoint", img.Ref)
+	}
+	user, err := resolveUser(img.Rootfs, sc, img.Config.User)
+	if err != nil {
+		return nil, err
+	}
+	cwd := cfg.GetWorkingDir()
+	if cwd == "" {
+		cwd = img.Config.WorkingDir
+	}
+	if cwd == "" {
+		cwd = "/"
+	}
+	hostname := p.Config.GetHostname()
+	// HOSTNAME comes first, as with containerd; image and CRI env override it.
+	env := mergeEnv(append([]string{"HOSTNAME=" + hostname}, img.Config.Env...), cfg.GetEnvs())
+
+	caps := append([]string{}, defaultCaps...)
+	privileged := sc.GetPrivileged()
+	if privileged {
+		caps = allCaps()
+	} else {
+		caps = adjustCaps(caps, sc.GetCapabilities())
+	}
+	spec := &specs.Spec{
+		Version: specs.Version,
+		Process: &specs.Process{
+			Args:            args,
+			Env:             env,
+			Cwd:             cwd,
+			User:            user,
+			NoNewPrivileges: sc.GetNoNewPrivs(),
+			Capabilities: &specs.LinuxCapabilities{
+				Bounding: caps, Effective: caps, Permitted: caps,
+			},
+			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 1048576, Soft: 1048576}},
+		},
+		Root: &specs.Root{Readonly: sc.GetReadonlyRootfs()},
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
+			{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+			{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+		},
+		Linux: &specs.Linux{
+			Resources: &specs.LinuxResources{
+				Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}},
+			},
+			CgroupsPath: cgroupPath(p, id),
+			Sysctl:      p.Config.GetLinux().GetSysctls(),
+		},
+	}
+	if !privileged {
+		spec.Linux.MaskedPaths = []string{"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+			"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"}
+		spec.Linux.ReadonlyPaths = []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
+	} else {
+		spec.Linux.Resources.Devices = []specs.LinuxDeviceCgroup{{Allow: true, Access: "rwm"}}
+		for i := range spec.Mounts {
+			if spec.Mounts[i].Destination == "/sys" || spec.Mounts[i].Destination == "/sys/fs/cgroup" {
+				spec.Mounts[i].Options = replaceOpt(spec.Mounts[i].Options, "ro", "rw")
+			}
+		}
+	}
+	if r := lc.GetResources(); r != nil {
+		res := spec.Linux.Resources
+		if r.GetMemoryLimitInBytes() > 0 {
+			m := r.GetMemoryLimitInBytes()
+			res.Memory = &specs.LinuxMemory{Limit: &m}
+		}
+		cpu := &specs.LinuxCPU{}
+		if r.GetCpuShares() > 0 {
+			v := uint64(r.GetCpuShares())
+			cpu.Shares = &v
+		}
+		if r.GetCpuQuota() > 0 {
+			v := r.GetCpuQuota()
+			cpu.Quota = &v
+		}
+		if r.GetCpuPeriod() > 0 {
+			v := uint64(r.GetCpuPeriod())
+			cpu.Period = &v
+		}
+		cpu.Cpus = r.GetCpusetCpus()
+		cpu.Mems = r.GetCpusetMems()
+		res.CPU = cpu
+	}
+
+	// Namespaces: network, IPC and UTS of the pod (its pause process), PID
+	// per the container's option, a private mount namespace.
+	ns := []specs.LinuxNamespace{{Type: specs.MountNamespace}}
+	podNS := p.Config.GetLinux().GetSecurityContext().GetNamespaceOptions()
+	if podNS.GetNetwork() != runtimeapi.NamespaceMode_NODE {
+		ns = append(ns, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: p.NetNS})
+		ns = append(ns, specs.LinuxNamespace{Type: specs.UTSNamespace, Path: nsPath(p.PausePID, "uts")})
+	}
+	if podNS.GetIpc() != runtimeapi.NamespaceMode_NODE {
+		ns = append(ns, specs.LinuxNamespace{Type: specs.IPCNamespace, Path: nsPath(p.PausePID, "ipc")})
+	}
+	switch sc.GetNamespaceOptions().GetPid() {
+	case runtimeapi.NamespaceMode_NODE:
+	case runtimeapi.NamespaceMode_POD:
+		ns = append(ns, specs.LinuxNamespace{Type: specs.PIDNamespace, Path: nsPath(p.PausePID, "pid")})
+	case runtimeapi.NamespaceMode_TARGET:
+		if targetPid == 0 {
+			return nil, fmt.Errorf("pid namespace target %q is not running", sc.GetNamespaceOptions().GetTargetId())
+		}
+		ns = append(ns, specs.LinuxNamespace{Type: specs.PIDNamespace, Path: nsPath(targetPid, "pid")})
+	default:
+		ns = append(ns, specs.LinuxNamespace{Type: specs.PIDNamespace})
+	}
+	spec.Linux.Namespaces = ns
+
+	// Pod files unless kubelet mounts its own.
+	mounted := map[string]bool{}
+	for _, m := range cfg.GetMounts() {
+		mounted[m.GetContainerPath()] = true
+	}
+	for _, f := range []string{"hosts", "hostname", "resolv.conf"} {
+		dst := "/etc/" + f
+		if mounted[dst] {
+			continue
+		}
+		opts := []string{"rbind", "rprivate", "rw"}
+		if sc.GetReadonlyRootfs() {
+			opts[2] = "ro"
+		}
+		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: filepath.Join(p.Dir, f), Options: opts})
+	}
+	for _, m := range cfg.GetMounts() {
+		if m.GetContainerPath() == "" || m.GetHostPath() == "" {
+			return nil, fmt.Errorf("mount %v: container_path and host_path are required", m)
+		}
+		src := m.GetHostPath()
+		if _, err := os.Stat(src); errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(src, 0o755); err != nil {
+				return nil, fmt.Errorf("create mount source %q: %w", src, err)
+			}
+		}
+		if r, err := filepath.EvalSymlinks(src); err == nil {
+			src = r
+		}
+		opts := []string{"rbind", propagation(m.GetPropagation())}
+		if m.GetReadonly() {
+			opts = append(opts, "ro")
+		} else {
+			opts = append(opts, "rw")
+		}
+		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: m.GetContainerPath(), Type: "bind", Source: src, Options: opts})
+		if m.GetPropagation() != runtimeapi.MountPropagation_PROPAGATION_PRIVATE {
+			spec.Linux.RootfsPropagation = "rslave"
+			if m.GetPropagation() == runtimeapi.MountPropagation_PROPAGATION_BIDIRECTIONAL {
+				spec.Linux.RootfsPropagation = "rshared"
+			}
+		}
+	}
+	return spec, nil
+}
+
+func nsPath(pid int, kind string) string {
+	return fmt.Sprintf("/proc/%d/ns/%s", pid, kind)
+}
+
+func cgroupPath(p *pod, id string) string {
+	parent := p.Config.GetLinux().GetCgroupParent()
+	if parent == "" {
+		parent = "/vhive"
+	}
+	return filepath.Join(parent, "vhive-"+id[:12])
+}
+
+func replaceOpt(opts []string, from, to string) []string {
+	out := make([]string, len(opts))
+	for i, o := range opts {
+		if o == from {
+			o = to
+		}
+		out[i] = o
+	}
+	return out
+}
+
+func allCaps() []string {
+	names := []string{"CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+		"SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
+		"IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT",
+		"SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL",
+		"SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+		"PERFMON", "BPF", "CHECKPOINT_RESTORE"}
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = "CAP_" + n
+	}
+	return out
+}
+
+// adjustCaps applies CRI add/drop lists ("ALL" allowed; names with or
+// without the CAP_ prefix).
+func adjustCaps(caps []string, c *runtimeapi.Capability) []string {
+	norm := func(s string) string {
+		s = strings.ToUpper(s)
+		if s != "ALL" && !strings.HasPrefix(s, "CAP_") {
+			s = "CAP_" + s
+		}
+		return s
+	}
+	set := map[string]bool{}
+	for _, x := range caps {
+		set[x] = true
+	}
+	for _, d := range c.GetDropCapabilities() {
+		if norm(d) == "ALL" {
+			set = map[string]bool{}
+			continue
+		}
+		delete(set, norm(d))
+	}
+	for _, a := range c.GetAddCapabilities() {
+		if norm(a) == "ALL" {
+			for _, x := range allCaps() {
+				set[x] = true
+			}
+			continue
+		}
+		set[norm(a)] = true
+	}
+	out := make([]string, 0, len(set))
+	for _, x := range append(allCaps(), caps...) {
+		if set[x] {
+			out = append(out, x)
+			delete(set, x)
+		}
+	}
+	for x := range set {
+		out = append(out, x)
+	}
+	return out
+}
+
+// writePodFiles writes the pod's hosts, hostname and resolv.conf.
+func writePodFiles(dir string, cfg *runtimeapi.PodSandboxConfig) error {
+	hostname := cfg.GetHostname()
+	if hostname == "" {
+		h, _ := os.Hostname()
+		hostname = h
+	}
+	hosts := "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+	resolv := ""
+	if d := cfg.GetDnsConfig(); d != nil && (len(d.GetServers()) > 0 || len(d.GetSearches()) > 0 || len(d.GetOptions()) > 0) {
+		var b strings.Builder
+		if len(d.GetSearches()) > 0 {
+			fmt.Fprintf(&b, "search %s\n", strings.Join(d.GetSearches(), " "))
+		}
+		for _, s := range d.GetServers() {
+			fmt.Fprintf(&b, "nameserver %s\n", s)
+		}
+		if len(d.GetOptions()) > 0 {
+			fmt.Fprintf(&b, "options %s\n", strings.Join(d.GetOptions(), " "))
+		}
+		resolv = b.String()
+	} else if b, err := os.ReadFile("/etc/resolv.conf"); err == nil {
+		resolv = string(b)
+	}
+	for name, content := range map[string]string{"hosts": hosts, "hostname": hostname + "\n", "resolv.conf": resolv} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			return fmt.Errorf("write pod file %q: %w", name, err)
+		}
+	}
+	return nil
+}
