@@ -33,11 +33,12 @@ const stderrTail = 2048
 // Sandbox is one instance of an OCI backend. It implements sandbox.Sandbox
 // and, for gVisor, sandbox.Snapshotter.
 type Sandbox struct {
-	b      *Backend
-	id     string
-	spec   sandbox.Spec
-	bundle string
-	rootfs string // the bundle's rootfs dir (mount point or copy)
+	b        *Backend
+	id       string
+	spec     sandbox.Spec
+	bundle   string
+	rootfs   string // the bundle's rootfs dir (mount point or copy)
+	endpoint string
 
 	// Set while creating; read-only once Create returned.
 	mounted  bool
@@ -98,6 +99,7 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec) (_ *Sandbox, r
 		return nil, fmt.Errorf("oci: sandbox %q: network: %w", spec.ID, err)
 	}
 	s.net = n
+	s.endpoint = net.JoinHostPort(n.GuestIP.String(), strconv.Itoa(spec.Port))
 	cs, err := buildSpec(spec, rootPath, readonly, n.NsPath, s.cgroupsPath())
 	if err != nil {
 		return nil, err
@@ -403,13 +405,13 @@ func (s *Sandbox) ID() string { return s.id }
 func (s *Sandbox) Start(ctx context.Context) error {
 	s.startMu.Lock()
 	defer s.startMu.Unlock()
-	if s.started {
-		return nil
-	}
 	select {
 	case <-s.done:
 		return fmt.Errorf("oci: start sandbox %q: it has ended: %w", s.id, s.Err())
 	default:
+	}
+	if s.started {
+		return nil
 	}
 	if err := s.b.rt.Start(ctx, s.id); err != nil {
 		return fmt.Errorf("oci: start sandbox %q: %w", s.id, err)
@@ -419,12 +421,7 @@ func (s *Sandbox) Start(ctx context.Context) error {
 }
 
 // Endpoint is GuestIP:Port.
-func (s *Sandbox) Endpoint() string {
-	return net.JoinHostPort(s.net.GuestIP.String(), strconv.Itoa(s.spec.Port))
-}
-
-// Net returns the sandbox's network configuration.
-func (s *Sandbox) Net() *netpool.Net { return s.net }
+func (s *Sandbox) Endpoint() string { return s.endpoint }
 
 // Done is closed when the container's process has exited.
 func (s *Sandbox) Done() <-chan struct{} { return s.done }
