@@ -76,6 +76,7 @@ func commands() []func(*globalOpts) *cobra.Command {
 		newInvokerCmd,
 		newDeployerCmd,
 		newInternalCmd,
+		func(*globalOpts) *cobra.Command { return newPageServerCmd() },
 	}
 }
 
