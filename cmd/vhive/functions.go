@@ -264,4 +264,3 @@ func fmtBytes(b int64) string {
 	}
 	return fmt.Sprintf("%dB", b)
 }
-
