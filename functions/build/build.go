@@ -7,11 +7,15 @@
 // Env [GUEST_PORT=50051 PATH=...], ExposedPorts 50051/tcp, WorkingDir /,
 // OS linux. Its reference is localhost/vhive/<name>:latest.
 //
-// A wasm image (a wasip1 reactor built with -buildmode=c-shared) has one
-// layer of media type application/vnd.wasm.content.layer.v1+wasm whose blob
-// is the raw module (as containerd's runwasi expects), a config with OS wasip1
-// and architecture wasm, and the manifest annotation dev.vhive.wasm.module set
-// to that layer's digest. Its reference is localhost/vhive/<name>-wasm:latest.
+// A wasm image (a wasip1 reactor built with -buildmode=c-shared) has a config
+// with OS wasip1 and architecture wasm, and the config label and manifest
+// annotation dev.vhive.wasm.module = /<name>.wasm. Its reference is
+// localhost/vhive/<name>-wasm:latest. In the OCI layout its only layer has
+// media type application/vnd.wasm.content.layer.v1+wasm and the raw module as
+// its blob (as containerd's runwasi expects; the layer descriptor's
+// org.opencontainers.image.title is <name>.wasm). A docker-archive keeps no
+// layer media types, so the image written there instead has one ordinary tar
+// layer holding the module at /<name>.wasm, which the label names.
 //
 // Outputs, under Options.OutDir:
 //
@@ -20,10 +24,6 @@
 //	                    (and io.containerd.image.name, the same)
 //	<name>[-wasm].tar   docker-archive tarball (go-containerregistry's
 //	                    tarball.WriteToFile), RepoTags [<full reference>]
-//
-// A docker-archive keeps no layer media types: after reading the wasm tarball
-// back, recognise it by the config's OS "wasip1"; the layer's uncompressed
-// bytes are the module.
 //
 // Every timestamp is fixed (the Unix epoch) and binaries are built with
 // -trimpath, so building the same source twice gives the same digests.
@@ -120,9 +120,16 @@ type Image struct {
 	Function string
 	Target   Target
 	Ref      string // e.g. localhost/vhive/helloworld:latest
-	Digest   string // manifest digest, sha256:...
-	Layout   string // OCI layout directory, "" unless FormatLayout
-	Tarball  string // docker-archive file, "" unless FormatTar
+	// Digest is the manifest digest of the image in the OCI layout ("" unless
+	// FormatLayout).
+	Digest string
+	// TarballDigest is the manifest digest of the image written into the
+	// docker-archive ("" unless FormatTar). A docker-archive stores no
+	// manifest, so an importer recomputes its own; for Linux images it equals
+	// Digest, for wasm images it is the tar-layer variant's.
+	TarballDigest string
+	Layout        string // OCI layout directory, "" unless FormatLayout
+	Tarball       string // docker-archive file, "" unless FormatTar
 }
 
 var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
@@ -235,21 +242,22 @@ func buildTarget(ctx context.Context, o Options, t Target) (Image, error) {
 		return Image{}, fmt.Errorf("function %q: %w", o.Function, err)
 	}
 	res := Image{Function: o.Function, Target: t, Ref: Ref(o.Function, t)}
-	img, err := newImage(o.Function, t, o.Arch, data)
-	if err != nil {
-		return Image{}, fmt.Errorf("function %q (%s): package image: %w", o.Function, t, err)
-	}
-	d, err := img.Digest()
-	if err != nil {
-		return Image{}, fmt.Errorf("function %q (%s): image digest: %w", o.Function, t, err)
-	}
-	res.Digest = d.String()
 	for _, f := range o.Formats {
+		img, err := newImage(o.Function, t, o.Arch, data, f == FormatTar)
+		if err != nil {
+			return Image{}, fmt.Errorf("function %q (%s): package image: %w", o.Function, t, err)
+		}
+		d, err := img.Digest()
+		if err != nil {
+			return Image{}, fmt.Errorf("function %q (%s): image digest: %w", o.Function, t, err)
+		}
 		switch f {
 		case FormatLayout:
+			res.Digest = d.String()
 			res.Layout = filepath.Join(o.OutDir, imageName(o.Function, t))
 			err = writeLayout(res.Layout, res.Ref, img)
 		case FormatTar:
+			res.TarballDigest = d.String()
 			res.Tarball = filepath.Join(o.OutDir, imageName(o.Function, t)+".tar")
 			err = writeTarball(res.Tarball, res.Ref, img)
 		}

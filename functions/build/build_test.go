@@ -207,9 +207,8 @@ func TestBuildFunctionHelloworld(t *testing.T) {
 		t.Fatal(err)
 	}
 	wl := onlyLayer(t, wimg)
-	wld, _ := wl.Digest()
-	if wm.Layers[0].MediaType != WasmLayerMediaType || wm.Annotations[WasmModuleAnnotation] != wld.String() {
-		t.Errorf("wasm manifest: layer %q, annotations %v", wm.Layers[0].MediaType, wm.Annotations)
+	if wm.Layers[0].MediaType != WasmLayerMediaType {
+		t.Errorf("wasm layer media type %q", wm.Layers[0].MediaType)
 	}
 	rc, err := wl.Compressed()
 	if err != nil {
@@ -220,7 +219,13 @@ func TestBuildFunctionHelloworld(t *testing.T) {
 	if err != nil || !bytes.HasPrefix(module, []byte("\x00asm")) {
 		t.Fatalf("wasm layer is not a raw module (%v)", err)
 	}
-	// From the docker-archive, the module is the layer's uncompressed bytes.
+	if wl := wm.Layers[0].Annotations["org.opencontainers.image.title"]; wl != "helloworld.wasm" {
+		t.Errorf("wasm layer title = %q", wl)
+	}
+	if wm.Annotations[WasmModuleAnnotation] != "/helloworld.wasm" || wcfg.Config.Labels[WasmModuleAnnotation] != "/helloworld.wasm" {
+		t.Errorf("%s: annotation %q, label %q", WasmModuleAnnotation, wm.Annotations[WasmModuleAnnotation], wcfg.Config.Labels[WasmModuleAnnotation])
+	}
+	// The docker-archive holds the module as /helloworld.wasm in a tar layer.
 	wtag, err := name.NewTag(wasm.Ref)
 	if err != nil {
 		t.Fatal(err)
@@ -229,17 +234,15 @@ func TestBuildFunctionHelloworld(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read wasm tarball: %v", err)
 	}
-	if c, _ := wtimg.ConfigFile(); c == nil || c.OS != "wasip1" {
+	if c, _ := wtimg.ConfigFile(); c == nil || c.OS != "wasip1" || c.Config.Labels[WasmModuleAnnotation] != "/helloworld.wasm" {
 		t.Errorf("wasm tarball config = %+v", c)
 	}
-	urc, err := onlyLayer(t, wtimg).Uncompressed()
-	if err != nil {
-		t.Fatal(err)
+	tfiles, _ := extract(t, onlyLayer(t, wtimg))
+	if !bytes.Equal(tfiles["helloworld.wasm"], module) {
+		t.Errorf("wasm tarball's helloworld.wasm (%d bytes) differs from the module (%d bytes)", len(tfiles["helloworld.wasm"]), len(module))
 	}
-	tmod, _ := io.ReadAll(urc)
-	urc.Close()
-	if !bytes.Equal(tmod, module) {
-		t.Errorf("wasm tarball layer (%d bytes) differs from the module (%d bytes)", len(tmod), len(module))
+	if wasm.TarballDigest == "" || wasm.TarballDigest == wasm.Digest || lin.TarballDigest != lin.Digest {
+		t.Errorf("tarball digests: wasm %s (layout %s), linux %s (layout %s)", wasm.TarballDigest, wasm.Digest, lin.TarballDigest, lin.Digest)
 	}
 	// The packaged module answers through the sdk ABI.
 	if got := callWasm(t, module, "wasm"); got != "Hello, wasm!" {
@@ -249,7 +252,7 @@ func TestBuildFunctionHelloworld(t *testing.T) {
 	// Reproducible: a second build gives the same digests and bytes.
 	again := buildHello(t, t.TempDir())
 	for i := range imgs {
-		if again[i].Digest != imgs[i].Digest {
+		if again[i].Digest != imgs[i].Digest || again[i].TarballDigest != imgs[i].TarballDigest {
 			t.Errorf("%s: digest %s then %s", imgs[i].Ref, imgs[i].Digest, again[i].Digest)
 		}
 		a, _ := os.ReadFile(imgs[i].Tarball)

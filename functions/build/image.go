@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -25,11 +26,15 @@ var epoch = time.Unix(0, 0).UTC()
 
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-func newImage(function string, t Target, arch string, binary []byte) (v1.Image, error) {
-	switch t {
-	case TargetLinux:
+// newImage packages binary for t; for TargetWasm, asTar selects the
+// tar-layer variant written into docker-archives (see the package doc).
+func newImage(function string, t Target, arch string, binary []byte, asTar bool) (v1.Image, error) {
+	switch {
+	case t == TargetLinux:
 		return linuxImage(function, arch, binary)
-	case TargetWasm:
+	case t == TargetWasm && asTar:
+		return wasmTarImage(function, binary)
+	case t == TargetWasm:
 		return wasmImage(function, binary)
 	}
 	return nil, fmt.Errorf("target %q is unknown", t)
@@ -59,7 +64,12 @@ func linuxImage(function, arch string, binary []byte) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	layerTar, err := rootfsTar(entry, binary)
+	return appendTarLayer(img, entry, binary, 0o755)
+}
+
+// appendTarLayer adds the layer holding mount points and the file at path.
+func appendTarLayer(img v1.Image, path string, data []byte, mode int64) (v1.Image, error) {
+	layerTar, err := rootfsTar(path, data, mode)
 	if err != nil {
 		return nil, err
 	}
@@ -74,13 +84,13 @@ func linuxImage(function, arch string, binary []byte) (v1.Image, error) {
 		MediaType: types.OCILayer,
 		History: v1.History{
 			Created:   v1.Time{Time: epoch},
-			CreatedBy: "vhive functions/build: " + entry,
+			CreatedBy: "vhive functions/build: " + path,
 		},
 	})
 }
 
-// rootfsTar is the Linux image's only layer: mount points and the binary.
-func rootfsTar(entry string, binary []byte) ([]byte, error) {
+// rootfsTar is a tar layer of mount points and one file at path.
+func rootfsTar(path string, data []byte, mode int64) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	dir := func(name string, mode int64) *tar.Header {
@@ -96,13 +106,13 @@ func rootfsTar(entry string, binary []byte) ([]byte, error) {
 		}
 	}
 	h := &tar.Header{
-		Typeflag: tar.TypeReg, Name: entry[1:], Mode: 0o755, Size: int64(len(binary)),
+		Typeflag: tar.TypeReg, Name: strings.TrimPrefix(path, "/"), Mode: mode, Size: int64(len(data)),
 		ModTime: epoch, Format: tar.FormatPAX,
 	}
 	if err := tw.WriteHeader(h); err != nil {
 		return nil, err
 	}
-	if _, err := tw.Write(binary); err != nil {
+	if _, err := tw.Write(data); err != nil {
 		return nil, err
 	}
 	if err := tw.Close(); err != nil {
@@ -112,11 +122,7 @@ func rootfsTar(entry string, binary []byte) ([]byte, error) {
 }
 
 func wasmImage(function string, module []byte) (v1.Image, error) {
-	img, err := baseImage(&v1.ConfigFile{
-		Architecture: "wasm",
-		OS:           "wasip1",
-		Created:      v1.Time{Time: epoch},
-	})
+	img, err := baseImage(wasmConfig(function))
 	if err != nil {
 		return nil, err
 	}
@@ -133,11 +139,36 @@ func wasmImage(function string, module []byte) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	d, err := layer.Digest()
+	return mutate.Annotations(img, map[string]string{WasmModuleAnnotation: wasmPath(function)}).(v1.Image), nil
+}
+
+func wasmPath(function string) string { return "/" + function + ".wasm" }
+
+// wasmConfig is the config of both wasm image variants.
+func wasmConfig(function string) *v1.ConfigFile {
+	return &v1.ConfigFile{
+		Architecture: "wasm",
+		OS:           "wasip1",
+		Created:      v1.Time{Time: epoch},
+		Config: v1.Config{
+			Labels: map[string]string{WasmModuleAnnotation: wasmPath(function)},
+		},
+	}
+}
+
+// wasmTarImage is the docker-archive variant of a wasm image: a docker-archive
+// keeps no layer media types, so the module is a file in an ordinary tar
+// layer, named by the config label and manifest annotation.
+func wasmTarImage(function string, module []byte) (v1.Image, error) {
+	img, err := baseImage(wasmConfig(function))
 	if err != nil {
 		return nil, err
 	}
-	return mutate.Annotations(img, map[string]string{WasmModuleAnnotation: d.String()}).(v1.Image), nil
+	img, err = appendTarLayer(img, wasmPath(function), module, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	return mutate.Annotations(img, map[string]string{WasmModuleAnnotation: wasmPath(function)}).(v1.Image), nil
 }
 
 // writeLayout writes img as a fresh OCI layout at dir (replacing it).
