@@ -1,0 +1,278 @@
+package invoker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	hwpb "vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/bench/stats"
+)
+
+// ColdStartHeader is the response header or trailer the vhive gateway sets
+// to "true" when a request was served by a cold start.
+const ColdStartHeader = "x-vhive-cold-start"
+
+// DefaultPayload is the HelloRequest name vSwarm's invoker sends.
+const DefaultPayload = "Invoke relay"
+
+// Config configures Run.
+type Config struct {
+	Endpoints []Endpoint
+	// RPS is the target rate in requests per second (> 0).
+	RPS float64
+	// Duration of the measured phase (> 0).
+	Duration time.Duration
+	// Warmup runs the same load for this long first; its requests are
+	// recorded but excluded from the figures.
+	Warmup time.Duration
+	// Port is dialled as hostname:port when Addr is empty (vSwarm -port).
+	Port int
+	// Addr, when set, is dialled for every endpoint instead of
+	// hostname:port, and the endpoint's hostname is sent as the :authority
+	// header (how an ingress or the vhive gateway routes).
+	Addr string
+	// Timeout bounds each request (vSwarm -grpcTimeout; default 30s).
+	Timeout time.Duration
+	// Payload is the HelloRequest name (default DefaultPayload).
+	Payload string
+	// OnIssue, if set, is called by the issuing goroutine after each request
+	// is issued (e.g. to advance a progress bar). It must not block.
+	OnIssue func()
+	Logger  *slog.Logger
+}
+
+func (c *Config) setDefaults() error {
+	if len(c.Endpoints) == 0 {
+		return errors.New("no endpoints to invoke")
+	}
+	if !(c.RPS > 0) {
+		return fmt.Errorf("rps %v: want a positive rate", c.RPS)
+	}
+	if c.Duration <= 0 {
+		return fmt.Errorf("duration %v: want a positive time", c.Duration)
+	}
+	if c.Warmup < 0 {
+		return fmt.Errorf("warmup %v: want zero or more", c.Warmup)
+	}
+	if c.Addr == "" && (c.Port < 1 || c.Port > 65535) {
+		return fmt.Errorf("port %d: want 1-65535", c.Port)
+	}
+	if c.Addr != "" {
+		if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+			return fmt.Errorf("addr %q: want host:port: %w", c.Addr, err)
+		}
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 30 * time.Second
+	}
+	if c.Payload == "" {
+		c.Payload = DefaultPayload
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Interval is the time between two requests at rps.
+func Interval(rps float64) time.Duration {
+	return time.Duration(float64(time.Second) / rps)
+}
+
+// Record is one request.
+type Record struct {
+	Seq      int           `json:"seq"`
+	Endpoint string        `json:"endpoint"`
+	Start    time.Time     `json:"start"`
+	Latency  time.Duration `json:"latency"`
+	Code     codes.Code    `json:"code"`
+	Error    string        `json:"error,omitempty"`
+	Cold     bool          `json:"cold"`
+	Warmup   bool          `json:"warmup"`
+}
+
+// Result of a run.
+type Result struct {
+	Target float64 `json:"target_rps"`
+	// Issue is how long the measured issuing phase took (after warm-up).
+	Issue   time.Duration `json:"issue_duration"`
+	Records []Record      `json:"records"` // ordered by Seq
+}
+
+// Run drives the endpoints open-loop: a request is issued on every tick of
+// a ticker at 1/RPS (the first at once), round-robin over the endpoints, in
+// its own goroutine, whatever the state of earlier requests. After Warmup
+// + Duration no more requests are issued and Run waits for those in flight
+// (each bounded by Timeout). Cancelling ctx stops issuing and cancels the
+// requests in flight; Run still returns what it recorded, with ctx.Err().
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	conns := map[string]*grpc.ClientConn{}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	clients := make([]hwpb.GreeterClient, len(cfg.Endpoints))
+	for i, ep := range cfg.Endpoints {
+		target := net.JoinHostPort(ep.Hostname, strconv.Itoa(cfg.Port))
+		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+		if cfg.Addr != "" {
+			target = cfg.Addr
+			opts = append(opts, grpc.WithAuthority(ep.Hostname))
+		}
+		key := target + "|" + ep.Hostname
+		conn, ok := conns[key]
+		if !ok {
+			var err error
+			if conn, err = grpc.NewClient("passthrough:///"+target, opts...); err != nil {
+				return nil, fmt.Errorf("endpoint %q: connect to %s: %w", ep.Hostname, target, err)
+			}
+			conns[key] = conn
+		}
+		clients[i] = hwpb.NewGreeterClient(conn)
+	}
+
+	res := &Result{Target: cfg.RPS}
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+	)
+	issue := func(seq int, warm bool) {
+		ep := cfg.Endpoints[seq%len(cfg.Endpoints)]
+		client := clients[seq%len(cfg.Endpoints)]
+		wg.Go(func() {
+			rec := call(ctx, client, cfg, seq, ep.Hostname)
+			rec.Warmup = warm
+			mu.Lock()
+			res.Records = append(res.Records, rec)
+			mu.Unlock()
+		})
+		if cfg.OnIssue != nil {
+			cfg.OnIssue()
+		}
+	}
+
+	tick := time.NewTicker(Interval(cfg.RPS))
+	defer tick.Stop()
+	start := time.Now()
+	warmEnd := start.Add(cfg.Warmup)
+	end := warmEnd.Add(cfg.Duration)
+	deadline := time.NewTimer(time.Until(end))
+	defer deadline.Stop()
+	seq := 0
+	var measuredStart time.Time
+	var err error
+loop:
+	for {
+		now := time.Now()
+		if !now.Before(end) {
+			break
+		}
+		warm := now.Before(warmEnd)
+		if !warm && measuredStart.IsZero() {
+			measuredStart = now
+		}
+		issue(seq, warm)
+		seq++
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+			break loop
+		case <-deadline.C:
+			break loop
+		case <-tick.C:
+		}
+	}
+	if !measuredStart.IsZero() {
+		res.Issue = time.Since(measuredStart)
+	}
+	wg.Wait()
+	sortRecords(res.Records)
+	cfg.Logger.Info("invoker finished", "issued", seq, "target_rps", cfg.RPS)
+	return res, err
+}
+
+func call(ctx context.Context, client hwpb.GreeterClient, cfg Config, seq int, host string) Record {
+	rec := Record{Seq: seq, Endpoint: host, Start: time.Now()}
+	cctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	var header, trailer metadata.MD
+	_, err := client.SayHello(cctx, &hwpb.HelloRequest{Name: cfg.Payload}, grpc.Header(&header), grpc.Trailer(&trailer))
+	rec.Latency = time.Since(rec.Start)
+	rec.Code = status.Code(err)
+	if err != nil {
+		rec.Error = err.Error()
+	}
+	for _, md := range []metadata.MD{header, trailer} {
+		for _, v := range md.Get(ColdStartHeader) {
+			if strings.EqualFold(v, "true") {
+				rec.Cold = true
+			}
+		}
+	}
+	return rec
+}
+
+func sortRecords(rs []Record) {
+	slices.SortFunc(rs, func(a, b Record) int { return a.Seq - b.Seq })
+}
+
+// Summary are the figures of the measured (non-warm-up) requests.
+type Summary struct {
+	Issued    int            `json:"issued"`
+	Completed int            `json:"completed"` // replied OK
+	Failed    int            `json:"failed"`
+	Errors    map[string]int `json:"errors,omitempty"` // by gRPC code name
+	ColdStart int            `json:"cold_starts"`
+	TargetRPS float64        `json:"target_rps"`
+	IssuedRPS float64        `json:"issued_rps"` // issued / issuing time
+	RealRPS   float64        `json:"real_rps"`   // completed / issuing time (vSwarm's "real RPS")
+	Latency   stats.Summary  `json:"latency_us"` // of completed requests, µs
+	Warmup    int            `json:"warmup_requests"`
+}
+
+// Summarize computes the figures of r, excluding warm-up requests.
+func (r *Result) Summarize() Summary {
+	s := Summary{TargetRPS: r.Target, Errors: map[string]int{}}
+	var lat []float64
+	for _, rec := range r.Records {
+		if rec.Warmup {
+			s.Warmup++
+			continue
+		}
+		s.Issued++
+		if rec.Code == codes.OK {
+			s.Completed++
+			lat = append(lat, float64(rec.Latency.Microseconds()))
+		} else {
+			s.Failed++
+			s.Errors[rec.Code.String()]++
+		}
+		if rec.Cold {
+			s.ColdStart++
+		}
+	}
+	if secs := r.Issue.Seconds(); secs > 0 {
+		s.IssuedRPS = float64(s.Issued) / secs
+		s.RealRPS = float64(s.Completed) / secs
+	}
+	s.Latency = stats.Summarize(lat)
+	return s
+}

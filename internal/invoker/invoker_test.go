@@ -1,0 +1,354 @@
+package invoker
+
+import (
+	"bufio"
+	"context"
+	"encoding/csv"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	hwpb "vhive.dev/vhive/api/proto/helloworld"
+)
+
+// greeter is a real gRPC helloworld.Greeter on 127.0.0.1. It can hold every
+// reply until released, fail requests for one authority, and mark the
+// first request per authority as a cold start the way the vhive gateway
+// does.
+type greeter struct {
+	hwpb.UnimplementedGreeterServer
+	received atomic.Int64
+	release  chan struct{}
+	failHost string
+
+	mu          sync.Mutex
+	authorities []string
+	seen        map[string]bool
+}
+
+func (g *greeter) SayHello(ctx context.Context, req *hwpb.HelloRequest) (*hwpb.HelloReply, error) {
+	g.received.Add(1)
+	md, _ := metadata.FromIncomingContext(ctx)
+	auth := ""
+	if a := md.Get(":authority"); len(a) > 0 {
+		auth = a[0]
+	}
+	g.mu.Lock()
+	g.authorities = append(g.authorities, auth)
+	cold := !g.seen[auth]
+	g.seen[auth] = true
+	g.mu.Unlock()
+	if g.release != nil {
+		select {
+		case <-g.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if auth == g.failHost {
+		return nil, status.Error(codes.Unavailable, "no instance")
+	}
+	if cold {
+		if err := grpc.SetHeader(ctx, metadata.Pairs(ColdStartHeader, "true")); err != nil {
+			return nil, err
+		}
+	}
+	return &hwpb.HelloReply{Message: "Hello, " + req.GetName() + "!"}, nil
+}
+
+func startGreeter(t *testing.T, g *greeter) string {
+	t.Helper()
+	g.seen = map[string]bool{}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := grpc.NewServer()
+	hwpb.RegisterGreeterServer(s, g)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = s.Serve(lis)
+	}()
+	t.Cleanup(func() {
+		s.Stop()
+		<-done
+	})
+	return lis.Addr().String()
+}
+
+// The invoker keeps issuing at the target rate while the server holds every
+// reply: the issued count matches rps*time although nothing has completed.
+func TestOpenLoopDoesNotWaitForReplies(t *testing.T) {
+	g := &greeter{release: make(chan struct{})}
+	addr := startGreeter(t, g)
+	const rps, dur = 40.0, 1500 * time.Millisecond
+	var issued atomic.Int64
+	type out struct {
+		res *Result
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		res, err := Run(context.Background(), Config{
+			Endpoints: []Endpoint{{Hostname: "helloworld"}},
+			RPS:       rps, Duration: dur, Addr: addr, Timeout: time.Minute,
+			OnIssue: func() { issued.Add(1) },
+		})
+		done <- out{res, err}
+	}()
+	// Wait until issuing must be over, then check nothing has completed
+	// while the count kept growing.
+	want := int64(rps * dur.Seconds()) // 60
+	deadline := time.Now().Add(dur + 10*time.Second)
+	for issued.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // let late requests reach the server
+	n := issued.Load()
+	if n < want*85/100 || n > want*115/100+1 {
+		t.Errorf("issued %d requests with every reply held, want %d ± 15%%", n, want)
+	}
+	if got := g.received.Load(); got != n {
+		t.Errorf("server received %d requests, invoker issued %d", got, n)
+	}
+	select {
+	case o := <-done:
+		t.Fatalf("Run returned before replies were released: %+v", o.err)
+	default:
+	}
+	close(g.release)
+	o := <-done
+	if o.err != nil {
+		t.Fatal(o.err)
+	}
+	s := o.res.Summarize()
+	if int64(s.Issued) != n || s.Completed != s.Issued || s.Failed != 0 {
+		t.Errorf("summary issued/completed/failed = %d/%d/%d, want %d/%d/0", s.Issued, s.Completed, s.Failed, n, n)
+	}
+	// Every held request waited at least until release, so latencies span
+	// the run: the first request is the slowest.
+	if s.Latency.Max < float64((dur / 2).Microseconds()) {
+		t.Errorf("max latency %vµs: replies were not held", s.Latency.Max)
+	}
+	if s.IssuedRPS < rps*0.8 || s.IssuedRPS > rps*1.2 {
+		t.Errorf("issued RPS %.2f, target %v", s.IssuedRPS, rps)
+	}
+}
+
+func TestRoundRobinAuthorityColdAndErrors(t *testing.T) {
+	g := &greeter{failHost: "broken.default.example.com"}
+	addr := startGreeter(t, g)
+	eps := []Endpoint{{Hostname: "a.default.example.com"}, {Hostname: "b.default.example.com"}, {Hostname: "broken.default.example.com"}}
+	res, err := Run(context.Background(), Config{
+		Endpoints: eps, RPS: 60, Duration: time.Second, Warmup: 500 * time.Millisecond, Addr: addr,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Records) < 60 {
+		t.Fatalf("only %d records", len(res.Records))
+	}
+	for i, rec := range res.Records {
+		if rec.Seq != i {
+			t.Fatalf("record %d has seq %d: not ordered", i, rec.Seq)
+		}
+		if want := eps[i%3].Hostname; rec.Endpoint != want {
+			t.Errorf("request %d went to %q, want %q (round-robin)", i, rec.Endpoint, want)
+		}
+	}
+	g.mu.Lock()
+	counts := map[string]int{}
+	for _, a := range g.authorities {
+		counts[a]++
+	}
+	g.mu.Unlock()
+	for _, ep := range eps {
+		if counts[ep.Hostname] == 0 {
+			t.Errorf("server never saw :authority %q (saw %v)", ep.Hostname, counts)
+		}
+	}
+	s := res.Summarize()
+	if s.Warmup == 0 {
+		t.Error("no request was marked warm-up")
+	}
+	// Cold starts (first request per authority) fall in the warm-up.
+	if s.ColdStart != 0 {
+		t.Errorf("cold starts in the measured phase = %d, want 0", s.ColdStart)
+	}
+	cold := 0
+	for _, rec := range res.Records {
+		if rec.Cold {
+			cold++
+		}
+	}
+	if cold != 2 {
+		t.Errorf("cold starts overall = %d, want 2 (a and b; broken fails)", cold)
+	}
+	if s.Errors[codes.Unavailable.String()] != s.Failed || s.Failed == 0 {
+		t.Errorf("errors %v, failed %d: want all Unavailable", s.Errors, s.Failed)
+	}
+	if s.Failed+s.Completed != s.Issued {
+		t.Errorf("failed %d + completed %d != issued %d", s.Failed, s.Completed, s.Issued)
+	}
+	// Roughly a third fail.
+	if s.Failed < s.Issued/4 || s.Failed > s.Issued/2 {
+		t.Errorf("failed %d of %d, want about a third", s.Failed, s.Issued)
+	}
+}
+
+func TestTimeoutIsDeadlineExceeded(t *testing.T) {
+	g := &greeter{release: make(chan struct{})}
+	addr := startGreeter(t, g)
+	defer close(g.release)
+	res, err := Run(context.Background(), Config{
+		Endpoints: []Endpoint{{Hostname: "slow"}}, RPS: 10, Duration: 300 * time.Millisecond, Addr: addr,
+		Timeout: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := res.Summarize()
+	if s.Completed != 0 || s.Errors[codes.DeadlineExceeded.String()] != s.Issued || s.Issued == 0 {
+		t.Errorf("summary %+v: want every request DeadlineExceeded", s)
+	}
+}
+
+func TestLatencyFileFormat(t *testing.T) {
+	addr := startGreeter(t, &greeter{})
+	res, err := Run(context.Background(), Config{
+		Endpoints: []Endpoint{{Hostname: "x"}}, RPS: 50, Duration: 400 * time.Millisecond, Addr: addr,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	s := res.Summarize()
+	name := LatencyFileName(filepath.Join(dir, "lat.csv"), s.RealRPS)
+	if filepath.Dir(name) != dir || filepath.Base(name) != "rps"+strconv.FormatFloat(s.RealRPS, 'f', 2, 64)+"_lat.csv" {
+		t.Errorf("latency file name %q", name)
+	}
+	if err := res.WriteLatencyFile(name); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	n := 0
+	for sc.Scan() {
+		v, err := strconv.ParseInt(sc.Text(), 10, 64)
+		if err != nil || v <= 0 {
+			t.Fatalf("line %d %q: want a positive integer of µs", n+1, sc.Text())
+		}
+		if want := res.Records[n].Latency.Microseconds(); v != want {
+			t.Errorf("line %d = %d, want %d", n+1, v, want)
+		}
+		n++
+	}
+	if n != s.Completed || n == 0 {
+		t.Errorf("%d lines, %d completed requests", n, s.Completed)
+	}
+
+	csvPath := filepath.Join(dir, "requests.csv")
+	if err := res.WriteRecordsCSV(csvPath); err != nil {
+		t.Fatal(err)
+	}
+	cf, err := os.Open(csvPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cf.Close()
+	rows, err := csv.NewReader(cf).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != len(res.Records)+1 || rows[0][0] != "Seq" || rows[0][2] != "StartUnixNano" {
+		t.Fatalf("records CSV: %d rows, header %v", len(rows), rows[0])
+	}
+	prev := int64(0)
+	for _, r := range rows[1:] {
+		ts, err := strconv.ParseInt(r[2], 10, 64)
+		if err != nil || ts < prev {
+			t.Fatalf("timestamps not increasing: %v", r)
+		}
+		prev = ts
+		if r[4] != "OK" {
+			t.Errorf("code %q", r[4])
+		}
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	ep := []Endpoint{{Hostname: "x"}}
+	bad := []Config{
+		{RPS: 1, Duration: time.Second, Port: 80},
+		{Endpoints: ep, RPS: 0, Duration: time.Second, Port: 80},
+		{Endpoints: ep, RPS: 1, Duration: 0, Port: 80},
+		{Endpoints: ep, RPS: 1, Duration: time.Second, Port: 0},
+		{Endpoints: ep, RPS: 1, Duration: time.Second, Addr: "nocolon"},
+		{Endpoints: ep, RPS: 1, Duration: time.Second, Port: 80, Warmup: -time.Second},
+	}
+	for i, c := range bad {
+		if _, err := Run(context.Background(), c); err == nil {
+			t.Errorf("config %d: want error", i)
+		}
+	}
+}
+
+func TestReadEndpoints(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "endpoints.json")
+	want := []Endpoint{{Hostname: "helloworld-0.default.127.0.0.1.nip.io"}, {Hostname: "aes-0"}}
+	if err := WriteEndpoints(p, want); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(p)
+	// vSwarm's shape, matchers null.
+	if !containsAll(string(raw), `"hostname": "aes-0"`, `"eventing": false`, `"matchers": null`) {
+		t.Errorf("endpoints.json:\n%s", raw)
+	}
+	got, err := ReadEndpoints(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Hostname != want[0].Hostname || got[1].Hostname != "aes-0" {
+		t.Errorf("round trip: %+v", got)
+	}
+	for name, body := range map[string]string{
+		"empty":    `[]`,
+		"nohost":   `[{"hostname": ""}]`,
+		"eventing": `[{"hostname": "x", "eventing": true}]`,
+		"garbage":  `{"hostname": "x"}`,
+	} {
+		q := filepath.Join(dir, name+".json")
+		if err := os.WriteFile(q, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ReadEndpoints(q); err == nil {
+			t.Errorf("%s: want error", name)
+		}
+	}
+}
+
+func containsAll(s string, subs ...string) bool {
+	for _, x := range subs {
+		if !strings.Contains(s, x) {
+			return false
+		}
+	}
+	return true
+}
