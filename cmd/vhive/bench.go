@@ -1,0 +1,223 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"vhive.dev/vhive/internal/bench"
+)
+
+// benchCommon are the flags both bench sub-commands share.
+type benchCommon struct {
+	sandboxes       []string
+	modes           []string
+	withCache       bool
+	out             string
+	images          string
+	runsc           string
+	runc            string
+	invokeTimeout   time.Duration
+	snapshotTimeout time.Duration
+	keep            bool
+	noProgress      bool
+	noPlots         bool
+}
+
+func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
+	defRunsc := os.Getenv("VHIVE_RUNSC")
+	if defRunsc == "" {
+		if p := "/var/cache/vhive/bin/runsc"; fileExists(p) {
+			defRunsc = p
+		}
+	}
+	defRunc, _ := exec.LookPath("runc")
+	fs.StringSliceVar(&b.modes, "modes", defModes, "start modes: boot, snapshot, lazy, reap, warm")
+	fs.BoolVar(&b.withCache, "with-cache", false, "keep the page cache (default: drop it before every cold start; needs root)")
+	fs.StringVar(&b.out, "out", "bench-results", "directory for CSV, plots and run.json (mean/std CSVs are appended)")
+	fs.StringVar(&b.images, "images", "out/images", "directory of function images to import when the daemon lacks them")
+	fs.StringVar(&b.runsc, "runsc", defRunsc, "runsc binary whose version is recorded in run.json (\"\" to skip)")
+	fs.StringVar(&b.runc, "runc", defRunc, "runc binary whose version is recorded in run.json (\"\" to skip)")
+	fs.DurationVar(&b.invokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
+	fs.DurationVar(&b.snapshotTimeout, "snapshot-timeout", 5*time.Minute, "bound on waiting for a snapshot or REAP working set")
+	fs.BoolVar(&b.keep, "keep", false, "leave the bench's functions deployed")
+	fs.BoolVar(&b.noProgress, "no-progress", false, "no progress bar on stderr")
+	fs.BoolVar(&b.noPlots, "no-plots", false, "do not draw PNG/SVG plots")
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func flagMap(fs *pflag.FlagSet) map[string]string {
+	m := map[string]string{}
+	fs.VisitAll(func(f *pflag.Flag) { m[f.Name] = f.Value.String() })
+	return m
+}
+
+func newProgress(total int, hide bool, what string) *progressbar.ProgressBar {
+	return progressbar.NewOptions(total,
+		progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionSetDescription(what),
+		progressbar.OptionShowCount(),
+		progressbar.OptionSetElapsedTime(true),
+		progressbar.OptionSetPredictTime(true),
+		progressbar.OptionSetVisibility(!hide),
+		progressbar.OptionOnCompletion(func() { fmt.Fprintln(os.Stderr) }),
+		progressbar.OptionSetWidth(30),
+	)
+}
+
+func newBenchCmd(g *globalOpts) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure cold starts the way the vHive/REAP papers do",
+		Long: `Measure cold starts the way vHive does on one node: scale the function to zero,
+drop the page cache, invoke, and record the daemon's stage timings.
+
+Results go to --out as vHive-format CSVs, a per-iteration CSV, memory
+footprints, PNG/SVG plots and run.json (machine, versions, flags).`,
+	}
+	cmd.AddCommand(newBenchColdstartCmd(g), newBenchConcurrencyCmd(g))
+	return cmd
+}
+
+func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
+	var (
+		c          benchCommon
+		functions  []string
+		iterations int
+	)
+	cmd := &cobra.Command{
+		Use:   "coldstart",
+		Short: "Cold-start latency per function × sandbox × start mode",
+		Example: `  vhive bench coldstart --functions helloworld --sandbox gvisor,wasm --modes boot,snapshot,reap,warm
+  vhive bench coldstart --functions helloworld,aes --sandbox runc --modes boot --iterations 3 --with-cache`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
+			if err != nil {
+				return err
+			}
+			conn, client, err := g.dial(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			opts := bench.ColdstartOptions{
+				Functions: functions, Sandboxes: c.sandboxes, Modes: c.modes, Iterations: iterations,
+				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
+				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep,
+				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+			}
+			bar := newProgress(bench.ColdstartSteps(opts), c.noProgress, "coldstart")
+			opts.Progress = bar
+			res, runErr := bench.RunColdstart(ctx, client, opts)
+			_ = bar.Finish()
+			if res == nil {
+				return runErr
+			}
+			return finishBench(c, ri, runErr, func() ([]string, error) {
+				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
+					return nil, err
+				}
+				files, err := res.WriteFiles(c.out)
+				if err != nil || c.noPlots {
+					return files, err
+				}
+				plots, err := res.WritePlots(c.out)
+				return append(files, plots...), err
+			})
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringSliceVar(&functions, "functions", []string{"helloworld"}, "functions to measure (images localhost/vhive/<fn>:latest, <fn>-wasm for wasm)")
+	fs.StringSliceVar(&c.sandboxes, "sandbox", []string{"gvisor"}, "sandboxes: gvisor, runc, wasm")
+	fs.IntVar(&iterations, "iterations", 10, "measured cold starts per cell")
+	c.register(fs, []string{"boot", "snapshot", "reap", "warm"})
+	return cmd
+}
+
+func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
+	var (
+		c        benchCommon
+		function string
+		sandbox  string
+		levels   []int
+		repeats  int
+	)
+	cmd := &cobra.Command{
+		Use:     "concurrency",
+		Short:   "Latency of N simultaneous cold starts, for each N in --levels",
+		Example: `  vhive bench concurrency --function helloworld --sandbox gvisor --modes snapshot,reap --levels 1,2,4,8`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
+			if err != nil {
+				return err
+			}
+			conn, client, err := g.dial(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			opts := bench.ConcurrencyOptions{
+				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats,
+				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
+				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep,
+				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+			}
+			bar := newProgress(bench.ConcurrencySteps(opts), c.noProgress, "concurrency")
+			opts.Progress = bar
+			res, runErr := bench.RunConcurrency(ctx, client, opts)
+			_ = bar.Finish()
+			if res == nil {
+				return runErr
+			}
+			return finishBench(c, ri, runErr, func() ([]string, error) {
+				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
+					return nil, err
+				}
+				return res.WriteFiles(c.out)
+			})
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVar(&function, "function", "helloworld", "function to measure")
+	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm")
+	fs.IntSliceVar(&levels, "levels", []int{1, 2, 4, 8, 16, 32, 64}, "numbers of simultaneous cold starts")
+	fs.IntVar(&repeats, "repeats", 1, "measurements per level")
+	c.register(fs, []string{"boot", "snapshot", "reap"})
+	return cmd
+}
+
+// finishBench writes the results and run.json (also after a partial run)
+// and lists the files written on stderr.
+func finishBench(c benchCommon, ri bench.RunInfo, runErr error, write func() ([]string, error)) error {
+	files, err := write()
+	ri.Finished = time.Now().UTC()
+	if err == nil {
+		p := filepath.Join(c.out, bench.RunInfoFile)
+		if err = bench.WriteJSON(p, ri); err == nil {
+			files = append(files, p)
+		}
+	}
+	if len(files) > 0 {
+		fmt.Fprintln(os.Stderr, "wrote: "+strings.Join(files, " "))
+	}
+	if runErr != nil {
+		return fmt.Errorf("bench stopped early (partial results written): %w", runErr)
+	}
+	return err
+}

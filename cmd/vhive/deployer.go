@@ -1,0 +1,81 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+
+	"github.com/spf13/cobra"
+
+	"vhive.dev/vhive/internal/invoker"
+)
+
+const deployerLong = `Deploy functions on the local vhive daemon from vSwarm's deployer input and
+write the endpoints.json that 'vhive invoker' reads.
+
+-jsonFile is {"functions":[{"name": ..., "file": ..., "count": N}]}; "file"
+is an image reference (localhost/vhive/helloworld:latest) or the path of an
+image (OCI layout directory or tarball, relative to -funcPath), which is
+imported first. Each function is deployed -count times as <name>-0 ...
+<name>-<count-1>, like vSwarm. Endpoint hostnames are <name>-<i>.<domain>
+(bare names with -domain ""); the vhive gateway routes by the first label.`
+
+func newDeployerCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:                "deployer [-jsonFile functions.json] [-funcPath DIR] [-endpointsFile endpoints.json]",
+		Short:              "Deploy functions from vSwarm's functions.json and write endpoints.json",
+		Long:               deployerLong,
+		DisableFlagParsing: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fs := flag.NewFlagSet("vhive deployer", flag.ContinueOnError)
+			fs.SetOutput(cmd.ErrOrStderr())
+			jsonFile := fs.String("jsonFile", "functions.json", "functions to deploy (vSwarm deployer format)")
+			funcPath := fs.String("funcPath", ".", "directory relative image paths in -jsonFile are resolved in")
+			endpointsFile := fs.String("endpointsFile", "endpoints.json", "endpoints file to write")
+			concurrency := fs.Int("deploymentConcurrency", 1, "deployments at once")
+			sandbox := fs.String("sandbox", "", "sandbox of every function: gvisor, runc, wasm (\"\": daemon default)")
+			startMode := fs.String("startMode", "", "start mode: boot, snapshot, lazy, reap (\"\": daemon default)")
+			domain := fs.String("domain", "default.127.0.0.1.nip.io", "hostname suffix of the endpoints (\"\" for bare function names)")
+			replace := fs.Bool("replace", false, "redeploy functions that already exist")
+			socket := fs.String("socket", g.socket, "daemon control socket (env VHIVE_SOCKET)")
+			fs.Usage = func() {
+				fmt.Fprintf(fs.Output(), "%s\n\nUsage: vhive deployer [flags]\n\n", deployerLong)
+				fs.PrintDefaults()
+			}
+			if err := fs.Parse(args); err != nil {
+				if errors.Is(err, flag.ErrHelp) {
+					return nil
+				}
+				return err
+			}
+			if fs.NArg() > 0 {
+				return fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
+			}
+			g.socket = *socket
+			fns, err := invoker.ReadFunctions(*jsonFile)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			conn, client, err := g.dial(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			eps, err := invoker.DeployFunctions(ctx, client, fns, invoker.DeployOptions{
+				FuncPath: *funcPath, Sandbox: *sandbox, StartMode: *startMode, Domain: *domain,
+				Concurrency: *concurrency, Replace: *replace, Logger: log,
+			})
+			if err != nil {
+				return err
+			}
+			if err := invoker.WriteEndpoints(*endpointsFile, eps); err != nil {
+				return err
+			}
+			log.Info("endpoints written", "file", *endpointsFile, "endpoints", len(eps))
+			return nil
+		},
+	}
+}
