@@ -1,0 +1,122 @@
+package wasm_test
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/tetratelabs/wabin/binary"
+	wasmbin "github.com/tetratelabs/wabin/wasm"
+
+	"vhive.dev/vhive/internal/wasm"
+	"vhive.dev/vhive/internal/wasm/wasmtest"
+)
+
+func TestPrepareGoGuest(t *testing.T) {
+	b, err := os.ReadFile(wasmtest.GuestModule(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := wasm.Prepare(b)
+	if err != nil {
+		t.Fatalf("Prepare: %v", err)
+	}
+	if p.Info.Digest != wasm.Digest(b) || !strings.HasPrefix(p.Info.Digest, "sha256:") {
+		t.Errorf("digest %q", p.Info.Digest)
+	}
+	boot, err := binary.DecodeModule(p.Boot, wasmbin.CoreFeaturesV2)
+	if err != nil {
+		t.Fatalf("decode boot module: %v", err)
+	}
+	restore, err := binary.DecodeModule(p.Restore, wasmbin.CoreFeaturesV2)
+	if err != nil {
+		t.Fatalf("decode restore module: %v", err)
+	}
+	if len(boot.GlobalSection) != 8 || len(p.Info.Globals) != 8 {
+		t.Fatalf("Go modules have 8 globals; got %d, info %d", len(boot.GlobalSection), len(p.Info.Globals))
+	}
+	exported := map[string]bool{}
+	for _, e := range restore.ExportSection {
+		if e.Type == wasmbin.ExternTypeGlobal {
+			exported[e.Name] = true
+		}
+	}
+	for _, g := range p.Info.Globals {
+		if !exported[g.Export] {
+			t.Errorf("global %d not exported as %q", g.Index, g.Export)
+		}
+	}
+	if len(boot.DataSection) == 0 {
+		t.Error("boot module lost its data section")
+	}
+	if len(restore.DataSection) != 0 || restore.StartSection != nil || restore.DataCountSection != nil {
+		t.Errorf("restore module keeps data (%d segments) / start / data count", len(restore.DataSection))
+	}
+}
+
+// module builds a minimal module with one memory and one function body.
+func module(body []byte, edit func(m *wasmbin.Module)) []byte {
+	m := &wasmbin.Module{
+		TypeSection:     []*wasmbin.FunctionType{{}},
+		FunctionSection: []wasmbin.Index{0},
+		CodeSection:     []*wasmbin.Code{{Body: body}},
+		MemorySection:   &wasmbin.Memory{Min: 1},
+		TableSection:    []*wasmbin.Table{{Min: 1, Type: wasmbin.RefTypeFuncref}},
+	}
+	if edit != nil {
+		edit(m)
+	}
+	return binary.EncodeModule(m)
+}
+
+func TestPrepareRefuses(t *testing.T) {
+	end := []byte{wasmbin.OpcodeEnd}
+	cases := []struct {
+		name, want string
+		mod        []byte
+	}{
+		{"imported memory", "imports memory", module(end, func(m *wasmbin.Module) {
+			m.MemorySection = nil
+			m.ImportSection = []*wasmbin.Import{{Type: wasmbin.ExternTypeMemory, Module: "env", Name: "mem", DescMem: &wasmbin.Memory{Min: 1}}}
+		})},
+		{"no memory", "no linear memory", module(end, func(m *wasmbin.Module) { m.MemorySection = nil })},
+		// i32.const 0, ref.null func, table.set 0
+		{"table.set", "table.set", module([]byte{0x41, 0, 0xD0, 0x70, 0x26, 0, 0x0B}, nil)},
+		// ref.null func, i32.const 1, table.grow 0, drop
+		{"table.grow", "table-changing", module([]byte{0xD0, 0x70, 0x41, 1, 0xFC, 15, 0, 0x1A, 0x0B}, nil)},
+		// i32.const 0 ×3, memory.init 0 0
+		{"memory.init", "memory.init", module([]byte{0x41, 0, 0x41, 0, 0x41, 0, 0xFC, 8, 0, 0, 0x0B}, nil)},
+		// v128.const (SIMD)
+		{"simd", "not understood", module([]byte{0xFD, 12, 0x0B}, nil)},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := wasm.Prepare(c.mod)
+			if !errors.Is(err, wasm.ErrUnsupportedModule) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("Prepare = %v, want ErrUnsupportedModule mentioning %q", err, c.want)
+			}
+		})
+	}
+	// The same module without the offending code is accepted.
+	if _, err := wasm.Prepare(module([]byte{0x41, 0, 0x1A, 0x0B}, nil)); err != nil {
+		t.Fatalf("Prepare of a plain module: %v", err)
+	}
+	if _, err := wasm.Prepare([]byte("not wasm")); err == nil || !strings.Contains(err.Error(), "decode wasm module") {
+		t.Fatalf("Prepare of garbage = %v", err)
+	}
+}
+
+func FuzzPrepare(f *testing.F) {
+	f.Add(module([]byte{0x41, 0, 0x1A, 0x0B}, nil))
+	f.Add(module([]byte{0x02, 0x40, 0x0E, 2, 0, 0, 0, 0x0B, 0x0B}, nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := wasm.Prepare(b)
+		if err != nil {
+			return
+		}
+		if _, err := binary.DecodeModule(p.Restore, wasmbin.CoreFeaturesV2); err != nil {
+			t.Fatalf("restore module of an accepted module does not decode: %v", err)
+		}
+	})
+}

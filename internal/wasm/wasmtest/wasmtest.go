@@ -1,0 +1,96 @@
+// Package wasmtest holds helpers for tests of the wasm runtime and sandbox:
+// building the test guest and running the test binary as a wasm worker.
+package wasmtest
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"testing"
+
+	"vhive.dev/vhive/internal/wasm"
+)
+
+// WorkerEnv, set to 1, makes a test binary run as a wasm worker (see
+// RunWorkerIfRequested).
+const WorkerEnv = "VHIVE_TEST_WASM_WORKER"
+
+// RunWorkerIfRequested turns the test binary into a wasm worker when
+// WorkerEnv is set: call it first in TestMain. It does not return then.
+func RunWorkerIfRequested() {
+	if os.Getenv(WorkerEnv) != "1" {
+		return
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	err := wasm.WorkerMain(ctx, os.Args[1:])
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wasm worker:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// WorkerCommand is the argv prefix that re-executes the test binary as a
+// worker; pass WorkerEnv=1 in its environment (WorkerEnvList).
+func WorkerCommand(t testing.TB) []string {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatalf("find test executable: %v", err)
+	}
+	return []string{exe}
+}
+
+// WorkerEnvList is the environment a re-executed worker needs.
+func WorkerEnvList() []string { return []string{WorkerEnv + "=1"} }
+
+// CompileCacheDir is a wazero compilation cache shared by every test run on
+// this machine (wazero keys entries by module hash and wazero version).
+func CompileCacheDir() string { return filepath.Join(os.TempDir(), "vhive-wasm-test-compiled") }
+
+func sourceDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "testdata", "guest")
+}
+
+// GuestModule builds the test guest (internal/wasm/testdata/guest) with
+// GOOS=wasip1 -buildmode=c-shared and returns the module's path. Builds are
+// kept in the temporary directory by source hash and reused.
+func GuestModule(t testing.TB) string {
+	t.Helper()
+	src := sourceDir()
+	b, err := os.ReadFile(filepath.Join(src, "main.go"))
+	if err != nil {
+		t.Fatalf("read guest source: %v", err)
+	}
+	sum := sha256.Sum256(append(b, runtime.Version()...))
+	out := filepath.Join(os.TempDir(), "vhive-wasm-guest-"+hex.EncodeToString(sum[:8])+".wasm")
+	if _, err := os.Stat(out); err == nil {
+		return out
+	}
+	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(goBin); err != nil {
+		if goBin, err = exec.LookPath("go"); err != nil {
+			t.Fatalf("go toolchain not found to build the wasm guest: %v", err)
+		}
+	}
+	tmp := out + fmt.Sprintf(".%d.tmp", os.Getpid())
+	cmd := exec.Command(goBin, "build", "-buildmode=c-shared", "-o", tmp, ".")
+	cmd.Dir = src
+	cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm", "CGO_ENABLED=0")
+	if outp, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build wasm guest: %v\n%s", err, outp)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		t.Fatalf("store wasm guest: %v", err)
+	}
+	return out
+}
