@@ -305,9 +305,18 @@ func (cr *cellRunner) step() {
 
 // invoke calls the function once, optionally after scaling it to zero and
 // dropping the page cache, and checks how the daemon started it.
-func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, cold bool, payload, wantStart string) (*Invocation, error) {
+// What an invocation is expected to be.
+type expect int
+
+const (
+	expectCold expect = iota // after StopInstances: must be a cold start
+	expectWarm               // must hit a running instance
+	expectAny                // checked by the caller (concurrent bursts)
+)
+
+func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, stopFirst bool, exp expect, payload, wantStart string) (*Invocation, error) {
 	defer cr.step()
-	if cold {
+	if stopFirst {
 		if _, err := cr.c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: cr.name}); err != nil {
 			return nil, fmt.Errorf("stop instances of %q: %w", cr.name, err)
 		}
@@ -349,10 +358,10 @@ func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, cold 
 		// named as such.
 		inv.Stages["ClientLatency"] = float64(inv.ClientMicros)
 	}
-	if cold && !inv.ColdStart {
+	if exp == expectCold && !inv.ColdStart {
 		return inv, fmt.Errorf("%s invocation %d of %q: expected a cold start after StopInstances, the daemon reports a warm one", phase, index, cr.name)
 	}
-	if !cold && inv.ColdStart && phase == PhaseMeasure {
+	if exp == expectWarm && inv.ColdStart {
 		return inv, fmt.Errorf("warm invocation %d of %q was a cold start (instance %q): did the instance stop?", index, cr.name, inv.InstanceID)
 	}
 	if wantStart != "" && inv.StartMode != wantStart {
@@ -426,7 +435,7 @@ func (cr *cellRunner) waitSnapshot(ctx context.Context, ws bool) error {
 func (cr *cellRunner) run(ctx context.Context) error {
 	mode := cr.cell.Mode
 	// Prepare: boot once. For snapshot modes this creates the snapshot.
-	prep, err := cr.invoke(ctx, PhasePrepare, 0, mode != ModeWarm, payloadRecord, StartedBoot)
+	prep, err := cr.invoke(ctx, PhasePrepare, 0, true, expectCold, payloadRecord, StartedBoot)
 	if prep != nil {
 		cr.r.Prepare = append(cr.r.Prepare, *prep)
 	}
@@ -450,7 +459,7 @@ func (cr *cellRunner) run(ctx context.Context) error {
 		}
 	}
 	if mode == ModeREAP {
-		rec, err := cr.invoke(ctx, PhaseRecord, 0, true, payloadRecord, StartedREAPRecord)
+		rec, err := cr.invoke(ctx, PhaseRecord, 0, true, expectCold, payloadRecord, StartedREAPRecord)
 		cr.r.Record = rec
 		if err != nil {
 			return err
@@ -463,8 +472,12 @@ func (cr *cellRunner) run(ctx context.Context) error {
 		}
 	}
 	cold := mode != ModeWarm
+	exp := expectCold
+	if !cold {
+		exp = expectWarm
+	}
 	for i := range cr.o.Iterations {
-		inv, err := cr.invoke(ctx, PhaseMeasure, i, cold, payloadReplay, want)
+		inv, err := cr.invoke(ctx, PhaseMeasure, i, cold, exp, payloadReplay, want)
 		if err != nil {
 			return err
 		}

@@ -199,7 +199,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 			}
 		}()
 	}
-	if _, err := cr.invoke(ctx, PhasePrepare, 0, true, payloadRecord, StartedBoot); err != nil {
+	if _, err := cr.invoke(ctx, PhasePrepare, 0, true, expectCold, payloadRecord, StartedBoot); err != nil {
 		cm.Err = err.Error()
 		return cm
 	}
@@ -212,7 +212,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 	}
 	if mode == ModeREAP {
 		want = StartedREAPPrefetch
-		if _, err := cr.invoke(ctx, PhaseRecord, 0, true, payloadRecord, StartedREAPRecord); err != nil {
+		if _, err := cr.invoke(ctx, PhaseRecord, 0, true, expectCold, payloadRecord, StartedREAPRecord); err != nil {
 			cm.Err = err.Error()
 			return cm
 		}
@@ -259,7 +259,7 @@ func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string) (Level
 	for i := range n {
 		wg.Go(func() {
 			<-start
-			inv, err := cr.invoke(ctx, PhaseMeasure, rep*n+i, false, payloadReplay, "")
+			inv, err := cr.invoke(ctx, PhaseMeasure, rep*n+i, false, expectAny, payloadReplay, "")
 			results[i] = result{inv, err}
 		})
 	}
