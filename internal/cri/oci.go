@@ -147,7 +147,7 @@ func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter)
 	defer tick.Stop()
 	for {
 		st, err := r.state(ctx, id)
-		if err == nil && (st.Status == "running" || st.Status == "stopped") {
+		if err == nil && st.Status == "running" && r.execed(st.Pid) {
 			p.pid = st.Pid
 			return p, nil
 		}
@@ -167,6 +167,20 @@ func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter)
 		case <-tick.C:
 		}
 	}
+}
+
+// execed reports whether the container's init process has replaced the
+// runtime (runc's "running" state is set just before the execve, which can
+// still fail). runsc reports its sandbox process, which stays runsc.
+func (r *ociRuntime) execed(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	if filepath.Base(r.bin) != "runc" {
+		return true
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	return err == nil && !strings.Contains(exe, "runc")
 }
 
 // runtimeError extracts the last error runc logged (JSON or text log).

@@ -263,3 +263,25 @@ func (s *Server) Status(ctx context.Context, req *runtimeapi.StatusRequest) (*ru
 	}
 	return resp, nil
 }
+
+func (s *Server) RuntimeConfig(ctx context.Context, req *runtimeapi.RuntimeConfigRequest) (*runtimeapi.RuntimeConfigResponse, error) {
+	return s.rt.RuntimeConfig(ctx, req)
+}
+
+func (s *Server) UpdatePodSandboxResources(ctx context.Context, req *runtimeapi.UpdatePodSandboxResourcesRequest) (*runtimeapi.UpdatePodSandboxResourcesResponse, error) {
+	return s.rt.UpdatePodSandboxResources(ctx, req)
+}
+
+func (s *Server) CheckpointPod(ctx context.Context, req *runtimeapi.CheckpointPodRequest) (*runtimeapi.CheckpointPodResponse, error) {
+	if s.isVhivePod(req.GetPodSandboxId()) {
+		return nil, status.Errorf(codes.Unimplemented, "cri: checkpointing vhive pod %q is not implemented", req.GetPodSandboxId())
+	}
+	return s.rt.CheckpointPod(ctx, req)
+}
+
+func (s *Server) RestorePod(ctx context.Context, req *runtimeapi.RestorePodRequest) (*runtimeapi.RestorePodResponse, error) {
+	return s.rt.RestorePod(ctx, req)
+}
+
+// The Stream* list calls are not offered: kubelet falls back to the List*
+// calls on Unimplemented, and merging two streams would need paging state.

@@ -158,7 +158,6 @@ func resolveUser(rootfs string, sc *runtimeapi.LinuxContainerSecurityContext, im
 	}
 	if found {
 		u.GID = pwGID
-		u.AdditionalGids = groupsOf(rootfs, pwName, pwGID)
 	}
 	if groupOverride != nil {
 		u.GID = *groupOverride
@@ -166,8 +165,23 @@ func resolveUser(rootfs string, sc *runtimeapi.LinuxContainerSecurityContext, im
 	if sc.GetRunAsGroup() != nil {
 		u.GID = uint32(sc.GetRunAsGroup().GetValue())
 	}
+	// Order as containerd: the primary gid, the CRI supplemental groups,
+	// then the image's /etc/group memberships (unless the policy is Strict).
+	u.AdditionalGids = []uint32{u.GID}
+	seen := map[uint32]bool{u.GID: true}
+	add := func(g uint32) {
+		if !seen[g] {
+			seen[g] = true
+			u.AdditionalGids = append(u.AdditionalGids, g)
+		}
+	}
 	for _, g := range sc.GetSupplementalGroups() {
-		u.AdditionalGids = append(u.AdditionalGids, uint32(g))
+		add(uint32(g))
+	}
+	if found && sc.GetSupplementalGroupsPolicy() != runtimeapi.SupplementalGroupsPolicy_Strict {
+		for _, g := range groupsOf(rootfs, pwName, u.GID) {
+			add(g)
+		}
 	}
 	return u, nil
 }
@@ -296,7 +310,6 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 			Capabilities: &specs.LinuxCapabilities{
 				Bounding: caps, Effective: caps, Permitted: caps,
 			},
-			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 1048576, Soft: 1048576}},
 		},
 		Root: &specs.Root{Readonly: sc.GetReadonlyRootfs()},
 		Mounts: []specs.Mount{

@@ -1,0 +1,506 @@
+package cri
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"vhive.dev/vhive/internal/image"
+	"vhive.dev/vhive/internal/netpool"
+)
+
+func codeOf(err error) codes.Code { return status.Code(err) }
+
+func runVhivePod(t *testing.T, e *testEnv, name string) (string, *runtimeapi.PodSandboxConfig) {
+	t.Helper()
+	pc := podConfig(t, e, name)
+	resp, err := e.rt.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{Config: pc, RuntimeHandler: DefaultHandler})
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	return resp.GetPodSandboxId(), pc
+}
+
+func busybox(name string, cmd ...string) *runtimeapi.ContainerConfig {
+	return &runtimeapi.ContainerConfig{
+		Metadata: &runtimeapi.ContainerMetadata{Name: name},
+		Image:    &runtimeapi.ImageSpec{Image: "docker.io/test/busybox:1"},
+		Command:  cmd,
+		LogPath:  name + ".log",
+		Labels:   map[string]string{"c": name},
+	}
+}
+
+func containerState(t *testing.T, e *testEnv, id string) *runtimeapi.ContainerStatus {
+	t.Helper()
+	st, err := e.rt.ContainerStatus(context.Background(), &runtimeapi.ContainerStatusRequest{ContainerId: id})
+	if err != nil {
+		t.Fatalf("ContainerStatus %q: %v", id, err)
+	}
+	return st.GetStatus()
+}
+
+// A vhive-handler pod runs its containers with runc in the pod's network
+// namespace: logs in CRI format, exec, stats, stop, remove, and nothing left.
+func TestVhivePodLifecycle(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "life")
+
+	ps, err := e.rt.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: podID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ps.GetStatus().GetRuntimeHandler(); got != DefaultHandler {
+		t.Errorf("pod runtime handler = %q, want %q", got, DefaultHandler)
+	}
+	podIP := ps.GetStatus().GetNetwork().GetIp()
+	if podIP == "" {
+		t.Fatal("pod has no IP from containerd's CNI")
+	}
+
+	cc := busybox("web", "sh", "-c", "echo hello; echo oops >&2; hostname; exec httpd -f -p 8080 -h /etc")
+	cc.Envs = []*runtimeapi.KeyValue{kv("FOO", "bar")}
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: cc, SandboxConfig: pc})
+	if err != nil {
+		t.Fatalf("CreateContainer: %v", err)
+	}
+	id := cr.GetContainerId()
+	if st := containerState(t, e, id); st.GetState() != runtimeapi.ContainerState_CONTAINER_CREATED {
+		t.Fatalf("state after create = %v", st.GetState())
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatalf("StartContainer: %v", err)
+	}
+	st := containerState(t, e, id)
+	if st.GetState() != runtimeapi.ContainerState_CONTAINER_RUNNING || st.GetStartedAt() == 0 {
+		t.Fatalf("after start: state %v startedAt %d", st.GetState(), st.GetStartedAt())
+	}
+	logPath := filepath.Join(pc.GetLogDirectory(), "web.log")
+	if st.GetLogPath() != logPath {
+		t.Errorf("log path = %q, want %q", st.GetLogPath(), logPath)
+	}
+	waitFor(t, "log lines", func() (bool, error) {
+		b, err := os.ReadFile(logPath)
+		s := string(b)
+		return strings.Contains(s, " stdout F hello\n") && strings.Contains(s, " stderr F oops\n") && strings.Contains(s, " stdout F life\n"), err
+	})
+	b, _ := os.ReadFile(logPath)
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(line, " ", 4)
+		if len(f) != 4 {
+			t.Fatalf("log line %q is not CRI format", line)
+		}
+		if _, err := time.Parse(time.RFC3339Nano, f[0]); err != nil {
+			t.Errorf("log line %q: timestamp: %v", line, err)
+		}
+	}
+
+	// The container is in the pod's network namespace: reachable at the pod IP.
+	waitFor(t, "httpd at the pod IP", func() (bool, error) {
+		body, err := httpGet("http://" + podIP + ":8080/hostname")
+		return strings.TrimSpace(body) == "life", err
+	})
+
+	ex, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sh", "-c", "echo $FOO; exit 3"}, Timeout: 10})
+	if err != nil {
+		t.Fatalf("ExecSync: %v", err)
+	}
+	if string(ex.GetStdout()) != "bar\n" || ex.GetExitCode() != 3 {
+		t.Errorf("ExecSync = %q exit %d, want \"bar\\n\" exit 3", ex.GetStdout(), ex.GetExitCode())
+	}
+
+	stats, err := e.rt.ContainerStats(ctx, &runtimeapi.ContainerStatsRequest{ContainerId: id})
+	if err != nil {
+		t.Fatalf("ContainerStats: %v", err)
+	}
+	if stats.GetStats().GetMemory().GetWorkingSetBytes().GetValue() == 0 || stats.GetStats().GetCpu().GetUsageCoreNanoSeconds() == nil {
+		t.Errorf("stats empty: %v", stats.GetStats())
+	}
+
+	list, err := e.rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{PodSandboxId: podID}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list.GetContainers()) != 1 || list.GetContainers()[0].GetId() != id {
+		t.Errorf("ListContainers(pod) = %v, want only %q", list.GetContainers(), id)
+	}
+	list, err = e.rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{LabelSelector: map[string]string{"c": "nope"}}})
+	if err != nil || len(list.GetContainers()) != 0 {
+		t.Errorf("ListContainers(label nope) = %v, %v; want none", list.GetContainers(), err)
+	}
+
+	if _, err := e.rt.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: id, Timeout: 10}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	st = containerState(t, e, id)
+	if st.GetState() != runtimeapi.ContainerState_CONTAINER_EXITED || st.GetFinishedAt() == 0 || st.GetExitCode() == 0 {
+		t.Errorf("after stop: state %v finishedAt %d exit %d", st.GetState(), st.GetFinishedAt(), st.GetExitCode())
+	}
+	// Stop is idempotent.
+	if _, err := e.rt.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: id}); err != nil {
+		t.Errorf("second StopContainer: %v", err)
+	}
+	dir := filepath.Join(e.state, "containers", id)
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("container dir before remove: %v", err)
+	}
+	if _, err := e.rt.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: id}); err != nil {
+		t.Fatalf("RemoveContainer: %v", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("container dir %q still there after remove: %v", dir, err)
+	}
+	if _, err := e.rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id}); codeOf(err) != codes.NotFound {
+		t.Errorf("status after remove: %v, want NotFound", err)
+	}
+	if _, err := e.rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: podID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: podID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(e.state, "pods", podID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pod dir left after RemovePodSandbox: %v", err)
+	}
+}
+
+// A container whose process exits reports EXITED with its exit code, and an
+// unknown command fails StartContainer with the runtime's reason.
+func TestExitCodeAndStartError(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "exit")
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("seven", "sh", "-c", "exit 7"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.GetContainerId()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "exit", func() (bool, error) {
+		st := containerState(t, e, cr.GetContainerId())
+		return st.GetState() == runtimeapi.ContainerState_CONTAINER_EXITED, nil
+	})
+	if st := containerState(t, e, cr.GetContainerId()); st.GetExitCode() != 7 || st.GetReason() != "Error" {
+		t.Errorf("exit code %d reason %q, want 7 Error", st.GetExitCode(), st.GetReason())
+	}
+	// Starting it again is refused.
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.GetContainerId()}); codeOf(err) != codes.FailedPrecondition {
+		t.Errorf("restart of an exited container: %v, want FailedPrecondition", err)
+	}
+
+	bad, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("bad", "/no/such/binary"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: bad.GetContainerId()})
+	if err == nil || !strings.Contains(err.Error(), "/no/such/binary") {
+		t.Errorf("start of a missing binary: %v, want an error naming it", err)
+	}
+	if st := containerState(t, e, bad.GetContainerId()); st.GetState() != runtimeapi.ContainerState_CONTAINER_EXITED || st.GetReason() != "StartError" {
+		t.Errorf("after failed start: state %v reason %q", st.GetState(), st.GetReason())
+	}
+}
+
+// GetContainerEvents streams created/started/stopped/deleted for vhive
+// containers.
+func TestContainerEvents(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stream, err := e.rt.GetContainerEvents(ctx, &runtimeapi.GetEventsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	podID, pc := runVhivePod(t, e, "events")
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("ev", "true"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cr.GetContainerId()
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "exit", func() (bool, error) {
+		return containerState(t, e, id).GetState() == runtimeapi.ContainerState_CONTAINER_EXITED, nil
+	})
+	if _, err := e.rt.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	want := []runtimeapi.ContainerEventType{
+		runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT,
+		runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT,
+		runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT,
+		runtimeapi.ContainerEventType_CONTAINER_DELETED_EVENT,
+	}
+	var got []runtimeapi.ContainerEventType
+	for len(got) < len(want) {
+		ev, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("events after %v: %v", got, err)
+		}
+		if ev.GetContainerId() != id {
+			continue // containerd's pause container etc.
+		}
+		got = append(got, ev.GetContainerEventType())
+		if ev.GetPodSandboxStatus().GetId() != podID || len(ev.GetContainersStatuses()) != 1 {
+			t.Errorf("event %v lacks pod %q or status", ev.GetContainerEventType(), podID)
+		}
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("events = %v, want %v", got, want)
+		}
+	}
+}
+
+// vHive's Knative routing: user-container with GUEST_IMAGE runs in a vhive
+// function sandbox (oci backend, runc, netpool netns); queue-proxy is
+// created by containerd with GUEST_ADDR/GUEST_PORT pointing at it; removing
+// the pod tears the sandbox and its netns down.
+func TestKnativeRouting(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	pc := podConfig(t, e, "kn")
+	pr, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	podID := pr.GetPodSandboxId()
+	uc := busybox(UserContainer, "sleep", "1000")
+	uc.Command = nil
+	uc.Envs = []*runtimeapi.KeyValue{kv(EnvGuestImage, "docker.io/test/fn:1"), kv(EnvGuestPort, "50051"), kv(EnvRevision, "hello-00001")}
+	ucr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: uc, SandboxConfig: pc})
+	if err != nil {
+		t.Fatalf("create user-container: %v", err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: ucr.GetContainerId()}); err != nil {
+		t.Fatalf("start user-container: %v", err)
+	}
+	info, err := e.rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: ucr.GetContainerId(), Verbose: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.GetStatus().GetState() != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		t.Fatalf("user-container state %v", info.GetStatus().GetState())
+	}
+	c := e.srv.lookup(ucr.GetContainerId())
+	if c == nil || c.Kind != kindFunction {
+		t.Fatalf("user-container is not a vhive function container: %+v", c)
+	}
+	addr, port := splitEndpoint(c.Endpoint)
+	if port != "50051" {
+		t.Fatalf("function endpoint %q: port %q, want 50051", c.Endpoint, port)
+	}
+	waitFor(t, "function answers at its endpoint", func() (bool, error) {
+		body, err := httpGet("http://" + c.Endpoint + "/index.html")
+		return strings.TrimSpace(body) == "fn-ok", err
+	})
+
+	// As kubelet does, pull the queue-proxy image through the CRI first.
+	if _, err := e.img.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: "docker.io/test/busybox:1"}, SandboxConfig: pc}); err != nil {
+		t.Fatalf("PullImage: %v", err)
+	}
+	qp := busybox(QueueProxy, "sh", "-c", "echo addr=$GUEST_ADDR port=$GUEST_PORT; sleep 1000")
+	qpr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: qp, SandboxConfig: pc})
+	if err != nil {
+		t.Fatalf("create queue-proxy: %v", err)
+	}
+	if e.srv.lookup(qpr.GetContainerId()) != nil {
+		t.Fatal("queue-proxy was run by vhive; want containerd")
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: qpr.GetContainerId()}); err != nil {
+		t.Fatalf("start queue-proxy: %v", err)
+	}
+	want := "addr=" + addr + " port=50051"
+	waitFor(t, "queue-proxy env in its log", func() (bool, error) {
+		b, err := os.ReadFile(filepath.Join(pc.GetLogDirectory(), QueueProxy+".log"))
+		return strings.Contains(string(b), want), err
+	})
+	// Both containers are listed, vhive's and containerd's.
+	list, err := e.rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{PodSandboxId: podID}})
+	if err != nil || len(list.GetContainers()) != 2 {
+		t.Fatalf("ListContainers = %v, %v; want 2", list.GetContainers(), err)
+	}
+	if _, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: ucr.GetContainerId(), Cmd: []string{"true"}}); codeOf(err) != codes.Unimplemented {
+		t.Errorf("ExecSync in a function sandbox: %v, want Unimplemented", err)
+	}
+
+	if _, err := e.rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: podID}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.sb.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("function sandbox still running after StopPodSandbox")
+	}
+	if st := containerState(t, e, ucr.GetContainerId()); st.GetState() != runtimeapi.ContainerState_CONTAINER_EXITED {
+		t.Errorf("user-container after pod stop: %v", st.GetState())
+	}
+	if _, err := e.rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: podID}); err != nil {
+		t.Fatal(err)
+	}
+	if e.srv.lookup(ucr.GetContainerId()) != nil {
+		t.Error("user-container record left after RemovePodSandbox")
+	}
+	// The netpool keeps its one pre-created netns; the function's was
+	// returned to the pool, so exactly the pool's Size remains.
+	left, err := netpool.Leftovers(e.prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) > 2 { // one netns + one host veth
+		t.Errorf("netns/veths left after pod removal: %v", left)
+	}
+}
+
+// Bad input gets a clear gRPC code and leaves nothing behind.
+func TestBadInput(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	if _, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: &runtimeapi.PodSandboxConfig{}, RuntimeHandler: DefaultHandler}); codeOf(err) != codes.InvalidArgument {
+		t.Errorf("pod without metadata: %v, want InvalidArgument", err)
+	}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: "x", Config: &runtimeapi.ContainerConfig{}}); codeOf(err) != codes.InvalidArgument {
+		t.Errorf("container without metadata: %v, want InvalidArgument", err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: "no-such-container"}); codeOf(err) != codes.NotFound {
+		t.Errorf("start unknown container: %v, want NotFound", err)
+	}
+	if _, err := e.rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: "no-such-container"}); codeOf(err) != codes.NotFound {
+		t.Errorf("status of unknown container: %v, want NotFound", err)
+	}
+
+	podID, pc := runVhivePod(t, e, "bad")
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("dup", "true"), SandboxConfig: pc}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("dup", "true"), SandboxConfig: pc}); codeOf(err) != codes.AlreadyExists {
+		t.Errorf("duplicate name: %v, want AlreadyExists", err)
+	}
+	noimg := busybox("noimg", "true")
+	noimg.Image = nil
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: noimg, SandboxConfig: pc}); codeOf(err) != codes.InvalidArgument {
+		t.Errorf("no image: %v, want InvalidArgument", err)
+	}
+	missing := busybox("missing", "true")
+	missing.Image = &runtimeapi.ImageSpec{Image: "docker.io/test/nope:1"}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: missing, SandboxConfig: pc}); codeOf(err) != codes.NotFound {
+		t.Errorf("unknown image: %v, want NotFound", err)
+	}
+
+	// Knative pod with an unpullable GUEST_IMAGE: NotFound, no sandbox left.
+	kpc := podConfig(t, e, "badkn")
+	kp, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: kpc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc := busybox(UserContainer)
+	uc.Envs = []*runtimeapi.KeyValue{kv(EnvGuestImage, "docker.io/test/nope:1")}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: kp.GetPodSandboxId(), Config: uc, SandboxConfig: kpc}); codeOf(err) != codes.NotFound {
+		t.Errorf("unpullable GUEST_IMAGE: %v, want NotFound", err)
+	}
+	uc.Envs = []*runtimeapi.KeyValue{kv(EnvGuestImage, "docker.io/test/fn:1"), kv(EnvGuestPort, "http")}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: kp.GetPodSandboxId(), Config: uc, SandboxConfig: kpc}); codeOf(err) != codes.InvalidArgument {
+		t.Errorf("GUEST_PORT=http: %v, want InvalidArgument", err)
+	}
+	for _, c := range e.srv.mine() {
+		if c.PodID == kp.GetPodSandboxId() {
+			t.Errorf("container %q left after failed creates", c.ID)
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(e.state, "containers"))
+	if len(ents) != 1 { // only "dup"
+		t.Errorf("container dirs = %d, want 1 (dup)", len(ents))
+	}
+}
+
+// With containerd down every proxied call is Unavailable, and the handler is
+// refused when no OCI runtime is configured.
+func TestContainerdDownAndDisabledHandler(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.ContainerdEndpoint = filepath.Join(t.TempDir(), "no-containerd.sock")
+		c.OCIRuntime = ""
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := e.rt.Version(ctx, &runtimeapi.VersionRequest{}); codeOf(err) != codes.Unavailable {
+		t.Errorf("Version with containerd down: %v, want Unavailable", err)
+	}
+	if _, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podConfig(t, e, "down")}); codeOf(err) != codes.Unavailable {
+		t.Errorf("RunPodSandbox with containerd down: %v, want Unavailable", err)
+	}
+	_, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podConfig(t, e, "off"), RuntimeHandler: DefaultHandler})
+	if codeOf(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "no OCI runtime") {
+		t.Errorf("vhive handler without OCI runtime: %v, want InvalidArgument naming it", err)
+	}
+}
+
+// New validates its config.
+func TestNewValidates(t *testing.T) {
+	ctx := context.Background()
+	for name, cfg := range map[string]Config{
+		"no state dir":  {ContainerdEndpoint: "/x.sock", Images: nopImages{}},
+		"no containerd": {StateDir: t.TempDir(), Images: nopImages{}},
+		"no images":     {StateDir: t.TempDir(), ContainerdEndpoint: "/x.sock"},
+		"tcp endpoint":  {StateDir: t.TempDir(), ContainerdEndpoint: "tcp://127.0.0.1:1", Images: nopImages{}},
+		"bad runtime":   {StateDir: t.TempDir(), ContainerdEndpoint: "/x.sock", Images: nopImages{}, OCIRuntime: "/no/such/runc"},
+	} {
+		if _, err := New(ctx, cfg); err == nil {
+			t.Errorf("%s: New succeeded", name)
+		}
+	}
+}
+
+// A restarted server removes the containers the previous one left running
+// and keeps its vhive pods.
+func TestRestartCleansUp(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "restart")
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("long", "sleep", "1000"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cr.GetContainerId()
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	pid := e.srv.lookup(id).proc.pid
+	// A second server on the same state dir stands for the daemon after a
+	// crash of the first.
+	s2, err := New(ctx, e.srv.cfg)
+	if err != nil {
+		t.Fatalf("New after crash: %v", err)
+	}
+	defer s2.Close(ctx)
+	if _, err := os.Stat(filepath.Join(e.state, "containers", id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("container dir left after restart: %v", err)
+	}
+	waitFor(t, "old container process gone", func() (bool, error) {
+		_, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid)))
+		return errors.Is(err, os.ErrNotExist), err
+	})
+	if !s2.isVhivePod(podID) {
+		t.Error("vhive pod record lost across restart")
+	}
+	if s2.lookup(id) != nil {
+		t.Error("container record kept across restart")
+	}
+}
+
+type nopImages struct{}
+
+func (nopImages) Pull(context.Context, string) (image.Image, error) {
+	return image.Image{}, errors.New("no images here")
+}
