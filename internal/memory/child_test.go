@@ -48,6 +48,8 @@ type childConfig struct {
 	// Bench: after attaching, read one byte per page of Ops and report the
 	// elapsed time of attach + touch; no verification.
 	Bench bool `json:"bench"`
+	// WaitGo: print "READY" and wait for a line on stdin before attaching.
+	WaitGo bool `json:"wait_go"`
 }
 
 type childResult struct {
@@ -56,6 +58,7 @@ type childResult struct {
 	First      string `json:"first,omitempty"` // first mismatch
 	AttachNS   int64  `json:"attach_ns"`
 	TouchNS    int64  `json:"touch_ns"`
+	Sink       byte   `json:"sink"` // keeps the bench's loads alive
 }
 
 func childMain(cfgJSON string) int {
@@ -84,6 +87,13 @@ func runChild(cfg childConfig) (childResult, error) {
 	mem, err := unix.Mmap(-1, 0, int(cfg.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 	if err != nil {
 		return res, err
+	}
+	stdin := bufio.NewReader(os.Stdin)
+	if cfg.WaitGo {
+		fmt.Println("READY")
+		if _, err := stdin.ReadString('\n'); err != nil {
+			return res, err
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -127,7 +137,6 @@ func runChild(cfg childConfig) (childResult, error) {
 	}
 	t1 := time.Now()
 	var sink byte
-	stdin := bufio.NewReader(os.Stdin)
 	for _, o := range cfg.Ops {
 		n := max(o.N, 1)
 		switch o.Kind {
@@ -135,6 +144,7 @@ func runChild(cfg childConfig) (childResult, error) {
 			for p := o.Page; p < o.Page+n; p++ {
 				if cfg.Bench {
 					sink += mem[p*ps]
+					res.Touched++
 					continue
 				}
 				verify(p)
@@ -171,7 +181,7 @@ func runChild(cfg childConfig) (childResult, error) {
 		}
 	}
 	res.TouchNS = int64(time.Since(t1))
-	_ = sink
+	res.Sink = sink
 	return res, nil
 }
 

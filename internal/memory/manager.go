@@ -43,10 +43,15 @@ type Manager struct {
 	log     *slog.Logger
 	metrics *Metrics
 
+	bufs bufPool // WS file buffers
+
 	mu       sync.Mutex
 	restores map[string]*Restore
 	closed   bool
 }
+
+// maxIdleBuffers bounds the memory kept for reuse as WS read buffers.
+const maxIdleBuffers = 256 << 20
 
 // NewManager returns a Manager.
 func NewManager(cfg Config) (*Manager, error) {
@@ -54,7 +59,10 @@ func NewManager(cfg Config) (*Manager, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Manager{log: log.With("component", "memory"), metrics: cfg.Metrics, restores: map[string]*Restore{}}, nil
+	return &Manager{
+		log: log.With("component", "memory"), metrics: cfg.Metrics,
+		bufs: bufPool{maxIdle: maxIdleBuffers}, restores: map[string]*Restore{},
+	}, nil
 }
 
 // RestoreConfig describes one restore.
@@ -205,6 +213,7 @@ func (m *Manager) Close() error {
 	for _, r := range rs {
 		errs = append(errs, r.Close())
 	}
+	m.bufs.close()
 	return errors.Join(errs...)
 }
 

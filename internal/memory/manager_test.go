@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -26,9 +27,10 @@ const testPages = 4096 // 16 MiB memory file
 // isHolePage: pages left as holes in the sparse test memory file.
 func isHolePage(p uint64) bool { return p%16 == 5 || p%16 == 6 || p == testPages-1 }
 
-// writeMemFile writes a sparse memory file of pages pages: every data page
-// holds bytes derived from its number, hole pages are never written.
-func writeMemFile(t testing.TB, dir string, pages uint64) string {
+// writeMemFile writes a memory file of pages pages: every data page holds
+// bytes derived from its number; with holes, the pages isHolePage picks are
+// never written (the file is sparse).
+func writeMemFile(t testing.TB, dir string, pages uint64, holes bool) string {
 	t.Helper()
 	ps := uint64(os.Getpagesize())
 	path := filepath.Join(dir, "mem")
@@ -42,7 +44,7 @@ func writeMemFile(t testing.TB, dir string, pages uint64) string {
 	}
 	buf := make([]byte, ps)
 	for p := range pages {
-		if isHolePage(p) {
+		if holes && isHolePage(p) {
 			continue
 		}
 		x := p*0x9E3779B97F4A7C15 + 1
@@ -120,6 +122,11 @@ func distinctPages(ops []op) int {
 	return len(seen)
 }
 
+// testLogger logs through the test, shown only on failure or with -v.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
 type env struct {
 	dir, memFile string
 	mgr          *Manager
@@ -129,9 +136,9 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	testutil.RequiresRoot(t) // userfaultfd for kernel-mode faults needs CAP_SYS_PTRACE
 	e := &env{dir: t.TempDir()}
-	e.memFile = writeMemFile(t, e.dir, testPages)
+	e.memFile = writeMemFile(t, e.dir, testPages, true)
 	var err error
-	if e.mgr, err = NewManager(Config{}); err != nil {
+	if e.mgr, err = NewManager(Config{Logger: testLogger(t)}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.mgr.Close() })
@@ -504,7 +511,7 @@ func TestStartRejectsBadConfig(t *testing.T) {
 func TestMetricsRegistered(t *testing.T) {
 	testutil.RequiresRoot(t)
 	e := &env{dir: t.TempDir()}
-	e.memFile = writeMemFile(t, e.dir, testPages)
+	e.memFile = writeMemFile(t, e.dir, testPages, true)
 	reg := prometheus.NewRegistry()
 	met, err := NewMetrics(reg)
 	if err != nil {
@@ -513,7 +520,7 @@ func TestMetricsRegistered(t *testing.T) {
 	if _, err := NewMetrics(reg); err == nil {
 		t.Error("registering the collectors twice succeeded")
 	}
-	if e.mgr, err = NewManager(Config{Metrics: met}); err != nil {
+	if e.mgr, err = NewManager(Config{Logger: testLogger(t), Metrics: met}); err != nil {
 		t.Fatal(err)
 	}
 	defer e.mgr.Close()

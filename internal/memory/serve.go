@@ -146,7 +146,7 @@ func (r *Restore) isClosing() bool {
 func (s *server) fetch() {
 	r := s.r
 	t0 := time.Now()
-	buf, err := readWorkingSetFile(r.cfg.WorkingSet)
+	buf, err := readWorkingSetFile(r.cfg.WorkingSet, &r.mgr.bufs)
 	var ws *WorkingSet
 	if err == nil {
 		ws, err = ParseWorkingSet(buf.b)

@@ -1,0 +1,252 @@
+package memory
+
+import (
+	"context"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/testutil"
+	"vhive.dev/vhive/internal/uffd"
+)
+
+const (
+	benchPages = 65536 // 256 MiB of 4 KiB pages
+	benchWS    = benchPages / 10
+)
+
+// benchWorkingSet picks ~10% of the pages as clustered runs of 1–64 pages,
+// disjoint and not adjacent, returned as read ops in a shuffled order.
+func benchWorkingSet() []op {
+	r := rand.New(rand.NewPCG(42, 42))
+	used := make([]bool, benchPages)
+	var ops []op
+	total := uint64(0)
+	for total < benchWS {
+		n := min(1+r.Uint64N(64), benchWS-total)
+		p := r.Uint64N(benchPages - n - 1)
+		free := p > 0 && !used[p-1] && !used[p+n]
+		for i := p; free && i < p+n; i++ {
+			free = !used[i]
+		}
+		if !free {
+			continue
+		}
+		for i := p; i < p+n; i++ {
+			used[i] = true
+		}
+		ops = append(ops, op{Kind: "read", Page: p, N: n})
+		total += n
+	}
+	return ops
+}
+
+// benchChild starts a bench-mode child that waits for "go".
+func benchChild(b *testing.B, sock, memFile string, ops []op) *child {
+	c := startChild(b, childConfig{Socket: sock, MemFile: memFile, Size: benchPages * 4096, Ops: ops, Bench: true, WaitGo: true})
+	if l := c.line(b); l != "READY" {
+		b.Fatalf("child said %q; stderr: %s", l, c.stderr.String())
+	}
+	return c
+}
+
+func goAndWait(b *testing.B, c *child) childResult {
+	if _, err := c.stdin.Write([]byte("go\n")); err != nil {
+		b.Fatal(err)
+	}
+	return c.result(b)
+}
+
+// dropCache evicts path from the page cache (only that file), as vHive's
+// method drops the page cache before each cold start.
+func dropCache(b *testing.B, path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkREAP restores the same 10% working set of a 256 MiB memory file
+// three ways per iteration, interleaved so that noise from other load hits
+// all three alike:
+//
+//	lazy:  every page faulted and served on demand (1 page per fault)
+//	reap:  prefetch mode: WS file read (O_DIRECT) + verified + installed
+//	floor: a minimal loop: one pread of the WS file + one UFFDIO_COPY per run
+//
+// Each time runs from "go" to the child having touched every WS page (one
+// byte per page), the handshake included. cache=dropped evicts the memory
+// and WS files from the page cache before each restore (vHive's method);
+// cache=warm leaves them cached.
+func BenchmarkREAP(b *testing.B) {
+	testutil.RequiresRoot(b)
+	dir := b.TempDir()
+	memFile := writeMemFile(b, dir, benchPages, false)
+	ops := benchWorkingSet()
+	for _, drop := range []bool{true, false} {
+		name := "cache=dropped"
+		if !drop {
+			name = "cache=warm"
+		}
+		b.Run(name, func(b *testing.B) { benchREAP(b, dir, memFile, ops, drop) })
+	}
+}
+
+func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
+	m, err := NewManager(Config{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	wsPath := filepath.Join(dir, "ws")
+	floorBuf, err := unix.Mmap(-1, 0, 32<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Munmap(floorBuf)
+	cfg := func(id string, mode Mode) RestoreConfig {
+		return RestoreConfig{ID: id, Mode: mode, MemoryFile: memFile, SocketPath: filepath.Join(dir, id+".sock"), WorkingSet: filepath.Join(dir, "ws")}
+	}
+	restore := func(rc RestoreConfig) (childResult, Stats) {
+		c := benchChild(b, rc.SocketPath, memFile, ops)
+		if drop {
+			dropCache(b, memFile)
+			if rc.Mode == ModePrefetch {
+				dropCache(b, wsPath)
+			}
+		}
+		b.StartTimer()
+		r, err := m.Start(context.Background(), rc)
+		if err != nil {
+			b.Fatal(err)
+		}
+		res := goAndWait(b, c)
+		b.StopTimer()
+		<-r.Done()
+		if err := r.Close(); err != nil {
+			b.Fatal(err)
+		}
+		return res, r.Stats()
+	}
+
+	b.StopTimer()
+	if _, st := restore(cfg("record", ModeRecord)); st.RecPages != benchWS {
+		b.Fatalf("recorded %d pages, want %d (%+v)", st.RecPages, benchWS, st)
+	}
+	// One untimed prefetch fills the manager's buffer pool, as any earlier
+	// prefetch on a running daemon would (the floor's buffer, too, is
+	// allocated before timing).
+	restore(cfg("warmup", ModePrefetch))
+	wsBytes := int64(benchWS * 4096)
+
+	var lazyT, reapT, floorT time.Duration
+	var lat []time.Duration
+	var install, fetch time.Duration
+	for i := 0; i < b.N; i++ {
+		res, st := restore(cfg("lazy", ModeLazy))
+		lazyT += time.Duration(res.AttachNS + res.TouchNS)
+		lat = append(lat, st.FaultLatency...)
+		if st.Unique != benchWS {
+			b.Fatalf("lazy served %d pages, want %d", st.Unique, benchWS)
+		}
+
+		res, st = restore(cfg("reap", ModePrefetch))
+		reapT += time.Duration(res.AttachNS + res.TouchNS)
+		install += st.InstallWS
+		fetch += st.FetchState
+		if st.PrefetchFallback || st.Unique != 0 {
+			b.Fatalf("prefetch: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
+		}
+
+		if drop {
+			dropCache(b, wsPath)
+		}
+		floorT += floorRestore(b, filepath.Join(dir, "floor.sock"), wsPath, memFile, ops, floorBuf)
+	}
+	n := float64(b.N)
+	ms := func(d time.Duration) float64 { return float64(d) / n / 1e6 }
+	b.ReportMetric(ms(lazyT), "lazy-ms")
+	b.ReportMetric(ms(reapT), "reap-ms")
+	b.ReportMetric(ms(floorT), "floor-ms")
+	b.ReportMetric(float64(reapT)/float64(floorT), "reap/floor")
+	b.ReportMetric(float64(lazyT)/float64(reapT), "lazy/reap")
+	b.ReportMetric(ms(fetch), "fetch-ms")
+	b.ReportMetric(ms(install), "install-ms")
+	b.ReportMetric(float64(wsBytes)*n/install.Seconds()/1e6, "install-MB/s")
+	b.ReportMetric(float64(wsBytes)*n/(install+fetch).Seconds()/1e6, "fetch+install-MB/s")
+	s := Stats{FaultLatency: lat}
+	b.ReportMetric(float64(s.Percentile(50))/1e3, "fault-p50-µs")
+	b.ReportMetric(float64(s.Percentile(99))/1e3, "fault-p99-µs")
+	b.ReportMetric(float64(lazyT)/n/benchWS/1e3, "lazy-µs/page")
+}
+
+// floorRestore is the raw floor: accept the handshake, one pread of the WS
+// file (O_DIRECT, as the manager) into a buffer allocated beforehand, one
+// UFFDIO_COPY (DONTWAKE) per run, one UFFDIO_WAKE, ack. No checksum, no
+// bookkeeping.
+func floorRestore(b *testing.B, sock, wsPath, memFile string, ops []op, buf []byte) time.Duration {
+	os.Remove(sock)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	c := benchChild(b, sock, memFile, ops)
+	b.StartTimer()
+	if _, err := c.stdin.Write([]byte("go\n")); err != nil {
+		b.Fatal(err)
+	}
+	conn, err := ln.AcceptUnix()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	h, err := recvHandshake(conn, benchPages*4096)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.uffd.Close()
+	fd, err := unix.Open(wsPath, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var st unix.Stat_t
+	unix.Fstat(fd, &st)
+	buf = buf[:st.Size]
+	if n, err := unix.Pread(fd, buf, 0); err != nil || int64(n) != st.Size {
+		b.Fatalf("pread: %d, %v", n, err)
+	}
+	unix.Close(fd)
+	nRuns := *(*uint64)(unsafe.Pointer(&buf[16]))
+	src := *(*uint64)(unsafe.Pointer(&buf[32])) // data offset
+	reg := h.regions[0]
+	for i := range nRuns {
+		off := *(*uint64)(unsafe.Pointer(&buf[wsHeaderSize+i*wsRunSize]))
+		n := *(*uint64)(unsafe.Pointer(&buf[wsHeaderSize+i*wsRunSize+8]))
+		if _, err := h.uffd.Copy(uintptr(reg.BaseHostVirtAddr+off-reg.Offset), uintptr(unsafe.Pointer(&buf[src])), n, uffd.ModeDontWake); err != nil {
+			b.Fatal(err)
+		}
+		src += n
+	}
+	if err := h.uffd.Wake(uintptr(reg.BaseHostVirtAddr), reg.Size); err != nil {
+		b.Fatal(err)
+	}
+	conn.Write([]byte(ackOK))
+	res := c.result(b)
+	b.StopTimer()
+	return time.Duration(res.AttachNS + res.TouchNS)
+}
