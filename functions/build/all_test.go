@@ -1,0 +1,104 @@
+package build
+
+import (
+	"bytes"
+	"context"
+	"debug/elf"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/api"
+	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
+)
+
+// recordPrefix is what each function answers to "record" (or, for
+// helloworld, "Hello, record!").
+var recordPrefix = map[string]string{
+	"helloworld":  "Hello, record!",
+	"aes":         "aes-ctr set=1 bytes=16384 sha256=",
+	"fibonacci":   "fib(10000) = 336447648764317832666216120051075433103021484606800639065647699746800814421666623681555955136337340255820653",
+	"json-serdes": "json-serdes set=1 records=100 bytes=",
+	"counter":     "count=1 checksum=",
+	"lookup":      "lookup subset=record chunks=924/1536 touched_mib=28.9 score=",
+	"heavyinit":   "heavyinit heap_mib=8 rounds=1 init_ms=",
+}
+
+// TestAllFunctions builds every example function for both targets: the Linux
+// binary must be a static ELF, and the wasm reactor must answer "record"
+// through the sdk ABI under wazero.
+func TestAllFunctions(t *testing.T) {
+	if len(recordPrefix) != len(Names()) {
+		t.Fatalf("recordPrefix covers %d functions, Names has %d", len(recordPrefix), len(Names()))
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	for _, fn := range Names() {
+		t.Run(fn, func(t *testing.T) {
+			bin := filepath.Join(dir, fn)
+			if err := BuildBinary(ctx, Options{Function: fn}, TargetLinux, bin); err != nil {
+				t.Fatal(err)
+			}
+			ef, err := elf.Open(bin)
+			if err != nil {
+				t.Fatalf("not ELF: %v", err)
+			}
+			for _, p := range ef.Progs {
+				if p.Type == elf.PT_INTERP {
+					t.Errorf("%s is dynamically linked", fn)
+				}
+			}
+			ef.Close()
+
+			mod := filepath.Join(dir, fn+".wasm")
+			if err := BuildBinary(ctx, Options{Function: fn}, TargetWasm, mod); err != nil {
+				t.Fatal(err)
+			}
+			wasm, err := os.ReadFile(mod)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, status := invokeWasm(t, wasm, "record")
+			if status != 0 || !strings.HasPrefix(out, recordPrefix[fn]) {
+				t.Errorf("wasm %s(record) = %.120q (status %d), want prefix %.120q", fn, out, status, recordPrefix[fn])
+			}
+		})
+	}
+}
+
+// invokeWasm runs one call of a reactor module (with HEAVYINIT_HEAP_MIB=8 in
+// its environment) and returns the reply and vhive_status.
+func invokeWasm(t *testing.T, module []byte, payload string) (string, uint32) {
+	t.Helper()
+	ctx := context.Background()
+	rt := wazero.NewRuntime(ctx)
+	defer rt.Close(ctx)
+	wasi_snapshot_preview1.MustInstantiate(ctx, rt)
+	var stderr bytes.Buffer
+	mod, err := rt.InstantiateWithConfig(ctx, module, wazero.NewModuleConfig().WithStartFunctions().
+		WithSysNanotime().WithSysWalltime().WithEnv("HEAVYINIT_HEAP_MIB", "8").WithStderr(&stderr))
+	if err != nil {
+		t.Fatalf("instantiate: %v", err)
+	}
+	call := func(fn string, args ...uint64) uint64 {
+		res, err := mod.ExportedFunction(fn).Call(ctx, args...)
+		if err != nil {
+			t.Fatalf("%s: %v (stderr: %s)", fn, err, stderr.String())
+		}
+		if len(res) == 0 {
+			return 0
+		}
+		return res[0]
+	}
+	call("_initialize")
+	ptr := uint32(call("vhive_alloc", api.EncodeI32(int32(len(payload)))))
+	mod.Memory().Write(ptr, []byte(payload))
+	packed := call("vhive_handle", uint64(ptr), api.EncodeI32(int32(len(payload))))
+	out, ok := mod.Memory().Read(uint32(packed>>32), uint32(packed))
+	if !ok {
+		t.Fatalf("response out of range")
+	}
+	return string(out), uint32(call("vhive_status"))
+}
