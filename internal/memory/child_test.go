@@ -7,14 +7,18 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/uffd"
 )
 
 // The tests re-execute the test binary as the sandbox process: it maps
@@ -50,6 +54,10 @@ type childConfig struct {
 	Bench bool `json:"bench"`
 	// WaitGo: print "READY" and wait for a line on stdin before attaching.
 	WaitGo bool `json:"wait_go"`
+	// Firecracker: behave like Firecracker instead of using Attach — two
+	// regions with the mapping's halves swapped in the file, only the
+	// deprecated page_size_kib set, and no waiting for the manager's ack.
+	Firecracker bool `json:"firecracker"`
 }
 
 type childResult struct {
@@ -98,11 +106,38 @@ func runChild(cfg childConfig) (childResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	t0 := time.Now()
-	c, err := Attach(ctx, cfg.Socket, mem, cfg.Offset)
-	if err != nil {
-		return res, err
+	fileOff := func(p uint64) uint64 { return cfg.Offset + p*ps }
+	if cfg.Firecracker {
+		half := cfg.Size / 2
+		fileOff = func(p uint64) uint64 { return (p*ps + half) % cfg.Size }
+		u, err := uffd.New(uffd.FeatureEventRemove)
+		if err != nil {
+			return res, err
+		}
+		defer u.Close()
+		base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+		if err := u.Register(uintptr(base), uintptr(cfg.Size)); err != nil {
+			return res, err
+		}
+		conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: cfg.Socket, Net: "unix"})
+		if err != nil {
+			return res, err
+		}
+		defer conn.Close()
+		regions := []Region{
+			{BaseHostVirtAddr: base, Size: half, Offset: half, PageSizeKiB: ps},
+			{BaseHostVirtAddr: base + half, Size: half, Offset: 0, PageSizeKiB: ps},
+		}
+		if err := SendHandshake(conn, u.Int(), regions); err != nil {
+			return res, err
+		}
+	} else {
+		c, err := Attach(ctx, cfg.Socket, mem, cfg.Offset)
+		if err != nil {
+			return res, err
+		}
+		defer c.Close()
 	}
-	defer c.Close()
 	res.AttachNS = int64(time.Since(t0))
 
 	// state per page: 0 = memory file, 1 = zero (dontneed), 2 = written.
@@ -111,7 +146,7 @@ func runChild(cfg childConfig) (childResult, error) {
 	fill := func(p uint64) {
 		switch state[p] {
 		case 0:
-			n, _ := f.ReadAt(want, int64(cfg.Offset+p*ps))
+			n, _ := f.ReadAt(want, int64(fileOff(p)))
 			clear(want[n:])
 		case 1:
 			clear(want)

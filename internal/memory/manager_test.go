@@ -157,11 +157,17 @@ func (e *env) cfg(id string, mode Mode) RestoreConfig {
 // sides saw.
 func (e *env) run(t *testing.T, cfg RestoreConfig, ops []op) (childResult, Stats) {
 	t.Helper()
+	return e.runChild(t, cfg, childConfig{Ops: ops})
+}
+
+func (e *env) runChild(t *testing.T, cfg RestoreConfig, cc childConfig) (childResult, Stats) {
+	t.Helper()
 	r, err := e.mgr.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * uint64(os.Getpagesize()), Ops: ops})
+	cc.Socket, cc.MemFile, cc.Size = cfg.SocketPath, e.memFile, testPages*uint64(os.Getpagesize())
+	c := startChild(t, cc)
 	res := c.result(t)
 	select {
 	case <-r.Done():
@@ -547,5 +553,72 @@ func TestMetricsRegistered(t *testing.T) {
 		if got[name] != want {
 			t.Errorf("%s = %v, want %v", name, got[name], want)
 		}
+	}
+}
+
+// TestFirecrackerStylePeer: a peer that registers two regions mapped to the
+// file out of order, sends only the deprecated page_size_kib and never
+// waits for the ack — served lazily, then from a WS recorded by a
+// different (vhive-style) peer, which works because the WS is in memory-file
+// offsets.
+func TestFirecrackerStylePeer(t *testing.T) {
+	e := newEnv(t)
+	_, st := e.runChild(t, e.cfg("fc-lazy", ModeLazy), childConfig{Firecracker: true, Ops: append(clusteredOps(5, 40), removeOps()...)})
+	if st.Faults == 0 || st.Removes == 0 {
+		t.Fatalf("Faults=%d Removes=%d", st.Faults, st.Removes)
+	}
+
+	filePages := clusteredOps(6, 40)
+	e.run(t, e.cfg("record", ModeRecord), filePages)
+	// The same file pages, as pages of the swapped mapping.
+	var ops []op
+	const half = testPages / 2
+	for _, o := range filePages {
+		for p := o.Page; p < o.Page+o.N; p++ {
+			ops = append(ops, op{Kind: "read", Page: (p + half) % testPages, N: 1})
+		}
+	}
+	_, st = e.runChild(t, e.cfg("fc-prefetch", ModePrefetch), childConfig{Firecracker: true, Ops: ops})
+	touched := int64(distinctPages(filePages))
+	if st.PrefetchFallback || st.RecPages != touched || float64(touched-st.Unique) < 0.97*float64(touched) {
+		t.Errorf("prefetch: fallback %v, RecPages %d, Unique %d of %d touched", st.PrefetchFallback, st.RecPages, st.Unique, touched)
+	}
+}
+
+// TestServeOne runs the standalone page server for one restore until its
+// peer exits.
+func TestServeOne(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg("one", ModeRecord)
+	type out struct {
+		st  Stats
+		err error
+	}
+	ch := make(chan out, 1)
+	go func() {
+		st, err := ServeOne(context.Background(), cfg, testLogger(t))
+		ch <- out{st, err}
+	}()
+	// ServeOne listens asynchronously: wait for its socket.
+	for range 200 {
+		if _, err := os.Stat(cfg.SocketPath); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096, Ops: seqOps(0, 100)})
+	if res := c.result(t); res.Mismatches != 0 {
+		t.Fatalf("mismatches: %s", res.First)
+	}
+	select {
+	case o := <-ch:
+		if o.err != nil || o.st.Unique != 100 || o.st.RecPages != 100 {
+			t.Fatalf("ServeOne = %v, Unique %d, RecPages %d", o.err, o.st.Unique, o.st.RecPages)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("ServeOne still running a minute after its peer exited")
+	}
+	if _, err := os.Stat(cfg.WorkingSet); err != nil {
+		t.Fatalf("working set not written: %v", err)
 	}
 }
