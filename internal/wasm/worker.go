@@ -387,7 +387,7 @@ func (w *worker) restore(ctx context.Context, compiled wazero.CompiledModule, re
 			f.Close()
 		}
 	case RestoreUffd:
-		inst.uffd, err = registerUffd(reg.mem[:st.MemorySize], r.UffdSocket)
+		inst.uffd, err = registerUffd(ctx, reg.mem[:st.MemorySize], r.UffdSocket)
 	default:
 		err = fmt.Errorf("unknown restore mode %q (want %s, %s or %s)", r.Mode, RestoreCopy, RestoreMmap, RestoreUffd)
 	}

@@ -5,7 +5,8 @@
 // that these tests depend on nothing outside the package). It is stateful on
 // purpose: a counter, a table built at init (VHIVE_TABLE_MB, default 1 MiB)
 // and a goroutine fed through a channel, so that a snapshot that loses any of
-// them gives a different answer.
+// them gives a different answer. At init, VHIVE_TEST_STDERR is written to
+// stderr and VHIVE_TEST_EXIT (any value) makes the guest exit with status 3.
 //
 // Requests (the request bytes):
 //
@@ -127,6 +128,12 @@ func handle(req string) (string, error) {
 // init, not main: in a -buildmode=c-shared reactor _initialize runs the
 // package initialisers; main.main is never called.
 func init() {
+	if m := os.Getenv("VHIVE_TEST_STDERR"); m != "" {
+		fmt.Fprintln(os.Stderr, m)
+	}
+	if os.Getenv("VHIVE_TEST_EXIT") != "" {
+		os.Exit(3)
+	}
 	mb := 1
 	if s := os.Getenv("VHIVE_TABLE_MB"); s != "" {
 		mb, _ = strconv.Atoi(s)
