@@ -70,7 +70,12 @@ func tarBytes(t testing.TB, entries ...entry) []byte {
 // layer builds a gzip-compressed OCI tar layer.
 func layer(t testing.TB, entries ...entry) v1.Layer {
 	t.Helper()
-	b := tarBytes(t, entries...)
+	return layerFromBytes(t, tarBytes(t, entries...))
+}
+
+// layerFromBytes makes a gzip-compressed OCI layer of an uncompressed tar.
+func layerFromBytes(t testing.TB, b []byte) v1.Layer {
+	t.Helper()
 	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
 		return io.NopCloser(bytes.NewReader(b)), nil
 	}, tarball.WithMediaType(types.OCILayer))

@@ -12,6 +12,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -57,6 +59,8 @@ type unpacker struct {
 	dirs map[string]bool
 	// written holds the paths the current layer wrote, for opaque markers.
 	written map[string]bool
+	buf     []byte // copy buffer
+	roots   map[string]*os.Root
 }
 
 func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
@@ -66,6 +70,8 @@ func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
 		maxLayer: maxLayer,
 		chown:    os.Geteuid() == 0,
 		dirTimes: map[string]time.Time{},
+		buf:      make([]byte, 256<<10),
+		roots:    map[string]*os.Root{},
 	}
 }
 
@@ -73,6 +79,7 @@ func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
 func (u *unpacker) applyLayer(ctx context.Context, layer string, r io.Reader) error {
 	u.dirs = map[string]bool{".": true}
 	u.written = map[string]bool{}
+	defer u.closeDirs()
 	lr := &limitReader{r: r, n: u.maxLayer}
 	tr := tar.NewReader(lr)
 	last := ""
@@ -150,29 +157,22 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		}
 		u.dirs[dir] = true
 	}
-	// Replace whatever is there, except a directory by a directory.
-	if p != "." {
-		fi, err := u.root.Lstat(p)
-		switch {
-		case err == nil:
-			if !(fi.IsDir() && hdr.Typeflag == tar.TypeDir) {
-				if err := u.root.RemoveAll(p); err != nil {
-					return pathError(layer, hdr, "replace existing entry", err)
-				}
-				u.forget(p)
-			}
-		case errors.Is(err, fs.ErrNotExist):
-		default:
-			return pathError(layer, hdr, "inspect existing entry", err)
-		}
-	}
 	u.written[p] = true
 
 	mode := hdr.FileInfo().Mode() & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 	switch hdr.Typeflag {
 	case tar.TypeDir:
 		if p != "." {
-			if err := u.root.Mkdir(p, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			err := u.root.Mkdir(p, 0o700)
+			if errors.Is(err, fs.ErrExist) {
+				// Keep a directory (merging layers); replace anything else.
+				if fi, lerr := u.root.Lstat(p); lerr == nil && fi.IsDir() {
+					err = nil
+				} else if err = u.replace(p); err == nil {
+					err = u.root.Mkdir(p, 0o700)
+				}
+			}
+			if err != nil {
 				return pathError(layer, hdr, "create directory", err)
 			}
 		}
@@ -182,11 +182,21 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		}
 		u.dirTimes[p] = hdr.ModTime
 	case tar.TypeReg, '\x00':
-		f, err := u.root.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		pr, err := u.parent(dir)
+		if err != nil {
+			return pathError(layer, hdr, "open parent directory", err)
+		}
+		f, err := pr.OpenFile(base, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			if err = u.replace(p); err == nil {
+				f, err = pr.OpenFile(base, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			}
+		}
 		if err != nil {
 			return pathError(layer, hdr, "create file", err)
 		}
-		n, err := io.Copy(f, tr)
+		// Hide ReadFrom so that CopyBuffer uses our buffer.
+		n, err := io.CopyBuffer(struct{ io.Writer }{f}, tr, u.buf)
 		if err == nil && n != hdr.Size {
 			err = io.ErrUnexpectedEOF
 		}
@@ -195,6 +205,9 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		}
 		if err == nil {
 			err = f.Chmod(mode) // after chown, which clears setuid/setgid
+		}
+		if err == nil {
+			err = setTimes(f, hdr.AccessTime, hdr.ModTime)
 		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
@@ -205,14 +218,17 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 			}
 			return fmt.Errorf("layer %s: entry %q: write file: %w", layer, hdr.Name, err)
 		}
-		if err := u.root.Chtimes(p, hdr.AccessTime, hdr.ModTime); err != nil {
-			return pathError(layer, hdr, "set file times", err)
-		}
 	case tar.TypeSymlink:
 		if hdr.Linkname == "" || strings.IndexByte(hdr.Linkname, 0) >= 0 {
 			return unsafe(layer, hdr, fmt.Sprintf("bad symlink target %q", hdr.Linkname), nil)
 		}
-		if err := u.root.Symlink(hdr.Linkname, p); err != nil {
+		err := u.root.Symlink(hdr.Linkname, p)
+		if errors.Is(err, fs.ErrExist) {
+			if err = u.replace(p); err == nil {
+				err = u.root.Symlink(hdr.Linkname, p)
+			}
+		}
+		if err != nil {
 			return pathError(layer, hdr, "create symlink", err)
 		}
 		if u.chown {
@@ -228,9 +244,49 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		if target == "." {
 			return unsafe(layer, hdr, "hard link to the rootfs directory", nil)
 		}
-		if err := u.root.Link(target, p); err != nil {
+		err = u.root.Link(target, p)
+		if errors.Is(err, fs.ErrExist) {
+			if err = u.replace(p); err == nil {
+				err = u.root.Link(target, p)
+			}
+		}
+		if err != nil {
 			return pathError(layer, hdr, fmt.Sprintf("hard link to %q", hdr.Linkname), err)
 		}
+	}
+	return nil
+}
+
+// replace removes what a lower layer left at p (never following a symlink
+// at p: RemoveAll removes the link itself).
+func (u *unpacker) replace(p string) error {
+	if err := u.root.RemoveAll(p); err != nil {
+		return err
+	}
+	u.forget(p)
+	delete(u.dirTimes, p)
+	return nil
+}
+
+// setTimes sets a file's times through its descriptor (utimensat with
+// AT_EMPTY_PATH), so no path is resolved again.
+func setTimes(f *os.File, atime, mtime time.Time) error {
+	if atime.IsZero() {
+		atime = mtime
+	}
+	ts := []unix.Timespec{unix.NsecToTimespec(atime.UnixNano()), unix.NsecToTimespec(mtime.UnixNano())}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.UtimesNanoAt(int(fd), "", ts, unix.AT_EMPTY_PATH)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set times: %w", serr)
 	}
 	return nil
 }
@@ -251,6 +307,44 @@ func (u *unpacker) forget(p string) {
 		if d == p || strings.HasPrefix(d, p+"/") {
 			delete(u.dirs, d)
 		}
+	}
+	for d, r := range u.roots {
+		if d == p || strings.HasPrefix(d, p+"/") {
+			r.Close()
+			delete(u.roots, d)
+		}
+	}
+}
+
+// maxOpenDirs bounds the cache of open parent directories.
+const maxOpenDirs = 64
+
+// parent returns an os.Root on directory dir of the rootfs, cached so that
+// the files of one directory do not re-walk its path. A cached Root holds
+// the directory itself: even if a later entry replaced the path (forget
+// drops it then) it could only reach that directory, never outside.
+func (u *unpacker) parent(dir string) (*os.Root, error) {
+	if dir == "." {
+		return u.root, nil
+	}
+	if r := u.roots[dir]; r != nil {
+		return r, nil
+	}
+	if len(u.roots) >= maxOpenDirs {
+		u.closeDirs()
+	}
+	r, err := u.root.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	u.roots[dir] = r
+	return r, nil
+}
+
+func (u *unpacker) closeDirs() {
+	for d, r := range u.roots {
+		r.Close()
+		delete(u.roots, d)
 	}
 }
 
