@@ -58,3 +58,21 @@ func BenchmarkReplay(b *testing.B) {
 		}
 	}
 }
+
+// FuzzCanonical: a reply is itself a document whose canonical form is the
+// reply (idempotence), and no input panics.
+func FuzzCanonical(f *testing.F) {
+	for _, s := range []string{`{"b":1,"a":[true,null]}`, `1.50`, `"\u00e9"`, `[{"x":{}}]`, `{`, ``} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out, err := canonical(in)
+		if err != nil {
+			return
+		}
+		again, err := canonical(out)
+		if err != nil || again != out {
+			t.Fatalf("canonical(%q) = %q, but canonical of that = %q, %v", in, out, again, err)
+		}
+	})
+}

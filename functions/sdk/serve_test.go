@@ -159,7 +159,7 @@ func TestGuestPort(t *testing.T) {
 }
 
 // goTool returns the go command (go test puts GOROOT/bin first in PATH).
-func goTool(t *testing.T) string {
+func goTool(t testing.TB) string {
 	t.Helper()
 	p, err := exec.LookPath("go")
 	if err != nil {
@@ -169,7 +169,7 @@ func goTool(t *testing.T) string {
 }
 
 // buildEcho builds testdata/echo for goos/goarch into a temp dir.
-func buildEcho(t *testing.T, goos, goarch string, extra ...string) string {
+func buildEcho(t testing.TB, goos, goarch string, extra ...string) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "echo")
 	args := append([]string{"build", "-o", out}, extra...)

@@ -15,11 +15,11 @@ import (
 // reactor is testdata/echo built as a wasip1 reactor and instantiated the
 // way the vhive wasm host does it: no start functions, then _initialize.
 type reactor struct {
-	t   *testing.T
+	t   testing.TB
 	mod api.Module
 }
 
-func newReactor(t *testing.T) *reactor {
+func newReactor(t testing.TB) *reactor {
 	t.Helper()
 	wasm, err := os.ReadFile(buildEcho(t, "wasip1", "wasm", "-buildmode=c-shared"))
 	if err != nil {
