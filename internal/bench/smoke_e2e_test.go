@@ -1,0 +1,244 @@
+//go:build e2e
+
+// The bench smoke test: the real vhive binary's `bench coldstart`,
+// `deployer` and `invoker` commands against a real daemon (runc, gVisor and
+// wasm when the daemon has them) with the helloworld images, 1 iteration of
+// every start mode. Run with:
+//
+//	go test -tags e2e -count=1 -timeout 30m -run TestBenchSmoke ./internal/bench/
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"vhive.dev/vhive/functions/build"
+	"vhive.dev/vhive/internal/daemon"
+	"vhive.dev/vhive/internal/testutil"
+)
+
+func moduleDir(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// run runs the vhive binary and returns its stdout; a failure shows both
+// streams.
+func run(t *testing.T, ctx context.Context, bin string, args ...string) string {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	t.Logf("$ vhive %s", strings.Join(args, " "))
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("vhive %s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
+	}
+	t.Logf("stdout:\n%s", stdout.String())
+	return stdout.String()
+}
+
+func TestBenchSmoke(t *testing.T) {
+	testutil.RequiresRoot(t)
+	runsc, runc := testutil.RunscPath(t), testutil.RuncPath(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	defer cancel()
+	tmp := t.TempDir()
+
+	// The real binary: the CLI under test and the wasm worker.
+	bin := filepath.Join(tmp, "vhive")
+	gb := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/vhive")
+	gb.Dir = moduleDir(t)
+	if out, err := gb.CombinedOutput(); err != nil {
+		t.Fatalf("build vhive: %v\n%s", err, out)
+	}
+	images := filepath.Join(tmp, "images")
+	if _, err := build.BuildFunction(ctx, build.Options{
+		Function: "helloworld", Targets: []build.Target{build.TargetLinux, build.TargetWasm},
+		Formats: []build.Format{build.FormatLayout}, OutDir: images,
+	}); err != nil {
+		t.Fatalf("build helloworld images: %v", err)
+	}
+
+	state := filepath.Join(tmp, "state")
+	sock := filepath.Join(tmp, "vhive.sock")
+	gateway := freeAddr(t)
+	dctx, dcancel := context.WithCancel(context.Background())
+	cfg := daemon.Config{
+		StateDir: state, Socket: sock, Gateway: gateway,
+		RunscPath: runsc, RuncPath: runc,
+		WasmWorker:  []string{bin, "internal", "wasm-worker"},
+		NetPoolSize: 2,
+		NetPrefix:   "vb" + strconv.Itoa(os.Getpid()%10000),
+		Subnet:      netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 150+os.Getpid()%50, rand.IntN(250))),
+	}
+	// On a machine shared with other daemons, start-up can fail while
+	// their instances are alive (their cgroups are busy); retry a while.
+	var d *daemon.Daemon
+	for attempt := 1; ; attempt++ {
+		var err error
+		d, err = newDaemon(dctx, cfg)
+		if err == nil {
+			break
+		}
+		if attempt == 10 {
+			dcancel()
+			t.Fatalf("daemon.New: %v", err)
+		}
+		t.Logf("daemon.New attempt %d: %v; retrying", attempt, err)
+		time.Sleep(15 * time.Second)
+	}
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(dctx) }()
+	t.Cleanup(func() {
+		dcancel()
+		if err := <-served; err != nil {
+			t.Errorf("daemon.Serve: %v", err)
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon socket %s did not appear", sock)
+		}
+	}
+
+	// 1. bench coldstart: every sandbox × every mode, one iteration.
+	out := filepath.Join(tmp, "results")
+	table := run(t, ctx, bin, "--socket", sock, "bench", "coldstart",
+		"--functions", "helloworld", "--sandbox", "runc,gvisor,wasm",
+		"--modes", "boot,snapshot,lazy,reap,warm", "--iterations", "1",
+		"--images", images, "--out", out, "--no-progress", "--runsc", runsc, "--runc", runc)
+	if !strings.Contains(table, "helloworld") {
+		t.Errorf("no table on stdout")
+	}
+	cells := readCSV(t, filepath.Join(out, StatusFile))
+	if len(cells) != 1+15 {
+		t.Fatalf("cells.csv has %d rows, want 15 cells:\n%v", len(cells)-1, cells)
+	}
+	ok := map[string]int{}
+	for _, c := range cells[1:] {
+		switch c[3] {
+		case StatusOK:
+			ok[c[1]]++
+		case StatusUnsupported:
+			t.Logf("unsupported: %s %s: %s", c[1], c[2], c[4])
+		default:
+			t.Errorf("cell %s/%s %s: %s", c[1], c[2], c[3], c[4])
+		}
+	}
+	for _, sb := range []string{"runc", "gvisor"} {
+		if ok[sb] < 2 {
+			t.Errorf("sandbox %s: only %d cells measured; boot and warm at least must work", sb, ok[sb])
+		}
+		rows := readCSV(t, filepath.Join(out, MeanStdFile(sb, ModeBoot)))
+		if len(rows) != 2 || rows[0][0] != "FuncName" || rows[1][0] != "helloworld" || rows[0][len(rows[0])-2] != "Total" {
+			t.Errorf("%s boot mean/std CSV: %v", sb, rows)
+		}
+		if tot, err := strconv.Atoi(rows[1][len(rows[1])-2]); err != nil || tot <= 0 {
+			t.Errorf("%s boot total %q: want a positive number of µs", sb, rows[1][len(rows[1])-2])
+		}
+		for _, ext := range []string{".png", ".svg"} {
+			if fi, err := os.Stat(filepath.Join(out, "coldstart-"+sb+ext)); err != nil || fi.Size() == 0 {
+				t.Errorf("plot coldstart-%s%s missing", sb, ext)
+			}
+		}
+	}
+	mem := readCSV(t, filepath.Join(out, MemoryFile))
+	if len(mem) < 2 {
+		t.Errorf("memory.csv has no footprint rows")
+	}
+	var ri RunInfo
+	b, err := os.ReadFile(filepath.Join(out, RunInfoFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &ri); err != nil || ri.Machine.CPUs == 0 || !strings.Contains(ri.Versions.Runsc, "runsc") {
+		t.Errorf("run.json: %v %+v", err, ri)
+	}
+
+	// 2. deployer + invoker through the gateway, routed by :authority.
+	fj := filepath.Join(tmp, "functions.json")
+	if err := os.WriteFile(fj, []byte(`{"functions":[{"name":"hello","file":"localhost/vhive/helloworld:latest","count":2}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eps := filepath.Join(tmp, "endpoints.json")
+	run(t, ctx, bin, "deployer", "-socket", sock, "-jsonFile", fj, "-endpointsFile", eps, "-sandbox", "runc")
+	lat := filepath.Join(tmp, "lat.csv")
+	reqs := filepath.Join(tmp, "requests.csv")
+	report := run(t, ctx, bin, "invoker", "-endpointsFile", eps, "-addr", gateway, "-rps", "4", "-time", "3",
+		"-latf", lat, "-reqf", reqs, "-no-progress")
+	rows := readCSV(t, reqs)
+	var okN, cold int
+	for _, r := range rows[1:] {
+		if r[4] == "OK" {
+			okN++
+		} else {
+			t.Errorf("request %s to %s: %s %s", r[0], r[1], r[4], r[7])
+		}
+		if r[5] == "true" {
+			cold++
+		}
+	}
+	if len(rows)-1 < 10 || okN != len(rows)-1 {
+		t.Errorf("%d requests, %d OK; want about 12, all OK\n%s", len(rows)-1, okN, report)
+	}
+	if cold < 2 {
+		t.Errorf("%d cold starts reported by the gateway, want at least 2 (one per function copy)", cold)
+	}
+	matches, _ := filepath.Glob(filepath.Join(tmp, "rps*_lat.csv"))
+	if len(matches) != 1 {
+		t.Fatalf("latency file: %v", matches)
+	}
+	f, err := os.Open(matches[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n := 0
+	for sc := bufio.NewScanner(f); sc.Scan(); n++ {
+		if v, err := strconv.Atoi(sc.Text()); err != nil || v <= 0 {
+			t.Fatalf("latency line %q", sc.Text())
+		}
+	}
+	if n != okN {
+		t.Errorf("latency file has %d lines, %d requests completed", n, okN)
+	}
+}
+
+// newDaemon calls daemon.New, turning a panic into an error.
+func newDaemon(ctx context.Context, cfg daemon.Config) (d *daemon.Daemon, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("daemon.New panicked: %v", r)
+		}
+	}()
+	return daemon.New(ctx, cfg)
+}
