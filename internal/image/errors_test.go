@@ -6,11 +6,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
@@ -172,3 +174,69 @@ func TestRegistryDown(t *testing.T) {
 }
 
 func sixtyfour(c byte) string { return string(bytes.Repeat([]byte{c}, 64)) }
+
+func withPlatform(t *testing.T, img v1.Image, os, arch string) v1.Image {
+	t.Helper()
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = os, arch
+	out, err := mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestPlatformSelection(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	native := buildImage(t, v1.Config{}, layer(t, file("arch", "native", 0o644)))
+	foreign := withPlatform(t, buildImage(t, v1.Config{}, layer(t, file("arch", "foreign", 0o644))), "linux", "s390x")
+	if runtime.GOARCH == "s390x" {
+		t.Skip("the foreign architecture of this test is the native one")
+	}
+	idx := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: foreign, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}},
+		mutate.IndexAddendum{Add: native, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: runtime.GOARCH}}},
+	)
+	r, err := name.ParseReference(host + "/fn/multi:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.WriteIndex(r, idx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.svc.Pull(ctx, r.String())
+	if err != nil {
+		t.Fatalf("Pull(index): %v", err)
+	}
+	if got.Digest != imageDigest(t, native) || readFile(t, filepath.Join(got.Rootfs, "arch")) != "native" {
+		t.Errorf("Pull(index) chose %s", got.Digest)
+	}
+
+	// A single foreign-platform image, an index with nothing runnable, and a
+	// wasi image without a module are refused.
+	onlyForeign := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: foreign, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}})
+	r2, _ := name.ParseReference(host + "/fn/multi:foreign")
+	if err := remote.WriteIndex(r2, onlyForeign); err != nil {
+		t.Fatal(err)
+	}
+	wasiNoModule := withPlatform(t, buildImage(t, v1.Config{}, layer(t, file("x", "x", 0o644))), "wasip1", "wasm")
+	for _, ref := range []string{
+		push(t, host, "fn/foreign:v1", foreign),
+		r2.String(),
+		push(t, host, "fn/wasinomodule:v1", wasiNoModule),
+	} {
+		if _, err := e.svc.Pull(ctx, ref); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Pull(%s) err = %v, want ErrInvalid", ref, err)
+		} else {
+			t.Logf("Pull(%s): %v", ref, err)
+		}
+	}
+	e.checkTmpEmpty(t)
+}

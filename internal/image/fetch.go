@@ -2,6 +2,8 @@ package image
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -223,6 +225,13 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 	if err != nil {
 		return nil, fmt.Errorf("image: %s: read manifest: %w", dgst, err)
 	}
+	want, err := v1.NewHash(dgst)
+	if err != nil {
+		return nil, fmt.Errorf("image: %s: %v: %w", dgst, err, ErrInvalid)
+	}
+	if err := checkDigest("manifest", rawManifest, want); err != nil {
+		return nil, fmt.Errorf("image: %s: %w", dgst, err)
+	}
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("image: %s: malformed manifest: %v: %w", dgst, err, ErrInvalid)
@@ -231,9 +240,16 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 	if err != nil {
 		return nil, fmt.Errorf("image: %s: read config %s: %w", dgst, m.Config.Digest, err)
 	}
+	if err := checkDigest("config "+m.Config.Digest.String(), rawConfig, m.Config.Digest); err != nil {
+		return nil, fmt.Errorf("image: %s: %w", dgst, err)
+	}
 	cfg, err := img.ConfigFile()
 	if err != nil {
 		return nil, fmt.Errorf("image: %s: malformed config %s: %v: %w", dgst, m.Config.Digest, err, ErrInvalid)
+	}
+	wasi := cfg.OS == "wasi" || cfg.OS == "wasip1" || cfg.OS == "wasip2"
+	if !wasi && ((cfg.OS != "" && cfg.OS != "linux") || (cfg.Architecture != "" && cfg.Architecture != runtime.GOARCH)) {
+		return nil, fmt.Errorf("image: %s: built for %s/%s, this node runs linux/%s: %w", dgst, cfg.OS, cfg.Architecture, runtime.GOARCH, ErrInvalid)
 	}
 	layers, err := img.Layers()
 	if err != nil {
@@ -287,7 +303,7 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 			if rec.Module != "" {
 				return nil, fmt.Errorf("image: %s: more than one wasm layer (second: %s): %w", dgst, ldg, ErrInvalid)
 			}
-			if err := s.writeModule(ctx, filepath.Join(tmp, WasmModuleFile), ldg.String(), l); err != nil {
+			if err := s.writeModule(ctx, filepath.Join(tmp, WasmModuleFile), ldg, l); err != nil {
 				return nil, fmt.Errorf("image: %s: %w", dgst, err)
 			}
 			rec.Module, rec.Kind = WasmModuleFile, KindWasm
@@ -296,16 +312,17 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 		if !lmt.IsLayer() {
 			return nil, fmt.Errorf("image: %s: layer %s has unsupported media type %q: %w", dgst, ldg, lmt, ErrInvalid)
 		}
-		rc, err := l.Uncompressed()
+		lr, err := openLayer(l, ldg)
 		if err != nil {
 			return nil, fmt.Errorf("image: %s: open layer %s: %w", dgst, ldg, err)
 		}
-		err = u.applyLayer(ctx, ldg.String(), rc)
+		err = u.applyLayer(ctx, ldg.String(), lr)
 		if err == nil {
-			// Drain so that the digest of the compressed stream is verified.
-			_, err = io.Copy(io.Discard, rc)
+			if verr := lr.verify(); verr != nil {
+				err = fmt.Errorf("layer %s: %w", ldg, verr)
+			}
 		}
-		if cerr := rc.Close(); err == nil && cerr != nil {
+		if cerr := lr.Close(); err == nil && cerr != nil {
 			err = fmt.Errorf("layer %s: %w", ldg, cerr)
 		}
 		if err != nil {
@@ -335,6 +352,9 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 			rec.Module, rec.Kind = filepath.Join("rootfs", p), KindWasm
 		}
 	}
+	if wasi && rec.Kind != KindWasm {
+		return nil, fmt.Errorf("image: %s: %s image without a wasm module (no %s layer, no %s label): %w", dgst, cfg.OS, MediaTypeWasmLayer, LabelWasmModule, ErrInvalid)
+	}
 	if err := os.WriteFile(filepath.Join(tmp, "manifest.json"), rawManifest, 0o644); err != nil {
 		return nil, fmt.Errorf("image: %s: %w", dgst, err)
 	}
@@ -363,7 +383,11 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 }
 
 // writeModule stores a wasm layer blob as a file, within the layer limit.
-func (s *Service) writeModule(ctx context.Context, dst, layer string, l v1.Layer) error {
+func (s *Service) writeModule(ctx context.Context, dst string, ldg v1.Hash, l v1.Layer) error {
+	layer := ldg.String()
+	if ldg.Algorithm != "sha256" {
+		return fmt.Errorf("wasm layer %s: unsupported digest algorithm: %w", layer, ErrInvalid)
+	}
 	if sz, err := l.Size(); err == nil && sz > s.maxLayer {
 		return &UnsafeLayerError{Layer: layer, Path: WasmModuleFile, Reason: fmt.Sprintf("wasm layer of %d bytes exceeds the limit of %d", sz, s.maxLayer)}
 	}
@@ -376,9 +400,15 @@ func (s *Service) writeModule(ctx context.Context, dst, layer string, l v1.Layer
 	if err != nil {
 		return err
 	}
-	_, err = io.Copy(f, &limitReader{r: rc, n: s.maxLayer})
+	hr := &hashReader{r: rc, h: sha256.New()}
+	_, err = io.Copy(f, &limitReader{r: hr, n: s.maxLayer})
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil {
+		if got := hex.EncodeToString(hr.h.Sum(nil)); got != ldg.Hex {
+			err = fmt.Errorf("content has digest sha256:%s: %w", got, ErrInvalid)
+		}
 	}
 	if errors.Is(err, errLayerTooLarge) {
 		return &UnsafeLayerError{Layer: layer, Path: WasmModuleFile, Reason: fmt.Sprintf("wasm layer exceeds the limit of %d bytes", s.maxLayer)}

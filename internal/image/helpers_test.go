@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -109,7 +110,7 @@ func buildImage(t testing.TB, cfg v1.Config, layers ...v1.Layer) v1.Image {
 	}
 	cf = cf.DeepCopy()
 	cf.Config = cfg
-	cf.OS, cf.Architecture = "linux", "amd64"
+	cf.OS, cf.Architecture = "linux", runtime.GOARCH
 	cf.Created = v1.Time{Time: testTime}
 	img, err = mutate.ConfigFile(img, cf)
 	if err != nil {

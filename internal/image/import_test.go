@@ -2,6 +2,7 @@ package image
 
 import (
 	"archive/tar"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -197,4 +199,52 @@ func TestImportBadInput(t *testing.T) {
 	}
 	e.checkCanary(t)
 	e.checkTmpEmpty(t)
+}
+
+// A forged OCI layout — content that does not match the digests its manifest
+// names — must not be stored: a later pull of the genuine digest would be
+// served from the cache.
+func TestImportForgedLayoutRejected(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	l := layer(t, file("app", "genuine", 0o755))
+	img := buildImage(t, v1.Config{Cmd: []string{"/app"}}, l)
+	evil := layerFromBytes(t, tarBytes(t, file("app", "forged!", 0o755)))
+	evilBlob, _ := evil.Compressed()
+	evilBytes, _ := io.ReadAll(evilBlob)
+	cfgName, _ := img.ConfigName()
+	rawCfg, _ := img.RawConfigFile()
+
+	for _, tc := range []struct {
+		name   string
+		forge  func(dir string)
+		digest string
+	}{
+		{"layer", func(dir string) {
+			if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", strings.TrimPrefix(layerDigest(t, l), "sha256:")), evilBytes, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, layerDigest(t, l)},
+		{"config", func(dir string) {
+			forged := bytes.Replace(rawCfg, []byte(`"/app"`), []byte(`"/sh"`), 1)
+			if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", cfgName.Hex), forged, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, cfgName.String()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "layout")
+			writeLayout(t, dir, img, map[string]string{annotationRefName: "example.com/forged:v1"})
+			tc.forge(dir)
+			_, err := e.svc.Import(ctx, dir, "")
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.digest) {
+				t.Fatalf("Import(forged %s) err = %v, want ErrInvalid naming %s", tc.name, err, tc.digest)
+			}
+			t.Logf("%v", err)
+			if _, err := e.svc.Get(ctx, imageDigest(t, img)); !errors.Is(err, ErrNotFound) {
+				t.Errorf("forged image was cached: %v", err)
+			}
+			e.checkTmpEmpty(t)
+		})
+	}
 }

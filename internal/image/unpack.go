@@ -89,7 +89,12 @@ func (u *unpacker) applyLayer(ctx context.Context, layer string, r io.Reader) er
 		}
 		hdr, err := tr.Next()
 		if err == io.EOF {
-			return nil
+			// Read the rest (tar padding, trailing bytes), within the limit,
+			// so that the caller can verify the digest of the whole blob.
+			_, err = io.Copy(io.Discard, lr)
+			if err == nil {
+				return nil
+			}
 		}
 		if err != nil {
 			if errors.Is(err, errLayerTooLarge) {
