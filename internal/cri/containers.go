@@ -864,20 +864,6 @@ func (s *Server) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) 
 	return &runtimeapi.ExecSyncResponse{Stdout: out, Stderr: errOut, ExitCode: exit}, nil
 }
 
-func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
-	if c := s.lookup(req.GetContainerId()); c != nil {
-		return nil, status.Errorf(codes.Unimplemented, "cri: streaming exec into vhive container %q is not implemented (ExecSync is)", c.ID)
-	}
-	return s.rt.Exec(ctx, req)
-}
-
-func (s *Server) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	if c := s.lookup(req.GetContainerId()); c != nil {
-		return nil, status.Errorf(codes.Unimplemented, "cri: attach to vhive container %q is not implemented; read its log", c.ID)
-	}
-	return s.rt.Attach(ctx, req)
-}
-
 func (s *Server) CheckpointContainer(ctx context.Context, req *runtimeapi.CheckpointContainerRequest) (*runtimeapi.CheckpointContainerResponse, error) {
 	if c := s.lookup(req.GetContainerId()); c != nil {
 		return nil, status.Errorf(codes.Unimplemented, "cri: checkpointing vhive container %q through the CRI is not implemented", c.ID)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,6 +17,7 @@ import (
 
 	"vhive.dev/vhive/internal/image"
 	"vhive.dev/vhive/internal/netpool"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 func codeOf(err error) codes.Code { return status.Code(err) }
@@ -503,4 +505,44 @@ type nopImages struct{}
 
 func (nopImages) Pull(context.Context, string) (image.Image, error) {
 	return image.Image{}, errors.New("no images here")
+}
+
+// Streaming exec (kubectl/crictl exec) into a vhive container goes through
+// the CRI streaming server; crictl is the real client.
+func TestStreamingExec(t *testing.T) {
+	e := newEnv(t)
+	crictl := filepath.Join(testutil.CacheDir(), "bin", "crictl")
+	if _, err := os.Stat(crictl); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("crictl missing (scripts/critest/build.sh builds it): %v", err)
+		}
+		t.Skipf("crictl missing (scripts/critest/build.sh builds it): %v", err)
+	}
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "stream")
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: busybox("sh", "sleep", "1000"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.GetContainerId()}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := e.rt.Exec(ctx, &runtimeapi.ExecRequest{ContainerId: cr.GetContainerId(), Cmd: []string{"true"}, Stdout: true})
+	if err != nil || !strings.HasPrefix(resp.GetUrl(), "http://127.0.0.1:") {
+		t.Fatalf("Exec = %v, %v; want a loopback URL", resp, err)
+	}
+	cmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+e.sock, "exec", cr.GetContainerId(), "sh", "-c", "echo streamed; cat /etc/hostname; exit 4")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	// crictl exits 1 and reports the command's exit code on stderr.
+	if err == nil || !strings.Contains(stderr.String(), "exit code 4") {
+		t.Errorf("crictl exec: %v, stderr %q; want the command's exit code 4 reported", err, stderr.String())
+	}
+	if string(out) != "streamed\nstream\n" {
+		t.Errorf("crictl exec output %q", out)
+	}
+	if _, err := e.rt.Exec(ctx, &runtimeapi.ExecRequest{ContainerId: cr.GetContainerId(), Cmd: []string{"sh"}, Tty: true, Stdin: true, Stdout: true}); codeOf(err) != codes.Unimplemented {
+		t.Errorf("tty exec: %v, want Unimplemented", err)
+	}
 }

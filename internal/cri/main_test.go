@@ -235,6 +235,7 @@ type testEnv struct {
 	img    runtimeapi.ImageServiceClient
 	state  string
 	logs   string
+	sock   string
 	prefix string
 	be     *oci.Backend
 }
@@ -286,6 +287,7 @@ func newEnv(t *testing.T, mut ...func(*Config)) *testEnv {
 	}
 	e.srv = srv
 	sock := filepath.Join(dir, "cri.sock")
+	e.sock = sock
 	l, err := Listen(sock)
 	if err != nil {
 		t.Fatal(err)

@@ -78,6 +78,9 @@ type Config struct {
 	// RegistryMirrors maps a registry host to the host Images pulls from
 	// instead, e.g. {"registry.k8s.io": "127.0.0.1:5000"}; "*" matches all.
 	RegistryMirrors map[string]string
+	// StreamAddr is where the CRI streaming server (exec into vhive
+	// containers) listens; "127.0.0.1:0" (a free loopback port) when empty.
+	StreamAddr string
 	// Logger; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -95,6 +98,7 @@ type Server struct {
 	rt      runtimeapi.RuntimeServiceClient
 	img     runtimeapi.ImageServiceClient
 	oci     *ociRuntime
+	stream  *streamServer
 	events  *broadcaster
 	store   *stateFile
 	podLock keyedMutex
@@ -181,6 +185,18 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		conn.Close()
 		return nil, err
 	}
+	if s.oci != nil {
+		addr := cfg.StreamAddr
+		if addr == "" {
+			addr = "127.0.0.1:0"
+		}
+		ss, err := newStreamServer(s, addr)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		s.stream = ss
+	}
 	return s, nil
 }
 
@@ -253,6 +269,9 @@ func (s *Server) Close(ctx context.Context) error {
 	errs = append(errs, s.saveLocked())
 	s.mu.Unlock()
 	s.events.close()
+	if s.stream != nil {
+		errs = append(errs, s.stream.close(ctx))
+	}
 	errs = append(errs, s.conn.Close())
 	return errors.Join(errs...)
 }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs critest (cri-tools v1.37.0) against (a) a stock containerd and (b)
+# vhive's CRI with the `vhive` runtime handler, in the same run, with every
+# image served from a loopback registry. Prints the comparison table.
+#
+#   scripts/critest/run.sh [extra critest flags, e.g. --ginkgo.focus=...]
+#
+# Needs root. Everything it starts is stopped on exit. Reports and logs go
+# to ${VHIVE_CRITEST_OUT:-/tmp/vhive-critest}.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${VHIVE_CACHE:-/var/cache/vhive}
+OUT=${VHIVE_CRITEST_OUT:-/tmp/vhive-critest}
+RUN=/run/vhive-critest
+REGISTRY=${VHIVE_REGISTRY:-127.0.0.1:5000}
+GO=${GO:-go}
+command -v "$GO" >/dev/null || GO=/usr/local/go/bin/go
+export VHIVE_REGISTRY=$REGISTRY
+mkdir -p "$OUT" "$RUN" "$CACHE/bin"
+
+bash "$HERE/build.sh"
+command -v busybox >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y busybox-static >/dev/null
+(cd "$ROOT" && "$GO" build -o "$CACHE/bin/vhive-critest-registry" ./scripts/critest/registry \
+  && "$GO" build -o "$CACHE/bin/vhive-cri" ./scripts/critest/vhive-cri \
+  && "$GO" build -o "$CACHE/bin/vhive-critest-report" ./scripts/critest/report)
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  bash "$HERE/containerd.sh" stop || true
+}
+trap cleanup EXIT
+
+"$CACHE/bin/vhive-critest-registry" -addr "$REGISTRY" >"$OUT/registry.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^ready' "$OUT/registry.log" 2>/dev/null && break; sleep 0.1; done
+grep -q '^ready' "$OUT/registry.log" || { cat "$OUT/registry.log"; exit 1; }
+
+CSOCK=$(bash "$HERE/containerd.sh" start)
+VSOCK=$RUN/vhive.sock
+"$CACHE/bin/vhive-cri" -socket "$VSOCK" -containerd "$CSOCK" -state /var/lib/vhive-critest/vhive \
+  -mirrors "*=$REGISTRY" -function-runtime none >"$OUT/vhive-cri.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [[ -S $VSOCK ]] && break; sleep 0.1; done
+
+critest() {
+  local name=$1 sock=$2; shift 2
+  echo "== critest against $name"
+  "$CACHE/bin/critest" -runtime-endpoint "unix://$sock" -image-endpoint "unix://$sock" \
+    -ginkgo.no-color -ginkgo.json-report "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 || true
+  grep -E '^(Ran|PASS|FAIL)' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+}
+critest containerd "$CSOCK" "$@"
+critest vhive "$VSOCK" -runtime-handler vhive "$@"
+"$CACHE/bin/vhive-critest-report" containerd="$OUT/containerd.json" vhive="$OUT/vhive.json" | tee "$OUT/report.md"
