@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -24,12 +25,16 @@ import (
 	"vhive.dev/vhive/internal/testutil"
 )
 
-// TestLinuxImageRunsInRunc unpacks the packaged helloworld image into a
-// bundle built from its config alone and runs it as a real runc container
-// (host network, loopback): it must answer, then exit on SIGTERM.
-func TestLinuxImageRunsInRunc(t *testing.T) {
+// TestLinuxImageRuns unpacks the packaged helloworld image into a bundle
+// built from its config alone and runs it as a real runc and gVisor (runsc)
+// container (host network, loopback): it must answer, then exit on SIGTERM.
+func TestLinuxImageRuns(t *testing.T) {
 	testutil.RequiresRoot(t)
-	runc := testutil.RuncPath(t)
+	t.Run("runc", func(t *testing.T) { runImage(t, testutil.RuncPath(t)) })
+	t.Run("runsc", func(t *testing.T) { runImage(t, testutil.RunscPath(t), "--network=host") })
+}
+
+func runImage(t *testing.T, runtime string, globalFlags ...string) {
 	ctx := context.Background()
 	out := t.TempDir()
 	imgs, err := BuildFunction(ctx, Options{Function: "helloworld", Formats: []Format{FormatLayout}, OutDir: out})
@@ -94,24 +99,33 @@ func TestLinuxImageRunsInRunc(t *testing.T) {
 
 	state := t.TempDir()
 	id := fmt.Sprintf("vhive-fnbuild-%d-%d", os.Getpid(), time.Now().UnixNano())
+	global := append([]string{"--root", state}, globalFlags...)
 	runcCmd := func(args ...string) ([]byte, error) {
-		return exec.Command(runc, append([]string{"--root", state}, args...)...).CombinedOutput()
+		return exec.Command(runtime, append(global, args...)...).CombinedOutput()
 	}
 	logf, err := os.Create(filepath.Join(bundle, "stdio.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	run := exec.Command(runc, "--root", state, "run", "--detach", "--bundle", bundle, id)
+	run := exec.Command(runtime, append(global, "run", "--detach", "--bundle", bundle, id)...)
 	run.Stdout, run.Stderr = logf, logf
 	t.Cleanup(func() {
 		if b, err := runcCmd("delete", "--force", id); err != nil && !strings.Contains(string(b), "does not exist") {
-			t.Errorf("runc delete %s: %v: %s", id, err, b)
+			t.Errorf("%s delete %s: %v: %s", runtime, id, err, b)
+		}
+		// runsc bind-mounts a network namespace at <root>/null-netns and
+		// leaves it there.
+		nullNS := filepath.Join(state, "null-netns")
+		if _, err := os.Stat(nullNS); err == nil {
+			if err := unix.Unmount(nullNS, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+				t.Errorf("unmount %s: %v", nullNS, err)
+			}
 		}
 	})
 	if err := run.Run(); err != nil {
 		log, _ := os.ReadFile(logf.Name())
-		t.Fatalf("runc run: %v: %s", err, log)
+		t.Fatalf("%s run: %v: %s", runtime, err, log)
 	}
 
 	conn, err := grpc.NewClient("127.0.0.1:"+port, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -124,21 +138,21 @@ func TestLinuxImageRunsInRunc(t *testing.T) {
 	r, err := pb.NewGreeterClient(conn).SayHello(cctx, &pb.HelloRequest{Name: "runc"}, grpc.WaitForReady(true))
 	if err != nil || r.GetMessage() != "Hello, runc!" {
 		log, _ := os.ReadFile(logf.Name())
-		t.Fatalf("SayHello in runc: %v, %v (container output: %s)", r, err, log)
+		t.Fatalf("SayHello in %s: %v, %v (container output: %s)", runtime, r, err, log)
 	}
 
 	if b, err := runcCmd("kill", id, "TERM"); err != nil {
-		t.Fatalf("runc kill: %v: %s", err, b)
+		t.Fatalf("%s kill: %v: %s", runtime, err, b)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		b, err := runcCmd("state", id)
 		if err != nil {
-			t.Fatalf("runc state: %v: %s", err, b)
+			t.Fatalf("%s state: %v: %s", runtime, err, b)
 		}
 		var st specs.State
 		if err := json.Unmarshal(b, &st); err != nil {
-			t.Fatalf("runc state %q: %v", b, err)
+			t.Fatalf("%s state %q: %v", runtime, b, err)
 		}
 		if st.Status == specs.StateStopped {
 			break
