@@ -67,6 +67,26 @@
 // Whiteouts (.wh.<name>) remove <name> from lower layers, opaque markers
 // (.wh..wh..opq) remove a directory's lower-layer contents; neither marker is
 // written. Modes (including setuid/setgid/sticky), ownership (when running as
-// root), hard links, symlinks and mtimes of files and directories are kept;
-// symlink mtimes and extended attributes are not (documented limitation).
+// root), hard links, symlinks, mtimes of files and directories and extended
+// attributes of regular files (when running as root; dropped on filesystems
+// without xattrs) are kept; symlink mtimes and directory xattrs are not.
+//
+// # Verification and platforms
+//
+// Because images are cached by manifest digest, the manifest, the config and
+// every layer blob are hashed while they are read and compared with the
+// digests that name them, for every source (go-containerregistry verifies
+// registry blobs but not OCI layout blobs): a forged archive fails with
+// ErrInvalid instead of planting content a later pull of the genuine digest
+// would reuse. Layers may be gzip, zstd or uncompressed tar (told by magic
+// bytes). An image must be linux/GOARCH or wasi/wasip1/wasip2 (a wasi image
+// must carry a module, see above); from an index that platform is chosen.
+//
+// # Names
+//
+// References are normalised with go-containerregistry's name package
+// ("hello:v1" is "index.docker.io/library/hello:v1"). Import names an image
+// from its argument, else from the archive: io.containerd.image.name or a full
+// org.opencontainers.image.ref.name annotation (a bare tag such as "latest"
+// names no repository and is not used), or all RepoTags of a docker archive.
 package image

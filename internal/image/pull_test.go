@@ -1,6 +1,7 @@
 package image
 
 import (
+	"archive/tar"
 	"context"
 	"errors"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"vhive.dev/vhive/internal/testutil"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 )
 
 // fsImage exercises every kind of entry the unpacker must get right.
@@ -40,7 +42,11 @@ func fsImage(t *testing.T) (v1.Image, v1.Config) {
 		dir("replaced/", 0o755),
 		file("replaced/inner", "will become a file", 0o644),
 	)
+	xf := file("xattr", "has an xattr", 0o644)
+	xf.hdr.PAXRecords = map[string]string{"SCHILY.xattr.user.vhive": "yes"}
+	xf.hdr.Format = tar.FormatPAX
 	l2 := layer(t,
+		xf,
 		file("bin/.wh.gone", "", 0o644),
 		dir("opaque/", 0o755),
 		file("opaque/.wh..wh..opq", "", 0o644),
@@ -152,6 +158,13 @@ func TestPullUnpacksAndCaches(t *testing.T) {
 		if err != nil || !fi.ModTime().Equal(testTime) {
 			t.Errorf("%s mtime = %v, want %v (%v)", p, fi.ModTime(), testTime, err)
 		}
+	}
+
+	xb := make([]byte, 16)
+	if n, err := unix.Getxattr(filepath.Join(rf, "xattr"), "user.vhive", xb); errors.Is(err, unix.ENOTSUP) {
+		t.Logf("filesystem of %s has no user xattrs; xattr not checked", rf)
+	} else if err != nil || string(xb[:n]) != "yes" {
+		t.Errorf("xattr user.vhive = %q, %v; want \"yes\"", xb[:max(n, 0)], err)
 	}
 
 	// Cache hit: same digest, no second unpack, same directory.

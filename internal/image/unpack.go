@@ -211,6 +211,9 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		if err == nil {
 			err = f.Chmod(mode) // after chown, which clears setuid/setgid
 		}
+		if err == nil && u.chown {
+			err = setXattrs(f, hdr)
+		}
 		if err == nil {
 			err = setTimes(f, hdr.AccessTime, hdr.ModTime)
 		}
@@ -292,6 +295,35 @@ func setTimes(f *os.File, atime, mtime time.Time) error {
 	}
 	if serr != nil {
 		return fmt.Errorf("set times: %w", serr)
+	}
+	return nil
+}
+
+// xattrPrefix marks extended attributes in PAX records.
+const xattrPrefix = "SCHILY.xattr."
+
+// setXattrs applies a regular file's extended attributes (e.g.
+// security.capability of ping). A filesystem without xattr support is not
+// an error: the attributes are dropped.
+func setXattrs(f *os.File, hdr *tar.Header) error {
+	for k, v := range hdr.PAXRecords {
+		attr, ok := strings.CutPrefix(k, xattrPrefix)
+		if !ok {
+			continue
+		}
+		rc, err := f.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.Fsetxattr(int(fd), attr, []byte(v), 0)
+		}); err != nil {
+			return err
+		}
+		if serr != nil && !errors.Is(serr, unix.ENOTSUP) {
+			return fmt.Errorf("set xattr %q: %w", attr, serr)
+		}
 	}
 	return nil
 }
