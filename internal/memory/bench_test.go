@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 	"unsafe"
@@ -151,23 +152,24 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 	// prefetch on a running daemon would (the floor's buffer, too, is
 	// allocated before timing).
 	restore(cfg("warmup", ModePrefetch))
-	wsBytes := int64(benchWS * 4096)
 
-	var lazyT, reapT, floorT time.Duration
+	// Medians over the iterations: the machine is shared, and a mean is
+	// dragged by whichever restore another process happened to stall.
+	var lazyT, reapT, floorT, install, fetch, lazyReap, reapFloor, lazyFloor []float64
 	var lat []time.Duration
-	var install, fetch time.Duration
+	ms := func(r childResult) float64 { return float64(r.AttachNS+r.TouchNS) / 1e6 }
 	for i := 0; i < b.N; i++ {
 		res, st := restore(cfg("lazy", ModeLazy))
-		lazyT += time.Duration(res.AttachNS + res.TouchNS)
+		lazyT = append(lazyT, ms(res))
 		lat = append(lat, st.FaultLatency...)
 		if st.Unique != benchWS {
 			b.Fatalf("lazy served %d pages, want %d", st.Unique, benchWS)
 		}
 
 		res, st = restore(cfg("reap", ModePrefetch))
-		reapT += time.Duration(res.AttachNS + res.TouchNS)
-		install += st.InstallWS
-		fetch += st.FetchState
+		reapT = append(reapT, ms(res))
+		install = append(install, float64(st.InstallWS)/1e6)
+		fetch = append(fetch, float64(st.FetchState)/1e6)
 		if st.PrefetchFallback || st.Unique != 0 {
 			b.Fatalf("prefetch: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
 		}
@@ -175,30 +177,41 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 		if drop {
 			dropCache(b, wsPath)
 		}
-		floorT += floorRestore(b, filepath.Join(dir, "floor.sock"), wsPath, memFile, ops, floorBuf)
+		floorT = append(floorT, float64(floorRestore(b, filepath.Join(dir, "floor.sock"), wsPath, memFile, ops, floorBuf, drop))/1e6)
+		lazyReap = append(lazyReap, lazyT[i]/reapT[i])
+		reapFloor = append(reapFloor, reapT[i]/floorT[i])
+		lazyFloor = append(lazyFloor, lazyT[i]/floorT[i])
 	}
-	n := float64(b.N)
-	ms := func(d time.Duration) float64 { return float64(d) / n / 1e6 }
-	b.ReportMetric(ms(lazyT), "lazy-ms")
-	b.ReportMetric(ms(reapT), "reap-ms")
-	b.ReportMetric(ms(floorT), "floor-ms")
-	b.ReportMetric(float64(reapT)/float64(floorT), "reap/floor")
-	b.ReportMetric(float64(lazyT)/float64(reapT), "lazy/reap")
-	b.ReportMetric(ms(fetch), "fetch-ms")
-	b.ReportMetric(ms(install), "install-ms")
-	b.ReportMetric(float64(wsBytes)*n/install.Seconds()/1e6, "install-MB/s")
-	b.ReportMetric(float64(wsBytes)*n/(install+fetch).Seconds()/1e6, "fetch+install-MB/s")
+	wsMB := float64(benchWS*4096) / 1e6
+	b.ReportMetric(median(lazyT), "lazy-ms")
+	b.ReportMetric(median(reapT), "reap-ms")
+	b.ReportMetric(median(floorT), "floor-ms")
+	b.ReportMetric(median(reapFloor), "reap/floor")
+	b.ReportMetric(median(lazyReap), "lazy/reap")
+	b.ReportMetric(median(lazyFloor), "lazy/floor") // the best lazy/reap could be
+	b.ReportMetric(median(fetch), "fetch-ms")
+	b.ReportMetric(median(install), "install-ms")
+	b.ReportMetric(wsMB/median(install)*1e3, "install-MB/s")
+	b.ReportMetric(median(lazyT)*1e3/benchWS, "lazy-µs/page")
 	s := Stats{FaultLatency: lat}
 	b.ReportMetric(float64(s.Percentile(50))/1e3, "fault-p50-µs")
 	b.ReportMetric(float64(s.Percentile(99))/1e3, "fault-p99-µs")
-	b.ReportMetric(float64(lazyT)/n/benchWS/1e3, "lazy-µs/page")
+}
+
+func median(x []float64) float64 {
+	s := slices.Clone(x)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // floorRestore is the raw floor: accept the handshake, one pread of the WS
-// file (O_DIRECT, as the manager) into a buffer allocated beforehand, one
-// UFFDIO_COPY (DONTWAKE) per run, one UFFDIO_WAKE, ack. No checksum, no
-// bookkeeping.
-func floorRestore(b *testing.B, sock, wsPath, memFile string, ops []op, buf []byte) time.Duration {
+// file into a buffer allocated beforehand (O_DIRECT when the cache was
+// dropped, buffered from the page cache when warm), one UFFDIO_COPY
+// (DONTWAKE) per run, one UFFDIO_WAKE, ack. No checksum, no bookkeeping.
+func floorRestore(b *testing.B, sock, wsPath, memFile string, ops []op, buf []byte, direct bool) time.Duration {
 	os.Remove(sock)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
@@ -220,7 +233,11 @@ func floorRestore(b *testing.B, sock, wsPath, memFile string, ops []op, buf []by
 		b.Fatal(err)
 	}
 	defer h.uffd.Close()
-	fd, err := unix.Open(wsPath, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	flags := unix.O_RDONLY | unix.O_CLOEXEC
+	if direct {
+		flags |= unix.O_DIRECT
+	}
+	fd, err := unix.Open(wsPath, flags, 0)
 	if err != nil {
 		b.Fatal(err)
 	}

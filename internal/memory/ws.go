@@ -322,16 +322,13 @@ func (p *bufPool) close() {
 	}
 }
 
-// readWorkingSetFile reads the whole file at path in one read into an
-// aligned buffer, with O_DIRECT where the filesystem allows it (bypassing
-// the page cache, as REAP does) and buffered otherwise (tmpfs).
+// readWorkingSetFile reads the whole file at path in one read into a
+// page-aligned buffer from pool. If the file is wholly in the page cache
+// (cachestat(2)), it is read buffered. Otherwise it reads with O_DIRECT, bypassing the page cache as REAP does
+// (a cached copy would only duplicate the installed pages), or buffered
+// where the filesystem refuses O_DIRECT (tmpfs).
 func readWorkingSetFile(path string, pool *bufPool) (*wsBuffer, error) {
-	direct := true
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECT, 0)
-	if errors.Is(err, unix.EINVAL) {
-		direct = false
-		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open working set %s: %w", path, err)
 	}
@@ -343,34 +340,47 @@ func readWorkingSetFile(path string, pool *bufPool) (*wsBuffer, error) {
 	if st.Size < wsHeaderSize {
 		return nil, fmt.Errorf("%w: %s has %d bytes", ErrBadWorkingSet, path, st.Size)
 	}
-	n := alignUp(uint64(st.Size), wsAlign)
-	m, err := pool.get(int(n))
+	size := int(st.Size)
+	n := int(alignUp(uint64(size), wsAlign))
+	m, err := pool.get(n)
 	if err != nil {
 		return nil, fmt.Errorf("allocate %d bytes for working set %s: %w", n, path, err)
 	}
-	w := &wsBuffer{mapped: m, direct: direct, pool: pool}
-	got, err := readFull(fd, m[:n])
-	if err != nil && direct && errors.Is(err, unix.EINVAL) {
-		// The filesystem refused this O_DIRECT read: read buffered.
-		w.direct = false
-		bfd, oerr := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if oerr != nil {
-			w.release()
-			return nil, fmt.Errorf("open working set %s: %w", path, oerr)
+	w := &wsBuffer{mapped: m, pool: pool}
+	var got int
+	if cached(fd, size) {
+		got, err = readFull(fd, m[:n])
+	} else {
+		got = -1
+		if dfd, derr := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECT, 0); derr == nil {
+			got, err = readFull(dfd, m[:n])
+			unix.Close(dfd)
+			w.direct = err == nil
 		}
-		got, err = readFull(bfd, m[:n])
-		unix.Close(bfd)
+		if got < 0 || errors.Is(err, unix.EINVAL) {
+			got, err = readFull(fd, m[:n])
+		}
 	}
 	if err != nil {
 		w.release()
 		return nil, fmt.Errorf("read working set %s: %w", path, err)
 	}
-	if int64(got) != st.Size {
+	if got != size {
 		w.release()
-		return nil, fmt.Errorf("%w: %s: read %d of %d bytes", ErrBadWorkingSet, path, got, st.Size)
+		return nil, fmt.Errorf("%w: %s: read %d of %d bytes", ErrBadWorkingSet, path, got, size)
 	}
-	w.b = m[:got]
+	w.b = m[:size]
 	return w, nil
+}
+
+// cached reports whether the first size bytes of fd are all in the page
+// cache; false if the kernel cannot tell (cachestat needs Linux 6.5).
+func cached(fd, size int) bool {
+	var st unix.Cachestat_t
+	if err := unix.Cachestat(uint(fd), &unix.CachestatRange{Len: uint64(size)}, &st, 0); err != nil {
+		return false
+	}
+	return st.Cache*uint64(os.Getpagesize()) >= uint64(size)
 }
 
 // readFull reads from fd at offset 0 until buf is full or EOF; for a
