@@ -102,6 +102,9 @@ func TestBenchSmoke(t *testing.T) {
 	var d *daemon.Daemon
 	for attempt := 1; ; attempt++ {
 		var err error
+		// A fresh state directory each time: a failed New may leave the
+		// state database open.
+		cfg.StateDir = filepath.Join(state, strconv.Itoa(attempt))
 		d, err = newDaemon(dctx, cfg)
 		if err == nil {
 			break
@@ -201,7 +204,7 @@ func TestBenchSmoke(t *testing.T) {
 		if r[4] == "OK" {
 			okN++
 		} else {
-			t.Errorf("request %s to %s: %s %s", r[0], r[1], r[4], r[7])
+			t.Errorf("request %s to %s: %s %s", r[0], r[1], r[4], r[8])
 		}
 		if r[5] == "true" {
 			cold++

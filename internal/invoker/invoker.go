@@ -95,14 +95,17 @@ func Interval(rps float64) time.Duration {
 
 // Record is one request.
 type Record struct {
-	Seq      int           `json:"seq"`
-	Endpoint string        `json:"endpoint"`
-	Start    time.Time     `json:"start"`
-	Latency  time.Duration `json:"latency"`
-	Code     codes.Code    `json:"code"`
-	Error    string        `json:"error,omitempty"`
-	Cold     bool          `json:"cold"`
-	Warmup   bool          `json:"warmup"`
+	Seq      int    `json:"seq"`
+	Endpoint string `json:"endpoint"`
+	// Scheduled is when the open-loop schedule wanted the request issued;
+	// Start is when it was.
+	Scheduled time.Time     `json:"scheduled"`
+	Start     time.Time     `json:"start"`
+	Latency   time.Duration `json:"latency"`
+	Code      codes.Code    `json:"code"`
+	Error     string        `json:"error,omitempty"`
+	Cold      bool          `json:"cold"`
+	Warmup    bool          `json:"warmup"`
 }
 
 // Result of a run.
@@ -154,12 +157,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		mu sync.Mutex
 		wg sync.WaitGroup
 	)
-	issue := func(seq int, warm bool) {
+	issue := func(seq int, warm bool, sched time.Time) {
 		ep := cfg.Endpoints[seq%len(cfg.Endpoints)]
 		client := clients[seq%len(cfg.Endpoints)]
 		wg.Go(func() {
 			rec := call(ctx, client, cfg, seq, ep.Hostname)
 			rec.Warmup = warm
+			rec.Scheduled = sched
 			mu.Lock()
 			res.Records = append(res.Records, rec)
 			mu.Unlock()
@@ -169,39 +173,41 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 
-	tick := time.NewTicker(Interval(cfg.RPS))
+	// Request k is due at start + k·interval. Every tick issues the
+	// requests that are due (normally exactly one); if the process fell
+	// behind (a late tick; time.Ticker drops ticks it could not deliver)
+	// the overdue ones are issued at once, so the rate holds over the run.
+	interval := Interval(cfg.RPS)
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	start := time.Now()
 	warmEnd := start.Add(cfg.Warmup)
 	end := warmEnd.Add(cfg.Duration)
-	deadline := time.NewTimer(time.Until(end))
-	defer deadline.Stop()
+	due := func(k int) time.Time { return start.Add(time.Duration(k) * interval) }
 	seq := 0
-	var measuredStart time.Time
 	var err error
 loop:
 	for {
 		now := time.Now()
-		if !now.Before(end) {
+		for ; due(seq).Before(end) && !due(seq).After(now); seq++ {
+			sched := due(seq)
+			issue(seq, sched.Before(warmEnd), sched)
+		}
+		if !due(seq).Before(end) {
 			break
 		}
-		warm := now.Before(warmEnd)
-		if !warm && measuredStart.IsZero() {
-			measuredStart = now
-		}
-		issue(seq, warm)
-		seq++
 		select {
 		case <-ctx.Done():
 			err = ctx.Err()
 			break loop
-		case <-deadline.C:
-			break loop
 		case <-tick.C:
 		}
 	}
-	if !measuredStart.IsZero() {
-		res.Issue = time.Since(measuredStart)
+	// The measured window: the whole planned duration, or up to the
+	// interruption.
+	res.Issue = cfg.Duration
+	if err != nil {
+		res.Issue = max(time.Since(warmEnd), 0)
 	}
 	wg.Wait()
 	sortRecords(res.Records)
@@ -246,6 +252,9 @@ type Summary struct {
 	RealRPS   float64        `json:"real_rps"`   // completed / issuing time (vSwarm's "real RPS")
 	Latency   stats.Summary  `json:"latency_us"` // of completed requests, µs
 	Warmup    int            `json:"warmup_requests"`
+	// MaxIssueLag is the largest delay between a request's scheduled and
+	// actual issue time: how well the generator kept its schedule.
+	MaxIssueLag time.Duration `json:"max_issue_lag"`
 }
 
 // Summarize computes the figures of r, excluding warm-up requests.
@@ -258,6 +267,9 @@ func (r *Result) Summarize() Summary {
 			continue
 		}
 		s.Issued++
+		if lag := rec.Start.Sub(rec.Scheduled); lag > s.MaxIssueLag {
+			s.MaxIssueLag = lag
+		}
 		if rec.Code == codes.OK {
 			s.Completed++
 			lat = append(lat, float64(rec.Latency.Microseconds()))

@@ -67,7 +67,7 @@ func (g *greeter) SayHello(ctx context.Context, req *hwpb.HelloRequest) (*hwpb.H
 	return &hwpb.HelloReply{Message: "Hello, " + req.GetName() + "!"}, nil
 }
 
-func startGreeter(t *testing.T, g *greeter) string {
+func startGreeter(t testing.TB, g *greeter) string {
 	t.Helper()
 	g.seen = map[string]bool{}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

@@ -56,11 +56,11 @@ func (r *Result) WriteLatencyFile(path string) error {
 }
 
 // RecordsHeader is the header of the per-request CSV.
-var recordsHeader = []string{"Seq", "Endpoint", "StartUnixNano", "LatencyMicros", "Code", "ColdStart", "Warmup", "Error"}
+var recordsHeader = []string{"Seq", "Endpoint", "StartUnixNano", "LatencyMicros", "Code", "ColdStart", "Warmup", "ScheduledUnixNano", "Error"}
 
 // WriteRecordsCSV writes one row per request, warm-up and failures
 // included: issue timestamp (Unix ns), latency (µs), gRPC code name,
-// cold start and warm-up flags, error text.
+// cold start and warm-up flags, scheduled issue time (Unix ns), error text.
 func (r *Result) WriteRecordsCSV(path string) error {
 	f, err := os.Create(path)
 	if err != nil {
@@ -75,7 +75,7 @@ func (r *Result) WriteRecordsCSV(path string) error {
 		row := []string{
 			strconv.Itoa(rec.Seq), rec.Endpoint, strconv.FormatInt(rec.Start.UnixNano(), 10),
 			strconv.FormatInt(rec.Latency.Microseconds(), 10), rec.Code.String(),
-			strconv.FormatBool(rec.Cold), strconv.FormatBool(rec.Warmup), rec.Error,
+			strconv.FormatBool(rec.Cold), strconv.FormatBool(rec.Warmup), strconv.FormatInt(rec.Scheduled.UnixNano(), 10), rec.Error,
 		}
 		if err := w.Write(row); err != nil {
 			return fmt.Errorf("write %q: %w", path, err)
@@ -104,6 +104,7 @@ func (s Summary) WriteReport(w io.Writer) error {
 		fmt.Fprintf(tw, "Warm-up requests (excluded):\t%d\n", s.Warmup)
 	}
 	fmt.Fprintf(tw, "Cold starts:\t%d\n", s.ColdStart)
+	fmt.Fprintf(tw, "Max issue lag behind schedule:\t%s\n", s.MaxIssueLag.Round(time.Microsecond))
 	if s.Latency.N > 0 {
 		l := s.Latency
 		fmt.Fprintf(tw, "Latency p50 / p90 / p99 / p99.9 / max:\t%s / %s / %s / %s / %s\n",
