@@ -109,7 +109,7 @@ func TestBenchSmoke(t *testing.T) {
 		if err == nil {
 			break
 		}
-		if attempt == 10 {
+		if attempt == 40 {
 			dcancel()
 			t.Fatalf("daemon.New: %v", err)
 		}
