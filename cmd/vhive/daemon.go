@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -18,6 +19,7 @@ func newDaemonCmd(g *globalOpts) *cobra.Command {
 		sandboxes string
 		logLevel  string
 		logJSON   bool
+		subnet    string
 	)
 	cmd := &cobra.Command{
 		Use:   "daemon",
@@ -40,6 +42,13 @@ everything they held is released; deployed functions remain.`,
 			}
 			cfg.Logger = slog.New(h)
 			cfg.Socket = g.socket
+			if subnet != "" {
+				p, err := netip.ParsePrefix(subnet)
+				if err != nil {
+					return fmt.Errorf("--subnet %q: %w", subnet, err)
+				}
+				cfg.Subnet = p
+			}
 			if sandboxes != "" {
 				cfg.Sandboxes = strings.Split(sandboxes, ",")
 			}
@@ -60,6 +69,7 @@ everything they held is released; deployed functions remain.`,
 	f.StringVar(&cfg.RunscPath, "runsc", "", "runsc binary (default $VHIVE_CACHE/bin/runsc, built by `make runsc`)")
 	f.StringVar(&cfg.RuncPath, "runc", "", "runc binary (default from PATH)")
 	f.IntVar(&cfg.NetPoolSize, "net-pool-size", 4, "network namespaces prepared ahead (vHive's -netPoolSize)")
+	f.StringVar(&subnet, "subnet", "10.168.0.0/16", "IPv4 subnet for instance addresses (used only inside the daemon's own network namespaces)")
 	f.StringVar(&cfg.NetPrefix, "net-prefix", "vh", "name prefix of the daemon's network namespaces and veths (at most 8 characters)")
 	f.DurationVar(&cfg.DefaultKeepalive, "keepalive", 10*time.Minute, "default idle time before an instance stops")
 	f.IntVar(&cfg.DefaultMaxInstances, "max-instances", 16, "default cap on instances per function")
