@@ -63,3 +63,18 @@ func BenchmarkStartup(b *testing.B) {
 		newHeavy(160, 1)
 	}
 }
+
+// BenchmarkStartupFloor is the floor for BenchmarkStartup: allocating the
+// same 160 MiB and touching every page once.
+func BenchmarkStartupFloor(b *testing.B) {
+	for b.Loop() {
+		heap := make([][]byte, 160)
+		for i := range heap {
+			c := make([]byte, chunkBytes)
+			for j := 0; j < len(c); j += 4096 {
+				c[j] = 1
+			}
+			heap[i] = c
+		}
+	}
+}

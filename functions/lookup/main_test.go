@@ -74,3 +74,26 @@ func BenchmarkRecord(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRecordFloor is the floor for BenchmarkRecord: one plain pass
+// summing the same 924 chunks.
+func BenchmarkRecordFloor(b *testing.B) {
+	m := newModel()
+	_, sel := subset("record")
+	b.SetBytes(924 * chunkFloats * 8)
+	for b.Loop() {
+		sumChunks(m.table, sel)
+	}
+}
+
+func sumChunks(table []float64, sel func(int) bool) float64 {
+	var sum float64
+	for c := range numChunks {
+		if sel(c) {
+			for _, w := range table[c*chunkFloats : (c+1)*chunkFloats] {
+				sum += w
+			}
+		}
+	}
+	return sum
+}
