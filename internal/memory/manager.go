@@ -139,21 +139,12 @@ func (m *Manager) Start(ctx context.Context, cfg RestoreConfig) (_ *Restore, ret
 		chunk: uint64(max(cfg.ChunkPages, 1)),
 	}
 	r.recording = cfg.Mode == ModeRecord
-	m.mu.Lock()
-	switch {
-	case m.closed:
-		m.mu.Unlock()
-		return nil, fmt.Errorf("start restore %q: memory manager closed", cfg.ID)
-	case m.restores[cfg.ID] != nil:
-		m.mu.Unlock()
-		return nil, fmt.Errorf("start restore %q: a restore with this ID is active", cfg.ID)
+	if err := m.admit(cfg.ID, nil); err != nil {
+		return nil, err
 	}
-	m.restores[cfg.ID] = r
-	m.mu.Unlock()
 	defer func() {
 		if retErr != nil {
 			r.release()
-			m.forget(r)
 		}
 	}()
 	if err := r.openMemory(); err != nil {
@@ -175,6 +166,9 @@ func (m *Manager) Start(ctx context.Context, cfg RestoreConfig) (_ *Restore, ret
 		return nil, fmt.Errorf("start restore %q: %w", cfg.ID, err)
 	}
 	r.ln = ln
+	if err := m.admit(cfg.ID, r); err != nil {
+		return nil, err
+	}
 	if m.metrics != nil {
 		mode := string(cfg.Mode)
 		r.obs = &observers{
@@ -189,6 +183,23 @@ func (m *Manager) Start(ctx context.Context, cfg RestoreConfig) (_ *Restore, ret
 	}
 	go r.run()
 	return r, nil
+}
+
+// admit checks that the manager is open and id is free; with r != nil it
+// also registers r under id.
+func (m *Manager) admit(id string, r *Restore) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.closed:
+		return fmt.Errorf("start restore %q: memory manager closed", id)
+	case m.restores[id] != nil:
+		return fmt.Errorf("start restore %q: a restore with this ID is active", id)
+	}
+	if r != nil {
+		m.restores[id] = r
+	}
+	return nil
 }
 
 func (m *Manager) forget(r *Restore) {
@@ -247,6 +258,10 @@ type Restore struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// recMu is held while the WS file is written, so that Close does not
+	// release the memory file under a running FinishRecord.
+	recMu sync.Mutex
+
 	// mu guards the fields below: written by the serving goroutine, read
 	// by Stats, FinishRecord and Close.
 	mu        sync.Mutex
@@ -304,6 +319,8 @@ func (r *Restore) FinishRecord(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("finish recording %q: %w", r.cfg.ID, err)
 	}
+	r.recMu.Lock()
+	defer r.recMu.Unlock()
 	r.mu.Lock()
 	if !r.recording {
 		r.mu.Unlock()
@@ -358,7 +375,9 @@ func (r *Restore) Close() error {
 		if rec {
 			r.closeErr = r.FinishRecord(context.Background())
 		}
+		r.recMu.Lock() // wait for a FinishRecord still writing
 		r.release()
+		r.recMu.Unlock()
 		r.mgr.forget(r)
 		if r.obs != nil {
 			r.obs.m.activeCount.Dec()

@@ -622,3 +622,38 @@ func TestServeOne(t *testing.T) {
 		t.Fatalf("working set not written: %v", err)
 	}
 }
+
+// TestConcurrentRestoresIsolated: one Manager serves a lazy, a record and a
+// prefetch restore at the same time; each one's pages and stats are its own.
+func TestConcurrentRestoresIsolated(t *testing.T) {
+	e := newEnv(t)
+	recorded := clusteredOps(7, 30)
+	e.run(t, e.cfg("rec0", ModeRecord), recorded)
+
+	lazyOps, recOps := randomOps(8, 300), clusteredOps(9, 30)
+	t.Run("group", func(t *testing.T) {
+		t.Run("lazy", func(t *testing.T) {
+			t.Parallel()
+			_, st := e.run(t, e.cfg("c-lazy", ModeLazy), lazyOps)
+			if want := int64(distinctPages(lazyOps)); st.Unique != want {
+				t.Errorf("Unique=%d, want %d", st.Unique, want)
+			}
+		})
+		t.Run("record", func(t *testing.T) {
+			t.Parallel()
+			cfg := e.cfg("c-rec", ModeRecord)
+			cfg.WorkingSet = filepath.Join(e.dir, "ws-concurrent")
+			_, st := e.run(t, cfg, recOps)
+			if want := int64(distinctPages(recOps)); st.RecPages != want {
+				t.Errorf("RecPages=%d, want %d", st.RecPages, want)
+			}
+		})
+		t.Run("prefetch", func(t *testing.T) {
+			t.Parallel()
+			_, st := e.run(t, e.cfg("c-pre", ModePrefetch), recorded)
+			if st.PrefetchFallback || st.Unique != 0 || st.RecPages != int64(distinctPages(recorded)) {
+				t.Errorf("fallback %v, Unique %d, RecPages %d", st.PrefetchFallback, st.Unique, st.RecPages)
+			}
+		})
+	})
+}
