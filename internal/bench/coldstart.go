@@ -204,9 +204,9 @@ type ColdstartResult struct {
 // A start mode the daemon refuses at Deploy (InvalidArgument,
 // Unimplemented) is reported as unsupported; a daemon that starts an
 // instance in another mode than asked fails the cell rather than measuring
-// the wrong thing. Per-cell failures are recorded and the run goes on; the
-// error return is for bad options, a page cache that cannot be dropped, or
-// a cancelled context.
+// the wrong thing. Per-cell failures (including a missing image) are
+// recorded and the run goes on; the error return is for bad options, a page
+// cache that cannot be dropped, or a cancelled context.
 func RunColdstart(ctx context.Context, c Control, opts ColdstartOptions) (*ColdstartResult, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
@@ -220,11 +220,23 @@ func RunColdstart(ctx context.Context, c Control, opts ColdstartOptions) (*Colds
 	res := &ColdstartResult{Iterations: opts.Iterations, WithCache: opts.WithCache}
 	for _, sb := range opts.Sandboxes {
 		for _, fn := range opts.Functions {
-			if err := EnsureImage(ctx, c, ImageRef(fn, sb), imageName(fn, sb), opts.ImagesDir); err != nil {
-				return res, err
+			imgErr := EnsureImage(ctx, c, ImageRef(fn, sb), imageName(fn, sb), opts.ImagesDir)
+			if ctx.Err() != nil {
+				return res, ctx.Err()
 			}
 			for _, mode := range opts.Modes {
 				cell := Cell{Function: fn, Sandbox: sb, Mode: mode}
+				if imgErr != nil {
+					// Without its image no mode of this cell can run; the
+					// other sandboxes and functions still can.
+					r := CellResult{Cell: cell, Err: imgErr.Error()}
+					if IsUnsupported(imgErr) {
+						r = CellResult{Cell: cell, Unsupported: imgErr.Error()}
+					}
+					res.Cells = append(res.Cells, r)
+					(&cellRunner{o: &opts, cell: cell}).skipSteps()
+					continue
+				}
 				r := runCell(ctx, c, &opts, cell)
 				res.Cells = append(res.Cells, r)
 				if ctx.Err() != nil {

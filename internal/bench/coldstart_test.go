@@ -337,10 +337,14 @@ func TestColdstartOptionErrors(t *testing.T) {
 			t.Errorf("%s: want error", name)
 		}
 	}
-	// Missing image and no images dir: a clear error naming the ref.
-	_, err := RunColdstart(context.Background(), d, base)
-	if err == nil || !strings.Contains(err.Error(), "localhost/vhive/helloworld:latest") {
-		t.Errorf("missing image: %v", err)
+	// Missing image and no images dir: the cell fails with a clear error
+	// naming the ref.
+	res, err := RunColdstart(context.Background(), d, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := res.Cells[0]; c.Status() != StatusFailed || !strings.Contains(c.Err, "localhost/vhive/helloworld:latest") {
+		t.Errorf("missing image: %+v", c)
 	}
 }
 
