@@ -16,7 +16,7 @@ import (
 // Cleanup removes what a previous run of this backend (same Root) left
 // behind: it force-deletes every container in the runtime's state
 // directory, unmounts every mount under Root and removes every bundle, and
-// removes leftover cgroups under /vhive/<runtime>. Call it at daemon start,
+// removes leftover cgroups under its cgroup parent. Call it at daemon start,
 // before any Create; instances of this Backend that are still registered
 // are skipped. Network namespaces are the pool's: see netpool.Cleanup.
 func (b *Backend) Cleanup(ctx context.Context) error {
@@ -72,14 +72,24 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		if err != nil {
 			continue
 		}
+		left := 0
 		for _, e := range cg {
-			if e.IsDir() && !live[e.Name()] {
-				// rmdir of a cgroup fails while it holds processes;
-				// those were killed above.
-				if err := os.Remove(filepath.Join(d, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
-					errs = append(errs, fmt.Errorf("oci: cleanup: remove cgroup %q: %w", filepath.Join(d, e.Name()), err))
-				}
+			if !e.IsDir() {
+				continue
 			}
+			if live[e.Name()] {
+				left++
+				continue
+			}
+			// rmdir of a cgroup fails while it holds processes; those
+			// were killed above.
+			if err := os.Remove(filepath.Join(d, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("oci: cleanup: remove cgroup %q: %w", filepath.Join(d, e.Name()), err))
+				left++
+			}
+		}
+		if left == 0 {
+			_ = os.Remove(d) // the per-Root parent, when empty
 		}
 	}
 	return errors.Join(errs...)
@@ -89,10 +99,10 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 // cgroups in every mounted hierarchy (v1 controllers and v2).
 func (b *Backend) cgroupDirs() []string {
 	var out []string
-	ms, _ := filepath.Glob("/sys/fs/cgroup/*/vhive/" + b.cfg.Runtime)
+	ms, _ := filepath.Glob("/sys/fs/cgroup/*" + b.cgroupParent)
 	out = append(out, ms...)
-	if fi, err := os.Stat("/sys/fs/cgroup/vhive/" + b.cfg.Runtime); err == nil && fi.IsDir() {
-		out = append(out, "/sys/fs/cgroup/vhive/"+b.cfg.Runtime)
+	if fi, err := os.Stat("/sys/fs/cgroup" + b.cgroupParent); err == nil && fi.IsDir() {
+		out = append(out, "/sys/fs/cgroup"+b.cgroupParent)
 	}
 	return out
 }

@@ -115,7 +115,7 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec) (_ *Sandbox, r
 }
 
 func (s *Sandbox) cgroupsPath() string {
-	return "/vhive/" + s.b.cfg.Runtime + "/" + s.id
+	return s.b.cgroupParent + "/" + s.id
 }
 
 // setupRootfs builds the instance's root filesystem and returns the path

@@ -31,14 +31,16 @@
 // GuestIP:Port.
 //
 // Cgroups (v1 and v2 hierarchies both work through the runtime): the spec's
-// cgroupsPath is /vhive/<runtime>/<id>, with memory and CPU limits from the
-// Spec; the runtime removes it on delete, Cleanup removes leftovers.
+// cgroupsPath is /vhive/<runtime>-<crc32 of Root>/<id>, with memory and CPU
+// limits from the Spec; the runtime removes it on delete, Cleanup removes
+// leftovers (only its own Root's).
 package oci
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -102,6 +104,10 @@ type Backend struct {
 	log     *slog.Logger
 	rt      *runc.Runc
 	bundles string
+	// cgroupParent is /vhive/<runtime>-<hash of Root>: backends with
+	// different Roots (a daemon and a test) never touch each other's
+	// cgroups.
+	cgroupParent string
 
 	mu        sync.Mutex
 	instances map[string]*Sandbox
@@ -155,10 +161,11 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		cfg.Platform = "systrap"
 	}
 	b := &Backend{
-		cfg:       cfg,
-		log:       cfg.Logger.With("component", "sandbox", "backend", cfg.Runtime),
-		bundles:   filepath.Join(root, "bundles"),
-		instances: map[string]*Sandbox{},
+		cfg:          cfg,
+		log:          cfg.Logger.With("component", "sandbox", "backend", cfg.Runtime),
+		bundles:      filepath.Join(root, "bundles"),
+		cgroupParent: fmt.Sprintf("/vhive/%s-%08x", cfg.Runtime, crc32.ChecksumIEEE([]byte(root))),
+		instances:    map[string]*Sandbox{},
 	}
 	state := filepath.Join(root, "state")
 	for _, d := range []string{state, b.bundles} {
