@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	if os.Getenv(crashHelperEnv) != "" {
+		return crashHelper()
+	}
 	dir, err := os.MkdirTemp("", "oci-test-rootfs-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
