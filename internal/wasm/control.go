@@ -57,7 +57,7 @@ type RestoreRequest struct {
 
 // StartReply reports the worker's own stage timings in microseconds:
 // Compile (0 when preloaded), LoadMemory, Instantiate, Initialize (boot) or
-// SetState (restore).
+// SetState (restore), and Worker (the whole call inside the worker).
 type StartReply struct {
 	Stages map[string]int64 `json:"stages"`
 	// Preloaded is true when the module was compiled before this call (a

@@ -12,7 +12,10 @@ import (
 	"sync"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
@@ -28,11 +31,26 @@ type WorkerProcess struct {
 	killOnce   sync.Once
 }
 
-// SpawnWorker starts command+o.Args() as a child process (stderr appended to
-// stderrPath, env added to the parent's environment), waits until it reports
-// ready or ctx ends, and connects to its control socket. The child gets
-// SIGKILL if this process dies. On error nothing is left running.
-func SpawnWorker(ctx context.Context, command []string, o WorkerOptions, stderrPath string, env []string) (*WorkerProcess, error) {
+// SpawnConfig says how to start a worker process.
+type SpawnConfig struct {
+	// Command is the argv prefix; WorkerOptions.Args are appended.
+	Command []string
+	// Env is added to this process's environment (K=V).
+	Env []string
+	// StderrPath receives the worker's stderr (appended).
+	StderrPath string
+	// Nice, if > 0, runs the worker (every thread: it gets its own process
+	// group) at that nice value until SetNice — for pool workers started in
+	// the background, so that they do not slow down cold starts in flight.
+	Nice int
+}
+
+// SpawnWorker starts sc.Command+o.Args() as a child process in its own
+// process group, waits until it reports ready or ctx ends, and connects to
+// its control socket. The child gets SIGKILL if this process dies. On error
+// nothing is left running.
+func SpawnWorker(ctx context.Context, sc SpawnConfig, o WorkerOptions) (*WorkerProcess, error) {
+	command, stderrPath, env := sc.Command, sc.StderrPath, sc.Env
 	if len(command) == 0 {
 		return nil, errors.New("wasm worker command is empty")
 	}
@@ -44,7 +62,7 @@ func SpawnWorker(ctx context.Context, command []string, o WorkerOptions, stderrP
 	cmd := exec.Command(command[0], append(append([]string{}, command[1:]...), o.Args()...)...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stderr = stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, fmt.Errorf("worker stdout pipe: %w", err)
@@ -53,6 +71,9 @@ func SpawnWorker(ctx context.Context, command []string, o WorkerOptions, stderrP
 		return nil, fmt.Errorf("start wasm worker %q: %w", command[0], err)
 	}
 	p := &WorkerProcess{cmd: cmd, stderrPath: stderrPath, done: make(chan struct{})}
+	if sc.Nice > 0 {
+		_ = p.SetNice(sc.Nice) // best effort: a slower cold start, not a failure
+	}
 	ready := make(chan error, 1)
 	go func() {
 		line, err := bufio.NewReader(stdout).ReadString('\n')
@@ -86,8 +107,25 @@ func SpawnWorker(ctx context.Context, command []string, o WorkerOptions, stderrP
 	if err != nil {
 		return fail(fmt.Errorf("connect to wasm worker control socket: %w", err))
 	}
+	// Connect now, so that the first control call of a cold start does not
+	// pay for the connection.
+	p.conn.Connect()
+	for st := p.conn.GetState(); st != connectivity.Ready; st = p.conn.GetState() {
+		if !p.conn.WaitForStateChange(ctx, st) {
+			return fail(fmt.Errorf("connect to wasm worker control socket: %w", ctx.Err()))
+		}
+	}
 	p.Client = NewWorkerClient(p.conn)
 	return p, nil
+}
+
+// SetNice sets the nice value of every thread of the worker (its process
+// group, which only it is in).
+func (p *WorkerProcess) SetNice(n int) error {
+	if err := unix.Setpriority(unix.PRIO_PGRP, p.cmd.Process.Pid, n); err != nil {
+		return fmt.Errorf("set nice %d of wasm worker %d: %w", n, p.cmd.Process.Pid, err)
+	}
+	return nil
 }
 
 // Pid is the worker's process ID.

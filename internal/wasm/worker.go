@@ -252,7 +252,8 @@ func (w *worker) die(err error) {
 
 func since(t time.Time) int64 { return time.Since(t).Microseconds() }
 
-func (w *worker) start(ctx context.Context, req *StartRequest) (*StartReply, error) {
+func (w *worker) start(ctx context.Context, req *StartRequest) (_ *StartReply, err error) {
+	t0 := time.Now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.inst != nil {
@@ -262,6 +263,7 @@ func (w *worker) start(ctx context.Context, req *StartRequest) (*StartReply, err
 		return nil, status.Error(codes.InvalidArgument, "greeter_socket is required")
 	}
 	rep := &StartReply{Stages: map[string]int64{}}
+	defer func() { rep.Stages["Worker"] = since(t0) }()
 	file := BootModuleFile
 	if req.Restore != nil {
 		file = RestoreModuleFile

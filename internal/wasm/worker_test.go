@@ -66,7 +66,8 @@ func (e *env) start(name string, moduleDir string, req wasm.StartRequest) (*inst
 		ModuleDir:     moduleDir,
 		CompileCache:  e.cache,
 	}
-	p, err := wasm.SpawnWorker(ctx, wasmtest.WorkerCommand(t), o, filepath.Join(e.sockDir, name+".stderr"), wasmtest.WorkerEnvList())
+	sc := wasm.SpawnConfig{Command: wasmtest.WorkerCommand(t), Env: wasmtest.WorkerEnvList(), StderrPath: filepath.Join(e.sockDir, name+".stderr")}
+	p, err := wasm.SpawnWorker(ctx, sc, o)
 	if err != nil {
 		t.Fatalf("SpawnWorker: %v", err)
 	}

@@ -19,6 +19,10 @@ const (
 	stderrFile  = "stderr.log"
 )
 
+// backgroundNice is the nice value of pool workers until they are taken:
+// refills run while cold starts are measured on few cores.
+const backgroundNice = 15
+
 // worker is a spawned worker process and its directory.
 type worker struct {
 	dir  string
@@ -35,7 +39,7 @@ func (w *worker) kill() error {
 }
 
 // spawn starts a worker for mod in a new directory under Root.
-func (b *Backend) spawn(ctx context.Context, mod *module, preloadBoot, preloadRestore bool) (_ *worker, retErr error) {
+func (b *Backend) spawn(ctx context.Context, mod *module, preloadBoot, preloadRestore, background bool) (_ *worker, retErr error) {
 	dir, err := os.MkdirTemp(b.cfg.Root, "w")
 	if err != nil {
 		return nil, fmt.Errorf("create worker directory: %w", err)
@@ -60,7 +64,11 @@ func (b *Backend) spawn(ctx context.Context, mod *module, preloadBoot, preloadRe
 		PreloadBoot:    preloadBoot,
 		PreloadRestore: preloadRestore,
 	}
-	p, err := wasmrt.SpawnWorker(ctx, b.cfg.WorkerCommand, o, filepath.Join(dir, stderrFile), b.cfg.WorkerEnv)
+	sc := wasmrt.SpawnConfig{Command: b.cfg.WorkerCommand, Env: b.cfg.WorkerEnv, StderrPath: filepath.Join(dir, stderrFile)}
+	if background {
+		sc.Nice = backgroundNice
+	}
+	p, err := wasmrt.SpawnWorker(ctx, sc, o)
 	if err != nil {
 		return nil, err
 	}
@@ -79,8 +87,9 @@ type pool struct {
 }
 
 // takeWorker returns a ready worker from the module's pool if there is one
-// (true), else spawns one now compiling only what this start needs. Either
-// way it tops the pool up in the background.
+// (true), else spawns one now compiling only what this start needs. The
+// caller tops the pool up (refill) once its instance runs, so that the
+// refill's process start does not compete with the cold start.
 func (b *Backend) takeWorker(ctx context.Context, mod *module, restore bool) (*worker, bool, error) {
 	var w *worker
 	if b.cfg.PoolSize > 0 {
@@ -100,17 +109,31 @@ func (b *Backend) takeWorker(ctx context.Context, mod *module, restore bool) (*w
 				w = nil
 			}
 		}
-		b.refillLocked(p)
 		b.mu.Unlock()
 	}
 	if w != nil {
+		if err := w.proc.SetNice(0); err != nil {
+			b.log.Warn("pooled wasm worker keeps its background priority", "err", err)
+		}
 		return w, true, nil
 	}
-	w, err := b.spawn(ctx, mod, !restore, restore)
+	w, err := b.spawn(ctx, mod, !restore, restore, false)
 	if err != nil {
 		return nil, false, err
 	}
 	return w, false, nil
+}
+
+// refill tops up the module's pool in the background.
+func (b *Backend) refill(mod *module) {
+	if b.cfg.PoolSize == 0 {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if p := b.pools[mod.info.Digest]; p != nil {
+		b.refillLocked(p)
+	}
 }
 
 // refillLocked starts background spawns until ready+spawning reaches
@@ -124,7 +147,7 @@ func (b *Backend) refillLocked(p *pool) {
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
-			w, err := b.spawn(b.ctx, p.mod, true, true)
+			w, err := b.spawn(b.ctx, p.mod, true, true, true)
 			b.mu.Lock()
 			defer b.mu.Unlock()
 			p.spawning--

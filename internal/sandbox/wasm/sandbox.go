@@ -172,21 +172,25 @@ func (s *Sandbox) restore(ctx context.Context, dir string, st *wasmrt.State, opt
 		if opts.Mode == sandbox.MemoryPrefetch {
 			rc.ChunkPages = 0 // faults outside the WS are "unique": one page each
 		}
+		t := time.Now()
 		m, err := s.b.cfg.Memory.Start(ctx, rc)
 		if err != nil {
 			return err
 		}
 		s.mu.Lock()
 		s.mem = m
+		s.result.Stages["MemoryStart"] = time.Since(t)
 		s.mu.Unlock()
 		req.Restore.Mode = wasmrt.RestoreUffd
 		req.Restore.UffdSocket = rc.SocketPath
 	}
+	t := time.Now()
 	rep, err := s.w.proc.Client.Start(ctx, req)
 	if err != nil {
 		return s.rpcErr(err)
 	}
 	s.mu.Lock()
+	s.result.Stages["WorkerStart"] = time.Since(t)
 	s.addWorkerStages(rep)
 	s.started = true
 	s.mu.Unlock()

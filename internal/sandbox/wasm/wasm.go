@@ -302,11 +302,14 @@ func (b *Backend) create(ctx context.Context, spec sandbox.Spec, snapDir *string
 		return nil, wrap(err)
 	}
 	var st *wasmrt.State
+	var checkTime time.Duration
 	if snapDir != nil {
 		// Refuse a bad snapshot before taking a worker.
+		t := time.Now()
 		if st, err = b.checkSnapshot(*snapDir, mod); err != nil {
 			return nil, wrap(err)
 		}
+		checkTime = time.Since(t)
 	}
 	s := &Sandbox{b: b, id: spec.ID, spec: spec, mod: mod, done: make(chan struct{}),
 		result: sandbox.RestoreResult{Stages: map[string]time.Duration{}, Pages: map[string]int64{}}}
@@ -320,10 +323,14 @@ func (b *Backend) create(ctx context.Context, spec sandbox.Spec, snapDir *string
 	}()
 	t := time.Now()
 	s.w, s.readyWorker, err = b.takeWorker(ctx, mod, snapDir != nil)
+	defer b.refill(mod)
 	if err != nil {
 		return nil, wrap(err)
 	}
 	s.result.Stages["TakeWorker"] = time.Since(t)
+	if snapDir != nil {
+		s.result.Stages["CheckSnapshot"] = checkTime
+	}
 	s.endpoint = "unix://" + filepath.Join(s.w.dir, "greeter.sock")
 	if s.readyWorker {
 		s.result.Pages["ReadyWorker"] = 1

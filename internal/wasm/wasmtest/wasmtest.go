@@ -5,7 +5,6 @@ package wasmtest
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -66,31 +65,53 @@ func sourceDir() string {
 // kept in the temporary directory by source hash and reused.
 func GuestModule(t testing.TB) string {
 	t.Helper()
-	src := sourceDir()
-	b, err := os.ReadFile(filepath.Join(src, "main.go"))
-	if err != nil {
-		t.Fatalf("read guest source: %v", err)
+	return buildModule(t, sourceDir(), ".", "guest")
+}
+
+// FunctionModule builds vhive.dev/vhive/functions/<name> as a wasip1 reactor
+// and returns the module's path (rebuilt when its sources change).
+func FunctionModule(t testing.TB, name string) string {
+	t.Helper()
+	root := filepath.Join(sourceDir(), "..", "..", "..", "..")
+	return buildModule(t, root, "./functions/"+name, name)
+}
+
+func buildModule(t testing.TB, dir, pkg, name string) string {
+	t.Helper()
+	h := sha256.New()
+	h.Write([]byte(runtime.Version()))
+	srcs, _ := filepath.Glob(filepath.Join(dir, pkg, "*.go"))
+	sdk, _ := filepath.Glob(filepath.Join(dir, "functions", "sdk", "*.go"))
+	for _, f := range append(srcs, sdk...) {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatalf("read wasm source: %v", err)
+		}
+		h.Write([]byte(f))
+		h.Write(b)
 	}
-	sum := sha256.Sum256(append(b, runtime.Version()...))
-	out := filepath.Join(os.TempDir(), "vhive-wasm-guest-"+hex.EncodeToString(sum[:8])+".wasm")
+	if len(srcs) == 0 {
+		t.Fatalf("no Go sources in %s", filepath.Join(dir, pkg))
+	}
+	out := filepath.Join(os.TempDir(), fmt.Sprintf("vhive-wasm-%s-%x.wasm", name, h.Sum(nil)[:8]))
 	if _, err := os.Stat(out); err == nil {
 		return out
 	}
 	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	if _, err := os.Stat(goBin); err != nil {
 		if goBin, err = exec.LookPath("go"); err != nil {
-			t.Fatalf("go toolchain not found to build the wasm guest: %v", err)
+			t.Fatalf("go toolchain not found to build the wasm module: %v", err)
 		}
 	}
 	tmp := out + fmt.Sprintf(".%d.tmp", os.Getpid())
-	cmd := exec.Command(goBin, "build", "-buildmode=c-shared", "-o", tmp, ".")
-	cmd.Dir = src
+	cmd := exec.Command(goBin, "build", "-buildmode=c-shared", "-o", tmp, pkg)
+	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm", "CGO_ENABLED=0")
 	if outp, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build wasm guest: %v\n%s", err, outp)
+		t.Fatalf("build wasm module %s: %v\n%s", pkg, err, outp)
 	}
 	if err := os.Rename(tmp, out); err != nil {
-		t.Fatalf("store wasm guest: %v", err)
+		t.Fatalf("store wasm module: %v", err)
 	}
 	return out
 }

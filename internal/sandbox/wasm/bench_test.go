@@ -1,0 +1,256 @@
+package wasm
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/sandbox"
+	wasmrt "vhive.dev/vhive/internal/wasm"
+	"vhive.dev/vhive/internal/wasm/wasmtest"
+)
+
+// evict drops the files' pages from the page cache (only these files: the
+// machine is shared), as vHive drops caches before every cold start — unless
+// VHIVE_BENCH_WITH_CACHE=1 (vHive's --with-cache).
+func evict(b *testing.B, paths ...string) {
+	if os.Getenv("VHIVE_BENCH_WITH_CACHE") == "1" {
+		return
+	}
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if os.IsNotExist(err) {
+			continue
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+			b.Fatalf("fadvise %s: %v", p, err)
+		}
+		f.Close()
+	}
+}
+
+type coldStats struct {
+	lat                                      []time.Duration
+	faults, unique, recPages, ready, zeroPgs int64
+	n                                        int64
+	stages                                   map[string]time.Duration
+	toReady                                  time.Duration // start → sandbox returned (before the first call)
+}
+
+func (c *coldStats) report(b *testing.B) {
+	if len(c.lat) == 0 {
+		return
+	}
+	s := slices.Clone(c.lat)
+	slices.Sort(s)
+	b.ReportMetric(float64(s[len(s)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(s[len(s)-1].Microseconds())/1000, "max-ms")
+	b.ReportMetric(float64(c.faults)/float64(c.n), "faults/op")
+	b.ReportMetric(float64(c.unique)/float64(c.n), "unique/op")
+	b.ReportMetric(float64(c.recPages)/float64(c.n), "ws-pages/op")
+	b.ReportMetric(float64(c.ready)/float64(c.n), "ready-worker/op")
+	b.ReportMetric(float64(c.toReady.Microseconds())/1000/float64(c.n), "ready-ms")
+	for _, k := range []string{"CheckSnapshot", "MemoryStart", "WorkerStart", "Worker", "TakeWorker", "FetchState", "InstallWS", "LoadMemory", "Instantiate", "Initialize"} {
+		if d, ok := c.stages[k]; ok {
+			b.ReportMetric(float64(d.Microseconds())/1000/float64(c.n), k+"-ms")
+		}
+	}
+}
+
+// BenchmarkColdStart measures request in → reply out for the wasm backend:
+// boot (compiled module, instantiate + _initialize), eager snapshot restore
+// (memory copied), lazy restore (every page by userfaultfd), REAP (working
+// set prefetched; recorded with payload "record", replayed with "record" and
+// with "replay", which touches other pages) and warm calls, with a pool of
+// ready workers and without. Run with -benchtime=10x.
+func BenchmarkColdStart(b *testing.B) {
+	for _, fn := range []string{"helloworld", "lookup"} {
+		for _, pool := range []int{1, 0} {
+			e := newEnv(b, envOpts{pool: pool})
+			e.module = wasmtest.FunctionModule(b, fn)
+			ctx := context.Background()
+
+			// The snapshot is taken right after boot, as vHive does.
+			booted := e.boot(b, fn+"-boot")
+			snap := b.TempDir()
+			if err := booted.(sandbox.Snapshotter).Snapshot(ctx, snap); err != nil {
+				b.Fatal(err)
+			}
+			want := map[string]string{}
+			for _, p := range []string{"record", "replay"} {
+				// Replies do not depend on state for these functions.
+				want[p] = mustCall(b, booted, p)
+			}
+			ws := filepath.Join(b.TempDir(), "ws")
+			rec := e.restore(b, fn+"-rec", snap, sandbox.RestoreOptions{Mode: sandbox.MemoryRecord, WorkingSet: ws})
+			mustCall(b, rec, "record")
+			if err := rec.(sandbox.Recorder).FinishRecord(ctx); err != nil {
+				b.Fatal(err)
+			}
+			_ = rec.Stop(ctx)
+			memFile := filepath.Join(snap, wasmrt.MemoryFile)
+			if fi, err := os.Stat(ws); err == nil {
+				b.Logf("%s: working set file %d KiB", fn, fi.Size()>>10)
+			}
+
+			poolName := "pool"
+			if pool == 0 {
+				poolName = "nopool"
+			}
+			for _, mode := range []string{"boot", "eager", "lazy", "reap", "reap-replay", "warm"} {
+				b.Run(fmt.Sprintf("%s/%s/%s", fn, mode, poolName), func(b *testing.B) {
+					if mode == "warm" && pool == 0 {
+						b.Skip("warm does not depend on the pool")
+					}
+					payload := "record"
+					if mode == "reap-replay" {
+						payload = "replay"
+					}
+					var cs coldStats
+					if mode == "warm" {
+						conn, err := grpc.NewClient(booted.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+						if err != nil {
+							b.Fatal(err)
+						}
+						defer conn.Close()
+						c := helloworld.NewGreeterClient(conn)
+						if _, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: payload}); err != nil {
+							b.Fatal(err)
+						}
+						b.ResetTimer()
+						for range b.N {
+							t0 := time.Now()
+							r, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: payload})
+							cs.lat = append(cs.lat, time.Since(t0))
+							if err != nil || r.GetMessage() != want[payload] {
+								b.Fatalf("warm call: %q, %v", r.GetMessage(), err)
+							}
+						}
+						cs.n = int64(b.N)
+						cs.report(b)
+						return
+					}
+					b.StopTimer()
+					for i := range b.N {
+						if pool > 0 {
+							if err := e.b.Warm(ctx, e.module); err != nil {
+								b.Fatal(err)
+							}
+						}
+						evict(b, memFile, ws)
+						id := fmt.Sprintf("%s-%s-%s-%d", fn, mode, poolName, i)
+						b.StartTimer()
+						t0 := time.Now()
+						var sb sandbox.Sandbox
+						var err error
+						switch mode {
+						case "boot":
+							if sb, err = e.b.Create(ctx, e.spec(id)); err == nil {
+								err = sb.Start(ctx)
+							}
+						case "eager":
+							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryEager})
+						case "lazy":
+							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
+						default:
+							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryPrefetch, WorkingSet: ws})
+						}
+						if err != nil {
+							b.Fatalf("%s: %v", mode, err)
+						}
+						t1 := time.Now()
+						got, err := call(ctx, sb.Endpoint(), payload)
+						d := time.Since(t0)
+						cs.toReady += t1.Sub(t0)
+						b.StopTimer()
+						if err != nil || got != want[payload] {
+							b.Fatalf("%s: first call = %q, %v; want %q", mode, got, err, want[payload])
+						}
+						cs.lat = append(cs.lat, d)
+						st := sb.(sandbox.RestoreReporter).RestoreStats()
+						cs.faults += st.Pages["Faults"]
+						cs.unique += st.Pages["Unique"]
+						cs.recPages += st.Pages["RecPages"]
+						cs.ready += st.Pages["ReadyWorker"]
+						if cs.stages == nil {
+							cs.stages = map[string]time.Duration{}
+						}
+						for k, v := range st.Stages {
+							cs.stages[k] += v
+						}
+						cs.n++
+						if err := sb.Stop(ctx); err != nil {
+							b.Fatal(err)
+						}
+					}
+					cs.report(b)
+				})
+			}
+			_ = booted.Stop(ctx)
+			e.b.Close()
+		}
+	}
+}
+
+// BenchmarkFloor measures raw floors in the same run: fork+exec+wait of
+// /bin/true (the least a process-per-instance cold start costs) and a warm
+// Greeter round trip to a plain Go server on a unix socket (the least a warm
+// call costs).
+func BenchmarkFloor(b *testing.B) {
+	b.Run("exec-true", func(b *testing.B) {
+		for range b.N {
+			if err := exec.Command("/bin/true").Run(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("grpc-unix-warm", func(b *testing.B) {
+		sock := filepath.Join(b.TempDir(), "g.sock")
+		ln, err := net.Listen("unix", sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		srv := grpc.NewServer()
+		helloworld.RegisterGreeterServer(srv, plainGreeter{})
+		go srv.Serve(ln)
+		defer srv.Stop()
+		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		c := helloworld.NewGreeterClient(conn)
+		ctx := context.Background()
+		if _, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: "x"}); err != nil {
+			b.Fatal(err)
+		}
+		b.ResetTimer()
+		for range b.N {
+			if _, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: "x"}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+type plainGreeter struct {
+	helloworld.UnimplementedGreeterServer
+}
+
+func (plainGreeter) SayHello(_ context.Context, r *helloworld.HelloRequest) (*helloworld.HelloReply, error) {
+	return &helloworld.HelloReply{Message: "Hello, " + r.GetName() + "!"}, nil
+}
