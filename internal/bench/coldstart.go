@@ -43,15 +43,18 @@ const (
 // Invocation is one invocation the bench made and what the daemon said.
 type Invocation struct {
 	Cell
-	Phase        string           `json:"phase"`
-	Index        int              `json:"index"`
-	Time         time.Time        `json:"time"`
-	StartMode    string           `json:"start_mode"`
-	ColdStart    bool             `json:"cold_start"`
-	InstanceID   string           `json:"instance_id"`
-	ClientMicros int64            `json:"client_micros"` // wall time of the Invoke RPC
-	Stages       Sample           `json:"stages"`        // the daemon's stage timings, µs
-	MemoryStats  map[string]int64 `json:"memory_stats,omitempty"`
+	Phase        string    `json:"phase"`
+	Index        int       `json:"index"`
+	Time         time.Time `json:"time"`
+	StartMode    string    `json:"start_mode"`
+	ColdStart    bool      `json:"cold_start"`
+	InstanceID   string    `json:"instance_id"`
+	ClientMicros int64     `json:"client_micros"` // wall time of the Invoke RPC
+	// DaemonTotalMicros is the daemon's "Total" stage when it reports one
+	// (its end-to-end time, gaps between stages included).
+	DaemonTotalMicros int64            `json:"daemon_total_micros,omitempty"`
+	Stages            Sample           `json:"stages"` // the daemon's stage timings, µs
+	MemoryStats       map[string]int64 `json:"memory_stats,omitempty"`
 }
 
 // Footprint phases.
@@ -363,6 +366,12 @@ func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, stopF
 		MemoryStats:  resp.GetMemoryStats(),
 	}
 	for _, s := range resp.GetStages() {
+		if s.GetName() == "Total" {
+			// The daemon's own end-to-end figure: kept apart, since
+			// Total in vHive's CSVs is the sum of the stages.
+			inv.DaemonTotalMicros = s.GetMicros()
+			continue
+		}
 		inv.Stages[s.GetName()] += float64(s.GetMicros())
 	}
 	if len(inv.Stages) == 0 {

@@ -91,7 +91,7 @@ func (d *fakeDaemon) Invoke(_ context.Context, in *vhivepb.InvokeRequest, _ ...g
 	switch {
 	case !f.snapshot || mode == "boot":
 		resp.StartMode = "boot"
-		resp.Stages = []*vhivepb.Stage{{Name: "CreateSandbox", Micros: 100000}, {Name: "StartSandbox", Micros: 200000}, {Name: "FuncInvocation", Micros: 1000}}
+		resp.Stages = []*vhivepb.Stage{{Name: "CreateSandbox", Micros: 100000}, {Name: "StartSandbox", Micros: 200000}, {Name: "FuncInvocation", Micros: 1000}, {Name: "Total", Micros: 305000}}
 		if mode != "boot" {
 			f.snapshot = true
 		}
@@ -265,6 +265,17 @@ func TestColdstartProtocol(t *testing.T) {
 	for _, f := range append(files, plots...) {
 		if fi, err := os.Stat(f); err != nil || fi.Size() == 0 {
 			t.Errorf("output %s missing or empty", f)
+		}
+	}
+	boot := readCSV(t, filepath.Join(out, MeanStdFile("gvisor", "boot")))
+	wantBoot := [][]string{
+		{"FuncName", "CreateSandbox", "StdDev", "FuncInvocation", "StdDev", "StartSandbox", "StdDev", "Total", "StdDev"},
+		{"helloworld", "100000", "0.0", "1000", "0.0", "200000", "0.0", "301000", "0.0"},
+	}
+	for i := range wantBoot {
+		if len(boot) != 2 || !slices.Equal(boot[i], wantBoot[i]) {
+			t.Errorf("boot mean/std CSV (the daemon's Total stage must not be summed): %v, want %v", boot, wantBoot)
+			break
 		}
 	}
 	rows := readCSV(t, filepath.Join(out, MeanStdFile("gvisor", "reap")))

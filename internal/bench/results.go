@@ -148,7 +148,7 @@ func (r *ColdstartResult) iterationRows() ([]string, [][]string) {
 	}
 	slices.Sort(stages)
 	slices.Sort(mems)
-	h := []string{"Time", "FuncName", "Sandbox", "Mode", "Phase", "Iteration", "StartMode", "ColdStart", "InstanceID", "ClientMicros", "Total"}
+	h := []string{"Time", "FuncName", "Sandbox", "Mode", "Phase", "Iteration", "StartMode", "ColdStart", "InstanceID", "ClientMicros", "DaemonTotal", "Total"}
 	h = append(h, stages...)
 	for _, m := range mems {
 		h = append(h, "mem."+m)
@@ -158,7 +158,7 @@ func (r *ColdstartResult) iterationRows() ([]string, [][]string) {
 		row := []string{
 			inv.Time.Format(time.RFC3339Nano), inv.Function, inv.Sandbox, inv.Mode, inv.Phase,
 			strconv.Itoa(inv.Index), inv.StartMode, strconv.FormatBool(inv.ColdStart), inv.InstanceID,
-			strconv.FormatInt(inv.ClientMicros, 10), strconv.FormatInt(int64(inv.Stages.Total()), 10),
+			strconv.FormatInt(inv.ClientMicros, 10), strconv.FormatInt(inv.DaemonTotalMicros, 10), strconv.FormatInt(int64(inv.Stages.Total()), 10),
 		}
 		for _, s := range stages {
 			v, ok := inv.Stages[s]
