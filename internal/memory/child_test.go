@@ -7,10 +7,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -205,6 +207,16 @@ func runChild(cfg childConfig) (childResult, error) {
 			for p := o.Page; p < o.Page+n; p++ {
 				state[p] = 1
 			}
+		case "hammer":
+			// o.N reads of random pages by 4 goroutines while another
+			// drops random ranges: every byte must be the file's or zero
+			// (a read racing a drop may see both, never anything else).
+			bad, first := hammer(mem, f, fileOff, ps, o.N)
+			res.Touched += int(o.N)
+			res.Mismatches += bad
+			if res.First == "" {
+				res.First = first
+			}
 		case "notify":
 			fmt.Println("NOTIFY")
 		case "waitstdin":
@@ -310,4 +322,57 @@ func (c *child) result(t testing.TB) childResult {
 func killedBySIGKILL(st *os.ProcessState) bool {
 	ws, ok := st.Sys().(syscall.WaitStatus)
 	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}
+
+func hammer(mem []byte, f *os.File, fileOff func(uint64) uint64, ps, reads uint64) (int, string) {
+	pages := uint64(len(mem)) / ps
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	bad, first := 0, ""
+	done := make(chan struct{})
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(g), 7))
+			got, want := make([]byte, ps), make([]byte, ps)
+			for range reads / 4 {
+				p := r.Uint64N(pages)
+				copy(got, mem[p*ps:(p+1)*ps])
+				n, _ := f.ReadAt(want, int64(fileOff(p)))
+				clear(want[n:])
+				for i := range got {
+					if got[i] != want[i] && got[i] != 0 {
+						mu.Lock()
+						bad++
+						if first == "" {
+							first = fmt.Sprintf("hammer: page %d byte %d: got %#x want %#x or 0", p, i, got[i], want[i])
+						}
+						mu.Unlock()
+						break
+					}
+				}
+			}
+		}()
+	}
+	var dropper sync.WaitGroup
+	dropper.Add(1)
+	go func() {
+		defer dropper.Done()
+		r := rand.New(rand.NewPCG(99, 7))
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			p, n := r.Uint64N(pages-8), 1+r.Uint64N(8)
+			unix.Madvise(mem[p*ps:(p+n)*ps], unix.MADV_DONTNEED)
+			time.Sleep(50 * time.Microsecond)
+		}
+	}()
+	wg.Wait()
+	close(done)
+	dropper.Wait()
+	return bad, first
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -656,4 +657,22 @@ func TestConcurrentRestoresIsolated(t *testing.T) {
 			}
 		})
 	})
+}
+
+// TestHammerFaultsAndRemoves: concurrent faults from 4 threads while a 5th
+// drops random ranges (UFFD_EVENT_REMOVE, EAGAIN on copies), pure lazy and
+// with chunks. No wrong byte, no hang.
+func TestHammerFaultsAndRemoves(t *testing.T) {
+	e := newEnv(t)
+	for _, chunk := range []int{1, 16} {
+		t.Run(fmt.Sprintf("chunk=%d", chunk), func(t *testing.T) {
+			cfg := e.cfg(fmt.Sprintf("hammer%d", chunk), ModeLazy)
+			cfg.ChunkPages = chunk
+			_, st := e.run(t, cfg, []op{{Kind: "hammer", N: 20000}})
+			if st.Removes == 0 || st.Faults == 0 {
+				t.Errorf("Removes=%d Faults=%d: the hammer did not hammer", st.Removes, st.Faults)
+			}
+			t.Logf("faults %d, removes %d, zero pages %d", st.Faults, st.Removes, st.ZeroPages)
+		})
+	}
 }

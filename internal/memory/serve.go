@@ -206,15 +206,18 @@ func (s *server) install() error {
 			if lo >= hi {
 				continue
 			}
-			dst := reg.BaseHostVirtAddr + (lo - reg.Offset)
+			first := (lo - reg.Offset) / reg.PageSize
+			last := (hi - reg.Offset) / reg.PageSize
 			src := uintptr(unsafe.Pointer(&s.ws.Data[at+(lo-run.Offset)]))
-			if _, err := s.copyRange(reg, dst, src, hi-lo, false, uffd.ModeDontWake); err != nil {
+			_, _, err := s.fill(reg, first, last, src, false, uffd.ModeDontWake, func(p, n uint64) {
+				for i := p; i < p+n; i++ {
+					reg.inWS.set(i)
+				}
+			})
+			if err != nil {
 				return err
 			}
-			for p := (dst - reg.BaseHostVirtAddr) / reg.PageSize; p < (dst+hi-lo-reg.BaseHostVirtAddr)/reg.PageSize; p++ {
-				reg.inWS.set(p)
-			}
-			pages += int64((hi - lo) / reg.PageSize)
+			pages += int64(last - first)
 		}
 		at += run.Length
 	}
@@ -236,54 +239,71 @@ func (s *server) install() error {
 	return nil
 }
 
-// copyRange installs [dst, dst+n) of reg — zero pages if zero, else from src
-// — skipping pages that are already present. It marks installed pages
-// present and returns how many bytes it installed.
-func (s *server) copyRange(reg *region, dst uint64, src uintptr, n uint64, zero bool, mode uint64) (uint64, error) {
+// fill installs the pages [first, last) of reg that are not present: pages
+// removed since the restore began (and, with holes, pages in holes of the
+// memory file) as zero pages, the others copied from src, the address of
+// page first's bytes (the following pages' bytes follow it), with one ioctl
+// per contiguous stretch of the same kind. done is called for each range
+// installed. It returns the number of pages copied and zeroed.
+//
+// Removal is sticky: once the guest dropped a page, its content is never
+// the memory file's again (anonymous memory reads as zero after
+// MADV_DONTNEED), so such a page is always served as a zero page.
+func (s *server) fill(reg *region, first, last uint64, src uintptr, holes bool, mode uint64, done func(p, n uint64)) (nCopied, nZero uint64, err error) {
 	ps := reg.PageSize
-	var installed uint64
-	for n > 0 {
+	zero := func(p uint64) bool { return reg.removed.get(p) || (holes && s.isHole(reg, p)) }
+	for p := first; p < last; {
+		if reg.present.get(p) {
+			p++
+			continue
+		}
+		z := zero(p)
+		q := p + 1
+		for q < last && !reg.present.get(q) && zero(q) == z {
+			q++
+		}
+		dst := uintptr(reg.BaseHostVirtAddr + p*ps)
 		var got uint64
-		var err error
-		if zero {
-			got, err = s.uffd.ZeroPage(uintptr(dst), n, mode)
+		if z {
+			got, err = s.uffd.ZeroPage(dst, (q-p)*ps, mode)
 		} else {
-			got, err = s.uffd.Copy(uintptr(dst), src, n, mode)
+			got, err = s.uffd.Copy(dst, src+uintptr((p-first)*ps), (q-p)*ps, mode)
 		}
-		for p := (dst - reg.BaseHostVirtAddr) / ps; p < (dst+got-reg.BaseHostVirtAddr)/ps; p++ {
-			reg.present.set(p)
+		k := got / ps
+		for i := p; i < p+k; i++ {
+			reg.present.set(i)
 		}
-		installed += got
-		dst, n = dst+got, n-got
-		if !zero {
-			src += uintptr(got)
+		if z {
+			nZero += k
+		} else {
+			nCopied += k
 		}
+		if k > 0 {
+			done(p, k)
+		}
+		p += k
 		switch {
-		case err == nil && n == 0:
-			return installed, nil
-		case err == nil, errors.Is(err, unix.EAGAIN) && got > 0:
-			// Partial: retry the rest.
+		case err == nil:
 		case errors.Is(err, unix.EEXIST):
-			// The first remaining page is already there (the peer or an
-			// earlier chunk faulted it in): skip it.
-			reg.present.set((dst - reg.BaseHostVirtAddr) / ps)
-			dst, n = dst+ps, n-ps
-			if !zero {
-				src += uintptr(ps)
-			}
+			// Page p is already there (an earlier chunk, or the
+			// prefetch while this fault was queued): skip it.
+			reg.present.set(p)
 		case errors.Is(err, unix.EAGAIN):
-			// The mapping is changing (a remove event is pending): read
-			// the events, then retry.
-			if err := s.drain(); err != nil {
-				return installed, err
+			// k > 0: a partial copy, continue. k == 0: the mapping is
+			// changing (a remove event is pending): read the events,
+			// then recompute from page p.
+			if k == 0 {
+				if err := s.drain(); err != nil {
+					return nCopied, nZero, err
+				}
 			}
 		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOENT):
-			return installed, errPeerGone
+			return nCopied, nZero, errPeerGone
 		default:
-			return installed, fmt.Errorf("install [%#x, +%#x): %w", dst, n, err)
+			return nCopied, nZero, fmt.Errorf("install [%#x, +%#x): %w", dst, (q-p)*ps, err)
 		}
 	}
-	return installed, nil
+	return nCopied, nZero, nil
 }
 
 // drain reads pending events: removes are applied now, faults queued.
@@ -336,14 +356,19 @@ func (s *server) loop() error {
 			if err != nil {
 				return err
 			}
-			for i := range n {
-				m := s.msgs[i]
+			// Removes first: a fault read together with a remove of
+			// its page must see the page as removed (the madvise may
+			// zap it any moment after its event was read).
+			for _, m := range s.msgs[:n] {
 				if m.Event != uffd.EventPagefault {
 					s.event(m)
-					continue
 				}
-				if err := s.fault(m); err != nil {
-					return s.faultErr(err)
+			}
+			for _, m := range s.msgs[:n] {
+				if m.Event == uffd.EventPagefault {
+					if err := s.fault(m); err != nil {
+						return s.faultErr(err)
+					}
 				}
 			}
 		} else if ev&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
@@ -410,61 +435,43 @@ func (s *server) fault(m uffd.Msg) error {
 	page := (m.Address - reg.BaseHostVirtAddr) / ps
 	cs := s.r.chunk
 	first, last := page/cs*cs, min(page/cs*cs+cs, reg.pages)
+	wasPresent := reg.present.get(page)
 
-	var unique, zeros, read uint64
 	var rec []span
 	recording := s.r.cfg.Mode == ModeRecord
-	faultedPresent := reg.present.get(page)
-	for p := first; p < last; {
-		if reg.present.get(p) {
-			p++
-			continue
+	src := uintptr(unsafe.Pointer(&s.r.mem[reg.Offset+first*ps]))
+	copied, zeros, err := s.fill(reg, first, last, src, true, 0, func(p, n uint64) {
+		if !recording {
+			return
 		}
-		zero := s.isZero(reg, p)
-		q := p + 1
-		for q < last && !reg.present.get(q) && s.isZero(reg, q) == zero {
-			q++
-		}
-		dst := reg.BaseHostVirtAddr + p*ps
-		off := reg.Offset + p*ps
-		var src uintptr
-		if !zero {
-			src = uintptr(unsafe.Pointer(&s.r.mem[off]))
-		}
-		got, err := s.copyRange(reg, dst, src, (q-p)*ps, zero, 0)
-		if err != nil {
-			return err
-		}
-		unique += got / ps
-		if zero {
-			zeros += got / ps
-		} else {
-			read += got
-		}
-		for i := p; i < q; i++ {
-			removed := reg.removed.get(i)
-			reg.removed.clear(i)
-			if recording && !removed && !reg.recorded.get(i) {
+		for i := p; i < p+n; i++ {
+			// Holes are memory-file content (zeros) and belong to the
+			// working set; pages zeroed because the guest removed them
+			// do not.
+			if !reg.recorded.get(i) && !reg.removed.get(i) {
 				reg.recorded.set(i)
 				rec = append(rec, span{off: reg.Offset + i*ps, len: ps})
 			}
 		}
-		p = q
+	})
+	if err != nil {
+		return err
 	}
-	if faultedPresent || unique == 0 {
-		// Already there (installed by the prefetch or an earlier chunk
-		// while this fault was queued): make sure the thread runs.
+	if wasPresent {
+		// Installed while this fault was queued (prefetch, an earlier
+		// chunk): make sure the thread runs.
 		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr+page*ps), ps); err != nil {
 			return err
 		}
 	}
+	unique := copied + zeros
 	d := time.Since(t0)
 	r := s.r
 	r.mu.Lock()
 	r.stats.Faults++
 	r.stats.Unique += int64(unique)
 	r.stats.ZeroPages += int64(zeros)
-	r.stats.BytesRead += int64(read)
+	r.stats.BytesRead += int64(copied * ps)
 	if unique > 0 {
 		r.stats.ServeUnique += d
 	}
@@ -472,25 +479,20 @@ func (s *server) fault(m uffd.Msg) error {
 		r.stats.FaultLatency = append(r.stats.FaultLatency, d)
 	}
 	if r.recording && len(rec) > 0 {
-		// Keep the faulting page first: the trace is in fault order.
 		r.spans = append(r.spans, rec...)
 	}
 	r.mu.Unlock()
 	if o := r.obs; o != nil {
 		o.faults.Inc()
 		o.unique.Add(float64(unique))
-		o.bytesRead.Add(float64(read))
+		o.bytesRead.Add(float64(copied * ps))
 		o.faultTime.Observe(d.Seconds())
 	}
 	return nil
 }
 
-// isZero: page p of reg must be installed as a zero page (removed since it
-// was last installed, or wholly a hole of the memory file).
-func (s *server) isZero(reg *region, p uint64) bool {
-	if reg.removed.get(p) {
-		return true
-	}
+// isHole: page p of reg lies wholly in holes of the memory file.
+func (s *server) isHole(reg *region, p uint64) bool {
 	off := reg.Offset + p*reg.PageSize
 	for o := off; o < off+reg.PageSize; o += 4096 {
 		if !s.r.holes.get(o / 4096) {
