@@ -127,7 +127,9 @@ func (s *Sandbox) setupRootfs(ctx context.Context) (string, bool, error) {
 		if err != nil {
 			return "", false, fmt.Errorf("oci: sandbox %q: resolve Rootfs %q: %w", s.id, s.spec.Rootfs, err)
 		}
-		return p, true, nil
+		// Not read-only in the spec: runsc would then refuse writes
+		// instead of sending them to its memory overlay.
+		return p, false, nil
 	}
 	if err := os.Mkdir(s.rootfs, 0o755); err != nil {
 		return "", false, fmt.Errorf("oci: sandbox %q: create rootfs dir: %w", s.id, err)

@@ -45,6 +45,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 
 	runc "github.com/containerd/go-runc"
@@ -150,6 +151,12 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	case RootfsDirect:
 		if cfg.Runtime != RuntimeGVisor {
 			return nil, fmt.Errorf("oci: Rootfs %q needs runtime %q", cfg.Rootfs, RuntimeGVisor)
+		}
+		// Only runsc's memory overlay keeps the image rootfs unwritten.
+		for _, f := range cfg.RunscFlags {
+			if v, ok := strings.CutPrefix(strings.TrimLeft(f, "-"), "overlay2="); ok && !strings.HasSuffix(v, ":memory") {
+				return nil, fmt.Errorf("oci: Rootfs %q needs runsc --overlay2=root:memory, RunscFlags has %q", cfg.Rootfs, f)
+			}
 		}
 	default:
 		return nil, fmt.Errorf("oci: Rootfs mode %q is unknown", cfg.Rootfs)

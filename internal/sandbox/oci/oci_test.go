@@ -158,16 +158,40 @@ func TestBadSpec(t *testing.T) {
 			t.Logf("%s: %v", name, err)
 		}
 	}
-	// The runtime itself fails: a binary that does not exist in the image.
-	s := good
-	s.Process.Args = []string{"/bin/nonexistent"}
-	sb, err := e.b.Create(ctx, s)
-	if err == nil {
-		err = sb.Start(ctx)
-		_ = sb.Stop(ctx)
+}
+
+// TestRuntimeFailure: the runtime itself fails (an entrypoint missing from
+// the image). Create or Start must fail or the sandbox must end with an
+// error naming the binary, and nothing may be left behind.
+func TestRuntimeFailure(t *testing.T) {
+	for _, rt := range runtimes {
+		t.Run(rt, func(t *testing.T) {
+			e := newEnv(t, rt)
+			ctx := context.Background()
+			s := e.spec("noentry-" + rt)
+			s.Process.Args = []string{"/bin/nonexistent"}
+			sb, err := e.b.Create(ctx, s)
+			if err == nil {
+				err = sb.Start(ctx)
+				if err == nil {
+					select {
+					case <-sb.Done():
+						err = sb.Err()
+					case <-time.After(20 * time.Second):
+					}
+				}
+				if serr := sb.Stop(ctx); serr != nil {
+					t.Errorf("Stop: %v", serr)
+				}
+			}
+			if err == nil {
+				t.Fatal("a missing entrypoint did not fail")
+			}
+			t.Logf("%s: %v", rt, err)
+			if !strings.Contains(err.Error(), "nonexistent") {
+				t.Errorf("error %q does not name the missing binary", err)
+			}
+			e.assertClean(t, s.ID)
+		})
 	}
-	if err == nil {
-		t.Error("a missing entrypoint did not fail Create or Start")
-	}
-	e.assertClean(t, s.ID)
 }

@@ -67,6 +67,14 @@ func main() {
 		mu.Unlock()
 		fmt.Fprintf(w, "%d", mb)
 	})
+	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
+		p := r.URL.Query().Get("path")
+		if err := os.WriteFile(p, []byte("written"), 0o644); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprint(w, "ok")
+	})
 	ln, err := net.Listen("tcp", ":"+port)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
