@@ -195,7 +195,41 @@ func TestBenchSmoke(t *testing.T) {
 		t.Errorf("run.json: %v %+v", err, ri)
 	}
 
-	// 2. deployer + invoker through the gateway, routed by :authority.
+	// 2. bench concurrency: 1 and 2 simultaneous cold starts, runc boot,
+	// and gVisor in every mode the coldstart run found supported.
+	type concRun struct{ sandbox, modes string }
+	runs := []concRun{{"runc", "boot"}}
+	var gmodes []string
+	for _, c := range cells[1:] {
+		if c[1] == "gvisor" && c[3] == StatusOK && c[2] != ModeWarm {
+			gmodes = append(gmodes, c[2])
+		}
+	}
+	if len(gmodes) > 0 {
+		runs = append(runs, concRun{"gvisor", strings.Join(gmodes, ",")})
+	}
+	for _, cr := range runs {
+		run(t, ctx, bin, "--socket", sock, "bench", "concurrency", "--function", "helloworld",
+			"--sandbox", cr.sandbox, "--modes", cr.modes, "--levels", "1,2",
+			"--images", images, "--out", out, "--no-progress", "--runsc", runsc, "--runc", runc)
+		rows := readCSV(t, filepath.Join(out, ConcurrencyFile(cr.sandbox)))
+		if want := 1 + 2*len(strings.Split(cr.modes, ",")); len(rows) != want {
+			t.Fatalf("%s: %d rows in the concurrency CSV, want %d: %v", cr.sandbox, len(rows), want, rows)
+		}
+		for _, r := range rows[1:] {
+			// Requests == ColdStarts, no errors, a positive median.
+			if r[4] != r[5] || r[6] != "0" || r[7] == "0" {
+				t.Errorf("%s concurrency row %v (header %v): want every request a measured cold start", cr.sandbox, r, rows[0])
+			}
+		}
+		for _, ext := range []string{".png", ".svg"} {
+			if fi, err := os.Stat(filepath.Join(out, "concurrency-"+cr.sandbox+ext)); err != nil || fi.Size() == 0 {
+				t.Errorf("plot concurrency-%s%s missing", cr.sandbox, ext)
+			}
+		}
+	}
+
+	// 3. deployer + invoker through the gateway, routed by :authority.
 	fj := filepath.Join(tmp, "functions.json")
 	if err := os.WriteFile(fj, []byte(`{"functions":[{"name":"hello","file":"localhost/vhive/helloworld:latest","count":2}]}`), 0o644); err != nil {
 		t.Fatal(err)
