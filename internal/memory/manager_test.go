@@ -384,6 +384,38 @@ func TestPeerDiesMidRun(t *testing.T) {
 	}
 }
 
+// TestRestoreCloseKillsFaultingPeer: Close while the peer is in the middle
+// of faulting pages in; it must be killed, not left blocked on a fault
+// nobody serves.
+func TestRestoreCloseKillsFaultingPeer(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg("stop-faulting", ModeLazy)
+	r, err := e.mgr.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startChild(t, childConfig{Socket: cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096,
+		Ops: []op{{Kind: "notify"}, {Kind: "read", N: testPages}, {Kind: "read", N: testPages}}})
+	if l := c.line(t); l != "NOTIFY" {
+		t.Fatalf("child said %q; stderr: %s", l, c.stderr.String())
+	}
+	for deadline := time.Now().Add(time.Minute); r.Stats().Faults < 100; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("child made %d faults in a minute", r.Stats().Faults)
+		}
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st := c.wait(t)
+	if !killedBySIGKILL(st) {
+		t.Fatalf("child ended with %v, want killed by SIGKILL", st)
+	}
+	if s := r.Stats(); s.Faults >= 2*testPages {
+		t.Errorf("Faults=%d: the child was not mid-run", s.Faults)
+	}
+}
+
 func TestManagerCloseKillsPeer(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.cfg("stop", ModeLazy)
@@ -674,5 +706,38 @@ func TestHammerFaultsAndRemoves(t *testing.T) {
 			}
 			t.Logf("faults %d, removes %d, zero pages %d", st.Faults, st.Removes, st.ZeroPages)
 		})
+	}
+}
+
+func TestAttachRejectsBadMapping(t *testing.T) {
+	ctx := context.Background()
+	mem, err := unix.Mmap(-1, 0, 3*4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	for _, tc := range []struct {
+		name string
+		mem  []byte
+		off  uint64
+		want string
+	}{
+		{"empty", nil, 0, "empty mapping"},
+		{"unaligned start", mem[1:4097], 0, "not aligned"},
+		{"unaligned length", mem[:100], 0, "not aligned"},
+		{"unaligned offset", mem[:4096], 10, "not aligned"},
+	} {
+		if _, err := Attach(ctx, "/nonexistent.sock", tc.mem, tc.off); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Attach = %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+	// No manager listening: a clear dial error, and nothing leaked.
+	testutil.RequiresRoot(t)
+	fds := countFDs(t)
+	if _, err := Attach(ctx, filepath.Join(t.TempDir(), "none.sock"), mem, 0); err == nil || !strings.Contains(err.Error(), "dial memory manager") {
+		t.Errorf("Attach without a manager = %v", err)
+	}
+	if n := countFDs(t); n != fds {
+		t.Errorf("%d fds after a failed Attach, %d before", n, fds)
 	}
 }

@@ -59,6 +59,14 @@ func (s Stats) Percentile(p float64) time.Duration {
 	return l[max(0, min(i, len(l)-1))]
 }
 
+// String summarises the stats on one line, latency as p50/p99.
+func (s Stats) String() string {
+	return fmt.Sprintf("FetchState=%v InstallWS=%v ServeUnique=%v RecPages=%d RecRegions=%d Unique=%d Faults=%d "+
+		"ZeroPages=%d Removes=%d BytesRead=%d PrefetchFallback=%v FaultP50=%v FaultP99=%v",
+		s.FetchState, s.InstallWS, s.ServeUnique, s.RecPages, s.RecRegions, s.Unique, s.Faults,
+		s.ZeroPages, s.Removes, s.BytesRead, s.PrefetchFallback, s.Percentile(50), s.Percentile(99))
+}
+
 // Stages returns the durations under vHive's stage names, for
 // sandbox.RestoreResult.Stages.
 func (s Stats) Stages() map[string]time.Duration {
