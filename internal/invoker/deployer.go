@@ -1,6 +1,7 @@
 package invoker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -36,11 +37,20 @@ func ReadFunctions(path string) ([]FunctionEntry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read functions file: %w", err)
 	}
+	return ParseFunctions(path, b)
+}
+
+// ParseFunctions parses the contents b of the functions file named path
+// (used in errors) and validates every entry.
+func ParseFunctions(path string, b []byte) ([]FunctionEntry, error) {
 	var ff functionsFile
-	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&ff); err != nil {
 		return nil, fmt.Errorf("parse functions file %q: %w (want {\"functions\": [{\"name\": ..., \"file\": ..., \"count\": N}]})", path, err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("parse functions file %q: data after the JSON object", path)
 	}
 	if len(ff.Functions) == 0 {
 		return nil, fmt.Errorf("functions file %q lists no functions", path)

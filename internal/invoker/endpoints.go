@@ -31,6 +31,12 @@ func ReadEndpoints(path string) ([]Endpoint, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read endpoints file: %w", err)
 	}
+	return ParseEndpoints(path, b)
+}
+
+// ParseEndpoints parses the contents b of the endpoints file named path
+// (used in errors) and validates every endpoint.
+func ParseEndpoints(path string, b []byte) ([]Endpoint, error) {
 	var eps []Endpoint
 	if err := json.Unmarshal(b, &eps); err != nil {
 		return nil, fmt.Errorf("parse endpoints file %q: %w (want a JSON array of {\"hostname\": ..., \"eventing\": false, \"matchers\": null})", path, err)
