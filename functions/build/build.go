@@ -32,6 +32,7 @@ package build
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -302,6 +303,17 @@ func buildBinary(ctx context.Context, o Options, t Target, out string) error {
 	cmd.Env = env
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("function %q: go build for %s: %w\n%s", o.Function, t, err, b)
+	}
+	// go build -o of a non-main package writes a package archive.
+	magic := map[Target]string{TargetLinux: "\x7fELF", TargetWasm: "\x00asm"}[t]
+	f, err := os.Open(out)
+	if err != nil {
+		return fmt.Errorf("function %q: %w", o.Function, err)
+	}
+	defer f.Close()
+	head := make([]byte, 4)
+	if _, err := io.ReadFull(f, head); err != nil || string(head) != magic {
+		return fmt.Errorf("function %q: functions/%s is not a main package (go build made no %s executable)", o.Function, o.Function, t)
 	}
 	return nil
 }

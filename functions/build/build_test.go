@@ -344,6 +344,7 @@ func TestBuildFunctionBadOptions(t *testing.T) {
 		{Options{Function: ""}, `function name ""`},
 		{Options{Function: "../etc"}, `function name "../etc"`},
 		{Options{Function: "nosuchfunction"}, `function "nosuchfunction": no Go files`},
+		{Options{Function: "sdk", OutDir: t.TempDir()}, "not a main package"},
 		{Options{Function: "helloworld", Targets: []Target{"arm"}}, `target "arm"`},
 		{Options{Function: "helloworld", Formats: []Format{"zip"}}, `format "zip"`},
 		{Options{Function: "helloworld", ModuleDir: t.TempDir()}, "go.mod"},
