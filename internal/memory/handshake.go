@@ -71,6 +71,7 @@ func recvHandshake(conn *net.UnixConn, memSize uint64) (_ *handshake, retErr err
 	oob := make([]byte, unix.CmsgSpace(4*8))
 	for {
 		n, oobn, flags, _, err := conn.ReadMsgUnix(buf, oob)
+		n, oobn = max(n, 0), max(oobn, 0) // negative on some errors
 		if oobn > 0 {
 			got, perr := parseRights(oob[:oobn])
 			fds = append(fds, got...)
@@ -87,6 +88,11 @@ func recvHandshake(conn *net.UnixConn, memSize uint64) (_ *handshake, retErr err
 		}
 		if n > 0 && json.Valid(payload) {
 			break
+		}
+		if n > 0 {
+			// The message is sent with one sendmsg: the rest of it, if
+			// any, is already there. Do not wait long for more.
+			conn.SetReadDeadline(time.Now().Add(time.Second))
 		}
 		if err != nil || n == 0 {
 			if len(payload) == 0 {

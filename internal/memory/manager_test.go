@@ -489,7 +489,8 @@ func TestHandshakeRejected(t *testing.T) {
 			if _, _, err := conn.WriteMsgUnix([]byte(tc.payload), oob, nil); err != nil {
 				t.Fatal(err)
 			}
-			conn.CloseWrite()
+			// Firecracker keeps the connection open: a bad message must be
+			// refused without waiting for the peer to close its side.
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			err = WaitReady(ctx, conn)
@@ -502,6 +503,22 @@ func TestHandshakeRejected(t *testing.T) {
 		})
 	}
 	_ = size
+
+	// A peer that connects and hangs up without a word.
+	cfg := e.cfg("silent", ModeLazy)
+	r, err := e.mgr.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	conn, err := net.Dial("unix", cfg.SocketPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if err := r.ReadyErr(); !errors.Is(err, ErrBadHandshake) || !strings.Contains(err.Error(), "sent nothing") {
+		t.Errorf("silent peer: ReadyErr = %v", err)
+	}
 }
 
 func TestStartRejectsBadConfig(t *testing.T) {
