@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
@@ -99,18 +100,7 @@ func BenchmarkUnpackLayer(b *testing.B) {
 		run(b, func(dst string) error { return rawUnpack(dst, bytes.NewReader(data)) })
 	})
 	b.Run("vhive", func(b *testing.B) {
-		run(b, func(dst string) error {
-			root, err := os.OpenRoot(dst)
-			if err != nil {
-				return err
-			}
-			defer root.Close()
-			u := newUnpacker(root, DefaultMaxEntryBytes, DefaultMaxLayerBytes)
-			if err := u.applyLayer(context.Background(), "sha256:bench", bytes.NewReader(data)); err != nil {
-				return err
-			}
-			return u.finish()
-		})
+		run(b, func(dst string) error { return checkedUnpack(dst, data) })
 	})
 }
 
@@ -135,4 +125,78 @@ func BenchmarkPull(b *testing.B) {
 		os.RemoveAll(e.base)
 		b.StartTimer()
 	}
+}
+
+// BenchmarkUnpackPaired runs the floor and the checked unpacker back to back
+// in every iteration, so that both see the same machine load (this machine
+// is shared and its load swings by 2× within a minute), and reports the
+// per-iteration times and their ratio. "disk" unpacks under the test's temp
+// dir, "tmpfs" under /dev/shm (filesystem cost mostly removed, so the
+// checks' own cost shows).
+func BenchmarkUnpackPaired(b *testing.B) {
+	data := benchLayer(b)
+	targets := map[string]string{"disk": b.TempDir()}
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		d, err := os.MkdirTemp("/dev/shm", "vhive-image-bench-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { os.RemoveAll(d) })
+		targets["tmpfs"] = d
+	}
+	for _, tname := range []string{"disk", "tmpfs"} {
+		base, ok := targets[tname]
+		if !ok {
+			continue
+		}
+		b.Run(tname, func(b *testing.B) {
+			var floor, checked time.Duration
+			n := 0
+			for i := 0; b.Loop(); i++ {
+				for _, variant := range []string{"floor", "vhive"} {
+					dst := filepath.Join(base, fmt.Sprintf("%s-%d", variant, i))
+					if err := os.Mkdir(dst, 0o755); err != nil {
+						b.Fatal(err)
+					}
+					start := time.Now()
+					var err error
+					if variant == "floor" {
+						err = rawUnpack(dst, bytes.NewReader(data))
+					} else {
+						err = checkedUnpack(dst, data)
+					}
+					d := time.Since(start)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if variant == "floor" {
+						floor += d
+					} else {
+						checked += d
+					}
+					if err := os.RemoveAll(dst); err != nil {
+						b.Fatal(err)
+					}
+				}
+				n++
+			}
+			b.ReportMetric(float64(floor.Milliseconds())/float64(n), "floor-ms/op")
+			b.ReportMetric(float64(checked.Milliseconds())/float64(n), "vhive-ms/op")
+			b.ReportMetric(float64(checked)/float64(floor), "vhive/floor")
+			b.ReportMetric(float64(len(data))/(1<<20), "MiB/layer")
+		})
+	}
+}
+
+func checkedUnpack(dst string, data []byte) error {
+	root, err := os.OpenRoot(dst)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	u := newUnpacker(root, DefaultMaxEntryBytes, DefaultMaxLayerBytes)
+	if err := u.applyLayer(context.Background(), "sha256:bench", bytes.NewReader(data)); err != nil {
+		return err
+	}
+	return u.finish()
 }

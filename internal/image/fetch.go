@@ -194,9 +194,12 @@ func (s *Service) store(ctx context.Context, refs []string, img v1.Image) (Image
 func (s *Service) dropIfUnreferenced(ctx context.Context, dgst string) {
 	unlock := s.locks.lock(dgst)
 	defer unlock()
+	if s.inUse != nil && s.inUse(dgst) {
+		return // kept; Remove(digest) deletes it once unused
+	}
 	drop := false
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		if len(refsTo(tx, dgst)) > 0 || (s.inUse != nil && s.inUse(dgst)) {
+		if len(refsTo(tx, dgst)) > 0 {
 			return nil
 		}
 		drop = true

@@ -61,7 +61,8 @@ type Options struct {
 	Keychain authn.Keychain
 	// InUse reports whether a sandbox uses the image with this manifest
 	// digest; Remove refuses (ErrInUse) to delete such an image. Nil means
-	// nothing is in use.
+	// nothing is in use. Called without the Service's locks held; it must be
+	// quick and must not call back into the Service.
 	InUse func(digest string) bool
 }
 
@@ -386,6 +387,8 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 	unlock := s.locks.lock(dgst)
 	defer unlock()
 
+	// Asked outside the transaction: the hook may take its own locks.
+	used := s.inUse != nil && s.inUse(dgst)
 	removeDir := false
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		if _, err := getRecord(tx, dgst); err != nil {
@@ -400,7 +403,7 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 			drop = []string{refName}
 		}
 		last := len(drop) == len(refs)
-		if last && s.inUse != nil && s.inUse(dgst) {
+		if last && used {
 			return fmt.Errorf("image: remove %q: digest %s is used by a sandbox: %w", refOrDigest, dgst, ErrInUse)
 		}
 		for _, r := range drop {
