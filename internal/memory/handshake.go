@@ -33,13 +33,19 @@ type handshake struct {
 	regions []Region
 	uffd    *uffd.FD
 	pid     int // from SO_PEERCRED; 0 if unknown
+	pidfd   int // from SO_PEERPIDFD (Linux 6.5+), race-free; -1 if unavailable
 }
 
 // recvHandshake reads the single handshake message from conn: the JSON
 // region array with exactly one fd (the userfaultfd) attached via
 // SCM_RIGHTS. Any fds received are closed on error.
 func recvHandshake(conn *net.UnixConn, memSize uint64) (_ *handshake, retErr error) {
-	h := &handshake{}
+	h := &handshake{pidfd: -1}
+	defer func() {
+		if retErr != nil && h.pidfd >= 0 {
+			unix.Close(h.pidfd)
+		}
+	}()
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)
@@ -50,6 +56,10 @@ func recvHandshake(conn *net.UnixConn, memSize uint64) (_ *handshake, retErr err
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 		if credErr == nil {
 			h.pid = int(cred.Pid)
+		}
+		if pfd, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD); err == nil {
+			unix.CloseOnExec(pfd)
+			h.pidfd = pfd
 		}
 	}); err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)

@@ -99,7 +99,10 @@ func (r *Restore) run() {
 			present: newBitset(n), removed: newBitset(n), inWS: newBitset(n), recorded: newBitset(n)})
 		minPS = min(minPS, reg.PageSize)
 	}
-	if s.pid > 0 {
+	s.pidfd = h.pidfd
+	if s.pidfd < 0 && s.pid > 0 {
+		// Older kernel: open it by pid (racy only if the peer already
+		// exited and its pid was reused within this instant).
 		if fd, err := unix.PidfdOpen(s.pid, 0); err == nil {
 			s.pidfd = fd
 		} else {
@@ -109,10 +112,13 @@ func (r *Restore) run() {
 	r.mu.Lock()
 	r.pid, r.pageSize = s.pid, minPS
 	r.mu.Unlock()
-	r.log.Debug("handshake", "pid", s.pid, "regions", len(s.regions))
+	r.log.Debug("handshake", "pid", s.pid, "regions", len(s.regions), "peer_pidfd", h.pidfd >= 0)
 
 	if s.ws != nil {
-		if err := s.install(); err != nil {
+		if err := s.install(); errors.Is(err, errPeerGone) {
+			notReady = fmt.Errorf("sandbox process %d exited during the working-set install", s.pid)
+			return
+		} else if err != nil {
 			r.err = fmt.Errorf("install working set: %w", err)
 			ack(conn, ackError+r.err.Error()+"\n")
 			s.killPeer()
