@@ -25,7 +25,10 @@
 //     field may carry the page size, and if both are set they must agree),
 //     with the userfaultfd attached as SCM_RIGHTS ancillary data.
 //
-// The manager reads the peer's pid with SO_PEERCRED and opens a pidfd on it.
+// The manager reads the peer's pid with SO_PEERCRED and takes a pidfd for it
+// with SO_PEERPIDFD (Linux 6.5+; pidfd_open of the pid on older kernels).
+// A handshake that does not arrive within 10 s of connecting, or that is not
+// complete JSON within 1 s of its first byte, is rejected.
 // It rejects, with an error naming the problem, malformed JSON, an empty
 // array, page sizes that are not powers of two >= 4096, unaligned base,
 // size or offset, overlapping regions, regions extending past the memory
@@ -38,7 +41,9 @@
 // pending events and retry; a partial copy is continued. After
 // UFFD_EVENT_REMOVE (madvise(MADV_DONTNEED) or balloon) the removed pages
 // read as zero on their next fault (UFFDIO_ZEROPAGE), as anonymous memory
-// would.
+// would; removal is permanent for the restore (a dropped page never holds
+// the file's bytes again), and the removes of each batch of events are
+// applied before its faults.
 //
 // Beyond Firecracker's protocol, after the handshake the manager writes one
 // line back on the connection: "ok\n" once memory is ready (in prefetch mode
@@ -78,8 +83,9 @@
 // bytes).
 //
 // prefetch: before accepting the peer, the manager reads the whole WS file
-// in one read (O_DIRECT on filesystems that allow it, buffered otherwise)
-// and verifies it; right after the handshake it installs each run with one
+// in one read — buffered if cachestat(2) says it is wholly in the page
+// cache, else with O_DIRECT (buffered where the filesystem refuses O_DIRECT)
+// into a reused, pre-faulted buffer — and verifies it; right after the handshake it installs each run with one
 // UFFDIO_COPY in UFFDIO_COPY_MODE_DONTWAKE mode, then issues one UFFDIO_WAKE
 // per region, then acks. Faults outside the working set are served lazily
 // and counted as Unique. A WS file that is corrupt, truncated, or recorded
