@@ -150,7 +150,10 @@ func (s *Service) store(ctx context.Context, refs []string, img v1.Image) (Image
 		return Image{}, fmt.Errorf("image: %q: unsupported digest %q: %w", what, dgst, ErrInvalid)
 	}
 
-	unlock := s.locks.lock(dgst)
+	unlock, err := s.locks.lock(ctx, dgst)
+	if err != nil {
+		return Image{}, fmt.Errorf("image: %q: wait for %s: %w", what, dgst, err)
+	}
 	var rec *record
 	_ = s.db.View(func(tx *bolt.Tx) error {
 		rec, _ = getRecord(tx, dgst)
@@ -192,13 +195,16 @@ func (s *Service) store(ctx context.Context, refs []string, img v1.Image) (Image
 // dropIfUnreferenced removes a digest that lost its last reference to a newer
 // pull, unless it is in use (then Remove(digest) removes it later).
 func (s *Service) dropIfUnreferenced(ctx context.Context, dgst string) {
-	unlock := s.locks.lock(dgst)
+	unlock, err := s.locks.lock(context.WithoutCancel(ctx), dgst)
+	if err != nil {
+		return
+	}
 	defer unlock()
 	if s.inUse != nil && s.inUse(dgst) {
 		return // kept; Remove(digest) deletes it once unused
 	}
 	drop := false
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err = s.db.Update(func(tx *bolt.Tx) error {
 		if len(refsTo(tx, dgst)) > 0 {
 			return nil
 		}

@@ -384,13 +384,16 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 			return err
 		}
 	}
-	unlock := s.locks.lock(dgst)
+	unlock, err := s.locks.lock(ctx, dgst)
+	if err != nil {
+		return fmt.Errorf("image: remove %q: %w", refOrDigest, err)
+	}
 	defer unlock()
 
 	// Asked outside the transaction: the hook may take its own locks.
 	used := s.inUse != nil && s.inUse(dgst)
 	removeDir := false
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err = s.db.Update(func(tx *bolt.Tx) error {
 		if _, err := getRecord(tx, dgst); err != nil {
 			return err
 		}
@@ -429,32 +432,32 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 	return nil
 }
 
-// keyedMutex is a set of mutexes created on demand, one per key.
+// keyedMutex is a set of locks created on demand, one per key. Waiting for
+// a lock can be abandoned through the context (a cancelled pull does not
+// wait for another pull's unpack).
 type keyedMutex struct {
 	mu    sync.Mutex
 	locks map[string]*keyedEntry
 }
 
 type keyedEntry struct {
-	mu   sync.Mutex
+	ch   chan struct{} // holds a token while locked
 	refs int
 }
 
-func (k *keyedMutex) lock(key string) (unlock func()) {
+func (k *keyedMutex) lock(ctx context.Context, key string) (unlock func(), err error) {
 	k.mu.Lock()
 	if k.locks == nil {
 		k.locks = map[string]*keyedEntry{}
 	}
 	e := k.locks[key]
 	if e == nil {
-		e = &keyedEntry{}
+		e = &keyedEntry{ch: make(chan struct{}, 1)}
 		k.locks[key] = e
 	}
 	e.refs++
 	k.mu.Unlock()
-	e.mu.Lock()
-	return func() {
-		e.mu.Unlock()
+	release := func() {
 		k.mu.Lock()
 		e.refs--
 		if e.refs == 0 {
@@ -462,4 +465,14 @@ func (k *keyedMutex) lock(key string) (unlock func()) {
 		}
 		k.mu.Unlock()
 	}
+	select {
+	case e.ch <- struct{}{}:
+	case <-ctx.Done():
+		release()
+		return nil, ctx.Err()
+	}
+	return func() {
+		<-e.ch
+		release()
+	}, nil
 }
