@@ -319,3 +319,28 @@ func TestWorkerKilledMidRequest(t *testing.T) {
 		t.Fatal("Err() is nil after the worker died")
 	}
 }
+
+func TestMemoryLimit(t *testing.T) {
+	e := newEnv(t)
+	// A 32 MiB table does not fit in 24 MiB of linear memory: the guest's
+	// memory.grow fails and its runtime gives up during _initialize.
+	_, err := e.start("limited", e.moduleDir, wasm.StartRequest{Env: []string{"VHIVE_TABLE_MB=32"}, MaxMemory: 24 << 20})
+	if err == nil {
+		t.Fatal("boot beyond the memory limit succeeded")
+	}
+	in := e.mustStart("fits", wasm.StartRequest{Env: []string{"VHIVE_TABLE_MB=4"}, MaxMemory: 24 << 20})
+	if got := in.call(t, "inc"); got != "1" {
+		t.Fatalf("inc = %q", got)
+	}
+	snap := in.snapshot(t)
+	st, err := wasm.ReadState(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A restore under a limit below the snapshot's memory is refused.
+	_, err = e.start("small", e.moduleDir, wasm.StartRequest{MaxMemory: uint64(st.MemorySize) - wasm.WasmPageSize,
+		Restore: &wasm.RestoreRequest{Dir: snap, Mode: wasm.RestoreCopy}})
+	if err == nil || !strings.Contains(err.Error(), "exceeds the limit") {
+		t.Fatalf("restore above the memory limit: %v", err)
+	}
+}

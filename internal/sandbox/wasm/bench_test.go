@@ -49,6 +49,7 @@ type coldStats struct {
 	n                                        int64
 	stages                                   map[string]time.Duration
 	toReady                                  time.Duration // start → sandbox returned (before the first call)
+	firstCall                                time.Duration // dial + first call
 }
 
 func (c *coldStats) report(b *testing.B) {
@@ -64,6 +65,7 @@ func (c *coldStats) report(b *testing.B) {
 	b.ReportMetric(float64(c.recPages)/float64(c.n), "ws-pages/op")
 	b.ReportMetric(float64(c.ready)/float64(c.n), "ready-worker/op")
 	b.ReportMetric(float64(c.toReady.Microseconds())/1000/float64(c.n), "ready-ms")
+	b.ReportMetric(float64(c.firstCall.Microseconds())/1000/float64(c.n), "first-call-ms")
 	for _, k := range []string{"CheckSnapshot", "MemoryStart", "WorkerStart", "Worker", "TakeWorker", "FetchState", "InstallWS", "LoadMemory", "Instantiate", "Initialize"} {
 		if d, ok := c.stages[k]; ok {
 			b.ReportMetric(float64(d.Microseconds())/1000/float64(c.n), k+"-ms")
@@ -176,6 +178,7 @@ func BenchmarkColdStart(b *testing.B) {
 						got, err := call(ctx, sb.Endpoint(), payload)
 						d := time.Since(t0)
 						cs.toReady += t1.Sub(t0)
+						cs.firstCall += time.Since(t1)
 						b.StopTimer()
 						if err != nil || got != want[payload] {
 							b.Fatalf("%s: first call = %q, %v; want %q", mode, got, err, want[payload])
@@ -207,10 +210,33 @@ func BenchmarkColdStart(b *testing.B) {
 }
 
 // BenchmarkFloor measures raw floors in the same run: fork+exec+wait of
-// /bin/true (the least a process-per-instance cold start costs) and a warm
+// /bin/true (the least a process-per-instance cold start costs), a warm
 // Greeter round trip to a plain Go server on a unix socket (the least a warm
-// call costs).
+// call costs) and reading 29 MiB (lookup's working set) with the file
+// evicted from the page cache (the least REAP's FetchState costs here).
 func BenchmarkFloor(b *testing.B) {
+	b.Run("read-ws-29MiB-cold", func(b *testing.B) {
+		path := filepath.Join(b.TempDir(), "ws")
+		data := make([]byte, 7461*4096)
+		for i := range data {
+			data[i] = byte(i*7 + i>>12)
+		}
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			b.Fatal(err)
+		}
+		b.SetBytes(int64(len(data)))
+		b.ResetTimer()
+		for range b.N {
+			b.StopTimer()
+			if err := unix.Fadvise(fadviseFD(b, path), 0, 0, unix.FADV_DONTNEED); err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			if _, err := os.ReadFile(path); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("exec-true", func(b *testing.B) {
 		for range b.N {
 			if err := exec.Command("/bin/true").Run(); err != nil {
@@ -245,6 +271,17 @@ func BenchmarkFloor(b *testing.B) {
 			}
 		}
 	})
+}
+
+// fadviseFD opens path for an fadvise call; the descriptor is closed when
+// the benchmark ends.
+func fadviseFD(b *testing.B, path string) int {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	return int(f.Fd())
 }
 
 type plainGreeter struct {

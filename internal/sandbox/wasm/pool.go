@@ -124,16 +124,34 @@ func (b *Backend) takeWorker(ctx context.Context, mod *module, restore bool) (*w
 	return w, false, nil
 }
 
-// refill tops up the module's pool in the background.
+// refill tops up the module's pool in the background, after
+// Config.RefillDelay.
 func (b *Backend) refill(mod *module) {
 	if b.cfg.PoolSize == 0 {
 		return
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if p := b.pools[mod.info.Digest]; p != nil {
-		b.refillLocked(p)
+	p := b.pools[mod.info.Digest]
+	if p == nil || b.closed {
+		return
 	}
+	if b.cfg.RefillDelay < 0 {
+		b.refillLocked(p)
+		return
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-time.After(b.cfg.RefillDelay):
+		}
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.refillLocked(p)
+	}()
 }
 
 // refillLocked starts background spawns until ready+spawning reaches

@@ -74,6 +74,11 @@ type Config struct {
 	// PoolSize is the number of ready workers kept per module digest
 	// (0: no pool, every cold start spawns and compiles).
 	PoolSize int
+	// RefillDelay is how long after a cold start took a pooled worker the
+	// pool is topped up (default 250 ms; negative: at once), so that the
+	// refill's process start does not compete with the new instance's first
+	// requests on few cores.
+	RefillDelay time.Duration
 	// StartTimeout bounds spawning a worker until it is ready. Default 60s.
 	StartTimeout time.Duration
 	// Logger defaults to slog.Default().
@@ -135,6 +140,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	}
 	if cfg.CompileCacheDir == "" {
 		cfg.CompileCacheDir = filepath.Join(cfg.CacheDir, "compiled")
+	}
+	if cfg.RefillDelay == 0 {
+		cfg.RefillDelay = 250 * time.Millisecond
 	}
 	if cfg.StartTimeout <= 0 {
 		cfg.StartTimeout = time.Minute
