@@ -85,7 +85,11 @@ func Names() []string {
 // Ref returns the image reference of a function built for target, e.g.
 // localhost/vhive/helloworld:latest or localhost/vhive/helloworld-wasm:latest.
 func Ref(function string, target Target) string {
-	return "localhost/vhive/" + imageName(function, target) + ":latest"
+	return refTag(function, target, "latest")
+}
+
+func refTag(function string, target Target, tag string) string {
+	return "localhost/vhive/" + imageName(function, target) + ":" + tag
 }
 
 func imageName(function string, target Target) string {
@@ -98,7 +102,14 @@ func imageName(function string, target Target) string {
 // Options says what to build and where.
 type Options struct {
 	// Function is the function's directory name under functions/ (required).
+	// It names the binary and the image.
 	Function string
+	// Package, if set, is the Go package to build instead of
+	// ./functions/<Function>: a path relative to the module root starting
+	// with "./" (testdata directories work), e.g. ./internal/x/testdata/probe.
+	Package string
+	// Tag is the image tag; default "latest".
+	Tag string
 	// Targets defaults to [TargetLinux].
 	Targets []Target
 	// Formats defaults to [FormatLayout, FormatTar].
@@ -133,12 +144,24 @@ type Image struct {
 	Tarball       string // docker-archive file, "" unless FormatTar
 }
 
-var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+var (
+	validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+	validTag  = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
+)
 
 // withDefaults validates o and fills in the defaults.
 func (o Options) withDefaults(ctx context.Context) (Options, error) {
 	if !validName.MatchString(o.Function) {
 		return o, fmt.Errorf("function name %q is invalid (want a directory name under functions/, e.g. helloworld)", o.Function)
+	}
+	if o.Tag == "" {
+		o.Tag = "latest"
+	}
+	if !validTag.MatchString(o.Tag) {
+		return o, fmt.Errorf("image tag %q is invalid", o.Tag)
+	}
+	if o.Package != "" && (!strings.HasPrefix(o.Package, "./") || strings.Contains(o.Package, "..")) {
+		return o, fmt.Errorf("package %q: want a path inside the module starting with ./", o.Package)
 	}
 	if len(o.Targets) == 0 {
 		o.Targets = []Target{TargetLinux}
@@ -172,7 +195,10 @@ func (o Options) withDefaults(ctx context.Context) (Options, error) {
 	if err := checkModule(o.ModuleDir); err != nil {
 		return o, err
 	}
-	src := filepath.Join(o.ModuleDir, "functions", o.Function)
+	if o.Package == "" {
+		o.Package = "./functions/" + o.Function
+	}
+	src := filepath.Join(o.ModuleDir, filepath.FromSlash(o.Package))
 	if matches, _ := filepath.Glob(filepath.Join(src, "*.go")); len(matches) == 0 {
 		return o, fmt.Errorf("function %q: no Go files in %s (known: %s)", o.Function, src, strings.Join(Names(), ", "))
 	}
@@ -242,7 +268,7 @@ func buildTarget(ctx context.Context, o Options, t Target) (Image, error) {
 	if err != nil {
 		return Image{}, fmt.Errorf("function %q: %w", o.Function, err)
 	}
-	res := Image{Function: o.Function, Target: t, Ref: Ref(o.Function, t)}
+	res := Image{Function: o.Function, Target: t, Ref: refTag(o.Function, t, o.Tag)}
 	for _, f := range o.Formats {
 		img, err := newImage(o.Function, t, o.Arch, data, f == FormatTar)
 		if err != nil {
@@ -271,7 +297,7 @@ func buildTarget(ctx context.Context, o Options, t Target) (Image, error) {
 
 // BuildBinary compiles o.Function for t into the file out without packaging
 // it: a static Linux executable (CGO_ENABLED=0) or a wasip1 reactor module.
-// Only Function, ModuleDir, GoCmd and Arch of o are used.
+// Targets, Formats, OutDir and Tag of o are ignored.
 func BuildBinary(ctx context.Context, o Options, t Target, out string) error {
 	o.Targets, o.Formats = []Target{t}, nil
 	o, err := o.withDefaults(ctx)
@@ -297,7 +323,7 @@ func buildBinary(ctx context.Context, o Options, t Target, out string) error {
 	default:
 		return fmt.Errorf("target %q is unknown", t)
 	}
-	args = append(args, "./functions/"+o.Function)
+	args = append(args, o.Package)
 	cmd := exec.CommandContext(ctx, o.GoCmd, args...)
 	cmd.Dir = o.ModuleDir
 	cmd.Env = env
@@ -313,7 +339,7 @@ func buildBinary(ctx context.Context, o Options, t Target, out string) error {
 	defer f.Close()
 	head := make([]byte, 4)
 	if _, err := io.ReadFull(f, head); err != nil || string(head) != magic {
-		return fmt.Errorf("function %q: functions/%s is not a main package (go build made no %s executable)", o.Function, o.Function, t)
+		return fmt.Errorf("function %q: %s is not a main package (go build made no %s executable)", o.Function, o.Package, t)
 	}
 	return nil
 }

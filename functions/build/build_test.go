@@ -335,6 +335,24 @@ func callWasm(t *testing.T, module []byte, payload string) string {
 	return string(out)
 }
 
+// TestBuildFunctionPackage packages a package other than functions/<name>
+// under its own tag.
+func TestBuildFunctionPackage(t *testing.T) {
+	out := t.TempDir()
+	imgs, err := BuildFunction(context.Background(), Options{
+		Function: "echo", Package: "./functions/sdk/testdata/echo", Tag: "test",
+		Formats: []Format{FormatLayout}, OutDir: out,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := layoutImage(t, imgs[0].Layout, "localhost/vhive/echo:test")
+	files, _ := extract(t, onlyLayer(t, img))
+	if _, ok := files["usr/local/bin/echo"]; !ok || imgs[0].Layout != filepath.Join(out, "echo") {
+		t.Errorf("image %+v lacks usr/local/bin/echo", imgs[0])
+	}
+}
+
 func TestBuildFunctionBadOptions(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range []struct {
@@ -344,7 +362,10 @@ func TestBuildFunctionBadOptions(t *testing.T) {
 		{Options{Function: ""}, `function name ""`},
 		{Options{Function: "../etc"}, `function name "../etc"`},
 		{Options{Function: "nosuchfunction"}, `function "nosuchfunction": no Go files`},
-		{Options{Function: "sdk", OutDir: t.TempDir()}, "not a main package"},
+		{Options{Function: "sdk", OutDir: t.TempDir()}, "./functions/sdk is not a main package"},
+		{Options{Function: "helloworld", Tag: "a:b"}, `image tag "a:b"`},
+		{Options{Function: "x", Package: "/etc"}, `package "/etc"`},
+		{Options{Function: "x", Package: "./functions/../.."}, `package "./functions/../.."`},
 		{Options{Function: "helloworld", Targets: []Target{"arm"}}, `target "arm"`},
 		{Options{Function: "helloworld", Formats: []Format{"zip"}}, `format "zip"`},
 		{Options{Function: "helloworld", ModuleDir: t.TempDir()}, "go.mod"},
