@@ -390,11 +390,13 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 		s.finish(c, 128, "StartError", err.Error())
 		return nil, status.Errorf(codes.Internal, "cri: start container %q: %v", c.ID, err)
 	}
+	s.mu.Lock()
 	c.logs = logs
 	c.done = make(chan struct{})
+	s.mu.Unlock()
 	switch c.Kind {
 	case kindOCI:
-		proc, err := s.oci.start(ctx, c.ID, c.Dir, logs)
+		proc, err := s.oci.start(ctx, c.ID, c.Dir, logs, c.Config.GetStdin())
 		if err != nil {
 			if proc != nil {
 				go func() { <-proc.done; _ = s.oci.forceDelete(context.Background(), c.ID) }()

@@ -1,6 +1,7 @@
 package cri
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+	utilexec "k8s.io/utils/exec"
 
 	"vhive.dev/vhive/internal/image"
 	"vhive.dev/vhive/internal/netpool"
@@ -542,7 +544,44 @@ func TestStreamingExec(t *testing.T) {
 	if string(out) != "streamed\nstream\n" {
 		t.Errorf("crictl exec output %q", out)
 	}
-	if _, err := e.rt.Exec(ctx, &runtimeapi.ExecRequest{ContainerId: cr.GetContainerId(), Cmd: []string{"sh"}, Tty: true, Stdin: true, Stdout: true}); codeOf(err) != codes.Unimplemented {
-		t.Errorf("tty exec: %v, want Unimplemented", err)
+	// With a tty (crictl needs a terminal for -t, so the streaming
+	// runtime is called directly): the output comes through the pty.
+	var ttyOut bytesBuffer
+	if err := e.srv.stream.Exec(ctx, cr.GetContainerId(), []string{"sh", "-c", "test -t 1 && echo tty"}, nil, &ttyOut, nil, true, nil); err != nil {
+		t.Errorf("tty exec: %v", err)
 	}
+	if got := ttyOut.String(); got != "tty\r\n" {
+		t.Errorf("tty exec output %q, want \"tty\\r\\n\"", got)
+	}
+	err = e.srv.stream.Exec(ctx, cr.GetContainerId(), []string{"sh", "-c", "exit 5"}, nil, &ttyOut, nil, true, nil)
+	var ce utilexec.CodeExitError
+	if !errors.As(err, &ce) || ce.Code != 5 {
+		t.Errorf("tty exec exit: %v, want code 5", err)
+	}
+
+	// Attach to a shell reading its stdin (stdin once): what the client
+	// writes runs, its output comes back, and closing stdin ends the shell.
+	sh := busybox("attached", "sh")
+	sh.Stdin, sh.StdinOnce = true, true
+	ar, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: sh, SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: ar.GetContainerId()}); err != nil {
+		t.Fatal(err)
+	}
+	att := exec.Command(crictl, "--runtime-endpoint", "unix://"+e.sock, "attach", "-i", ar.GetContainerId())
+	att.Stdin = strings.NewReader("echo attached-$((6*7))\n")
+	out, err = att.Output()
+	if err != nil || !strings.Contains(string(out), "attached-42") {
+		t.Errorf("crictl attach = %q, %v; want attached-42", out, err)
+	}
+	waitFor(t, "shell exits after stdin closes", func() (bool, error) {
+		return containerState(t, e, ar.GetContainerId()).GetState() == runtimeapi.ContainerState_CONTAINER_EXITED, nil
+	})
 }
+
+// bytesBuffer is a bytes.Buffer with a no-op Close (an io.WriteCloser).
+type bytesBuffer struct{ bytes.Buffer }
+
+func (*bytesBuffer) Close() error { return nil }

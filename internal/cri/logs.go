@@ -1,7 +1,6 @@
 package cri
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"io"
@@ -24,6 +23,9 @@ type logWriter struct {
 	mu     sync.Mutex
 	f      *os.File // nil when path is ""
 	closed bool
+
+	amu      sync.Mutex
+	attached map[*attachment]struct{}
 }
 
 const maxLogLine = 16 << 10
@@ -89,21 +91,72 @@ func (w *logWriter) record(stream string, partial bool, line []byte) {
 }
 
 // copyFrom reads r until EOF, writing records tagged stream ("stdout" or
-// "stderr"). It is run by one goroutine per stream.
+// "stderr") and passing the raw bytes on to attached clients at once. It is
+// run by one goroutine per stream.
 func (w *logWriter) copyFrom(stream string, r io.Reader) {
-	br := bufio.NewReaderSize(r, maxLogLine)
+	buf := make([]byte, 32<<10)
+	var line []byte // pending partial line
 	for {
-		line, err := br.ReadSlice('\n')
-		switch {
-		case err == nil:
-			w.record(stream, false, bytes.TrimSuffix(line, []byte{'\n'}))
-		case err == bufio.ErrBufferFull:
-			w.record(stream, true, line)
-		default:
+		n, err := r.Read(buf)
+		if n > 0 {
+			chunk := buf[:n]
+			w.fanout(stream, chunk)
+			for len(chunk) > 0 {
+				i := bytes.IndexByte(chunk, '\n')
+				if i < 0 {
+					line = append(line, chunk...)
+					if len(line) >= maxLogLine {
+						w.record(stream, true, line)
+						line = line[:0]
+					}
+					break
+				}
+				line = append(line, chunk[:i]...)
+				w.record(stream, false, line)
+				line = line[:0]
+				chunk = chunk[i+1:]
+			}
+		}
+		if err != nil {
 			if len(line) > 0 {
 				w.record(stream, false, line)
 			}
 			return
+		}
+	}
+}
+
+// attachment is one attached client's output.
+type attachment struct {
+	stdout, stderr io.Writer
+}
+
+// attach adds a client receiving the container's output from now on; the
+// returned func detaches it.
+func (w *logWriter) attach(a *attachment) (detach func()) {
+	w.amu.Lock()
+	defer w.amu.Unlock()
+	if w.attached == nil {
+		w.attached = map[*attachment]struct{}{}
+	}
+	w.attached[a] = struct{}{}
+	return func() {
+		w.amu.Lock()
+		defer w.amu.Unlock()
+		delete(w.attached, a)
+	}
+}
+
+func (w *logWriter) fanout(stream string, b []byte) {
+	w.amu.Lock()
+	defer w.amu.Unlock()
+	for a := range w.attached {
+		dst := a.stdout
+		if stream == "stderr" {
+			dst = a.stderr
+		}
+		if dst != nil {
+			_, _ = dst.Write(b)
 		}
 	}
 }

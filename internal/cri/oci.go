@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/console"
 	"golang.org/x/sys/unix"
 )
 
@@ -80,16 +82,24 @@ func (r *ociRuntime) state(ctx context.Context, id string) (ociState, error) {
 
 // ociProc is a running `<runtime> run`.
 type ociProc struct {
-	cmd  *exec.Cmd
-	done chan struct{} // closed after the process exited and its output was drained
-	exit int32
-	err  error // why the runtime failed, when it did not run the process
-	pid  int   // container init pid (host namespace), 0 if unknown
+	cmd   *exec.Cmd
+	stdin io.WriteCloser // the container's stdin when its config asks for one
+	done  chan struct{}  // closed after the process exited and its output was drained
+	exit  int32
+	err   error // why the runtime failed, when it did not run the process
+	pid   int   // container init pid (host namespace), 0 if unknown
 }
 
 // start runs the bundle's container with its stdout/stderr copied into w. It
 // returns once the container's process runs (or has already exited).
-func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter) (*ociProc, error) {
+func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter, stdin bool) (*ociProc, error) {
+	var inR, inW *os.File
+	if stdin {
+		var err error
+		if inR, inW, err = os.Pipe(); err != nil {
+			return nil, fmt.Errorf("cri: stdin pipe for %q: %w", id, err)
+		}
+	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("cri: stdout pipe for %q: %w", id, err)
@@ -107,17 +117,28 @@ func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter)
 	cmd := exec.Command(r.bin, append(all, "run", "--bundle", bundle, id)...)
 	cmd.Stdout = outW
 	cmd.Stderr = errW
+	if inR != nil {
+		cmd.Stdin = inR
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		outR.Close()
 		outW.Close()
 		errR.Close()
 		errW.Close()
+		if inR != nil {
+			inR.Close()
+			inW.Close()
+		}
 		return nil, fmt.Errorf("cri: start %s run %q: %w", r.bin, id, err)
 	}
 	outW.Close()
 	errW.Close()
 	p := &ociProc{cmd: cmd, done: make(chan struct{})}
+	if inR != nil {
+		inR.Close()
+		p.stdin = inW
+	}
 	copied := make(chan struct{}, 2)
 	go func() { w.copyFrom("stdout", outR); outR.Close(); copied <- struct{}{} }()
 	go func() { w.copyFrom("stderr", errR); errR.Close(); copied <- struct{}{} }()
@@ -140,6 +161,9 @@ func (r *ociRuntime) start(ctx context.Context, id, bundle string, w *logWriter)
 		close(exited)
 		<-copied
 		<-copied
+		if p.stdin != nil {
+			p.stdin.Close()
+		}
 		close(p.done)
 	}()
 	// Wait until the runtime reports the container running, or the run ended.
@@ -282,4 +306,81 @@ func (r *ociRuntime) stats(ctx context.Context, id string) (ociStats, error) {
 		st.InactiveFile = ev.Data.Memory.Raw["inactive_file"]
 	}
 	return st, nil
+}
+
+// execTTY runs args in container id on a pseudo-terminal. The runtime in
+// the foreground needs a controlling terminal of its own: it gets the slave
+// of a pty whose master is ours (raw, so the container's terminal output
+// passes unchanged), makes the container's pty and copies between the two.
+// in is written to our master, the output read from it; resize events set
+// its window size, which the runtime passes on (SIGWINCH).
+func (r *ociRuntime) execTTY(ctx context.Context, id string, args []string, in io.Reader, out io.Writer, resize <-chan winsize) (int, error) {
+	master, slavePath, err := console.NewPty()
+	if err != nil {
+		return -1, fmt.Errorf("exec in container %q: pty: %w", id, err)
+	}
+	defer master.Close()
+	if err := master.SetRaw(); err != nil {
+		return -1, fmt.Errorf("exec in container %q: raw pty: %w", id, err)
+	}
+	slave, err := os.OpenFile(slavePath, os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		return -1, fmt.Errorf("exec in container %q: open %s: %w", id, slavePath, err)
+	}
+	cmd := r.command(ctx, append([]string{"exec", "--tty", id}, args...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	err = cmd.Start()
+	slave.Close()
+	if err != nil {
+		return -1, fmt.Errorf("exec in container %q: %w", id, err)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // ends with the exec
+		for {
+			select {
+			case ws, ok := <-resize:
+				if !ok {
+					return
+				}
+				_ = master.Resize(console.WinSize{Height: ws.Height, Width: ws.Width})
+			case <-stop:
+				return
+			}
+		}
+	}()
+	if in != nil {
+		go func() { _, _ = io.Copy(master, in) }() // ends when master is closed
+	}
+	var tail bytes.Buffer                                                            // the runtime's own errors arrive on the pty too
+	_, _ = io.Copy(io.MultiWriter(out, &limitedBuffer{b: &tail, max: 4096}), master) // EIO once the slave side is closed
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if strings.Contains(tail.String(), "level=error") {
+			return -1, fmt.Errorf("exec in container %q: %s", id, strings.TrimSpace(tail.String()))
+		}
+		return ee.ExitCode(), nil
+	}
+	if err != nil {
+		return -1, fmt.Errorf("exec in container %q: %w", id, err)
+	}
+	return 0, nil
+}
+
+type winsize struct{ Width, Height uint16 }
+
+// limitedBuffer keeps the last max bytes written.
+type limitedBuffer struct {
+	b   *bytes.Buffer
+	max int
+}
+
+func (l *limitedBuffer) Write(p []byte) (int, error) {
+	l.b.Write(p)
+	if l.b.Len() > l.max {
+		l.b.Next(l.b.Len() - l.max)
+	}
+	return len(p), nil
 }

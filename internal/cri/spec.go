@@ -330,9 +330,17 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 		},
 	}
 	if !privileged {
+		// kubelet sends the lists (empty for an Unmasked /proc); the
+		// defaults are for clients that send none.
 		spec.Linux.MaskedPaths = []string{"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
 			"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"}
 		spec.Linux.ReadonlyPaths = []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
+		if sc.GetMaskedPaths() != nil {
+			spec.Linux.MaskedPaths = sc.GetMaskedPaths()
+		}
+		if sc.GetReadonlyPaths() != nil {
+			spec.Linux.ReadonlyPaths = sc.GetReadonlyPaths()
+		}
 	} else {
 		spec.Linux.Resources.Devices = []specs.LinuxDeviceCgroup{{Allow: true, Access: "rwm"}}
 		for i := range spec.Mounts {

@@ -62,15 +62,46 @@ func (ss *streamServer) close(ctx context.Context) error {
 	return err
 }
 
-// Exec runs cmd in a vhive container with the stream's stdio. tty is not
-// supported (the OCI runtime would need a console socket).
+// Exec runs cmd in a vhive container with the stream's stdio (on a pty
+// when tty is set).
 func (ss *streamServer) Exec(ctx context.Context, id string, cmd []string, in io.Reader, out, errw io.WriteCloser, tty bool, resize <-chan remotecommandserver.TerminalSize) error {
 	c := ss.s.lookup(id)
 	if c == nil || c.Kind != kindOCI {
 		return fmt.Errorf("cri: container %q is not a vhive container that supports exec", id)
 	}
 	if tty {
-		return fmt.Errorf("cri: exec with a tty into vhive container %q is not supported", id)
+		sizes := make(chan winsize)
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() { // ends when resize is closed or the exec returns
+			for {
+				select {
+				case ts, ok := <-resize:
+					if !ok {
+						return
+					}
+					select {
+					case sizes <- winsize{Width: ts.Width, Height: ts.Height}:
+					case <-stop:
+						return
+					}
+				case <-stop:
+					return
+				}
+			}
+		}()
+		var w io.Writer = io.Discard
+		if out != nil {
+			w = out
+		}
+		code, err := ss.s.oci.execTTY(ctx, id, cmd, in, w, sizes)
+		if err != nil {
+			return err
+		}
+		if code != 0 {
+			return utilexec.CodeExitError{Err: fmt.Errorf("command %v exited with %d", cmd, code), Code: code}
+		}
+		return nil
 	}
 	command := ss.s.oci.command(ctx, append([]string{"exec", id}, cmd...)...)
 	if in != nil {
@@ -90,8 +121,41 @@ func (ss *streamServer) Exec(ctx context.Context, id string, cmd []string, in io
 	return err
 }
 
+// Attach connects a client to a running vhive container's stdio (not on a
+// tty): output from now on, and its stdin when the container has one.
 func (ss *streamServer) Attach(ctx context.Context, id string, in io.Reader, out, errw io.WriteCloser, tty bool, resize <-chan remotecommandserver.TerminalSize) error {
-	return fmt.Errorf("cri: attach to vhive container %q is not supported; read its log", id)
+	c := ss.s.lookup(id)
+	if c == nil || c.Kind != kindOCI {
+		return fmt.Errorf("cri: container %q is not a running vhive container", id)
+	}
+	ss.s.mu.Lock()
+	proc, done, logs := c.proc, c.done, c.logs
+	ss.s.mu.Unlock()
+	if proc == nil || logs == nil {
+		return fmt.Errorf("cri: container %q is not running", id)
+	}
+	a := &attachment{}
+	if out != nil {
+		a.stdout = out
+	}
+	if errw != nil {
+		a.stderr = errw
+	}
+	detach := logs.attach(a)
+	defer detach()
+	if in != nil && proc.stdin != nil {
+		go func() { // ends at the client's EOF or when stdin is closed
+			_, _ = io.Copy(proc.stdin, in)
+			if c.Config.GetStdinOnce() {
+				proc.stdin.Close()
+			}
+		}()
+	}
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+	return nil
 }
 
 func (ss *streamServer) PortForward(ctx context.Context, podID string, port int32, stream io.ReadWriteCloser) error {
@@ -99,6 +163,7 @@ func (ss *streamServer) PortForward(ctx context.Context, podID string, port int3
 }
 
 // Exec returns a streaming URL for vhive containers; others are proxied.
+// A request with a tty gets a pty; stderr then goes to stdout.
 func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
 	c := s.lookup(req.GetContainerId())
 	if c == nil {
@@ -109,9 +174,6 @@ func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtim
 	}
 	if len(req.GetCmd()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "cri: Exec: cmd is empty")
-	}
-	if req.GetTty() {
-		return nil, status.Errorf(codes.Unimplemented, "cri: exec with a tty into vhive container %q is not supported", c.ID)
 	}
 	if !req.GetStdout() && !req.GetStderr() && !req.GetStdin() {
 		return nil, status.Error(codes.InvalidArgument, "cri: Exec: one of stdin, stdout or stderr must be set")
@@ -126,8 +188,21 @@ func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtim
 }
 
 func (s *Server) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	if c := s.lookup(req.GetContainerId()); c != nil {
-		return nil, status.Errorf(codes.Unimplemented, "cri: attach to vhive container %q is not implemented; read its log", c.ID)
+	c := s.lookup(req.GetContainerId())
+	if c == nil {
+		return s.rt.Attach(ctx, req)
 	}
-	return s.rt.Attach(ctx, req)
+	if c.Kind != kindOCI || s.stream == nil {
+		return nil, status.Errorf(codes.Unimplemented, "cri: container %q runs in a function sandbox; attach is not supported there", c.ID)
+	}
+	if req.GetTty() {
+		return nil, status.Errorf(codes.Unimplemented, "cri: attach with a tty to vhive container %q is not supported", c.ID)
+	}
+	s.mu.Lock()
+	running := c.State == runtimeapi.ContainerState_CONTAINER_RUNNING
+	s.mu.Unlock()
+	if !running {
+		return nil, status.Errorf(codes.FailedPrecondition, "cri: container %q is not running", c.ID)
+	}
+	return s.stream.srv.GetAttach(req)
 }

@@ -23,7 +23,8 @@ bash "$HERE/build.sh"
 command -v busybox >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y busybox-static >/dev/null
 (cd "$ROOT" && "$GO" build -o "$CACHE/bin/vhive-critest-registry" ./scripts/critest/registry \
   && "$GO" build -o "$CACHE/bin/vhive-cri" ./scripts/critest/vhive-cri \
-  && "$GO" build -o "$CACHE/bin/vhive-critest-report" ./scripts/critest/report)
+  && "$GO" build -o "$CACHE/bin/vhive-critest-report" ./scripts/critest/report \
+  && CGO_ENABLED=0 "$GO" build -o "$CACHE/bin/vhive-critest-nnp" ./scripts/critest/nnp)
 
 pids=()
 cleanup() {
@@ -33,7 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$CACHE/bin/vhive-critest-registry" -addr "$REGISTRY" >"$OUT/registry.log" 2>&1 &
+"$CACHE/bin/vhive-critest-registry" -addr "$REGISTRY" -nnp "$CACHE/bin/vhive-critest-nnp" >"$OUT/registry.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q '^ready' "$OUT/registry.log" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready' "$OUT/registry.log" || { cat "$OUT/registry.log"; exit 1; }

@@ -48,6 +48,7 @@ func main() {
 func run() error {
 	addr := flag.String("addr", "127.0.0.1:5000", "listen address (loopback)")
 	busybox := flag.String("busybox", "/bin/busybox", "static busybox binary the images are built from")
+	nnpPath := flag.String("nnp", "", "static binary for the nonewprivs image (scripts/critest/nnp); optional")
 	flag.Parse()
 	bb, err := os.ReadFile(*busybox)
 	if err != nil {
@@ -63,7 +64,13 @@ func run() error {
 	go func() { errc <- srv.Serve(l) }()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := pushAll(ctx, l.Addr().String(), bb); err != nil {
+	var nnp []byte
+	if *nnpPath != "" {
+		if nnp, err = os.ReadFile(*nnpPath); err != nil {
+			return fmt.Errorf("read -nnp %q: %w", *nnpPath, err)
+		}
+	}
+	if err := pushAll(ctx, l.Addr().String(), bb, nnp); err != nil {
 		srv.Close()
 		return err
 	}
@@ -126,7 +133,7 @@ nogroup:x:65534:
 var applets = []string{"sh", "ash", "echo", "sleep", "cat", "ls", "id", "top", "ps", "pidof", "hostname", "httpd",
 	"wget", "nc", "grep", "test", "[", "true", "false", "env", "touch", "mkdir", "rm", "head", "tail", "date",
 	"kill", "mount", "stat", "wc", "printf", "seq", "tee", "which", "whoami", "uname", "sed", "awk", "find",
-	"ip", "ifconfig", "netstat", "nslookup", "ping", "chmod", "chown", "cp", "mv", "ln", "dd", "sync", "du", "df",
+	"ip", "ifconfig", "brctl", "netstat", "nslookup", "ping", "chmod", "chown", "cp", "mv", "ln", "dd", "sync", "du", "df",
 	"readlink", "realpath", "timeout", "xargs", "sort", "uniq", "cut", "tr", "basename", "dirname", "yes", "vi",
 	"groups", "su", "setpriv", "nsenter", "unshare", "sysctl", "free", "uptime", "usleep", "pwd"}
 
@@ -203,7 +210,7 @@ trap 'exit 0' TERM INT
 while :; do sleep 3600 & wait $!; done
 `
 
-func specs() []spec {
+func specs(nnp []byte) []spec {
 	nginx := []file{
 		{path: "usr/sbin/nginx", mode: 0o755, body: nginxScript},
 		{path: "usr/share/", mode: 0o755}, {path: "usr/share/nginx/", mode: 0o755}, {path: "usr/share/nginx/html/", mode: 0o755},
@@ -220,7 +227,7 @@ func specs() []spec {
 			{path: "usr/local/apache2/", mode: 0o755}, {path: "usr/local/apache2/htdocs/", mode: 0o755},
 			{path: "usr/local/apache2/htdocs/index.html", mode: 0o644, body: "<html><body><h1>It works!</h1></body></html>\n"},
 		}, cmd: []string{"httpd-foreground"}, ports: []string{"80/tcp"}},
-		{repos: []string{"e2e-test-images/nonewprivs:1.3"}, cmd: []string{"sh", "-c", "id -u"}},
+		nonewprivs(nnp),
 		{repos: []string{"pause:3.9", "pause:3.6", "pause:3.10"}, files: []file{{path: "pause", mode: 0o755, body: pauseScript}}, entrypoint: []string{"/pause"}},
 		{repos: []string{"k8s-staging-cri-tools/test-image-latest:latest", "k8s-staging-cri-tools/test-image-tag:test", "k8s-staging-cri-tools/test-image-tag:all"},
 			files: []file{{path: "test", mode: 0o644, body: "test\n"}}, cmd: []string{"sh"}},
@@ -243,12 +250,24 @@ func specs() []spec {
 	return out
 }
 
-func pushAll(ctx context.Context, addr string, bb []byte) error {
+// nonewprivs runs a setuid-root program printing its effective uid, when
+// one is given; else a shell printing it (which cannot tell no_new_privs).
+func nonewprivs(nnp []byte) spec {
+	s := spec{repos: []string{"e2e-test-images/nonewprivs:1.3"}, cmd: []string{"sh", "-c", "echo Effective uid: $(id -u)"}}
+	if nnp != nil {
+		s.files = []file{{path: "usr/local/", mode: 0o755}, {path: "usr/local/bin/", mode: 0o755},
+			{path: "usr/local/bin/nnp", mode: 0o4755, body: string(nnp)}}
+		s.cmd = []string{"/usr/local/bin/nnp"}
+	}
+	return s
+}
+
+func pushAll(ctx context.Context, addr string, bb, nnp []byte) error {
 	base, err := layer(baseFiles(bb))
 	if err != nil {
 		return fmt.Errorf("build base layer: %w", err)
 	}
-	for _, s := range specs() {
+	for _, s := range specs(nnp) {
 		img, err := mutate.AppendLayers(empty.Image, base)
 		if err != nil {
 			return err
