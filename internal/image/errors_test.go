@@ -4,13 +4,19 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -239,4 +245,86 @@ func TestPlatformSelection(t *testing.T) {
 		}
 	}
 	e.checkTmpEmpty(t)
+}
+
+// hookRegistry serves the registry through hook, which may alter or stop a
+// response for a layer blob.
+func hookRegistry(t *testing.T, hook func(w http.ResponseWriter, r *http.Request, next http.Handler) bool) string {
+	t.Helper()
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hook(w, r, reg) {
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
+}
+
+// bodyRewriter replaces a response body.
+type bodyRewriter struct {
+	http.ResponseWriter
+	buf bytes.Buffer
+}
+
+func (b *bodyRewriter) Write(p []byte) (int, error) { return b.buf.Write(p) }
+
+func TestCorruptBlobFromRegistry(t *testing.T) {
+	ctx := context.Background()
+	l := layer(t, file("app", "genuine content", 0o755))
+	lpath := "/blobs/" + layerDigest(t, l)
+	host := hookRegistry(t, func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
+		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, lpath) {
+			return false
+		}
+		// Serve the blob with one byte changed (same size, other digest).
+		rc, _ := l.Compressed()
+		b, _ := io.ReadAll(rc)
+		b[len(b)/2] ^= 0xff
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.WriteHeader(http.StatusOK)
+		w.Write(b)
+		return true
+	})
+	img := buildImage(t, v1.Config{}, l)
+	ref := push(t, host, "fn/corrupt:v1", img)
+	e := newEnv(t, nil)
+	_, err := e.svc.Pull(ctx, ref)
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Pull of a corrupt blob: err = %v, want ErrInvalid", err)
+	}
+	t.Logf("%v", err)
+	if _, err := e.svc.Get(ctx, imageDigest(t, img)); !errors.Is(err, ErrNotFound) {
+		t.Errorf("corrupt image was cached: %v", err)
+	}
+	e.checkTmpEmpty(t)
+}
+
+func TestPullCancelledMidUnpack(t *testing.T) {
+	l := layer(t, file("a", strings.Repeat("x", 1<<16), 0o644))
+	lpath := "/blobs/" + layerDigest(t, l)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	host := hookRegistry(t, func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
+		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, lpath) {
+			cancel() // the puller's context ends while it fetches the layer
+		}
+		return false
+	})
+	img := buildImage(t, v1.Config{}, layer(t, file("first", "1", 0o644)), l)
+	ref := push(t, host, "fn/cancel:v1", img)
+	e := newEnv(t, nil)
+	_, err := e.svc.Pull(ctx, ref)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Pull err = %v, want context.Canceled", err)
+	}
+	if _, err := e.svc.Get(context.Background(), ref); !errors.Is(err, ErrNotFound) {
+		t.Errorf("cancelled pull was recorded: %v", err)
+	}
+	e.checkTmpEmpty(t)
+	// The store still works afterwards.
+	if _, err := e.svc.Pull(context.Background(), ref); err != nil {
+		t.Errorf("Pull after a cancelled pull: %v", err)
+	}
 }

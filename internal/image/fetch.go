@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/url"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -93,6 +95,30 @@ func classifyRemote(ref string, err error) error {
 		return fmt.Errorf("image: pull %q: %v: %w", ref, err, ErrUnavailable)
 	}
 	return fmt.Errorf("image: pull %q: %w", ref, err)
+}
+
+// classifyContent marks an error met while reading a blob as ErrInvalid
+// when it is about the content (digest or size mismatch, corrupt gzip or
+// tar): not already classified, not the context, not the network or the
+// registry, and not a local filesystem error (disk full stays Internal).
+func classifyContent(err error) error {
+	for _, c := range []error{ErrNotFound, ErrInvalid, ErrUnsafeLayer, ErrInUse, ErrUnavailable, context.Canceled, context.DeadlineExceeded} {
+		if errors.Is(err, c) {
+			return err
+		}
+	}
+	var (
+		te *transport.Error
+		ne net.Error
+		ue *url.Error
+		pe *fs.PathError
+		le *os.LinkError
+		en syscall.Errno
+	)
+	if errors.As(err, &te) || errors.As(err, &ne) || errors.As(err, &ue) || errors.As(err, &pe) || errors.As(err, &le) || errors.As(err, &en) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrInvalid, err)
 }
 
 // platformRank orders the platforms vhive can run; lower is better.
@@ -313,7 +339,7 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 				return nil, fmt.Errorf("image: %s: more than one wasm layer (second: %s): %w", dgst, ldg, ErrInvalid)
 			}
 			if err := s.writeModule(ctx, filepath.Join(tmp, WasmModuleFile), ldg, l); err != nil {
-				return nil, fmt.Errorf("image: %s: %w", dgst, err)
+				return nil, fmt.Errorf("image: %s: %w", dgst, classifyContent(err))
 			}
 			rec.Module, rec.Kind = WasmModuleFile, KindWasm
 			continue
@@ -323,7 +349,7 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 		}
 		lr, err := openLayer(l, ldg)
 		if err != nil {
-			return nil, fmt.Errorf("image: %s: open layer %s: %w", dgst, ldg, err)
+			return nil, fmt.Errorf("image: %s: open layer %s: %w", dgst, ldg, classifyContent(err))
 		}
 		err = u.applyLayer(ctx, ldg.String(), lr)
 		if err == nil {
@@ -335,7 +361,7 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 			err = fmt.Errorf("layer %s: %w", ldg, cerr)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("image: %s: %w", dgst, err)
+			return nil, fmt.Errorf("image: %s: %w", dgst, classifyContent(err))
 		}
 	}
 	if err := u.finish(); err != nil {
