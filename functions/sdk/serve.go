@@ -16,6 +16,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	pb "vhive.dev/vhive/api/proto/helloworld"
@@ -83,6 +85,9 @@ func serve(ctx context.Context, lis net.Listener, h Handler, log *slog.Logger) e
 	}
 	srv := grpc.NewServer()
 	pb.RegisterGreeterServer(srv, &greeter{h: h, log: log})
+	hs := health.NewServer() // "" is SERVING
+	hs.SetServingStatus(pb.Greeter_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, hs)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
@@ -93,6 +98,7 @@ func serve(ctx context.Context, lis net.Listener, h Handler, log *slog.Logger) e
 		return fmt.Errorf("serve on %s: %w", lis.Addr(), err)
 	case <-ctx.Done():
 	}
+	hs.Shutdown() // NOT_SERVING while in-flight calls finish
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	pb "vhive.dev/vhive/api/proto/helloworld"
@@ -24,7 +25,7 @@ import (
 // startServe runs Serve on a loopback port and returns a client; the server
 // is stopped and Serve's result checked when the test ends.
 // Serve's error is readable after done is closed.
-func startServe(t *testing.T, h Handler) (pb.GreeterClient, context.CancelFunc, *served) {
+func startServe(t *testing.T, h Handler) (testClient, context.CancelFunc, *served) {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -50,7 +51,12 @@ func startServe(t *testing.T, h Handler) (pb.GreeterClient, context.CancelFunc, 
 			t.Error("Serve did not return after cancel")
 		}
 	})
-	return pb.NewGreeterClient(conn), cancel, done
+	return testClient{pb.NewGreeterClient(conn), conn}, cancel, done
+}
+
+type testClient struct {
+	pb.GreeterClient
+	conn *grpc.ClientConn
 }
 
 type served struct {
@@ -86,6 +92,13 @@ func TestServeReplies(t *testing.T) {
 	_, err = client.SayHello(ctx, &pb.HelloRequest{Name: "panic"})
 	if s := status.Convert(err); s.Code() != codes.Internal || !strings.Contains(s.Message(), "asked to panic") {
 		t.Errorf("handler panic: got %v, want Internal naming the panic", err)
+	}
+	hc := healthpb.NewHealthClient(client.conn)
+	for _, svc := range []string{"", "helloworld.Greeter"} {
+		hr, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("health of %q: %v, %v", svc, hr, err)
+		}
 	}
 	// The server survives a panicking call.
 	if _, err := client.SayHello(ctx, &pb.HelloRequest{Name: "x"}); err != nil {
