@@ -60,6 +60,9 @@ type childConfig struct {
 	// regions with the mapping's halves swapped in the file, only the
 	// deprecated page_size_kib set, and no waiting for the manager's ack.
 	Firecracker bool `json:"firecracker"`
+	// NoRemoveEvents (with Firecracker): create the userfaultfd without
+	// UFFD_FEATURE_EVENT_REMOVE.
+	NoRemoveEvents bool `json:"no_remove_events"`
 }
 
 type childResult struct {
@@ -112,7 +115,11 @@ func runChild(cfg childConfig) (childResult, error) {
 	if cfg.Firecracker {
 		half := cfg.Size / 2
 		fileOff = func(p uint64) uint64 { return (p*ps + half) % cfg.Size }
-		u, err := uffd.New(uffd.FeatureEventRemove)
+		features := uffd.FeatureEventRemove
+		if cfg.NoRemoveEvents {
+			features = 0
+		}
+		u, err := uffd.New(features)
 		if err != nil {
 			return res, err
 		}

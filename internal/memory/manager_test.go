@@ -758,3 +758,25 @@ func TestAttachRejectsBadMapping(t *testing.T) {
 		t.Errorf("%d fds after a failed Attach, %d before", n, fds)
 	}
 }
+
+// TestPeerWithoutRemoveEvents: a peer whose userfaultfd lacks
+// UFFD_FEATURE_EVENT_REMOVE drops pages the manager believes present; their
+// next fault must get a zero page, not loop forever.
+func TestPeerWithoutRemoveEvents(t *testing.T) {
+	e := newEnv(t)
+	ops := []op{
+		{Kind: "read", Page: 0, N: 64},
+		{Kind: "dontneed", Page: 8, N: 16},
+		{Kind: "read", Page: 0, N: 64},
+		{Kind: "write", Page: 10, N: 3},
+		{Kind: "dontneed", Page: 10, N: 1},
+		{Kind: "read", Page: 0, N: 64},
+	}
+	_, st := e.runChild(t, e.cfg("noremove", ModeLazy), childConfig{Firecracker: true, NoRemoveEvents: true, Ops: ops})
+	if st.Removes != 0 {
+		t.Errorf("Removes=%d from a peer without remove events", st.Removes)
+	}
+	if st.ZeroPages < 17 {
+		t.Errorf("ZeroPages=%d, want >= 17 (the dropped pages)", st.ZeroPages)
+	}
+}

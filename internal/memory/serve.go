@@ -464,10 +464,22 @@ func (s *server) fault(m uffd.Msg) error {
 		return err
 	}
 	if wasPresent {
-		// Installed while this fault was queued (prefetch, an earlier
-		// chunk): make sure the thread runs.
-		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr+page*ps), ps); err != nil {
-			return err
+		// Either installed while this fault was queued (prefetch, an
+		// earlier chunk) — then make sure the thread runs — or dropped by
+		// a peer that did not ask for remove events: then it must read
+		// as zero, and without this the thread would fault forever.
+		addr := uintptr(reg.BaseHostVirtAddr + page*ps)
+		got, err := s.uffd.ZeroPage(addr, ps, 0)
+		switch {
+		case got == ps:
+			reg.removed.set(page)
+			zeros++
+		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOENT):
+			return errPeerGone
+		default: // EEXIST: really there; EAGAIN: a remove is pending, the thread will fault again
+			if err := s.uffd.Wake(addr, ps); err != nil {
+				return err
+			}
 		}
 	}
 	unique := copied + zeros
