@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -32,6 +33,12 @@ func (s *Service) Pull(ctx context.Context, ref string) (Image, error) {
 	r, err := s.parseRef(ref)
 	if err != nil {
 		return Image{}, err
+	}
+	// A digest reference already in the store needs no registry.
+	if d, ok := r.(name.Digest); ok {
+		if img, err := s.addRef(ctx, r.Name(), d.DigestStr()); err == nil {
+			return img, nil
+		}
 	}
 	desc, err := remote.Get(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(s.keychain), remote.WithUserAgent("vhive"))
 	if err != nil {
@@ -61,6 +68,28 @@ func (s *Service) Pull(ctx context.Context, ref string) (Image, error) {
 		return Image{}, classifyRemote(r.Name(), err)
 	}
 	return out, nil
+}
+
+// addRef points ref at a digest already in the store.
+func (s *Service) addRef(ctx context.Context, ref, dgst string) (Image, error) {
+	unlock, err := s.locks.lock(ctx, dgst)
+	if err != nil {
+		return Image{}, err
+	}
+	defer unlock()
+	var rec *record
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		r, err := getRecord(tx, dgst)
+		if err != nil {
+			return err
+		}
+		rec = r
+		return refsB(tx).Put([]byte(ref), []byte(dgst))
+	})
+	if err != nil {
+		return Image{}, err
+	}
+	return s.toImage(ref, rec), nil
 }
 
 // classifyRemote wraps a registry error with its class. Errors that already
@@ -185,6 +214,12 @@ func (s *Service) store(ctx context.Context, refs []string, img v1.Image) (Image
 		rec, _ = getRecord(tx, dgst)
 		return nil
 	})
+	if rec != nil {
+		if _, err := os.Stat(filepath.Join(s.digestDir(dgst), "rootfs")); err != nil {
+			s.log.WarnContext(ctx, "recorded image directory is missing; unpacking again", "digest", dgst, "err", err)
+			rec = nil
+		}
+	}
 	if rec == nil {
 		rec, err = s.unpack(ctx, dgst, img)
 		if err != nil {

@@ -387,3 +387,41 @@ func TestNewValidates(t *testing.T) {
 		}
 	}
 }
+
+func TestPullByDigestFromCacheAndRepair(t *testing.T) {
+	ctx := context.Background()
+	host, srv := startRegistry(t)
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{}, layer(t, file("f", "content", 0o644)))
+	ref := push(t, host, "fn/d:v1", img)
+	got, err := e.svc.Pull(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A missing directory behind a record is unpacked again.
+	if err := os.RemoveAll(got.Rootfs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.Pull(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.svc.Unpacks(); n != 2 || readFile(t, filepath.Join(got.Rootfs, "f")) != "content" {
+		t.Errorf("Unpacks = %d after the rootfs vanished; want a second unpack", n)
+	}
+
+	// With the registry gone, a digest reference is served from the store.
+	srv.Close()
+	dref := host + "/fn/d@" + got.Digest
+	byDigest, err := e.svc.Pull(ctx, dref)
+	if err != nil {
+		t.Fatalf("Pull(%s) with the registry down: %v", dref, err)
+	}
+	if byDigest.Ref != dref || byDigest.Digest != got.Digest {
+		t.Errorf("Pull(digest ref) = %s %s", byDigest.Ref, byDigest.Digest)
+	}
+	// A tag still needs the registry.
+	if _, err := e.svc.Pull(ctx, ref); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Pull(tag) with the registry down: err = %v, want ErrUnavailable", err)
+	}
+}

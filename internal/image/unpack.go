@@ -127,6 +127,9 @@ func pathError(layer string, hdr *tar.Header, op string, err error) error {
 }
 
 func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil // archive metadata, not a file
+	}
 	p, err := cleanEntryPath(hdr.Name)
 	if err != nil {
 		return unsafe(layer, hdr, "bad name", err)
@@ -140,8 +143,6 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 
 	switch hdr.Typeflag {
 	case tar.TypeReg, '\x00', tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
-	case tar.TypeXGlobalHeader:
-		return nil
 	case tar.TypeChar, tar.TypeBlock:
 		return unsafe(layer, hdr, "device node", nil)
 	case tar.TypeFifo:
