@@ -60,17 +60,28 @@ func TestAllFunctions(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			out, status := invokeWasm(t, wasm, "record")
-			if status != 0 || !strings.HasPrefix(out, recordPrefix[fn]) {
-				t.Errorf("wasm %s(record) = %.120q (status %d), want prefix %.120q", fn, out, status, recordPrefix[fn])
+			replies := invokeWasm(t, wasm, "record", "record")
+			for i, r := range replies {
+				want := recordPrefix[fn]
+				if fn == "counter" && i == 1 {
+					want = "count=2 " // state continues between calls
+				}
+				if r.status != 0 || !strings.HasPrefix(r.out, want) {
+					t.Errorf("wasm %s(record) call %d = %.120q (status %d), want prefix %.120q", fn, i+1, r.out, r.status, want)
+				}
 			}
 		})
 	}
 }
 
-// invokeWasm runs one call of a reactor module (with HEAVYINIT_HEAP_MIB=8 in
-// its environment) and returns the reply and vhive_status.
-func invokeWasm(t *testing.T, module []byte, payload string) (string, uint32) {
+type reply struct {
+	out    string
+	status uint32
+}
+
+// invokeWasm instantiates a reactor module (with HEAVYINIT_HEAP_MIB=8 in its
+// environment) and calls it once per payload through the sdk ABI.
+func invokeWasm(t *testing.T, module []byte, payloads ...string) []reply {
 	t.Helper()
 	ctx := context.Background()
 	rt := wazero.NewRuntime(ctx)
@@ -93,12 +104,18 @@ func invokeWasm(t *testing.T, module []byte, payload string) (string, uint32) {
 		return res[0]
 	}
 	call("_initialize")
-	ptr := uint32(call("vhive_alloc", api.EncodeI32(int32(len(payload)))))
-	mod.Memory().Write(ptr, []byte(payload))
-	packed := call("vhive_handle", uint64(ptr), api.EncodeI32(int32(len(payload))))
-	out, ok := mod.Memory().Read(uint32(packed>>32), uint32(packed))
-	if !ok {
-		t.Fatalf("response out of range")
+	var replies []reply
+	for _, payload := range payloads {
+		ptr := uint32(call("vhive_alloc", api.EncodeI32(int32(len(payload)))))
+		mod.Memory().Write(ptr, []byte(payload))
+		packed := call("vhive_handle", uint64(ptr), api.EncodeI32(int32(len(payload))))
+		out, ok := mod.Memory().Read(uint32(packed>>32), uint32(packed))
+		if !ok {
+			t.Fatalf("response out of range")
+		}
+		replies = append(replies, reply{string(out), uint32(call("vhive_status"))})
+		call("vhive_free", packed>>32)
+		call("vhive_free", uint64(ptr))
 	}
-	return string(out), uint32(call("vhive_status"))
+	return replies
 }
