@@ -12,6 +12,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"golang.org/x/term"
 
 	"vhive.dev/vhive/internal/bench"
 )
@@ -64,7 +65,10 @@ func flagMap(fs *pflag.FlagSet) map[string]string {
 	return m
 }
 
+// newProgress is a progress bar on stderr, hidden when asked or when
+// stderr is not a terminal (logs and CI output stay readable).
 func newProgress(total int, hide bool, what string) *progressbar.ProgressBar {
+	hide = hide || !term.IsTerminal(int(os.Stderr.Fd()))
 	return progressbar.NewOptions(total,
 		progressbar.OptionSetWriter(os.Stderr),
 		progressbar.OptionSetDescription(what),
