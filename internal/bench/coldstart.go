@@ -149,10 +149,10 @@ func (o *ColdstartOptions) setDefaults() error {
 			return fmt.Errorf("function %q: want a bare name such as helloworld (the image is localhost/vhive/<name>:latest)", f)
 		}
 	}
-	if err := checkList("sandbox", o.Sandboxes, knownSandboxes); err != nil {
+	if err := checkList("sandbox", o.Sandboxes, knownSandboxes()); err != nil {
 		return err
 	}
-	if err := checkList("mode", o.Modes, knownModes); err != nil {
+	if err := checkList("mode", o.Modes, knownModes()); err != nil {
 		return err
 	}
 	if o.Iterations < 1 {

@@ -287,9 +287,11 @@ func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string) (Level
 // ConcurrencyFile is the summary CSV of concurrency runs of one sandbox.
 func ConcurrencyFile(sandbox string) string { return "concurrency-" + sandbox + ".csv" }
 
-// ConcurrencyHeader is the header of ConcurrencyFile; latencies in µs.
-var concurrencyHeader = []string{"FuncName", "Sandbox", "Mode", "Level", "Requests", "ColdStarts", "Errors",
-	"Median", "P90", "Max", "Mean", "StdDev", "DaemonMedian"}
+// concurrencyHeader is the header of ConcurrencyFile; latencies in µs.
+func concurrencyHeader() []string {
+	return []string{"FuncName", "Sandbox", "Mode", "Level", "Requests", "ColdStarts", "Errors",
+		"Median", "P90", "Max", "Mean", "StdDev", "DaemonMedian"}
+}
 
 // Rows returns the summary rows: per mode and level (repeats pooled) the
 // client-side latency median, p90, max, mean and std in µs.
@@ -308,7 +310,7 @@ func (r *ConcurrencyResult) Rows() ([]string, [][]string) {
 			})
 		}
 	}
-	return slices.Clone(concurrencyHeader), rows
+	return concurrencyHeader(), rows
 }
 
 // pooled merges the repeats of each level of a mode, keeping level order.

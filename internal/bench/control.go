@@ -49,10 +49,10 @@ const (
 	StartedREAPPrefetch = "reap-prefetch"
 )
 
-// Sandboxes the daemon knows.
-var knownSandboxes = []string{"gvisor", "runc", "wasm"}
+// knownSandboxes are the sandboxes the daemon knows.
+func knownSandboxes() []string { return []string{"gvisor", "runc", "wasm"} }
 
-var knownModes = []string{ModeBoot, ModeSnapshot, ModeLazy, ModeREAP, ModeWarm}
+func knownModes() []string { return []string{ModeBoot, ModeSnapshot, ModeLazy, ModeREAP, ModeWarm} }
 
 // Payloads follow vHive's functions: "record" selects input set 1 (used to
 // boot, snapshot and record), "replay" input set 2 (measured runs).

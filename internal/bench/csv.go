@@ -130,10 +130,9 @@ func WriteMeanStd(path, funcName string, samples []Sample) error {
 }
 
 // PageStatsHeader is vHive's page statistics CSV header.
-var pageStatsHeader = []string{"FuncName", "RecPages", "RecRegions", "Unique", "StdDev"}
-
-// PageStatsHeader returns a copy of the page statistics CSV header.
-func PageStatsHeader() []string { return slices.Clone(pageStatsHeader) }
+func PageStatsHeader() []string {
+	return []string{"FuncName", "RecPages", "RecRegions", "Unique", "StdDev"}
+}
 
 // WritePageStats appends one page statistics row: the pages and regions the
 // record run captured in the working set, and the mean and sample standard
@@ -147,7 +146,7 @@ func WritePageStats(path, funcName string, recPages, recRegions int64, unique []
 		strconv.Itoa(int(stats.Mean(unique))),
 		fmt.Sprintf("%.1f", stats.StdDev(unique)),
 	}
-	return AppendCSV(path, pageStatsHeader, row)
+	return AppendCSV(path, PageStatsHeader(), row)
 }
 
 // WriteCSV writes header and rows to path, replacing the file.

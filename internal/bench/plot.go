@@ -26,12 +26,9 @@ type Series struct {
 	X, Y []float64
 }
 
-// plotFormats are the files every plot is saved as.
-var plotFormats = []string{"png", "svg"}
-
 func save(p *plot.Plot, w, h vg.Length, base string) ([]string, error) {
 	var out []string
-	for _, ext := range plotFormats {
+	for _, ext := range []string{"png", "svg"} {
 		path := base + "." + ext
 		if err := p.Save(w, h, path); err != nil {
 			return out, fmt.Errorf("save plot %q: %w", path, err)

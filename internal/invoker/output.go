@@ -55,8 +55,10 @@ func (r *Result) WriteLatencyFile(path string) error {
 	return nil
 }
 
-// RecordsHeader is the header of the per-request CSV.
-var recordsHeader = []string{"Seq", "Endpoint", "StartUnixNano", "LatencyMicros", "Code", "ColdStart", "Warmup", "ScheduledUnixNano", "Error"}
+// recordsHeader is the header of the per-request CSV.
+func recordsHeader() []string {
+	return []string{"Seq", "Endpoint", "StartUnixNano", "LatencyMicros", "Code", "ColdStart", "Warmup", "ScheduledUnixNano", "Error"}
+}
 
 // WriteRecordsCSV writes one row per request, warm-up and failures
 // included: issue timestamp (Unix ns), latency (µs), gRPC code name,
@@ -68,7 +70,7 @@ func (r *Result) WriteRecordsCSV(path string) error {
 	}
 	defer f.Close()
 	w := csv.NewWriter(f)
-	if err := w.Write(recordsHeader); err != nil {
+	if err := w.Write(recordsHeader()); err != nil {
 		return fmt.Errorf("write %q: %w", path, err)
 	}
 	for _, rec := range r.Records {
