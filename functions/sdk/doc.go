@@ -8,8 +8,8 @@
 // helloworld.Greeter/SayHello on all interfaces at port $GUEST_PORT (default
 // 50051). HelloRequest.name is the payload, HelloReply.message the result; a
 // handler error becomes a gRPC status with code Unknown and the error text.
-// The standard gRPC health service (grpc.health.v1.Health) answers SERVING
-// while the function serves; open Watch streams see NOT_SERVING when it stops.
+// The standard gRPC health service (grpc.health.v1.Health) answers Check and
+// List with SERVING (Watch is not served: it would hold up a graceful stop).
 // SIGTERM or SIGINT stop the server gracefully (in-flight calls finish, at
 // most ten seconds). Logs go to stderr through log/slog. Serve is the same
 // server on a caller's listener, for tests and in-process use.

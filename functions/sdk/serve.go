@@ -87,7 +87,7 @@ func serve(ctx context.Context, lis net.Listener, h Handler, log *slog.Logger) e
 	pb.RegisterGreeterServer(srv, &greeter{h: h, log: log})
 	hs := health.NewServer() // "" is SERVING
 	hs.SetServingStatus(pb.Greeter_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(srv, hs)
+	healthpb.RegisterHealthServer(srv, noWatch{hs})
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
@@ -95,10 +95,10 @@ func serve(ctx context.Context, lis net.Listener, h Handler, log *slog.Logger) e
 	select {
 	case err := <-served:
 		// Serve returns early only when the listener fails.
+		srv.Stop()
 		return fmt.Errorf("serve on %s: %w", lis.Addr(), err)
 	case <-ctx.Done():
 	}
-	hs.Shutdown() // NOT_SERVING while in-flight calls finish
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
@@ -117,6 +117,16 @@ func serve(ctx context.Context, lis net.Listener, h Handler, log *slog.Logger) e
 		return fmt.Errorf("serve on %s: %w", lis.Addr(), err)
 	}
 	return nil
+}
+
+// noWatch is the health service without Watch: a Watch stream never ends by
+// itself, so it would hold a graceful stop for the whole grace period.
+type noWatch struct {
+	*health.Server
+}
+
+func (noWatch) Watch(*healthpb.HealthCheckRequest, healthpb.Health_WatchServer) error {
+	return status.Error(codes.Unimplemented, "health Watch is not served: use Check")
 }
 
 type greeter struct {

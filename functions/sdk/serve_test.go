@@ -100,6 +100,13 @@ func TestServeReplies(t *testing.T) {
 			t.Errorf("health of %q: %v, %v", svc, hr, err)
 		}
 	}
+	ws, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err == nil {
+		_, err = ws.Recv()
+	}
+	if status.Code(err) != codes.Unimplemented {
+		t.Errorf("health Watch: %v, want Unimplemented", err)
+	}
 	// The server survives a panicking call.
 	if _, err := client.SayHello(ctx, &pb.HelloRequest{Name: "x"}); err != nil {
 		t.Errorf("call after panic: %v", err)
