@@ -120,6 +120,21 @@ func (s *Server) imageRef(ctx context.Context, spec *runtimeapi.ImageSpec) (stri
 	return "", status.Errorf(codes.NotFound, "cri: image %q has no name to pull it by", ref)
 }
 
+// containerdImageID returns the image ID (config digest) and a repo digest
+// containerd reports for spec, as kubelet expects them in container
+// statuses; the manifest digest vhive pulled is the fallback.
+func (s *Server) containerdImageID(ctx context.Context, spec *runtimeapi.ImageSpec, digest string) (id, ref string) {
+	st, err := s.img.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: spec})
+	if err != nil || st.GetImage() == nil {
+		return digest, digest
+	}
+	id, ref = st.GetImage().GetId(), st.GetImage().GetId()
+	if len(st.GetImage().GetRepoDigests()) > 0 {
+		ref = st.GetImage().GetRepoDigests()[0]
+	}
+	return id, ref
+}
+
 func isHex64(s string) bool {
 	if len(s) != 64 {
 		return false
@@ -260,10 +275,16 @@ func (s *Server) createOCI(ctx context.Context, p *pod, req *runtimeapi.CreateCo
 	if err != nil {
 		return nil, err
 	}
+	for _, m := range cfg.GetMounts() {
+		if m.GetImage().GetImage() != "" {
+			return nil, status.Errorf(codes.Unimplemented, "cri: image volumes (mount %q from image %q) are not supported in vhive pods", m.GetContainerPath(), m.GetImage().GetImage())
+		}
+	}
 	img, err := s.pull(ctx, ref)
 	if err != nil {
 		return nil, err
 	}
+	imageID, imageRef := s.containerdImageID(ctx, cfg.GetImage(), img.Digest)
 	targetPid := 0
 	if t := cfg.GetLinux().GetSecurityContext().GetNamespaceOptions().GetTargetId(); t != "" {
 		tc := s.lookup(t)
@@ -288,7 +309,7 @@ func (s *Server) createOCI(ctx context.Context, p *pod, req *runtimeapi.CreateCo
 		}
 	}()
 	c := &container{
-		ID: id, PodID: p.ID, Kind: kindOCI, Key: key, Config: cfg, ImageRef: img.Digest,
+		ID: id, PodID: p.ID, Kind: kindOCI, Key: key, Config: cfg, ImageRef: imageRef, ImageID: imageID,
 		LogPath: s.logPath(p.Config, cfg), Dir: dir, CreatedAt: time.Now().UnixNano(),
 		State: runtimeapi.ContainerState_CONTAINER_CREATED, bundle: b,
 	}
@@ -360,7 +381,7 @@ func (s *Server) createFunction(ctx context.Context, req *runtimeapi.CreateConta
 		}
 	}()
 	c := &container{
-		ID: id, PodID: podID, Kind: kindFunction, Key: key, Config: cfg, ImageRef: img.Digest,
+		ID: id, PodID: podID, Kind: kindFunction, Key: key, Config: cfg, ImageRef: img.Digest, ImageID: img.Digest,
 		LogPath: s.logPath(req.GetSandboxConfig(), cfg), Endpoint: sb.Endpoint(),
 		CreatedAt: time.Now().UnixNano(), State: runtimeapi.ContainerState_CONTAINER_CREATED, sb: sb,
 	}
@@ -407,12 +428,21 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 		s.mu.Lock()
 		c.proc = proc
 		s.mu.Unlock()
+		var oom *oomWatch
+		if c.Config.GetLinux().GetResources().GetMemoryLimitInBytes() > 0 {
+			if oom, err = s.oci.watchOOM(c.ID); err != nil {
+				s.log.Warn("no OOM detection", "container", c.ID, "err", err)
+			}
+		}
 		s.running(c)
 		go func() {
 			<-proc.done
 			reason := "Completed"
 			if proc.exit != 0 {
 				reason = "Error"
+			}
+			if oom != nil && oom.stop() {
+				reason = "OOMKilled"
 			}
 			msg := ""
 			if proc.err != nil {
@@ -602,7 +632,7 @@ func (s *Server) containerStatus(c *container) *runtimeapi.ContainerStatus {
 		ExitCode:    c.ExitCode,
 		Image:       cfg.GetImage(),
 		ImageRef:    c.ImageRef,
-		ImageId:     c.ImageRef,
+		ImageId:     c.ImageID,
 		Reason:      c.Reason,
 		Message:     c.Message,
 		Labels:      cfg.GetLabels(),

@@ -585,3 +585,74 @@ func TestStreamingExec(t *testing.T) {
 type bytesBuffer struct{ bytes.Buffer }
 
 func (*bytesBuffer) Close() error { return nil }
+
+// Seccomp (RuntimeDefault on, nil off, Localhost from a file), privileged
+// capabilities bounded by the daemon's, and OOMKilled as the exit reason.
+func TestSecurityAndOOM(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "sec")
+	run := func(name string, mut func(*runtimeapi.ContainerConfig), cmd ...string) string {
+		t.Helper()
+		cc := busybox(name, cmd...)
+		cc.Linux = &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{}}
+		mut(cc)
+		cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: cc, SandboxConfig: pc})
+		if err != nil {
+			t.Fatalf("create %s: %v", name, err)
+		}
+		if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.GetContainerId()}); err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		return cr.GetContainerId()
+	}
+	seccompMode := func(id string) string {
+		t.Helper()
+		r, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"grep", "^Seccomp:", "/proc/self/status"}, Timeout: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(strings.Fields(string(r.GetStdout())), " ")
+	}
+	def := run("def", func(c *runtimeapi.ContainerConfig) { c.Linux.SecurityContext.Seccomp = &runtimeapi.SecurityProfile{} }, "sleep", "100")
+	if got := seccompMode(def); got != "Seccomp: 2" {
+		t.Errorf("RuntimeDefault: %q, want Seccomp: 2", got)
+	}
+	unc := run("unc", func(c *runtimeapi.ContainerConfig) {}, "sleep", "100")
+	if got := seccompMode(unc); got != "Seccomp: 0" {
+		t.Errorf("no profile: %q, want Seccomp: 0", got)
+	}
+	prof := filepath.Join(t.TempDir(), "no-chmod.json")
+	if err := os.WriteFile(prof, []byte(`{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod","fchmodat","fchmodat2"],"action":"SCMP_ACT_ERRNO"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	loc := run("loc", func(c *runtimeapi.ContainerConfig) {
+		c.Linux.SecurityContext.Seccomp = &runtimeapi.SecurityProfile{ProfileType: runtimeapi.SecurityProfile_Localhost, LocalhostRef: prof}
+	}, "sleep", "100")
+	r, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: loc, Cmd: []string{"chmod", "400", "/tmp"}, Timeout: 10})
+	if err != nil || r.GetExitCode() == 0 || !strings.Contains(string(r.GetStderr()), "Operation not permitted") {
+		t.Errorf("chmod under a profile denying it: %v exit %d stderr %q", err, r.GetExitCode(), r.GetStderr())
+	}
+	// Privileged: every capability the daemon has (CAP_SYS_RESOURCE may be
+	// missing here), so the container starts.
+	priv := run("priv", func(c *runtimeapi.ContainerConfig) { c.Linux.SecurityContext.Privileged = true }, "sleep", "100")
+	if st := containerState(t, e, priv); st.GetState() != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		t.Errorf("privileged container: %v", st.GetState())
+	}
+	// RunAsGroup without a user is refused.
+	cc := busybox("grp", "true")
+	cc.Linux = &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{RunAsGroup: &runtimeapi.Int64Value{Value: 5}}}
+	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: cc, SandboxConfig: pc}); codeOf(err) != codes.InvalidArgument {
+		t.Errorf("RunAsGroup without RunAsUser: %v, want InvalidArgument", err)
+	}
+	// A process over its memory limit is OOM-killed: exit 137, OOMKilled.
+	oom := run("oom", func(c *runtimeapi.ContainerConfig) {
+		c.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 16 << 20}
+	}, "sh", "-c", "x=a; while :; do x=$x$x; done")
+	waitFor(t, "OOM kill", func() (bool, error) {
+		return containerState(t, e, oom).GetState() == runtimeapi.ContainerState_CONTAINER_EXITED, nil
+	})
+	if st := containerState(t, e, oom); st.GetExitCode() != 137 || st.GetReason() != "OOMKilled" {
+		t.Errorf("over the memory limit: exit %d reason %q, want 137 OOMKilled", st.GetExitCode(), st.GetReason())
+	}
+}

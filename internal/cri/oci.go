@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -383,4 +384,52 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 		l.b.Next(l.b.Len() - l.max)
 	}
 	return len(p), nil
+}
+
+// oomWatch follows `<runtime> events` of a running container and records
+// whether the kernel OOM-killed one of its processes.
+type oomWatch struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	oom  atomic.Bool
+}
+
+func (r *ociRuntime) watchOOM(id string) (*oomWatch, error) {
+	cmd := exec.Command(r.bin, append(append([]string{"--root", r.root}, r.args...), "events", "--interval", "1h", id)...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("watch events of %q: %w", id, err)
+	}
+	w := &oomWatch{cmd: cmd, done: make(chan struct{})}
+	go func() { // ends when the runtime stops reporting (container gone) or stop kills it
+		defer close(w.done)
+		dec := json.NewDecoder(out)
+		for {
+			var ev struct {
+				Type string `json:"type"`
+			}
+			if err := dec.Decode(&ev); err != nil {
+				break
+			}
+			if ev.Type == "oom" {
+				w.oom.Store(true)
+			}
+		}
+		_ = cmd.Wait()
+	}()
+	return w, nil
+}
+
+// stop ends the watch (after the container exited, its last events read).
+func (w *oomWatch) stop() bool {
+	select {
+	case <-w.done:
+	case <-time.After(time.Second):
+		_ = w.cmd.Process.Kill()
+		<-w.done
+	}
+	return w.oom.Load()
 }

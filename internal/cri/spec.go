@@ -292,12 +292,20 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 	// HOSTNAME comes first, as with containerd; image and CRI env override it.
 	env := mergeEnv(append([]string{"HOSTNAME=" + hostname}, img.Config.Env...), cfg.GetEnvs())
 
+	if sc.GetRunAsGroup() != nil && sc.GetRunAsUser() == nil && sc.GetRunAsUsername() == "" {
+		return nil, errors.New("run_as_group is set without run_as_user or run_as_username")
+	}
 	caps := append([]string{}, defaultCaps...)
 	privileged := sc.GetPrivileged()
 	if privileged {
 		caps = allCaps()
 	} else {
 		caps = adjustCaps(caps, sc.GetCapabilities())
+	}
+	caps = boundedCaps(caps)
+	seccomp, err := seccompFor(sc, privileged, caps)
+	if err != nil {
+		return nil, err
 	}
 	spec := &specs.Spec{
 		Version: specs.Version,
@@ -326,6 +334,7 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 				Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}},
 			},
 			CgroupsPath: cgroupPath(p, id),
+			Seccomp:     seccomp,
 			Sysctl:      p.Config.GetLinux().GetSysctls(),
 		},
 	}
@@ -467,15 +476,17 @@ func replaceOpt(opts []string, from, to string) []string {
 	return out
 }
 
+// allCapNames are the capabilities by number (CAP_CHOWN = 0 ...).
+var allCapNames = []string{"CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+	"SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
+	"IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT",
+	"SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL",
+	"SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+	"PERFMON", "BPF", "CHECKPOINT_RESTORE"}
+
 func allCaps() []string {
-	names := []string{"CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-		"SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
-		"IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT",
-		"SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL",
-		"SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
-		"PERFMON", "BPF", "CHECKPOINT_RESTORE"}
-	out := make([]string, len(names))
-	for i, n := range names {
+	out := make([]string, len(allCapNames))
+	for i, n := range allCapNames {
 		out[i] = "CAP_" + n
 	}
 	return out
@@ -554,4 +565,101 @@ func writePodFiles(dir string, cfg *runtimeapi.PodSandboxConfig) error {
 		}
 	}
 	return nil
+}
+
+// boundedCaps drops the capabilities this process's bounding set lacks (a
+// container cannot get them: here CAP_SYS_RESOURCE is missing), keeping
+// the order.
+func boundedCaps(caps []string) []string {
+	bnd, ok := capBound()
+	if !ok {
+		return caps
+	}
+	index := map[string]int{}
+	for i, n := range allCapNames {
+		index["CAP_"+n] = i
+	}
+	out := caps[:0:0]
+	for _, c := range caps {
+		if i, known := index[c]; known && bnd&(1<<uint(i)) == 0 {
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// capBound reads CapBnd from /proc/self/status.
+func capBound() (uint64, bool) {
+	var bnd uint64
+	found := false
+	readLines("/proc/self/status", func(f []string) {
+		if len(f) == 2 && f[0] == "CapBnd" {
+			if v, err := strconv.ParseUint(strings.TrimSpace(f[1]), 16, 64); err == nil {
+				bnd, found = v, true
+			}
+		}
+	})
+	return bnd, found
+}
+
+// seccompFor returns the seccomp filter of a container: none when
+// privileged or unconfined (also when the CRI gives no profile), the profile
+// file for Localhost (Docker's JSON format, which the OCI spec shares), and
+// vhive's default otherwise (RuntimeDefault).
+func seccompFor(sc *runtimeapi.LinuxContainerSecurityContext, privileged bool, caps []string) (*specs.LinuxSeccomp, error) {
+	prof := sc.GetSeccomp()
+	if privileged || prof == nil {
+		return nil, nil
+	}
+	switch prof.GetProfileType() {
+	case runtimeapi.SecurityProfile_Unconfined:
+		return nil, nil
+	case runtimeapi.SecurityProfile_Localhost:
+		path := prof.GetLocalhostRef()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("seccomp localhost profile: %w", err)
+		}
+		var sp specs.LinuxSeccomp
+		if err := json.Unmarshal(b, &sp); err != nil {
+			return nil, fmt.Errorf("seccomp localhost profile %q: %w", path, err)
+		}
+		if sp.DefaultAction == "" {
+			return nil, fmt.Errorf("seccomp localhost profile %q has no defaultAction", path)
+		}
+		return &sp, nil
+	default:
+		return defaultSeccomp(caps), nil
+	}
+}
+
+// defaultSeccomp allows everything but the syscalls Docker's default
+// profile refuses to containers (kernel modules, keyring, clock, reboot,
+// swap, accounting, ...); those gated by CAP_SYS_ADMIN (mount, unshare,
+// setns, ...) are allowed when the container has it.
+func defaultSeccomp(caps []string) *specs.LinuxSeccomp {
+	denied := []string{"acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
+		"finit_module", "get_kernel_syms", "get_mempolicy", "init_module", "ioperm", "iopl", "kcmp",
+		"kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie", "mbind", "move_pages", "nfsservctl",
+		"open_by_handle_at", "perf_event_open", "process_vm_readv", "process_vm_writev", "query_module",
+		"quotactl", "reboot", "request_key", "set_mempolicy", "settimeofday", "stime", "swapon", "swapoff",
+		"sysfs", "_sysctl", "uselib", "userfaultfd", "ustat", "vm86", "vm86old"}
+	admin := []string{"mount", "umount", "umount2", "unshare", "setns", "pivot_root", "name_to_handle_at", "fanotify_init",
+		"open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "syslog"}
+	hasAdmin := false
+	for _, c := range caps {
+		if c == "CAP_SYS_ADMIN" {
+			hasAdmin = true
+		}
+	}
+	if !hasAdmin {
+		denied = append(denied, admin...)
+	}
+	eperm := uint(unix.EPERM)
+	return &specs.LinuxSeccomp{
+		DefaultAction: specs.ActAllow,
+		Architectures: []specs.Arch{specs.ArchX86_64, specs.ArchX86, specs.ArchX32},
+		Syscalls:      []specs.LinuxSyscall{{Names: denied, Action: specs.ActErrno, ErrnoRet: &eperm}},
+	}
 }

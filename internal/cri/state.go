@@ -46,7 +46,8 @@ type container struct {
 	Kind        string                       `json:"kind"`
 	Key         string                       `json:"key"` // reserved name key
 	Config      *runtimeapi.ContainerConfig  `json:"config"`
-	ImageRef    string                       `json:"imageRef"` // digest the rootfs came from
+	ImageRef    string                       `json:"imageRef"` // repo digest (or ID) of the image
+	ImageID     string                       `json:"imageId"`  // containerd image ID, or the manifest digest
 	LogPath     string                       `json:"logPath"`  // absolute; "" when kubelet gave none
 	Dir         string                       `json:"dir"`
 	Endpoint    string                       `json:"endpoint,omitempty"` // function sandbox endpoint
