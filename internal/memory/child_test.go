@@ -31,9 +31,26 @@ import (
 
 const childEnv = "VHIVE_MEMORY_TEST_CHILD"
 
+// serverEnv makes the re-executed test binary a standalone page server
+// (ServeOne) for the RestoreConfig in the variable, so that a test can kill
+// the manager's process.
+const serverEnv = "VHIVE_MEMORY_TEST_SERVER"
+
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv(childEnv); cfg != "" {
 		os.Exit(childMain(cfg))
+	}
+	if cfg := os.Getenv(serverEnv); cfg != "" {
+		var rc RestoreConfig
+		if err := json.Unmarshal([]byte(cfg), &rc); err != nil {
+			fmt.Fprintln(os.Stderr, "server config:", err)
+			os.Exit(2)
+		}
+		if _, err := ServeOne(context.Background(), rc, nil); err != nil {
+			fmt.Fprintln(os.Stderr, "server:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
@@ -111,6 +128,7 @@ func runChild(cfg childConfig) (childResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	t0 := time.Now()
+	var gone <-chan struct{}
 	fileOff := func(p uint64) uint64 { return cfg.Offset + p*ps }
 	if cfg.Firecracker {
 		half := cfg.Size / 2
@@ -146,6 +164,7 @@ func runChild(cfg childConfig) (childResult, error) {
 			return res, err
 		}
 		defer c.Close()
+		gone = c.ManagerGone()
 	}
 	res.AttachNS = int64(time.Since(t0))
 
@@ -223,6 +242,13 @@ func runChild(cfg childConfig) (childResult, error) {
 			res.Mismatches += bad
 			if res.First == "" {
 				res.First = first
+			}
+		case "waitgone":
+			select {
+			case <-gone:
+				fmt.Println("GONE")
+			case <-time.After(time.Minute):
+				fmt.Println("NOT GONE")
 			}
 		case "notify":
 			fmt.Println("NOTIFY")

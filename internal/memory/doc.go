@@ -43,7 +43,9 @@
 // read as zero on their next fault (UFFDIO_ZEROPAGE), as anonymous memory
 // would; removal is permanent for the restore (a dropped page never holds
 // the file's bytes again), and the removes of each batch of events are
-// applied before its faults.
+// applied before its faults. A peer that did not request
+// UFFD_FEATURE_EVENT_REMOVE still works: a fault on a page the manager
+// already installed means the guest dropped it, and it gets a zero page.
 //
 // Beyond Firecracker's protocol, after the handshake the manager writes one
 // line back on the connection: "ok\n" once memory is ready (in prefetch mode
@@ -58,7 +60,9 @@
 // by a possibly recycled pid, never any other process — because without its
 // page server it would hang on its next fault. The page server must run in
 // a different process from the faulting one: a Go process blocked on its own
-// uffd fault stalls the garbage collector's stop-the-world.
+// uffd fault stalls the garbage collector's stop-the-world. If the
+// manager's process itself dies, nobody can kill the peer; the peer sees its
+// connection close instead (Client.ManagerGone) and should exit.
 //
 // # Sparse memory files
 //

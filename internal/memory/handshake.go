@@ -204,9 +204,31 @@ func WaitReady(ctx context.Context, conn *net.UnixConn) error {
 // guest memory and the connection to the manager. Keep it open while the
 // guest memory is in use.
 type Client struct {
-	uffd *uffd.FD
-	conn *net.UnixConn
+	uffd    *uffd.FD
+	conn    *net.UnixConn
+	gone    chan struct{} // closed when the manager's side of conn ends
+	watched chan struct{} // closed when the watching goroutine returns
 }
+
+// watch waits for the manager to close its side of the connection: the
+// manager closes it when serving ends, and the kernel does when the manager
+// process dies. Nothing else is ever sent after the ack.
+func (c *Client) watch() {
+	defer close(c.watched)
+	var b [64]byte
+	for {
+		if _, err := c.conn.Read(b[:]); err != nil {
+			close(c.gone)
+			return
+		}
+	}
+}
+
+// ManagerGone is closed once the manager no longer serves this memory — it
+// stopped serving or its process died — or after Close. A fault on a page
+// not yet installed would then block forever, so a sandbox process should
+// stop (exit) when this fires while it still runs the guest.
+func (c *Client) ManagerGone() <-chan struct{} { return c.gone }
 
 // Attach makes mem (page-aligned memory from mmap, never the Go heap) a
 // lazily served view of the memory file starting at fileOffset: it creates
@@ -254,13 +276,16 @@ func Attach(ctx context.Context, socketPath string, mem []byte, fileOffset uint6
 	if err := WaitReady(ctx, conn); err != nil {
 		return nil, fmt.Errorf("attach guest memory via %s: %w", socketPath, err)
 	}
-	return &Client{uffd: u, conn: conn}, nil
+	cl := &Client{uffd: u, conn: conn, gone: make(chan struct{}), watched: make(chan struct{})}
+	go cl.watch()
+	return cl, nil
 }
 
 // Close closes the connection and the userfaultfd. Once the manager closes
 // its copy too, the range stops being userfault-registered.
 func (c *Client) Close() error {
 	err := c.conn.Close()
+	<-c.watched
 	if uerr := c.uffd.Close(); err == nil {
 		err = uerr
 	}

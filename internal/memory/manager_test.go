@@ -3,12 +3,14 @@ package memory
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -778,5 +780,49 @@ func TestPeerWithoutRemoveEvents(t *testing.T) {
 	}
 	if st.ZeroPages < 17 {
 		t.Errorf("ZeroPages=%d, want >= 17 (the dropped pages)", st.ZeroPages)
+	}
+}
+
+// TestManagerProcessDies: the page server's process is killed while the
+// sandbox process runs; the sandbox learns it from Client.ManagerGone
+// instead of finding out by hanging on its next fault.
+func TestManagerProcessDies(t *testing.T) {
+	testutil.RequiresRoot(t)
+	dir := t.TempDir()
+	memFile := writeMemFile(t, dir, testPages, true)
+	rc := RestoreConfig{ID: "crash", Mode: ModeLazy, MemoryFile: memFile, SocketPath: filepath.Join(dir, "crash.sock")}
+	b, err := json.Marshal(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := exec.Command(os.Args[0], "-test.run=^$")
+	srv.Env = append(os.Environ(), serverEnv+"="+string(b))
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Process.Kill() // only the process this test started
+		srv.Wait()
+	})
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(rc.SocketPath); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("page server did not listen within a minute")
+		}
+	}
+	c := startChild(t, childConfig{Socket: rc.SocketPath, MemFile: memFile, Size: testPages * 4096,
+		Ops: []op{{Kind: "read", N: 50}, {Kind: "notify"}, {Kind: "waitgone"}}})
+	if l := c.line(t); l != "NOTIFY" {
+		t.Fatalf("child said %q; stderr: %s", l, c.stderr.String())
+	}
+	srv.Process.Kill()
+	srv.Wait()
+	if l := c.line(t); l != "GONE" {
+		t.Fatalf("child said %q after the page server died, want GONE", l)
+	}
+	if r := c.result(t); r.Mismatches != 0 || r.Touched != 50 {
+		t.Fatalf("child: %+v", r)
 	}
 }
