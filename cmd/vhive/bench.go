@@ -24,6 +24,7 @@ type benchCommon struct {
 	withCache       bool
 	out             string
 	images          string
+	payload         string
 	runsc           string
 	runc            string
 	invokeTimeout   time.Duration
@@ -45,6 +46,7 @@ func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
 	fs.BoolVar(&b.withCache, "with-cache", false, "keep the page cache (default: drop it before every cold start; needs root)")
 	fs.StringVar(&b.out, "out", "bench-results", "directory for CSV, plots and run.json (mean/std CSVs are appended)")
 	fs.StringVar(&b.images, "images", "out/images", "directory of function images to import when the daemon lacks them")
+	fs.StringVar(&b.payload, "payload", "replay", `payload of the measured invocations (boot, snapshot and REAP record runs send "record")`)
 	fs.StringVar(&b.runsc, "runsc", defRunsc, "runsc binary whose version is recorded in run.json (\"\" to skip)")
 	fs.StringVar(&b.runc, "runc", defRunc, "runc binary whose version is recorded in run.json (\"\" to skip)")
 	fs.DurationVar(&b.invokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
@@ -121,7 +123,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 			opts := bench.ColdstartOptions{
 				Functions: functions, Sandboxes: c.sandboxes, Modes: c.modes, Iterations: iterations,
 				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
-				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep,
+				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 			}
 			bar := newProgress(bench.ColdstartSteps(opts), c.noProgress, "coldstart")
@@ -179,7 +181,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 			opts := bench.ConcurrencyOptions{
 				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats,
 				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
-				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep,
+				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 			}
 			bar := newProgress(bench.ConcurrencySteps(opts), c.noProgress, "concurrency")

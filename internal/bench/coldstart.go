@@ -111,6 +111,11 @@ type ColdstartOptions struct {
 	WithCache bool
 	// ImagesDir holds images to import when the daemon lacks them.
 	ImagesDir string
+	// Payload of the measured invocations (default "replay": vHive's
+	// functions then use input set 2, while the boot, snapshot and REAP
+	// record runs use "record", set 1; "record" measures REAP on the same
+	// input it recorded).
+	Payload string
 	// InvokeTimeout bounds each invocation (default 5m).
 	InvokeTimeout time.Duration
 	// SnapshotTimeout bounds the wait for a snapshot or a REAP working set
@@ -160,6 +165,9 @@ func (o *ColdstartOptions) setDefaults() error {
 	}
 	if o.InvokeTimeout == 0 {
 		o.InvokeTimeout = 5 * time.Minute
+	}
+	if o.Payload == "" {
+		o.Payload = payloadReplay
 	}
 	if o.SnapshotTimeout == 0 {
 		o.SnapshotTimeout = 5 * time.Minute
@@ -436,7 +444,9 @@ func (cr *cellRunner) waitSnapshot(ctx context.Context, ws bool) error {
 	if ws {
 		what = "REAP working set"
 	}
-	first := min(5*time.Second, cr.o.SnapshotTimeout)
+	// Generous: stopping the instance while the daemon is still taking
+	// its snapshot could abort it.
+	first := min(30*time.Second, cr.o.SnapshotTimeout)
 	err := waitFor(ctx, first, has)
 	if err == nil {
 		return nil
@@ -498,7 +508,7 @@ func (cr *cellRunner) run(ctx context.Context) error {
 		exp = expectWarm
 	}
 	for i := range cr.o.Iterations {
-		inv, err := cr.invoke(ctx, PhaseMeasure, i, cold, exp, payloadReplay, want)
+		inv, err := cr.invoke(ctx, PhaseMeasure, i, cold, exp, cr.o.Payload, want)
 		if err != nil {
 			return err
 		}

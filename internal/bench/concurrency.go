@@ -24,6 +24,7 @@ type ConcurrencyOptions struct {
 	Repeats         int
 	WithCache       bool
 	ImagesDir       string
+	Payload         string // of the measured invocations; default "replay"
 	InvokeTimeout   time.Duration
 	SnapshotTimeout time.Duration
 	KeepFunctions   bool
@@ -36,6 +37,7 @@ func (o *ConcurrencyOptions) setDefaults() error {
 	co := ColdstartOptions{
 		Functions: []string{o.Function}, Sandboxes: []string{o.Sandbox}, Modes: o.Modes, Iterations: 1,
 		InvokeTimeout: o.InvokeTimeout, SnapshotTimeout: o.SnapshotTimeout, Logger: o.Logger, DropCaches: o.DropCaches,
+		Payload: o.Payload,
 	}
 	if o.Function == "" {
 		return fmt.Errorf("no --function given")
@@ -60,7 +62,7 @@ func (o *ConcurrencyOptions) setDefaults() error {
 	if o.Repeats < 0 {
 		return fmt.Errorf("repeats %d: want at least 1", o.Repeats)
 	}
-	o.InvokeTimeout, o.SnapshotTimeout, o.Logger, o.DropCaches = co.InvokeTimeout, co.SnapshotTimeout, co.Logger, co.DropCaches
+	o.InvokeTimeout, o.SnapshotTimeout, o.Logger, o.DropCaches, o.Payload = co.InvokeTimeout, co.SnapshotTimeout, co.Logger, co.DropCaches, co.Payload
 	return nil
 }
 
@@ -163,7 +165,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 	cm := ConcurrencyMode{Mode: mode}
 	cell := Cell{Function: o.Function, Sandbox: o.Sandbox, Mode: mode}
 	co := &ColdstartOptions{
-		Iterations: 1, WithCache: o.WithCache, InvokeTimeout: o.InvokeTimeout, SnapshotTimeout: o.SnapshotTimeout,
+		Iterations: 1, WithCache: o.WithCache, InvokeTimeout: o.InvokeTimeout, SnapshotTimeout: o.SnapshotTimeout, Payload: o.Payload,
 		Progress: o.Progress, Logger: o.Logger, DropCaches: o.DropCaches,
 	}
 	cr := &cellRunner{c: c, o: co, cell: cell, name: cell.DeployName() + "-conc", r: &CellResult{Cell: cell}, log: o.Logger.With("mode", mode)}
@@ -259,7 +261,7 @@ func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string) (Level
 	for i := range n {
 		wg.Go(func() {
 			<-start
-			inv, err := cr.invoke(ctx, PhaseMeasure, rep*n+i, false, expectAny, payloadReplay, "")
+			inv, err := cr.invoke(ctx, PhaseMeasure, rep*n+i, false, expectAny, cr.o.Payload, "")
 			results[i] = result{inv, err}
 		})
 	}
