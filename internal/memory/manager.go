@@ -271,6 +271,7 @@ type Restore struct {
 	recording bool
 	spans     []span
 	closing   bool
+	conn      *net.UnixConn // the peer's connection, once accepted
 }
 
 // Ready is closed once the handshake is done and (prefetch) the working set
@@ -363,6 +364,9 @@ func (r *Restore) Close() error {
 	r.closeOnce.Do(func() {
 		r.mu.Lock()
 		r.closing = true
+		if r.conn != nil {
+			r.conn.SetReadDeadline(time.Unix(1, 0)) // end a handshake in progress
+		}
 		r.mu.Unlock()
 		var one [8]byte
 		*(*uint64)(unsafe.Pointer(&one[0])) = 1

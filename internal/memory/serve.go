@@ -82,9 +82,21 @@ func (r *Restore) run() {
 	}
 	defer conn.Close()
 	r.ln.Close() // one peer per restore
+	r.mu.Lock()
+	r.conn = conn
+	closing := r.closing
+	r.mu.Unlock()
+	if closing {
+		notReady = errors.New("closed before the handshake")
+		return
+	}
 	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	h, err := recvHandshake(conn, r.memSize)
 	conn.SetReadDeadline(time.Time{})
+	if err != nil && r.isClosing() {
+		notReady = errors.New("closed during the handshake")
+		return
+	}
 	if err != nil {
 		r.log.Warn("handshake rejected", "err", err)
 		ack(conn, ackError+err.Error()+"\n")
