@@ -1,9 +1,12 @@
 package wasm_test
 
 import (
+	"bytes"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/tetratelabs/wabin/binary"
@@ -119,4 +122,67 @@ func FuzzPrepare(f *testing.F) {
 			t.Fatalf("restore module of an accepted module does not decode: %v", err)
 		}
 	})
+}
+
+// FuzzReadState: any state file content is either refused with
+// ErrCorruptSnapshot or yields a state consistent with the memory file.
+func FuzzReadState(f *testing.F) {
+	dir := f.TempDir()
+	if _, _, err := wasm.WriteMemoryFile(filepath.Join(dir, wasm.MemoryFile), make([]byte, 2*wasm.WasmPageSize)); err != nil {
+		f.Fatal(err)
+	}
+	if err := wasm.WriteState(dir, &wasm.State{ModuleDigest: "sha256:00", MemoryPages: 2, MemorySize: 2 * wasm.WasmPageSize,
+		Globals: []wasm.GlobalValue{{Export: "vhive_global_0", Type: "i32", Value: 7}}}); err != nil {
+		f.Fatal(err)
+	}
+	good, err := os.ReadFile(filepath.Join(dir, wasm.StateFile))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(good)
+	f.Add([]byte("vhive-wasm-state/1 sha256=00\n{}"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if err := os.WriteFile(filepath.Join(dir, wasm.StateFile), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		st, err := wasm.ReadState(dir)
+		if err != nil {
+			if !errors.Is(err, wasm.ErrCorruptSnapshot) {
+				t.Fatalf("error not classified as corrupt: %v", err)
+			}
+			return
+		}
+		if st.MemorySize != 2*wasm.WasmPageSize || st.MemoryPages != 2 || st.Version != wasm.StateVersion {
+			t.Fatalf("accepted inconsistent state %+v", st)
+		}
+	})
+}
+
+func TestSparseMemoryFile(t *testing.T) {
+	mem := make([]byte, 64*wasm.PageSize)
+	mem[5*wasm.PageSize+3] = 1
+	mem[6*wasm.PageSize] = 2
+	mem[40*wasm.PageSize+4095] = 3
+	path := filepath.Join(t.TempDir(), "mem")
+	sum, pages, err := wasm.WriteMemoryFile(path, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pages != 3 {
+		t.Errorf("data pages = %d, want 3", pages)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size != int64(len(mem)) || st.Blocks*512 > 8*wasm.PageSize {
+		t.Errorf("memory file: size %d, %d bytes allocated; want %d bytes with holes", st.Size, st.Blocks*512, len(mem))
+	}
+	got, err := os.ReadFile(path)
+	if err != nil || !bytes.Equal(got, mem) {
+		t.Fatalf("memory file content differs (%v)", err)
+	}
+	if len(sum) != 64 {
+		t.Errorf("checksum %q", sum)
+	}
 }

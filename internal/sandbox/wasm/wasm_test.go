@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -443,5 +444,37 @@ func TestNewValidates(t *testing.T) {
 		if _, err := New(context.Background(), c); err == nil || !strings.Contains(err.Error(), "wasm backend") {
 			t.Errorf("%s: New = %v, want an error naming the backend", name, err)
 		}
+	}
+}
+
+// TestCleanupSparesRecycledPids: a pid file naming a process that is not
+// that directory's worker (the pid was reused) must not get it killed.
+func TestCleanupSparesRecycledPids(t *testing.T) {
+	e := newEnv(t, envOpts{noMemory: true})
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		other.Process.Kill()
+		other.Wait()
+	}()
+	dir := filepath.Join(e.root, "wstale")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, pidFile), []byte(fmt.Sprintf("%d\n", other.Process.Pid)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.b.Cleanup(context.Background()); err != nil {
+		t.Fatalf("Cleanup: %v", err)
+	}
+	// Not waited for: a killed child would be a zombie.
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", other.Process.Pid))
+	if err != nil || strings.Contains(string(stat), ") Z ") {
+		t.Fatalf("Cleanup killed an unrelated process %d: %s %v", other.Process.Pid, stat, err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("stale directory %s not removed: %v", dir, err)
 	}
 }
