@@ -243,6 +243,11 @@ func specs(nnp []byte) []spec {
 			{path: "home/default-user/", mode: 0o755, uid: 1000, gid: 1000},
 		}},
 	}
+	// The kubelet e2e's function (GUEST_IMAGE): an HTTP server on
+	// GUEST_PORT answering "Hello, vhive!" (a stand-in for helloworld).
+	out = append(out, spec{repos: []string{"vhive-e2e/hello:1"}, files: []file{
+		{path: "www/", mode: 0o755}, {path: "www/index.html", mode: 0o644, body: "Hello, vhive!\n"},
+	}, entrypoint: []string{"/bin/sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}})
 	for i := 1; i <= 3; i++ {
 		out = append(out, spec{repos: []string{fmt.Sprintf("k8s-staging-cri-tools/test-image-%d:latest", i)},
 			files: []file{{path: fmt.Sprintf("image-%d", i), mode: 0o644, body: fmt.Sprintf("%d\n", i)}}, cmd: []string{"sh"}})

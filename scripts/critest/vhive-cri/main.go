@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -42,6 +43,7 @@ func run() error {
 	mirrors := flag.String("mirrors", "", "registry mirrors host=mirror,... (\"*\" matches all) for images vhive pulls itself")
 	insecure := flag.String("insecure-registries", "", "comma-separated plain-HTTP registries")
 	netPrefix := flag.String("net-prefix", "vhcri", "netpool name prefix for function sandboxes")
+	netSubnet := flag.String("net-subnet", "10.169.0.0/16", "netpool subnet for function sandboxes")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -74,7 +76,11 @@ func run() error {
 		if err := netpool.Cleanup(ctx, *netPrefix); err != nil {
 			return err
 		}
-		pool, err := netpool.New(ctx, netpool.Options{Size: 2, Prefix: *netPrefix, Logger: log})
+		subnet, err := netip.ParsePrefix(*netSubnet)
+		if err != nil {
+			return fmt.Errorf("-net-subnet: %w", err)
+		}
+		pool, err := netpool.New(ctx, netpool.Options{Size: 2, Prefix: *netPrefix, Subnet: subnet, Logger: log})
 		if err != nil {
 			return err
 		}
