@@ -82,6 +82,14 @@
 // bytes). An image must be linux/GOARCH or wasi/wasip1/wasip2 (a wasi image
 // must carry a module, see above); from an index that platform is chosen.
 //
+// # Pulls and the cache
+//
+// A pull by tag asks the registry for the manifest (tags move) and unpacks
+// only a digest the store does not hold. A pull by digest reference
+// (repo@sha256:…) whose digest is in the store needs no registry. A record
+// whose directory has vanished is unpacked again. Concurrent pulls of one
+// digest unpack it once: a per-digest lock, whose wait ends with the context.
+//
 // # Names
 //
 // References are normalised with go-containerregistry's name package

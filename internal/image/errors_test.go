@@ -262,14 +262,6 @@ func hookRegistry(t *testing.T, hook func(w http.ResponseWriter, r *http.Request
 	return strings.TrimPrefix(srv.URL, "http://")
 }
 
-// bodyRewriter replaces a response body.
-type bodyRewriter struct {
-	http.ResponseWriter
-	buf bytes.Buffer
-}
-
-func (b *bodyRewriter) Write(p []byte) (int, error) { return b.buf.Write(p) }
-
 func TestCorruptBlobFromRegistry(t *testing.T) {
 	ctx := context.Background()
 	l := layer(t, file("app", "genuine content", 0o755))
