@@ -181,6 +181,10 @@ func (s *Service) extractArchive(ctx context.Context, path, dir string) error {
 				return fmt.Errorf("image: import %q: entry %q: %w", path, hdr.Name, err)
 			}
 		case tar.TypeXGlobalHeader:
+		case tar.TypeSymlink, tar.TypeLink:
+			// `docker save` (Docker 25+) writes an OCI layout plus legacy
+			// <id>/layer.tar links into blobs/; the layout needs only its
+			// regular files, so links are skipped, never created.
 		default:
 			return fmt.Errorf("image: import %q: entry %q: unexpected entry type %q in an OCI archive: %w", path, hdr.Name, hdr.Typeflag, ErrInvalid)
 		}

@@ -248,3 +248,45 @@ func TestImportForgedLayoutRejected(t *testing.T) {
 		})
 	}
 }
+
+// Docker 25+ `docker save` archives are an OCI layout plus a legacy
+// manifest.json and <id>/layer.tar symlinks into blobs/.
+func TestImportDockerSaveOCIArchive(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{Cmd: []string{"/app"}}, layer(t, file("app", "docker25", 0o755)))
+	dir := filepath.Join(t.TempDir(), "save")
+	writeLayout(t, dir, img, map[string]string{annotationContainerdName: "docker.io/library/app:latest", annotationRefName: "latest"})
+	ld := strings.TrimPrefix(layerDigest(t, img2layer(t, img)), "sha256:")
+	if err := os.MkdirAll(filepath.Join(dir, "legacy"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../blobs/sha256/"+ld, filepath.Join(dir, "legacy", "layer.tar")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "manifest.json"), []byte(`[{"Config":"blobs/sha256/x","RepoTags":["app:latest"],"Layers":["legacy/layer.tar"]}]`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	arch := filepath.Join(t.TempDir(), "save.tar")
+	tarDir(t, dir, arch, false)
+	got, err := e.svc.Import(ctx, arch, "")
+	if err != nil {
+		t.Fatalf("Import(docker save archive): %v", err)
+	}
+	if got.Ref != "index.docker.io/library/app:latest" || got.Digest != imageDigest(t, img) {
+		t.Errorf("Import = %s %s", got.Ref, got.Digest)
+	}
+	if s := readFile(t, filepath.Join(got.Rootfs, "app")); s != "docker25" {
+		t.Errorf("app = %q", s)
+	}
+	e.checkTmpEmpty(t)
+}
+
+func img2layer(t *testing.T, img v1.Image) v1.Layer {
+	t.Helper()
+	ls, err := img.Layers()
+	if err != nil || len(ls) == 0 {
+		t.Fatalf("layers: %v", err)
+	}
+	return ls[0]
+}
