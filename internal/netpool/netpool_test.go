@@ -2,12 +2,15 @@ package netpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"runtime"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -269,4 +272,67 @@ func TestOwnName(t *testing.T) {
 			t.Errorf("ownName(vh, %q) = %v, want %v", name, got, want)
 		}
 	}
+}
+
+// TestConcurrentGetPut hammers the pool from several goroutines: every Net
+// handed out is unique while in use and reachable, and Close leaves nothing.
+func TestConcurrentGetPut(t *testing.T) {
+	testutil.RequiresRoot(t)
+	ctx := context.Background()
+	opts := testOptions(2)
+	p, err := New(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = Cleanup(context.Background(), opts.Prefix) })
+	const workers, rounds = 8, 10
+	var mu sync.Mutex
+	inUse := map[string]bool{}
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := 0; r < rounds; r++ {
+				n, err := p.Get(ctx)
+				if err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				if inUse[n.Name] {
+					mu.Unlock()
+					errs <- fmt.Errorf("net %q handed out twice", n.Name)
+					return
+				}
+				inUse[n.Name] = true
+				mu.Unlock()
+				c, err := net.DialTimeout("tcp", net.JoinHostPort(n.GuestIP.String(), "1"), 2*time.Second)
+				if err == nil {
+					c.Close()
+				} else if !errors.Is(err, syscall.ECONNREFUSED) {
+					// Refused means the guest address answered.
+					errs <- fmt.Errorf("net %q: %v", n.Name, err)
+					return
+				}
+				mu.Lock()
+				delete(inUse, n.Name)
+				mu.Unlock()
+				if err := p.Put(ctx, n); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if err := p.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertNoLeftovers(t, opts.Prefix)
 }
