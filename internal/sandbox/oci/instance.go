@@ -40,12 +40,12 @@ type Sandbox struct {
 	rootfs   string // the bundle's rootfs dir (mount point or copy)
 	endpoint string
 
-	// Set while creating; read-only once Create returned.
-	mounted  bool
-	net      *netpool.Net
-	created  bool // the runtime knows the container
-	restored bool
-	initPid  int
+	// Set while creating; afterwards changed only by Stop (under stopMu).
+	mounted bool
+	net     *netpool.Net
+	created bool // the runtime knows the container
+	// Set while creating; read-only afterwards.
+	initPid int
 
 	done     chan struct{}
 	watching bool
@@ -237,7 +237,6 @@ func (s *Sandbox) restore(ctx context.Context, dir string) error {
 	if err != nil {
 		return fmt.Errorf("oci: sandbox %q: runsc restore from %q: %w: %s", s.id, dir, err, s.tail())
 	}
-	s.restored = true
 	s.startMu.Lock()
 	s.started = true
 	s.startMu.Unlock()

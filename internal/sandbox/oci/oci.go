@@ -30,6 +30,16 @@
 // joins its namespace (OCI namespace path) and the function is reached at
 // GuestIP:Port.
 //
+// Daemon start-up, so that a restart leaks nothing: netpool.Cleanup(prefix),
+// netpool.New, oci.New (per runtime, each with its own Root), then
+// Backend.Cleanup before the first Create.
+//
+// Snapshots (gVisor only): Sandbox.Snapshot runs `runsc checkpoint
+// --leave-running` (checkpoint.img, pages_meta.img, pages.img in the
+// directory); Backend.Restore runs `runsc restore --detach` into a fresh
+// bundle and netns, so one checkpoint can be restored many times at once.
+// Restores are eager (MemoryEager); other modes return ErrNotSupported.
+//
 // Cgroups (v1 and v2 hierarchies both work through the runtime): the spec's
 // cgroupsPath is /vhive/<runtime>-<crc32 of Root>/<id>, with memory and CPU
 // limits from the Spec; the runtime removes it on delete, Cleanup removes
