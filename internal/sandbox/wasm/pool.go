@@ -170,7 +170,9 @@ func (b *Backend) refillLocked(p *pool) {
 			defer b.mu.Unlock()
 			p.spawning--
 			if err != nil {
-				b.log.Warn("pre-spawning a wasm worker failed", "module", p.mod.info.Digest, "err", err)
+				if b.ctx.Err() == nil { // not a shutdown
+					b.log.Warn("pre-spawning a wasm worker failed", "module", p.mod.info.Digest, "err", err)
+				}
 				return
 			}
 			if b.closed || b.pools[p.mod.info.Digest] != p {

@@ -246,6 +246,21 @@ func TestRestoreModes(t *testing.T) {
 				t.Errorf("%s restore %d: %s = %q, want %q", st.mode, i, in, got, want[in])
 			}
 		}
+		if st.mode == sandbox.MemoryLazy {
+			// A snapshot of a lazily restored instance reads its memory
+			// through the memory manager and restores like any other.
+			snap2 := t.TempDir()
+			if err := sb.(sandbox.Snapshotter).Snapshot(context.Background(), snap2); err != nil {
+				t.Fatalf("Snapshot of a lazily restored instance: %v", err)
+			}
+			again := e.restore(t, "again", snap2, sandbox.RestoreOptions{Mode: sandbox.MemoryEager})
+			if got := mustCall(t, again, "inc"); got != "5" {
+				t.Errorf("restore of a snapshot of a lazy restore: inc = %q, want 5", got)
+			}
+			if err := again.Stop(context.Background()); err != nil {
+				t.Errorf("Stop: %v", err)
+			}
+		}
 		if err := sb.Stop(context.Background()); err != nil {
 			t.Errorf("Stop: %v", err)
 		}
