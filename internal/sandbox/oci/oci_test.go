@@ -61,6 +61,9 @@ func TestBootServeStop(t *testing.T) {
 				t.Errorf("stats %+v: want RSS >= 1 MiB and 0 < PSS <= RSS", st)
 			}
 			t.Logf("%s stats: RSS %d KiB, PSS %d KiB", rt, st.RSS>>10, st.PSS>>10)
+			if extra := sb.(*Sandbox).extra; rt == RuntimeGVisor && len(extra) == 0 {
+				t.Error("no gofer process found for the gVisor sandbox (Stats would miss it)")
+			}
 			if sb.Err() != nil {
 				t.Fatalf("Err while running: %v", sb.Err())
 			}
