@@ -87,7 +87,7 @@ func TestCleanupAfterDaemonKill(t *testing.T) {
 			}
 			r := rand.IntN(9000) + 1000
 			prefix := fmt.Sprintf("vk%d", r)
-			subnet := netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+r%50, r%250))
+			subnet := netip.MustParsePrefix(fmt.Sprintf("172.%d.%d.0/24", 26+r%6, r%250))
 			root := t.TempDir()
 			t.Cleanup(func() { _ = netpool.Cleanup(context.Background(), prefix) })
 

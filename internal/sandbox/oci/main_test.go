@@ -90,7 +90,8 @@ func newEnv(t testing.TB, runtime string, mut ...func(*Config)) *env {
 	pool, err := netpool.New(ctx, netpool.Options{
 		Size:   2,
 		Prefix: prefix,
-		Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 150+r%50, r%250)),
+		// Away from the daemon's default 10.168.0.0/16 and other tests.
+		Subnet: netip.MustParsePrefix(fmt.Sprintf("172.%d.%d.0/24", 18+r%8, r%250)),
 	})
 	if err != nil {
 		t.Fatal(err)
