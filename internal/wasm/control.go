@@ -37,6 +37,8 @@ type StartRequest struct {
 	// Env is passed to the guest as K=V (only at boot: a restored guest
 	// keeps the environment it was booted with).
 	Env []string `json:"env,omitempty"`
+	// Args are the guest's argv (boot only, like Env).
+	Args []string `json:"args,omitempty"`
 	// MaxMemory caps linear memory in bytes (0: 4 GiB).
 	MaxMemory uint64 `json:"max_memory,omitempty"`
 	// Restore is nil for a boot.

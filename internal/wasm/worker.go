@@ -332,6 +332,9 @@ func (w *worker) boot(ctx context.Context, compiled wazero.CompiledModule, req *
 		}
 		cfg = cfg.WithEnv(k, v)
 	}
+	if len(req.Args) > 0 {
+		cfg = cfg.WithArgs(req.Args...)
+	}
 	start := []string{}
 	if _, ok := compiled.ExportedFunctions()["_initialize"]; ok {
 		start = append(start, "_initialize")

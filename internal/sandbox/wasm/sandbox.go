@@ -99,6 +99,7 @@ func (s *Sandbox) startRequest() *wasmrt.StartRequest {
 	req := &wasmrt.StartRequest{
 		GreeterSocket: filepath.Join(s.w.dir, greeterSock),
 		Env:           s.spec.Process.Env,
+		Args:          s.spec.Process.Args,
 	}
 	if s.spec.MemoryLimit > 0 {
 		req.MaxMemory = uint64(s.spec.MemoryLimit)

@@ -312,6 +312,11 @@ func (b *Backend) create(ctx context.Context, spec sandbox.Spec, snapDir *string
 	var st *wasmrt.State
 	var checkTime time.Duration
 	if snapDir != nil {
+		abs, err := filepath.Abs(*snapDir)
+		if err != nil {
+			return nil, wrap(fmt.Errorf("snapshot directory: %w", err))
+		}
+		snapDir = &abs
 		// Refuse a bad snapshot before taking a worker.
 		t := time.Now()
 		if st, err = b.checkSnapshot(*snapDir, mod); err != nil {
