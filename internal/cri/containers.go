@@ -563,10 +563,19 @@ func (s *Server) stop(ctx context.Context, c *container, timeout int64) error {
 	}
 }
 
+// notFoundOK makes a stop or remove of something already gone succeed, as
+// the CRI requires of these idempotent calls (containerd 1.6 says NotFound).
+func notFoundOK[T any](resp *T, err error) (*T, error) {
+	if status.Code(err) == codes.NotFound {
+		return new(T), nil
+	}
+	return resp, err
+}
+
 func (s *Server) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
 	c := s.lookup(req.GetContainerId())
 	if c == nil {
-		return s.rt.StopContainer(ctx, req)
+		return notFoundOK(s.rt.StopContainer(ctx, req))
 	}
 	if err := s.stop(ctx, c, req.GetTimeout()); err != nil {
 		return nil, toStatus(err)
@@ -610,7 +619,7 @@ func (s *Server) remove(ctx context.Context, c *container) error {
 func (s *Server) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
 	c := s.lookup(req.GetContainerId())
 	if c == nil {
-		return s.rt.RemoveContainer(ctx, req)
+		return notFoundOK(s.rt.RemoveContainer(ctx, req))
 	}
 	if err := s.remove(ctx, c); err != nil {
 		return nil, toStatus(err)

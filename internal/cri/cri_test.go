@@ -123,6 +123,15 @@ func TestVhivePodLifecycle(t *testing.T) {
 		t.Errorf("ExecSync = %q exit %d, want \"bar\\n\" exit 3", ex.GetStdout(), ex.GetExitCode())
 	}
 
+	// A timed-out exec fails with DeadlineExceeded and its process is gone.
+	if _, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sleep", "4321"}, Timeout: 1}); codeOf(err) != codes.DeadlineExceeded {
+		t.Errorf("ExecSync past its timeout: %v, want DeadlineExceeded", err)
+	}
+	ps2, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sh", "-c", "ps -o args | grep -c '^sleep 4321' || true"}, Timeout: 10})
+	if err != nil || strings.TrimSpace(string(ps2.GetStdout())) != "0" {
+		t.Errorf("timed-out exec still running: %q, %v", ps2.GetStdout(), err)
+	}
+
 	stats, err := e.rt.ContainerStats(ctx, &runtimeapi.ContainerStatsRequest{ContainerId: id})
 	if err != nil {
 		t.Fatalf("ContainerStats: %v", err)
@@ -377,6 +386,13 @@ func TestBadInput(t *testing.T) {
 	}
 	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: "x", Config: &runtimeapi.ContainerConfig{}}); codeOf(err) != codes.InvalidArgument {
 		t.Errorf("container without metadata: %v, want InvalidArgument", err)
+	}
+	// Stop and remove are idempotent: unknown IDs are not an error.
+	if _, err := e.rt.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: "no-such-container"}); err != nil {
+		t.Errorf("stop unknown container: %v, want success", err)
+	}
+	if _, err := e.rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: "no-such-pod"}); err != nil {
+		t.Errorf("stop unknown pod: %v, want success", err)
 	}
 	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: "no-such-container"}); codeOf(err) != codes.NotFound {
 		t.Errorf("start unknown container: %v, want NotFound", err)

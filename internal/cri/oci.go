@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -245,20 +246,53 @@ func (r *ociRuntime) kill(ctx context.Context, id string, sig unix.Signal, all b
 }
 
 // execSync runs args in container id with the container's process settings
-// and returns its output and exit code. A timeout kills it.
+// and returns its output and exit code. At the timeout the command's process
+// is killed (not only the runtime) and a DeadlineExceeded error returned.
 func (r *ociRuntime) execSync(ctx context.Context, id string, args []string, timeout time.Duration) (stdout, stderr []byte, exit int32, err error) {
-	if timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, timeout)
-		defer cancel()
+	pidFile, err := os.CreateTemp("", "vhive-exec-*.pid")
+	if err != nil {
+		return nil, nil, -1, fmt.Errorf("exec in container %q: %w", id, err)
 	}
-	cmd := r.command(ctx, append([]string{"exec", id}, args...)...)
+	pidFile.Close()
+	os.Remove(pidFile.Name()) // the runtime creates it
+	defer os.Remove(pidFile.Name())
+	all := append([]string{"--root", r.root}, r.args...)
+	cmd := exec.Command(r.bin, append(append(all, "exec", "--pid-file", pidFile.Name(), id), args...)...)
 	var o, e bytes.Buffer
 	cmd.Stdout = &o
 	cmd.Stderr = &e
-	err = cmd.Run()
-	if ctx.Err() != nil {
-		return o.Bytes(), e.Bytes(), -1, fmt.Errorf("exec in container %q: %w", id, ctx.Err())
+	if err := cmd.Start(); err != nil {
+		return nil, nil, -1, fmt.Errorf("exec in container %q: %w", id, err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	var expired <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		expired = t.C
+	}
+	var why error
+	select {
+	case err = <-waited:
+	case <-expired:
+		why = context.DeadlineExceeded
+	case <-ctx.Done():
+		why = ctx.Err()
+	}
+	if why != nil {
+		if b, rerr := os.ReadFile(pidFile.Name()); rerr == nil {
+			if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil && pid > 0 {
+				_ = unix.Kill(pid, unix.SIGKILL)
+			}
+		}
+		select {
+		case <-waited:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-waited
+		}
+		return o.Bytes(), e.Bytes(), -1, fmt.Errorf("exec %v in container %q: timeout %v exceeded: %w", args, id, timeout, why)
 	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {

@@ -140,7 +140,7 @@ func (s *Server) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSand
 			return nil, toStatus(err)
 		}
 	}
-	return s.rt.StopPodSandbox(ctx, req)
+	return notFoundOK(s.rt.StopPodSandbox(ctx, req))
 }
 
 // RemovePodSandbox removes vhive's containers of the pod, then the pod.
@@ -154,7 +154,7 @@ func (s *Server) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePod
 			return nil, toStatus(err)
 		}
 	}
-	resp, err := s.rt.RemovePodSandbox(ctx, req)
+	resp, err := notFoundOK(s.rt.RemovePodSandbox(ctx, req))
 	if err != nil {
 		return nil, err
 	}

@@ -151,6 +151,8 @@ func baseFiles(bb []byte) []file {
 	for _, a := range applets {
 		fs = append(fs, file{path: "bin/" + a, link: "busybox"})
 	}
+	// Debian's busybox has no pgrep applet; critest calls it.
+	fs = append(fs, file{path: "bin/pgrep", mode: 0o755, body: pgrepScript})
 	return fs
 }
 
@@ -203,6 +205,11 @@ httpd -f -p ${PORT:-80} -h /usr/share/nginx/html
 const httpdScript = `#!/bin/sh
 echo "httpd stand-in listening on :80"
 httpd -f -v -p 80 -h /usr/local/apache2/htdocs
+`
+
+const pgrepScript = `#!/bin/sh
+# pgrep stand-in: pids of the processes whose name matches $1.
+ps -o pid,comm | awk -v p="$1" -v self=$$ 'NR > 1 && $2 ~ p && $1 != self { print $1; found = 1 } END { exit !found }'
 `
 
 const pauseScript = `#!/bin/sh
