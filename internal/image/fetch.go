@@ -118,9 +118,7 @@ func classifyRemote(ref string, err error) error {
 		}
 		return fmt.Errorf("image: pull %q: %v: %w", ref, err, ErrInvalid)
 	}
-	var ne net.Error
-	var ue *url.Error
-	if errors.As(err, &ne) || errors.As(err, &ue) {
+	if isNetError(err) {
 		return fmt.Errorf("image: pull %q: %v: %w", ref, err, ErrUnavailable)
 	}
 	return fmt.Errorf("image: pull %q: %w", ref, err)
@@ -138,16 +136,26 @@ func classifyContent(err error) error {
 	}
 	var (
 		te *transport.Error
-		ne net.Error
-		ue *url.Error
 		pe *fs.PathError
 		le *os.LinkError
 		en syscall.Errno
 	)
-	if errors.As(err, &te) || errors.As(err, &ne) || errors.As(err, &ue) || errors.As(err, &pe) || errors.As(err, &le) || errors.As(err, &en) {
+	if errors.As(err, &te) || isNetError(err) || errors.As(err, &pe) || errors.As(err, &le) || errors.As(err, &en) {
 		return err
 	}
 	return fmt.Errorf("%w: %w", ErrInvalid, err)
+}
+
+// isNetError reports a failure to talk to a registry. (The net.Error
+// interface is not used: syscall.Errno satisfies it, so a local disk error
+// would pass for a network one.)
+func isNetError(err error) bool {
+	var (
+		oe *net.OpError
+		de *net.DNSError
+		ue *url.Error
+	)
+	return errors.As(err, &oe) || errors.As(err, &de) || errors.As(err, &ue)
 }
 
 // platformRank orders the platforms vhive can run; lower is better.

@@ -4,12 +4,17 @@ import (
 	"archive/tar"
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // From the temporary rootfs (<base>/images/tmp/unpack-*/rootfs) four ".."
@@ -140,4 +145,62 @@ func TestReplacingEscapingSymlinkDoesNotFollowIt(t *testing.T) {
 		t.Errorf("y -> %q, %v", l, err)
 	}
 	e.checkCanary(t)
+}
+
+// Layers that are merely broken (not hostile) fail with ErrInvalid naming
+// the layer and entry.
+func TestBrokenLayersInvalid(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	for i, entries := range [][]entry{
+		{file("a", "file", 0o644), file("a/b", "under a file", 0o644)},
+		{hardlink("h", "missing/target")},
+		{symlink("loop1", "loop2"), symlink("loop2", "loop1"), file("loop1/x", "x", 0o644)},
+	} {
+		l := layer(t, entries...)
+		ref := push(t, host, fmt.Sprintf("fn/broken:%d", i), buildImage(t, v1.Config{}, l))
+		_, err := e.svc.Pull(ctx, ref)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), layerDigest(t, l)) {
+			t.Errorf("case %d: err = %v, want ErrInvalid naming layer %s", i, err, layerDigest(t, l))
+			continue
+		}
+		t.Logf("case %d: %v", i, err)
+	}
+	e.checkTmpEmpty(t)
+}
+
+// A full disk is the node's problem, not the image's: the error is not
+// classified as invalid or unavailable, and nothing is left behind.
+func TestDiskFullIsNotInvalid(t *testing.T) {
+	testutil.RequiresRoot(t)
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	mnt := t.TempDir()
+	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=2m"); err != nil {
+		t.Fatalf("mount a small tmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", mnt, err)
+		}
+	})
+	svc, err := New(ctx, Options{Root: filepath.Join(mnt, "images"), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	l := layer(t, file("big", strings.Repeat("x", 3<<20), 0o644))
+	_, err = svc.Pull(ctx, push(t, host, "fn/big:v1", buildImage(t, v1.Config{}, l)))
+	if err == nil || errors.Is(err, ErrInvalid) || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnsafeLayer) {
+		t.Fatalf("Pull onto a full disk: err = %v, want an unclassified error", err)
+	}
+	if !errors.Is(err, unix.ENOSPC) || !strings.Contains(err.Error(), `"big"`) {
+		t.Errorf("err = %v, want ENOSPC naming entry \"big\"", err)
+	}
+	t.Logf("%v", err)
+	ents, _ := os.ReadDir(filepath.Join(mnt, "images", "tmp"))
+	if len(ents) != 0 {
+		t.Errorf("leftovers in tmp: %v", ents)
+	}
 }

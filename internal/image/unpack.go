@@ -123,6 +123,12 @@ func pathError(layer string, hdr *tar.Header, op string, err error) error {
 	if strings.Contains(err.Error(), "path escapes from parent") {
 		return unsafe(layer, hdr, op+" would leave the rootfs", err)
 	}
+	// Errors the layer's own content causes make it invalid; others (disk
+	// full, I/O) are the node's problem and stay unclassified.
+	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ELOOP) ||
+		errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENAMETOOLONG) {
+		return fmt.Errorf("layer %s: entry %q: %s: %w: %w", layer, hdr.Name, op, err, ErrInvalid)
+	}
 	return fmt.Errorf("layer %s: entry %q: %s: %w", layer, hdr.Name, op, err)
 }
 
