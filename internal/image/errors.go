@@ -13,8 +13,11 @@ var (
 	// ErrNotFound: no such image in the store, or the registry has no such
 	// repository, tag or manifest.
 	ErrNotFound = errors.New("image not found")
-	// ErrInvalid: a malformed reference, archive, manifest or config, or an
-	// image vhive cannot run (no matching platform, several wasm layers).
+	// ErrInvalid: a malformed reference, archive, manifest or config, a blob
+	// whose content does not match its digest, a broken layer (a file where
+	// a directory is needed, a hard link to nothing, a symlink loop), or an
+	// image vhive cannot run (no matching platform, several wasm layers, a
+	// wasi image without a module).
 	ErrInvalid = errors.New("invalid image")
 	// ErrUnsafeLayer: a layer entry that would escape the rootfs, a device
 	// node, or an oversized entry or layer. Returned as *UnsafeLayerError.
