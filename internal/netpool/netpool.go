@@ -48,7 +48,7 @@ const NetnsDir = "/var/run/netns"
 const GuestIfName = "eth0"
 
 // DefaultSubnet is used when Options.Subnet is not set.
-var DefaultSubnet = netip.MustParsePrefix("10.168.0.0/16")
+func DefaultSubnet() netip.Prefix { return netip.MustParsePrefix("10.168.0.0/16") }
 
 // ErrClosed is returned by Get after Close.
 var ErrClosed = errors.New("netpool: closed")
@@ -58,7 +58,7 @@ type Options struct {
 	// Size is the number of configurations created by New and kept ready.
 	Size int
 	// Subnet the /30 blocks are carved from (IPv4, prefix length <= 30).
-	// Zero means DefaultSubnet.
+	// Zero means DefaultSubnet().
 	Subnet netip.Prefix
 	// Prefix names the namespaces and host veths ("<Prefix>-<n>"). Default
 	// "vh". At most 8 characters so interface names fit in 15 bytes.
@@ -99,7 +99,7 @@ func New(ctx context.Context, opts Options) (*Pool, error) {
 		return nil, fmt.Errorf("netpool: Size %d is negative", opts.Size)
 	}
 	if !opts.Subnet.IsValid() {
-		opts.Subnet = DefaultSubnet
+		opts.Subnet = DefaultSubnet()
 	}
 	if !opts.Subnet.Addr().Is4() || opts.Subnet.Bits() > 30 {
 		return nil, fmt.Errorf("netpool: Subnet %s must be IPv4 with a prefix length of at most 30", opts.Subnet)

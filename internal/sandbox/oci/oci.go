@@ -15,7 +15,9 @@
 // fails, the image rootfs is copied (RootfsCopy). For gVisor the sentry adds
 // its own memory-backed overlay (--overlay2=root:memory) so that writes stay
 // in the sandbox (and in its checkpoint); RootfsDirect skips the kernel
-// overlay for gVisor and hands runsc the image rootfs read-only.
+// overlay for gVisor and hands runsc the image rootfs itself, relying on that
+// memory overlay to take every write (TestRootfsModes checks that the image
+// stays unchanged in every mode).
 //
 // Exit detection: New marks the daemon process as a child subreaper
 // (PR_SET_CHILD_SUBREAPER). When `runc create` / `runsc create` exits, the
@@ -83,8 +85,8 @@ const (
 	// RootfsCopy: a per-instance copy of the image rootfs (slow; for file
 	// systems that cannot be an overlay lower).
 	RootfsCopy RootfsMode = "copy"
-	// RootfsDirect (gVisor only): the image rootfs itself, read-only to the
-	// host; runsc's --overlay2=root:memory keeps writes in the sandbox.
+	// RootfsDirect (gVisor only): the image rootfs itself; runsc's
+	// --overlay2=root:memory keeps every write in the sandbox's memory.
 	RootfsDirect RootfsMode = "direct"
 )
 

@@ -17,12 +17,14 @@ import (
 // cpuPeriod is the CFS period used for CPU limits (µs).
 const cpuPeriod = 100000
 
-// defaultCaps is the minimal capability set given to the function process:
-// enough for a server that drops to a user or binds a low port, nothing that
-// reaches outside its own files.
-var defaultCaps = []string{
-	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-	"CAP_SETGID", "CAP_SETUID", "CAP_NET_BIND_SERVICE",
+// defaultCaps returns the minimal capability set given to the function
+// process: enough for a server that drops to a user or binds a low port,
+// nothing that reaches outside its own files.
+func defaultCaps() []string {
+	return []string{
+		"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+		"CAP_SETGID", "CAP_SETUID", "CAP_NET_BIND_SERVICE",
+	}
 }
 
 // buildSpec generates the OCI runtime spec of one instance.
@@ -44,7 +46,7 @@ func buildSpec(spec sandbox.Spec, rootPath string, readonly bool, netnsPath, cgr
 			return nil, fmt.Errorf("oci: sandbox %q: environment entry %q is not K=V", spec.ID, kv)
 		}
 	}
-	caps := append([]string(nil), defaultCaps...)
+	caps := defaultCaps()
 	s := &specs.Spec{
 		Version:  specs.Version,
 		Hostname: spec.ID,
