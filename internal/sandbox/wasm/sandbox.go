@@ -33,6 +33,7 @@ type Sandbox struct {
 
 	done     chan struct{} // closed when the worker has exited
 	stopOnce sync.Once
+	startMu  sync.Mutex // serialises Start
 
 	mu      sync.Mutex
 	started bool
@@ -129,28 +130,34 @@ func (s *Sandbox) rpcErr(err error) error {
 // _initialize) and returns once the function serves. On a restored sandbox
 // it does nothing.
 func (s *Sandbox) Start(ctx context.Context) error {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.stopped {
+	stopped, started := s.stopped, s.started
+	s.mu.Unlock()
+	if stopped {
 		return fmt.Errorf("wasm: start sandbox %q: it was stopped", s.id)
 	}
 	select {
 	case <-s.done:
-		return fmt.Errorf("wasm: start sandbox %q: it has ended: %w", s.id, s.exitErr)
+		return fmt.Errorf("wasm: start sandbox %q: it has ended: %w", s.id, s.Err())
 	default:
 	}
-	if s.started {
+	if started {
 		return nil
 	}
 	rep, err := s.w.proc.Client.Start(ctx, s.startRequest())
 	if err != nil {
 		return fmt.Errorf("wasm: start sandbox %q: %w", s.id, s.rpcErr(err))
 	}
+	s.mu.Lock()
 	s.addWorkerStages(rep)
 	s.started = true
+	s.mu.Unlock()
 	return nil
 }
 
+// addWorkerStages records the worker's timings; s.mu is held.
 func (s *Sandbox) addWorkerStages(rep *wasmrt.StartReply) {
 	for k, v := range rep.Stages {
 		s.result.Stages[k] = time.Duration(v) * time.Microsecond

@@ -275,7 +275,11 @@ func (b *Backend) release(s *Sandbox) {
 // Create implements sandbox.Backend: it takes a ready worker (or spawns one)
 // for the module; Start boots it.
 func (b *Backend) Create(ctx context.Context, spec sandbox.Spec) (sandbox.Sandbox, error) {
-	return b.create(ctx, spec, nil, sandbox.RestoreOptions{})
+	s, err := b.create(ctx, spec, nil, sandbox.RestoreOptions{})
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return s, nil
 }
 
 // Restore implements sandbox.Restorer. The returned sandbox is running
@@ -293,7 +297,11 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 	default:
 		return nil, fmt.Errorf("wasm: restore %q: unknown memory mode %q", spec.ID, opts.Mode)
 	}
-	return b.create(ctx, spec, &dir, opts)
+	s, err := b.create(ctx, spec, &dir, opts)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func (b *Backend) create(ctx context.Context, spec sandbox.Spec, snapDir *string, opts sandbox.RestoreOptions) (_ *Sandbox, retErr error) {
