@@ -2,8 +2,10 @@ package image
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -11,10 +13,14 @@ import (
 	"syscall"
 	"testing"
 
-	"vhive.dev/vhive/internal/testutil"
-
+	"github.com/google/go-containerregistry/pkg/compression"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // fsImage exercises every kind of entry the unpacker must get right.
@@ -423,5 +429,28 @@ func TestPullByDigestFromCacheAndRepair(t *testing.T) {
 	// A tag still needs the registry.
 	if _, err := e.svc.Pull(ctx, ref); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Pull(tag) with the registry down: err = %v, want ErrUnavailable", err)
+	}
+}
+
+func TestLayerCompressions(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	zb := tarBytes(t, file("z", "zstd layer", 0o644))
+	zl, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(zb)), nil },
+		tarball.WithCompression(compression.ZStd), tarball.WithMediaType(types.OCILayerZStd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := static.NewLayer(tarBytes(t, file("p", "plain tar layer", 0o644)), types.OCIUncompressedLayer)
+	gz := layer(t, file("g", "gzip layer", 0o644))
+	got, err := e.svc.Pull(ctx, push(t, host, "fn/comp:v1", buildImage(t, v1.Config{}, zl, plain, gz)))
+	if err != nil {
+		t.Fatalf("Pull: %v", err)
+	}
+	for f, want := range map[string]string{"z": "zstd layer", "p": "plain tar layer", "g": "gzip layer"} {
+		if s := readFile(t, filepath.Join(got.Rootfs, f)); s != want {
+			t.Errorf("%s = %q, want %q", f, s, want)
+		}
 	}
 }
