@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"time"
 
 	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
@@ -105,6 +107,38 @@ func (b *Backend) cgroupDirs() []string {
 		out = append(out, "/sys/fs/cgroup"+b.cgroupParent)
 	}
 	return out
+}
+
+// removeCgroups removes the cgroup directories of instance id. Processes
+// still in them (left by a runtime killed mid-create) are killed first:
+// the cgroup is this instance's alone.
+func (b *Backend) removeCgroups(ctx context.Context, id string) error {
+	var errs []error
+	for _, d := range b.CgroupDirs(id) {
+		var err error
+		for try := 0; try < 50; try++ {
+			if err = os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			if procs, rerr := os.ReadFile(filepath.Join(d, "cgroup.procs")); rerr == nil {
+				for _, f := range strings.Fields(string(procs)) {
+					if pid, perr := strconv.Atoi(f); perr == nil && pid > 0 {
+						_ = unix.Kill(pid, unix.SIGKILL)
+					}
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("oci: remove cgroup %q: %w", d, ctx.Err())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("oci: remove cgroup %q: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CgroupDirs returns the cgroup directories of instance id that exist now

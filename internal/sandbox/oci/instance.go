@@ -214,7 +214,7 @@ func (s *Sandbox) create(ctx context.Context) error {
 	err = s.b.rt.Create(ctx, s.id, s.bundle, &runc.CreateOpts{IO: fio, PidFile: pidFile})
 	fio.Close()
 	if err != nil {
-		return fmt.Errorf("oci: sandbox %q: %s create: %w: %s", s.id, s.b.cfg.Runtime, err, s.tail())
+		return fmt.Errorf("oci: sandbox %q: %s create: %w: %s", s.id, s.b.cfg.Runtime, ctxErr(ctx, err), s.tail())
 	}
 	return s.watch(pidFile)
 }
@@ -235,7 +235,7 @@ func (s *Sandbox) restore(ctx context.Context, dir string) error {
 	})
 	fio.Close()
 	if err != nil {
-		return fmt.Errorf("oci: sandbox %q: runsc restore from %q: %w: %s", s.id, dir, err, s.tail())
+		return fmt.Errorf("oci: sandbox %q: runsc restore from %q: %w: %s", s.id, dir, ctxErr(ctx, err), s.tail())
 	}
 	s.startMu.Lock()
 	s.started = true
@@ -415,7 +415,7 @@ func (s *Sandbox) Start(ctx context.Context) error {
 		return nil
 	}
 	if err := s.b.rt.Start(ctx, s.id); err != nil {
-		return fmt.Errorf("oci: start sandbox %q: %w", s.id, err)
+		return fmt.Errorf("oci: start sandbox %q: %w", s.id, ctxErr(ctx, err))
 	}
 	s.started = true
 	return nil
@@ -467,6 +467,13 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 			}
 		}
 	}
+	if !s.created {
+		// A runtime killed mid-create (cancelled context) leaves the
+		// cgroup without a container that delete would remove.
+		if err := s.b.removeCgroups(ctx, s.id); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if s.mounted {
 		if err := unix.Unmount(s.rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
 			errs = append(errs, fmt.Errorf("oci: sandbox %q: unmount rootfs: %w", s.id, err))
@@ -497,6 +504,15 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	s.b.unregister(s)
 	s.stopped = true
 	return nil
+}
+
+// ctxErr makes a runtime command killed by ctx report the context's error
+// (errors.Is(err, context.DeadlineExceeded)) instead of "exit status -1".
+func ctxErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+		return fmt.Errorf("%w (runtime command killed: %v)", cerr, err)
+	}
+	return err
 }
 
 func waitCtx(ctx context.Context, ch <-chan struct{}, limit time.Duration) error {
