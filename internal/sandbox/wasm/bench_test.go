@@ -291,3 +291,36 @@ type plainGreeter struct {
 func (plainGreeter) SayHello(_ context.Context, r *helloworld.HelloRequest) (*helloworld.HelloReply, error) {
 	return &helloworld.HelloReply{Message: "Hello, " + r.GetName() + "!"}, nil
 }
+
+// BenchmarkSnapshot measures Snapshot of a booted instance (memory written
+// sparse and hashed, state file, fsyncs) and reports the memory size and the
+// data actually written.
+func BenchmarkSnapshot(b *testing.B) {
+	for _, fn := range []string{"helloworld", "lookup"} {
+		b.Run(fn, func(b *testing.B) {
+			e := newEnv(b, envOpts{noMemory: true})
+			e.module = wasmtest.FunctionModule(b, fn)
+			sb := e.boot(b, fn+"-snap")
+			mustCall(b, sb, "record")
+			ctx := context.Background()
+			var st *wasmrt.State
+			b.ResetTimer()
+			for range b.N {
+				b.StopTimer()
+				dir := b.TempDir()
+				b.StartTimer()
+				if err := sb.(sandbox.Snapshotter).Snapshot(ctx, dir); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				var err error
+				if st, err = wasmrt.ReadState(dir); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(st.MemorySize)/(1<<20), "memory-MiB")
+			b.ReportMetric(float64(st.DataPages*wasmrt.PageSize)/(1<<20), "data-MiB")
+		})
+	}
+}
