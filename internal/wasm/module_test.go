@@ -186,3 +186,11 @@ func TestSparseMemoryFile(t *testing.T) {
 		t.Errorf("checksum %q", sum)
 	}
 }
+
+func TestRuntimeVersion(t *testing.T) {
+	// Test binaries carry no dependency list, so the wazero version reads
+	// "unknown" here; the vhive binary names it ("wazero v1.12.0, ...").
+	if v := wasm.RuntimeVersion(); !strings.HasPrefix(v, "wazero ") || !strings.HasSuffix(v, ", wasm state 1") {
+		t.Fatalf("RuntimeVersion() = %q", v)
+	}
+}
