@@ -86,7 +86,7 @@ func (d *Daemon) setupBackends(ctx context.Context) error {
 		if err := netpool.Cleanup(ctx, prefix); err != nil {
 			return fmt.Errorf("clean up network namespaces of a previous run: %w", err)
 		}
-		opts := netpool.Options{Size: d.cfg.NetPoolSize, Prefix: prefix, Logger: d.log.With("component", "netpool")}
+		opts := netpool.Options{Size: d.cfg.NetPoolSize, Prefix: prefix, Subnet: d.cfg.Subnet, Logger: d.log.With("component", "netpool")}
 		pool, err := netpool.New(ctx, opts)
 		if err != nil {
 			return fmt.Errorf("network pool: %w", err)

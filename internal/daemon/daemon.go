@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -60,6 +61,9 @@ type Config struct {
 	// NetPoolSize is how many network namespaces are prepared ahead
 	// (vHive's -netPoolSize). Default 4.
 	NetPoolSize int
+	// Subnet the instance addresses are carved from (inside the daemon's
+	// own namespaces only). Default 10.168.0.0/16.
+	Subnet netip.Prefix
 	// NetPrefix names the daemon's network namespaces and veths
 	// ("<prefix>-<n>"); leftovers with this prefix are removed at start.
 	// Default "vh".

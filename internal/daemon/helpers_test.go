@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,7 +30,7 @@ import (
 
 // buildHelloworld packages functions/helloworld as an OCI layout once per
 // test binary run.
-func buildHelloworld(t *testing.T) string {
+func buildHelloworld(t testing.TB) string {
 	t.Helper()
 	out := filepath.Join(sharedDir(t), "images")
 	if _, err := os.Stat(filepath.Join(out, "helloworld", "index.json")); err == nil {
@@ -43,7 +45,7 @@ func buildHelloworld(t *testing.T) string {
 
 // buildProbe compiles testdata/probe and packages it as an OCI layout with
 // ref localhost/vhive/probe:test.
-func buildProbe(t *testing.T) string {
+func buildProbe(t testing.TB) string {
 	t.Helper()
 	dir := filepath.Join(sharedDir(t), "probe")
 	if _, err := os.Stat(filepath.Join(dir, "index.json")); err == nil {
@@ -92,14 +94,14 @@ func buildProbe(t *testing.T) string {
 
 var sharedDirPath = filepath.Join(os.TempDir(), fmt.Sprintf("vhive-daemon-test-%d", os.Getpid()))
 
-func sharedDir(t *testing.T) string {
+func sharedDir(t testing.TB) string {
 	if err := os.MkdirAll(sharedDirPath, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return sharedDirPath
 }
 
-func freePort(t *testing.T) string {
+func freePort(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -119,22 +121,25 @@ type testDaemon struct {
 	gateway string
 }
 
-func daemonConfig(t *testing.T, stateDir string) Config {
+func daemonConfig(t testing.TB, stateDir string) Config {
 	return Config{
-		StateDir:     stateDir,
-		Socket:       filepath.Join(stateDir, "vhive.sock"),
-		Gateway:      freePort(t),
-		RunscPath:    testutil.RunscPath(t),
-		RuncPath:     testutil.RuncPath(t),
-		Sandboxes:    []string{"gvisor", "runc"},
-		NetPoolSize:  1,
-		NetPrefix:    "vt" + fmt.Sprint(os.Getpid()%10000),
+		StateDir:    stateDir,
+		Socket:      filepath.Join(stateDir, "vhive.sock"),
+		Gateway:     freePort(t),
+		RunscPath:   testutil.RunscPath(t),
+		RuncPath:    testutil.RuncPath(t),
+		Sandboxes:   []string{"gvisor", "runc"},
+		NetPoolSize: 1,
+		NetPrefix:   "vt" + fmt.Sprint(os.Getpid()%10000),
+		// A subnet of its own, so that packages testing in parallel never
+		// route the same address to two namespaces.
+		Subnet:       netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+os.Getpid()%50, rand.IntN(250))),
 		ReadyTimeout: 20 * time.Second,
 		QueueTimeout: 30 * time.Second,
 	}
 }
 
-func startDaemon(t *testing.T, cfg Config) *testDaemon {
+func startDaemon(t testing.TB, cfg Config) *testDaemon {
 	t.Helper()
 	testutil.RequiresRoot(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -174,7 +179,7 @@ func (td *testDaemon) stop() {
 	td.cancel = nil
 }
 
-func (td *testDaemon) importImage(t *testing.T, path string) *vhivepb.ImageInfo {
+func (td *testDaemon) importImage(t testing.TB, path string) *vhivepb.ImageInfo {
 	t.Helper()
 	im, err := td.client.ImportImage(context.Background(), &vhivepb.ImportImageRequest{Path: path})
 	if err != nil {
@@ -183,14 +188,14 @@ func (td *testDaemon) importImage(t *testing.T, path string) *vhivepb.ImageInfo 
 	return im
 }
 
-func (td *testDaemon) deploy(t *testing.T, spec *vhivepb.FunctionSpec) {
+func (td *testDaemon) deploy(t testing.TB, spec *vhivepb.FunctionSpec) {
 	t.Helper()
 	if _, err := td.client.Deploy(context.Background(), &vhivepb.DeployRequest{Spec: spec}); err != nil {
 		t.Fatalf("deploy %s: %v", spec.Name, err)
 	}
 }
 
-func (td *testDaemon) invoke(t *testing.T, fn, payload string) *vhivepb.InvokeResponse {
+func (td *testDaemon) invoke(t testing.TB, fn, payload string) *vhivepb.InvokeResponse {
 	t.Helper()
 	resp, err := td.client.Invoke(context.Background(), &vhivepb.InvokeRequest{Function: fn, Payload: []byte(payload)})
 	if err != nil {

@@ -45,7 +45,7 @@ func (td *testDaemon) waitSnapshot(t *testing.T, fn string) *vhivepb.SnapshotInf
 	}
 }
 
-func (td *testDaemon) stopInstances(t *testing.T, fn string) {
+func (td *testDaemon) stopInstances(t testing.TB, fn string) {
 	t.Helper()
 	if _, err := td.client.StopInstances(context.Background(), &vhivepb.StopInstancesRequest{Function: fn}); err != nil {
 		t.Fatal(err)
