@@ -194,14 +194,17 @@ func RunWorker(ctx context.Context, o WorkerOptions, ready io.Writer) error {
 	go func() { serveErr <- ctl.Serve(ln) }()
 	defer func() {
 		ctl.Stop()
-		w.mu.Lock()
-		if w.greeter != nil {
-			w.greeter.Stop()
+		// A guest call still running (e.g. stuck on a fault) holds mu:
+		// then leave the rest to the process exit.
+		if w.mu.TryLock() {
+			if w.greeter != nil {
+				w.greeter.Stop()
+			}
+			if w.inst != nil {
+				w.inst.close()
+			}
+			w.mu.Unlock()
 		}
-		if w.inst != nil {
-			w.inst.close()
-		}
-		w.mu.Unlock()
 	}()
 	if _, err := fmt.Fprintln(ready, WorkerReady); err != nil {
 		return fmt.Errorf("report ready: %w", err)
