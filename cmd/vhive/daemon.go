@@ -77,6 +77,8 @@ everything they held is released; deployed functions remain.`,
 	f.IntVar(&cfg.MaxPayload, "max-payload", 1<<20, "largest accepted invocation payload in bytes")
 	f.DurationVar(&cfg.ReadyTimeout, "ready-timeout", 30*time.Second, "how long a new instance may take to listen")
 	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a request waits for an instance at max-instances")
+	f.IntVar(&cfg.WasmPoolSize, "wasm-pool", 1, "ready wasm workers kept per module (0: every cold start spawns and loads the module)")
+	f.IntVar(&cfg.WasmChunkPages, "wasm-chunk-pages", 1, "pages installed per fault in lazy/record wasm restores (1: pure lazy, as REAP's baseline)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log as JSON")
 	return cmd

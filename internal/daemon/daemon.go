@@ -58,6 +58,12 @@ type Config struct {
 	// WasmWorker is the argv prefix that starts a wasm sandbox worker.
 	// Default: this executable with "internal wasm-worker".
 	WasmWorker []string
+	// WasmPoolSize is how many ready wasm workers are kept per module
+	// (compiled module loaded, waiting for an instance). 0: none.
+	WasmPoolSize int
+	// WasmChunkPages is how many pages the memory manager installs per
+	// fault in lazy and record restores (1: pure lazy).
+	WasmChunkPages int
 	// NetPoolSize is how many network namespaces are prepared ahead
 	// (vHive's -netPoolSize). Default 4.
 	NetPoolSize int

@@ -20,9 +20,21 @@ import (
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/internal/wasm"
 )
 
 func TestMain(m *testing.M) {
+	// Re-exec'd as a wasm sandbox worker by the wasm backend.
+	if len(os.Args) > 2 && os.Args[1] == "internal" && os.Args[2] == "wasm-worker" {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+		err := wasm.WorkerMain(ctx, os.Args[3:])
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	// Re-exec'd as a daemon process by TestRestartCleansUp.
 	if state := os.Getenv("VHIVE_TEST_DAEMON_STATE"); state != "" {
 		cfg := Config{StateDir: state, Socket: os.Getenv("VHIVE_TEST_DAEMON_SOCKET"), Gateway: "off",
