@@ -207,9 +207,47 @@ func BenchmarkBoot(b *testing.B) {
 // BenchmarkRestore: gVisor Restore + first TCP connect through the backend
 // against a bare `runsc restore --detach` of the same checkpoint into an
 // equivalent bundle ("raw") and the same with --direct (O_DIRECT reads of
-// pages.img, "rawdirect"), alternating in every iteration. The page cache
-// is warm (the checkpoint was just written or read).
+// pages.img, "rawdirect"), alternating in every iteration. Sub-benchmarks
+// by the memory the function touched before the checkpoint (0 or 64 MiB).
+// The page cache is warm (the checkpoint was just written or read).
+//
+// cache=cold evicts the checkpoint files from the page cache before every
+// restore (fsync + posix_fadvise DONTNEED on those files only, so other
+// work on the machine keeps its cache); cache=warm leaves them cached.
 func BenchmarkRestore(b *testing.B) {
+	for _, mb := range []int{0, 64} {
+		for _, cold := range []bool{false, true} {
+			name := fmt.Sprintf("mem=%dMiB/cache=warm", mb)
+			if cold {
+				name = fmt.Sprintf("mem=%dMiB/cache=cold", mb)
+			}
+			b.Run(name, func(b *testing.B) { benchRestore(b, mb, cold) })
+		}
+	}
+}
+
+// evictCache drops the files of dir from the page cache.
+func evictCache(b *testing.B, dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, e := range ents {
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
+}
+
+func benchRestore(b *testing.B, allocMiB int, cold bool) {
 	e := newEnv(b, RuntimeGVisor)
 	ctx := context.Background()
 	orig, err := e.b.Create(ctx, e.spec("bench-orig"))
@@ -220,12 +258,20 @@ func BenchmarkRestore(b *testing.B) {
 	if err := orig.Start(ctx); err != nil {
 		b.Fatal(err)
 	}
-	waitConnect(b, orig.Endpoint())
+	if allocMiB > 0 {
+		get(b, orig.Endpoint(), fmt.Sprintf("/alloc?mb=%d", allocMiB))
+	} else {
+		waitConnect(b, orig.Endpoint())
+	}
 	dir := b.TempDir()
 	if err := orig.(sandbox.Snapshotter).Snapshot(ctx, dir); err != nil {
 		b.Fatal(err)
 	}
 	if err := orig.Stop(ctx); err != nil {
+		b.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "pages.img"))
+	if err != nil {
 		b.Fatal(err)
 	}
 	bin := e.b.cfg.Binary
@@ -234,6 +280,11 @@ func BenchmarkRestore(b *testing.B) {
 	sw := stopwatch{}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
+		if cold {
+			b.StopTimer()
+			evictCache(b, dir)
+			b.StartTimer()
+		}
 		t0 := time.Now()
 		sb, err := e.b.Restore(ctx, e.spec(fmt.Sprintf("bench-r-%d", i)), dir, sandbox.RestoreOptions{Mode: sandbox.MemoryEager})
 		if err != nil {
@@ -255,6 +306,11 @@ func BenchmarkRestore(b *testing.B) {
 			extra []string
 		}{{"raw", nil}, {"rawdirect", []string{"--direct"}}} {
 			id := fmt.Sprintf("%s-%d", v.name, i)
+			if cold {
+				b.StopTimer()
+				evictCache(b, dir)
+				b.StartTimer()
+			}
 			args := append([]string{"restore", "--detach", "--pid-file", filepath.Join(r.dir, "pid"), "--image-path", dir, "--bundle", r.dir}, v.extra...)
 			t0 := time.Now()
 			r.run(b, bin, append(args, id)...)
@@ -266,6 +322,7 @@ func BenchmarkRestore(b *testing.B) {
 		}
 	}
 	sw.report(b, [2]string{"backend", "raw"}, [2]string{"rawdirect", "raw"})
+	b.ReportMetric(float64(fi.Size())/(1<<20), "pages-MiB")
 }
 
 // BenchmarkBootRootfs compares the rootfs modes (Create + Start + first
