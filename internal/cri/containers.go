@@ -297,6 +297,20 @@ func (s *Server) createOCI(ctx context.Context, p *pod, req *runtimeapi.CreateCo
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "cri: container %q in pod %q: %v", cfg.GetMetadata().GetName(), p.ID, err)
 	}
+	outer := ""
+	if limit := cfg.GetLinux().GetResources().GetMemoryLimitInBytes(); limit > 0 && cgroupV1() {
+		outer = strings.TrimSuffix(spec.Linux.CgroupsPath, "/"+filepath.Base(spec.Linux.CgroupsPath)) + "/vhive-" + id[:12]
+		if err := setupMemCgroup(outer, limit); err != nil {
+			return nil, status.Errorf(codes.Internal, "cri: container %q: %v", id, err)
+		}
+		defer func() {
+			if retErr != nil {
+				_ = removeOuterCgroups(outer)
+			}
+		}()
+		spec.Linux.CgroupsPath = outer + "/ctr"
+		spec.Linux.Resources.Memory = nil
+	}
 	dir := filepath.Join(s.cfg.StateDir, "containers", id)
 	b, err := prepareBundle(dir, img, spec)
 	if err != nil {
@@ -310,7 +324,7 @@ func (s *Server) createOCI(ctx context.Context, p *pod, req *runtimeapi.CreateCo
 	}()
 	c := &container{
 		ID: id, PodID: p.ID, Kind: kindOCI, Key: key, Config: cfg, ImageRef: imageRef, ImageID: imageID,
-		LogPath: s.logPath(p.Config, cfg), Dir: dir, CreatedAt: time.Now().UnixNano(),
+		LogPath: s.logPath(p.Config, cfg), Dir: dir, Cgroup: outer, CreatedAt: time.Now().UnixNano(),
 		State: runtimeapi.ContainerState_CONTAINER_CREATED, bundle: b,
 	}
 	if err := s.add(c); err != nil {
@@ -429,7 +443,7 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 		c.proc = proc
 		s.mu.Unlock()
 		var oom *oomWatch
-		if c.Config.GetLinux().GetResources().GetMemoryLimitInBytes() > 0 {
+		if c.Config.GetLinux().GetResources().GetMemoryLimitInBytes() > 0 && c.Cgroup == "" {
 			if oom, err = s.oci.watchOOM(c.ID); err != nil {
 				s.log.Warn("no OOM detection", "container", c.ID, "err", err)
 			}
@@ -441,7 +455,7 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 			if proc.exit != 0 {
 				reason = "Error"
 			}
-			if oom != nil && oom.stop() {
+			if (oom != nil && oom.stop()) || (c.Cgroup != "" && proc.exit == 137 && oomKilled(c.Cgroup)) {
 				reason = "OOMKilled"
 			}
 			msg := ""
@@ -595,6 +609,9 @@ func (s *Server) destroy(ctx context.Context, c *container) error {
 			errs = append(errs, s.oci.forceDelete(ctx, c.ID))
 		}
 		errs = append(errs, removeContainerDir(c.Dir))
+		if c.Cgroup != "" {
+			errs = append(errs, removeOuterCgroups(c.Cgroup))
+		}
 	case kindFunction:
 		if c.sb != nil {
 			errs = append(errs, c.sb.Stop(ctx))
@@ -829,7 +846,11 @@ func (s *Server) UpdateContainerResources(ctx context.Context, req *runtimeapi.U
 		return &runtimeapi.UpdateContainerResourcesResponse{}, nil
 	}
 	args := []string{"update"}
-	if r.GetMemoryLimitInBytes() > 0 {
+	if r.GetMemoryLimitInBytes() > 0 && c.Cgroup != "" {
+		if err := setupMemCgroup(c.Cgroup, r.GetMemoryLimitInBytes()); err != nil {
+			return nil, status.Errorf(codes.Internal, "cri: update memory of container %q: %v", c.ID, err)
+		}
+	} else if r.GetMemoryLimitInBytes() > 0 {
 		args = append(args, "--memory", strconv.FormatInt(r.GetMemoryLimitInBytes(), 10))
 	}
 	if r.GetCpuQuota() != 0 {

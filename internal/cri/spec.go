@@ -460,7 +460,7 @@ func nsPath(pid int, kind string) string {
 func cgroupPath(p *pod, id string) string {
 	parent := p.Config.GetLinux().GetCgroupParent()
 	if parent == "" {
-		parent = "/vhive"
+		parent = "/vhive-cri"
 	}
 	return filepath.Join(parent, "vhive-"+id[:12])
 }

@@ -46,9 +46,10 @@ type container struct {
 	Kind        string                       `json:"kind"`
 	Key         string                       `json:"key"` // reserved name key
 	Config      *runtimeapi.ContainerConfig  `json:"config"`
-	ImageRef    string                       `json:"imageRef"` // repo digest (or ID) of the image
-	ImageID     string                       `json:"imageId"`  // containerd image ID, or the manifest digest
-	LogPath     string                       `json:"logPath"`  // absolute; "" when kubelet gave none
+	ImageRef    string                       `json:"imageRef"`         // repo digest (or ID) of the image
+	ImageID     string                       `json:"imageId"`          // containerd image ID, or the manifest digest
+	LogPath     string                       `json:"logPath"`          // absolute; "" when kubelet gave none
+	Cgroup      string                       `json:"cgroup,omitempty"` // outer memory cgroup (cgroup v1, limited containers)
 	Dir         string                       `json:"dir"`
 	Endpoint    string                       `json:"endpoint,omitempty"` // function sandbox endpoint
 	CreatedAt   int64                        `json:"createdAt"`
@@ -145,6 +146,9 @@ func (s *Server) recover(ctx context.Context) error {
 			if err := removeContainerDir(c.Dir); err != nil {
 				errs = append(errs, err)
 			}
+		}
+		if c.Cgroup != "" {
+			errs = append(errs, removeOuterCgroups(c.Cgroup))
 		}
 	}
 	for id, p := range doc.Pods {
