@@ -493,3 +493,53 @@ func TestCleanupSparesRecycledPids(t *testing.T) {
 		t.Errorf("stale directory %s not removed: %v", dir, err)
 	}
 }
+
+// TestConcurrentClones: several instances restored at once from one
+// snapshot, in every memory mode, each continue from the same state
+// independently.
+func TestConcurrentClones(t *testing.T) {
+	e := newEnv(t, envOpts{pool: 2})
+	booted := e.boot(t, "boot", "VHIVE_TABLE_MB=8")
+	mustCall(t, booted, "inc")
+	snap := t.TempDir()
+	if err := booted.(sandbox.Snapshotter).Snapshot(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	want := mustCall(t, booted, "lookup:9")
+	ws := filepath.Join(t.TempDir(), "ws")
+	rec := e.restore(t, "rec", snap, sandbox.RestoreOptions{Mode: sandbox.MemoryRecord, WorkingSet: ws})
+	mustCall(t, rec, "lookup:9")
+	if err := rec.(sandbox.Recorder).FinishRecord(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	modes := []sandbox.MemoryMode{sandbox.MemoryEager, sandbox.MemoryLazy, sandbox.MemoryPrefetch,
+		sandbox.MemoryEager, sandbox.MemoryLazy, sandbox.MemoryPrefetch}
+	errs := make(chan error, len(modes))
+	for i, m := range modes {
+		go func() {
+			errs <- func() error {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				sb, err := e.b.Restore(ctx, e.spec(fmt.Sprintf("clone%d", i)), snap, sandbox.RestoreOptions{Mode: m, WorkingSet: ws})
+				if err != nil {
+					return fmt.Errorf("clone %d (%s): %w", i, m, err)
+				}
+				defer sb.Stop(context.Background())
+				for k := 2; k <= 4; k++ {
+					if got, err := call(ctx, sb.Endpoint(), "inc"); err != nil || got != fmt.Sprint(k) {
+						return fmt.Errorf("clone %d (%s): inc = %q, %v; want %d", i, m, got, err, k)
+					}
+				}
+				if got, err := call(ctx, sb.Endpoint(), "lookup:9"); err != nil || got != want {
+					return fmt.Errorf("clone %d (%s): lookup = %q, %v; want %q", i, m, got, err, want)
+				}
+				return nil
+			}()
+		}()
+	}
+	for range modes {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
