@@ -75,7 +75,8 @@ func (c *coldStats) report(b *testing.B) {
 
 // BenchmarkColdStart measures request in → reply out for the wasm backend:
 // boot (compiled module, instantiate + _initialize), eager snapshot restore
-// (memory copied), lazy restore (every page by userfaultfd), REAP (working
+// (memory copied), mmap (the memory file mapped privately, pages read by the
+// kernel on first touch: Firecracker's vanilla snapshot), lazy restore (every page by userfaultfd), REAP (working
 // set prefetched; recorded with payload "record", replayed with "record" and
 // with "replay", which touches other pages) and warm calls, with a pool of
 // ready workers and without. Run with -benchtime=10x.
@@ -113,7 +114,7 @@ func BenchmarkColdStart(b *testing.B) {
 			if pool == 0 {
 				poolName = "nopool"
 			}
-			for _, mode := range []string{"boot", "eager", "lazy", "reap", "reap-replay", "warm"} {
+			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-replay", "warm"} {
 				b.Run(fmt.Sprintf("%s/%s/%s", fn, mode, poolName), func(b *testing.B) {
 					if mode == "warm" && pool == 0 {
 						b.Skip("warm does not depend on the pool")
@@ -164,8 +165,10 @@ func BenchmarkColdStart(b *testing.B) {
 							if sb, err = e.b.Create(ctx, e.spec(id)); err == nil {
 								err = sb.Start(ctx)
 							}
-						case "eager":
+						case "eager", "mmap":
+							e.b.cfg.EagerMmap = mode == "mmap"
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryEager})
+							e.b.cfg.EagerMmap = false
 						case "lazy":
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
 						default:

@@ -168,6 +168,9 @@ func (s *Sandbox) addWorkerStages(rep *wasmrt.StartReply) {
 func (s *Sandbox) restore(ctx context.Context, dir string, st *wasmrt.State, opts sandbox.RestoreOptions) error {
 	req := s.startRequest()
 	req.Restore = &wasmrt.RestoreRequest{Dir: dir, Mode: wasmrt.RestoreCopy}
+	if s.b.cfg.EagerMmap {
+		req.Restore.Mode = wasmrt.RestoreMmap
+	}
 	if opts.Mode != sandbox.MemoryEager {
 		rc := memory.RestoreConfig{
 			ID:         s.id,

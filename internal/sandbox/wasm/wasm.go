@@ -71,6 +71,10 @@ type Config struct {
 	// ChunkPages is passed to the memory manager for lazy and record
 	// restores: pages installed per fault (0 or 1: one page).
 	ChunkPages int
+	// EagerMmap makes MemoryEager restores map the memory file privately
+	// (copy-on-write, pages read by the kernel on first touch: Firecracker's
+	// vanilla snapshot load) instead of copying it before the guest runs.
+	EagerMmap bool
 	// PoolSize is the number of ready workers kept per module digest
 	// (0: no pool, every cold start spawns and compiles).
 	PoolSize int
