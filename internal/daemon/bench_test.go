@@ -19,6 +19,7 @@ import (
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/functions/build"
 	"vhive.dev/vhive/internal/netpool"
 )
 
@@ -227,4 +228,63 @@ func BenchmarkWarmInvoke(b *testing.B) {
 	b.ReportMetric(float64(mc.Microseconds()), "control-p50-µs")
 	b.ReportMetric(float64((mg - md).Microseconds()), "gateway-added-µs")
 	b.ReportMetric(float64((mc - md).Microseconds()), "control-added-µs")
+}
+
+func buildLinux(t testing.TB, fn string) string {
+	t.Helper()
+	out := filepath.Join(sharedDir(t), "images")
+	if _, err := os.Stat(filepath.Join(out, fn, "index.json")); err == nil {
+		return filepath.Join(out, fn)
+	}
+	imgs, err := build.BuildFunction(context.Background(), build.Options{Function: fn, OutDir: out, Formats: []build.Format{build.FormatLayout}})
+	if err != nil {
+		t.Fatalf("build %s image: %v", fn, err)
+	}
+	return imgs[0].Layout
+}
+
+// BenchmarkGVisorBootVsRestore: cold start (request in → reply out) of a
+// function in gVisor booted, against restored from its snapshot, for
+// helloworld and for heavyinit (≈160 MiB heap built at start-up) — where
+// snapshots win and where they do not.
+func BenchmarkGVisorBootVsRestore(b *testing.B) {
+	for _, fn := range []string{"helloworld", "heavyinit"} {
+		b.Run(fn, func(b *testing.B) {
+			dir := buildLinux(b, fn)
+			cfg := daemonConfig(b, b.TempDir())
+			cfg.NetPoolSize = 2
+			td := startDaemon(b, cfg)
+			im := td.importImage(b, dir)
+			for _, mode := range []string{"boot", "snapshot"} {
+				td.deploy(b, &vhivepb.FunctionSpec{Name: "f-" + mode, Image: im.Ref, Sandbox: "gvisor", StartMode: mode, MemoryLimitMib: 768})
+			}
+			td.invoke(b, "f-snapshot", "x")
+			td.waitSnapshot(b, "f-snapshot")
+			var boot, restore []time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				for _, mode := range []string{"boot", "snapshot"} {
+					b.StopTimer()
+					td.stopInstances(b, "f-"+mode)
+					b.StartTimer()
+					t0 := time.Now()
+					r := td.invoke(b, "f-"+mode, "x")
+					d := time.Since(t0)
+					if r.StartMode != mode {
+						b.Fatalf("f-%s started as %s", mode, r.StartMode)
+					}
+					if mode == "boot" {
+						boot = append(boot, d)
+					} else {
+						restore = append(restore, d)
+					}
+				}
+			}
+			b.StopTimer()
+			mb, mr := median(boot), median(restore)
+			b.ReportMetric(float64(mb.Microseconds())/1000, "boot-ms")
+			b.ReportMetric(float64(mr.Microseconds())/1000, "restore-ms")
+			b.ReportMetric(float64(mb)/float64(mr), "boot/restore")
+		})
+	}
 }

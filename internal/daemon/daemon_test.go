@@ -3,6 +3,8 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -61,7 +63,12 @@ var wantStages = []string{"GetImage", "CreateSandbox", "StartSandbox", "ConnectF
 
 func TestDeployInvokeColdWarm(t *testing.T) {
 	hello := buildHelloworld(t)
-	td := startDaemon(t, daemonConfig(t, t.TempDir()))
+	cfg := daemonConfig(t, t.TempDir())
+	cfg.Metrics = freePort(t)
+	td := startDaemon(t, cfg)
+	if fi, err := os.Stat(cfg.Socket); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("control socket mode = %v, %v; want 0600", fi.Mode(), err)
+	}
 	im := td.importImage(t, hello)
 	if im.Ref != "localhost/vhive/helloworld:latest" || !strings.HasPrefix(im.Digest, "sha256:") {
 		t.Fatalf("imported image = %+v", im)
@@ -139,6 +146,25 @@ func TestDeployInvokeColdWarm(t *testing.T) {
 	}
 	if v := hdr.Get("x-vhive-cold-start"); len(v) != 1 || v[0] != "false" {
 		t.Fatalf("cold-start header = %v", v)
+	}
+
+	// Prometheus: stage histograms, cold/warm counts, live instances.
+	resp, err := http.Get("http://" + cfg.Metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`vhive_coldstart_stage_seconds_count{function="hello-gvisor",mode="boot",stage="CreateSandbox"} 1`,
+		`vhive_coldstart_stage_seconds_count{function="hello-runc",mode="boot",stage="Total"} 1`,
+		`vhive_invocations_total{function="hello-runc",kind="cold"} 1`,
+		`vhive_invocations_total{function="hello-runc",kind="warm"} 3`,
+		`vhive_instances{function="hello-gvisor"} 1`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
 	}
 }
 

@@ -27,7 +27,7 @@ func buildCounter(t *testing.T) string {
 }
 
 // waitSnapshot waits until function has a committed snapshot.
-func (td *testDaemon) waitSnapshot(t *testing.T, fn string) *vhivepb.SnapshotInfo {
+func (td *testDaemon) waitSnapshot(t testing.TB, fn string) *vhivepb.SnapshotInfo {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
