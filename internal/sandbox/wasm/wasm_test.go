@@ -543,3 +543,58 @@ func TestConcurrentClones(t *testing.T) {
 		}
 	}
 }
+
+// TestSnapshotUnderLoad hammers one instance with concurrent requests while
+// snapshots are taken: each snapshot lands between two guest calls, so a
+// restore of it continues from a counter value the live instance had.
+func TestSnapshotUnderLoad(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	sb := e.boot(t, "hammer")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const workers, calls = 4, 40
+	errs := make(chan error, workers)
+	for range workers {
+		go func() {
+			for range calls {
+				if _, err := call(ctx, sb.Endpoint(), "inc"); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	var snaps []string
+	for range 3 {
+		dir := t.TempDir()
+		if err := sb.(sandbox.Snapshotter).Snapshot(ctx, dir); err != nil {
+			t.Fatalf("Snapshot under load: %v", err)
+		}
+		snaps = append(snaps, dir)
+	}
+	for range workers {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := mustCall(t, sb, "get"); got != fmt.Sprint(workers*calls) {
+		t.Fatalf("counter after %d increments = %s", workers*calls, got)
+	}
+	prev := 0
+	for i, dir := range snaps {
+		rs := e.restore(t, fmt.Sprintf("h%d", i), dir, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
+		var n int
+		if _, err := fmt.Sscan(mustCall(t, rs, "get"), &n); err != nil {
+			t.Fatal(err)
+		}
+		if n < prev || n > workers*calls {
+			t.Errorf("snapshot %d restored counter %d (previous snapshot %d, final %d)", i, n, prev, workers*calls)
+		}
+		prev = n
+		if got := mustCall(t, rs, "inc"); got != fmt.Sprint(n+1) {
+			t.Errorf("snapshot %d: inc after restore = %s, want %d", i, got, n+1)
+		}
+		rs.Stop(ctx)
+	}
+}
