@@ -124,6 +124,9 @@ type Backend struct {
 
 	mu        sync.Mutex
 	instances map[string]*Sandbox
+
+	verMu sync.Mutex
+	ver   versionCache
 }
 
 var (

@@ -198,3 +198,23 @@ func TestRuntimeFailure(t *testing.T) {
 		})
 	}
 }
+
+func TestRuntimeVersion(t *testing.T) {
+	for _, rt := range runtimes {
+		e := newEnv(t, rt)
+		v, err := e.b.RuntimeVersion(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := "runc version"
+		if rt == RuntimeGVisor {
+			want = "runsc version"
+		}
+		if !strings.HasPrefix(v, want) {
+			t.Errorf("%s: RuntimeVersion = %q, want prefix %q", rt, v, want)
+		}
+		if v2, err := e.b.RuntimeVersion(context.Background()); err != nil || v2 != v {
+			t.Errorf("%s: second RuntimeVersion = %q, %v", rt, v2, err)
+		}
+	}
+}
