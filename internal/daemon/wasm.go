@@ -48,6 +48,6 @@ func (d *Daemon) setupWasm(ctx context.Context) error {
 	}
 	d.closers = append(d.closers, func(context.Context) error { return be.Close() })
 	d.backends["wasm"] = be
-	d.runtimeVersions["wasm"] = fmt.Sprintf("vhive-wasm-state/%d", wasm.StateVersion)
+	d.runtimeVersions["wasm"] = wasm.RuntimeVersion()
 	return nil
 }
