@@ -87,8 +87,8 @@ func (r *ColdstartResult) WriteFiles(dir string) ([]string, error) {
 			for _, it := range c.Iterations {
 				unique = append(unique, float64(it.MemoryStats["Unique"]))
 			}
-			ms := c.Record.MemoryStats
-			if err := WritePageStats(add(PageStatsFile(c.Sandbox)), c.Function, ms["RecPages"], ms["RecRegions"], unique); err != nil {
+			recPages, recRegions := recordedWS(c)
+			if err := WritePageStats(add(PageStatsFile(c.Sandbox)), c.Function, recPages, recRegions, unique); err != nil {
 				return written, err
 			}
 		}
@@ -248,3 +248,18 @@ func createDir(dir string) error {
 func newTab(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 4, 2, ' ', 0) }
 
 func fprintf(w io.Writer, format string, args ...any) { fmt.Fprintf(w, format, args...) }
+
+// recordedWS is the size of the recorded working set in pages and regions:
+// as the prefetch runs report it (the WS they installed), else as the
+// record run did.
+func recordedWS(c *CellResult) (pages, regions int64) {
+	for _, it := range c.Iterations {
+		if it.MemoryStats["RecPages"] > 0 {
+			return it.MemoryStats["RecPages"], it.MemoryStats["RecRegions"]
+		}
+	}
+	if c.Record != nil {
+		return c.Record.MemoryStats["RecPages"], c.Record.MemoryStats["RecRegions"]
+	}
+	return 0, 0
+}

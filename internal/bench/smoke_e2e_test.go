@@ -182,7 +182,18 @@ func TestBenchSmoke(t *testing.T) {
 			}
 		}
 	}
+	for _, c := range cells[1:] {
+		if c[2] != ModeREAP || c[3] != StatusOK {
+			continue
+		}
+		pages := readCSV(t, filepath.Join(out, PageStatsFile(c[1])))
+		t.Logf("%s page stats: %v", c[1], pages)
+		if len(pages) != 2 || pages[1][1] == "0" {
+			t.Errorf("%s page stats: %v, want one row with the recorded pages", c[1], pages)
+		}
+	}
 	mem := readCSV(t, filepath.Join(out, MemoryFile))
+	t.Logf("memory footprints: %v", mem)
 	if len(mem) < 2 {
 		t.Errorf("memory.csv has no footprint rows")
 	}
@@ -196,17 +207,19 @@ func TestBenchSmoke(t *testing.T) {
 	}
 
 	// 2. bench concurrency: 1 and 2 simultaneous cold starts, runc boot,
-	// and gVisor in every mode the coldstart run found supported.
+	// and gVisor and wasm in every mode the coldstart run found supported.
 	type concRun struct{ sandbox, modes string }
 	runs := []concRun{{"runc", "boot"}}
-	var gmodes []string
-	for _, c := range cells[1:] {
-		if c[1] == "gvisor" && c[3] == StatusOK && c[2] != ModeWarm {
-			gmodes = append(gmodes, c[2])
+	for _, sb := range []string{"gvisor", "wasm"} {
+		var modes []string
+		for _, c := range cells[1:] {
+			if c[1] == sb && c[3] == StatusOK && c[2] != ModeWarm {
+				modes = append(modes, c[2])
+			}
 		}
-	}
-	if len(gmodes) > 0 {
-		runs = append(runs, concRun{"gvisor", strings.Join(gmodes, ",")})
+		if len(modes) > 0 {
+			runs = append(runs, concRun{sb, strings.Join(modes, ",")})
+		}
 	}
 	for _, cr := range runs {
 		run(t, ctx, bin, "--socket", sock, "bench", "concurrency", "--function", "helloworld",
