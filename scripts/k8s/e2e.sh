@@ -27,6 +27,9 @@ ETCD=127.0.0.1:23790
 API=https://127.0.0.1:16443
 VSOCK=$D/vhive.sock
 
+# kubelet bind-mounts its root dir; the oci backend mounts a netns file.
+unmount_all() { awk -v d="$D/" 'index($5, d) == 1 || $5 == substr(d, 1, length(d) - 1) {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l; }
+unmount_all
 rm -rf "$D"; mkdir -p "$D"/{pki,logs,kubelet,etcd}
 bash "$HERE/build.sh"
 bash "$ROOT/scripts/critest/build.sh"
@@ -43,6 +46,7 @@ cleanup() {
   fi
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[i]}" 2>/dev/null; wait "${pids[i]}" 2>/dev/null; done
   bash "$ROOT/scripts/critest/containerd.sh" stop
+  unmount_all
   echo "$fwd" >/proc/sys/net/ipv4/ip_forward
 }
 trap cleanup EXIT
