@@ -54,8 +54,14 @@ func PlotBreakdown(base, title string, bars []Bar) ([]string, error) {
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = "latency (ms)"
+	// Legend top right, above the bars: leave headroom for it.
 	p.Legend.Top = true
-	p.Legend.Left = true
+	var tallest float64
+	for _, s := range samples {
+		tallest = max(tallest, s.Total()/1000)
+	}
+	p.Y.Min = 0
+	p.Y.Max = tallest * (1 + 0.08*float64(len(stages)))
 	width := vg.Points(28)
 	var below *plotter.BarChart
 	for i, st := range stages {
