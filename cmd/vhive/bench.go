@@ -44,11 +44,11 @@ func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
 	defRunc, _ := exec.LookPath("runc")
 	fs.StringSliceVar(&b.modes, "modes", defModes, "start modes: boot, snapshot, lazy, reap, warm")
 	fs.BoolVar(&b.withCache, "with-cache", false, "keep the page cache (default: drop it before every cold start; needs root)")
-	fs.StringVar(&b.out, "out", "bench-results", "directory for CSV, plots and run.json (mean/std CSVs are appended)")
+	fs.StringVar(&b.out, "out", "bench-results", "directory for CSV, plots and run-<command>.json (mean/std CSVs are appended)")
 	fs.StringVar(&b.images, "images", "out/images", "directory of function images to import when the daemon lacks them")
 	fs.StringVar(&b.payload, "payload", "replay", `payload of the measured invocations (boot, snapshot and REAP record runs send "record")`)
-	fs.StringVar(&b.runsc, "runsc", defRunsc, "runsc binary whose version is recorded in run.json (\"\" to skip)")
-	fs.StringVar(&b.runc, "runc", defRunc, "runc binary whose version is recorded in run.json (\"\" to skip)")
+	fs.StringVar(&b.runsc, "runsc", defRunsc, "runsc binary whose version is recorded in run-<command>.json (\"\" to skip)")
+	fs.StringVar(&b.runc, "runc", defRunc, "runc binary whose version is recorded in run-<command>.json (\"\" to skip)")
 	fs.DurationVar(&b.invokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
 	fs.DurationVar(&b.snapshotTimeout, "snapshot-timeout", 5*time.Minute, "bound on waiting for a snapshot or REAP working set")
 	fs.BoolVar(&b.keep, "keep", false, "leave the bench's functions deployed")
@@ -91,7 +91,7 @@ func newBenchCmd(g *globalOpts) *cobra.Command {
 drop the page cache, invoke, and record the daemon's stage timings.
 
 Results go to --out as vHive-format CSVs, a per-iteration CSV, memory
-footprints, PNG/SVG plots and run.json (machine, versions, flags).`,
+footprints, PNG/SVG plots and run-<command>.json (machine, versions, flags).`,
 	}
 	cmd.AddCommand(newBenchColdstartCmd(g), newBenchConcurrencyCmd(g))
 	return cmd
@@ -133,7 +133,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 			if res == nil {
 				return runErr
 			}
-			return finishBench(c, ri, runErr, func() ([]string, error) {
+			return finishBench(c, "coldstart", ri, runErr, func() ([]string, error) {
 				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
 					return nil, err
 				}
@@ -191,7 +191,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 			if res == nil {
 				return runErr
 			}
-			return finishBench(c, ri, runErr, func() ([]string, error) {
+			return finishBench(c, "concurrency", ri, runErr, func() ([]string, error) {
 				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
 					return nil, err
 				}
@@ -208,13 +208,13 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	return cmd
 }
 
-// finishBench writes the results and run.json (also after a partial run)
+// finishBench writes the results and run-<command>.json (also after a partial run)
 // and lists the files written on stderr.
-func finishBench(c benchCommon, ri bench.RunInfo, runErr error, write func() ([]string, error)) error {
+func finishBench(c benchCommon, command string, ri bench.RunInfo, runErr error, write func() ([]string, error)) error {
 	files, err := write()
 	ri.Finished = time.Now().UTC()
 	if err == nil {
-		p := filepath.Join(c.out, bench.RunInfoFile)
+		p := filepath.Join(c.out, bench.RunInfoFile(command))
 		if err = bench.WriteJSON(p, ri); err == nil {
 			files = append(files, p)
 		}

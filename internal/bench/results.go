@@ -20,8 +20,11 @@ const (
 	MemoryFile     = "memory.csv"
 	StatusFile     = "cells.csv"
 	ResultsFile    = "results.json"
-	RunInfoFile    = "run.json"
 )
+
+// RunInfoFile is where a bench command (coldstart, concurrency) records the
+// machine, versions and flags of its run: run-<command>.json.
+func RunInfoFile(command string) string { return "run-" + command + ".json" }
 
 // MeanStdFile is the vHive PrintMeanStd CSV of one sandbox and mode; rows
 // are appended run after run.

@@ -198,7 +198,7 @@ func TestBenchSmoke(t *testing.T) {
 		t.Errorf("memory.csv has no footprint rows")
 	}
 	var ri RunInfo
-	b, err := os.ReadFile(filepath.Join(out, RunInfoFile))
+	b, err := os.ReadFile(filepath.Join(out, RunInfoFile("coldstart")))
 	if err != nil {
 		t.Fatal(err)
 	}
