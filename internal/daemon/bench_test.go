@@ -73,7 +73,10 @@ func BenchmarkColdStartVsBareRunsc(b *testing.B) {
 		b.Fatalf("read the daemon's bundle: %v", err)
 	}
 
-	pool, err := netpool.New(ctx, netpool.Options{Size: 1, Prefix: fmt.Sprintf("vb%d", os.Getpid()%10000), Subnet: netip.MustParsePrefix("10.99.0.0/24")})
+	if err := netpool.Cleanup(ctx, "vtb"); err != nil {
+		b.Fatal(err)
+	}
+	pool, err := netpool.New(ctx, netpool.Options{Size: 1, Prefix: "vtb", Subnet: netip.MustParsePrefix("10.99.0.0/24")})
 	if err != nil {
 		b.Fatal(err)
 	}

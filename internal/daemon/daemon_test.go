@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -42,6 +43,9 @@ func TestMain(m *testing.M) {
 		cfg := Config{StateDir: state, Socket: os.Getenv("VHIVE_TEST_DAEMON_SOCKET"), Gateway: "off",
 			RunscPath: os.Getenv("VHIVE_RUNSC"), Sandboxes: []string{"gvisor", "runc"}, NetPoolSize: 1,
 			NetPrefix: os.Getenv("VHIVE_TEST_DAEMON_NETPREFIX")}
+		if p, err := netip.ParsePrefix(os.Getenv("VHIVE_TEST_DAEMON_SUBNET")); err == nil {
+			cfg.Subnet = p
+		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 		d, err := New(ctx, cfg)
 		if err == nil {
@@ -357,12 +361,12 @@ func TestRestartCleansUp(t *testing.T) {
 	probe := buildProbe(t)
 	state := t.TempDir()
 	cfg := daemonConfig(t, state)
-	cfg.NetPrefix = "vr" + fmt.Sprint(os.Getpid()%10000)
+	cfg.NetPrefix = "vtr"
 
 	// A daemon in its own process, killed with instances running.
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "VHIVE_TEST_DAEMON_STATE="+state, "VHIVE_TEST_DAEMON_SOCKET="+cfg.Socket,
-		"VHIVE_TEST_DAEMON_NETPREFIX="+cfg.NetPrefix, "VHIVE_RUNSC="+cfg.RunscPath)
+		"VHIVE_TEST_DAEMON_NETPREFIX="+cfg.NetPrefix, "VHIVE_TEST_DAEMON_SUBNET="+cfg.Subnet.String(), "VHIVE_RUNSC="+cfg.RunscPath)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -130,7 +130,9 @@ func daemonConfig(t testing.TB, stateDir string) Config {
 		RuncPath:    testutil.RuncPath(t),
 		Sandboxes:   []string{"gvisor", "runc"},
 		NetPoolSize: 1,
-		NetPrefix:   "vt" + fmt.Sprint(os.Getpid()%10000),
+		// A fixed prefix: a test run killed before its cleanup leaves
+		// namespaces that the next run's daemon removes at start.
+		NetPrefix: "vtd",
 		// A subnet of its own, so that packages testing in parallel never
 		// route the same address to two namespaces.
 		Subnet:       netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+os.Getpid()%50, rand.IntN(250))),
