@@ -42,7 +42,7 @@ type result struct {
 
 func run(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("usage: report name=report.json ...")
+		return fmt.Errorf("usage: report name=report.json [name=report.json]")
 	}
 	var names []string
 	results := map[string]map[string]result{} // spec → runtime → result
