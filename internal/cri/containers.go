@@ -293,7 +293,7 @@ func (s *Server) createOCI(ctx context.Context, p *pod, req *runtimeapi.CreateCo
 		}
 		targetPid = tc.proc.pid
 	}
-	spec, err := buildSpec(p, id, cfg, img, targetPid)
+	spec, err := buildSpec(p, id, cfg, img, targetPid, filepath.Base(s.oci.bin) == "runc")
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "cri: container %q in pod %q: %v", cfg.GetMetadata().GetName(), p.ID, err)
 	}

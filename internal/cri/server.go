@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -268,6 +269,11 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	errs = append(errs, s.saveLocked())
 	s.mu.Unlock()
+	if s.oci != nil {
+		// runsc keeps a "null-netns" bind mount in its root; nothing of
+		// ours runs any more.
+		_ = unix.Unmount(filepath.Join(s.oci.root, "null-netns"), unix.MNT_DETACH)
+	}
 	s.events.close()
 	if s.stream != nil {
 		errs = append(errs, s.stream.close(ctx))

@@ -270,7 +270,7 @@ func propagation(p runtimeapi.MountPropagation) string {
 
 // buildSpec turns a CRI container config into an OCI runtime spec for a
 // container of vhive-handler pod p.
-func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Image, targetPid int) (*specs.Spec, error) {
+func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Image, targetPid int, runcLike bool) (*specs.Spec, error) {
 	lc := cfg.GetLinux()
 	sc := lc.GetSecurityContext()
 	args := processArgs(cfg, img.Config)
@@ -406,6 +406,10 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 		ns = append(ns, specs.LinuxNamespace{Type: specs.PIDNamespace})
 	}
 	spec.Linux.Namespaces = ns
+	if !runcLike && podNS.GetNetwork() != runtimeapi.NamespaceMode_NODE {
+		// runsc does not join the pause's UTS namespace; it sets the name.
+		spec.Hostname = hostname
+	}
 
 	// Pod files unless kubelet mounts its own.
 	mounted := map[string]bool{}
