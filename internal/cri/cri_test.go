@@ -672,3 +672,44 @@ func TestSecurityAndOOM(t *testing.T) {
 		t.Errorf("over the memory limit: exit %d reason %q, want 137 OOMKilled", st.GetExitCode(), st.GetReason())
 	}
 }
+
+// The vhive handler with gVisor (runsc --network=host in the pod's netns):
+// the container runs in a gVisor sandbox with the pod's IP and hostname.
+func TestVhivePodGVisor(t *testing.T) {
+	runsc := testutil.RunscPath(t)
+	e := newEnv(t, func(c *Config) {
+		c.OCIRuntime = runsc
+		c.OCIRuntimeArgs = []string{"--network=host", "--platform=systrap", "--ignore-cgroups"}
+	})
+	ctx := context.Background()
+	podID, pc := runVhivePod(t, e, "gvisor")
+	ps, err := e.rt.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: podID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	podIP := ps.GetStatus().GetNetwork().GetIp()
+	cr, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID,
+		Config: busybox("g", "sh", "-c", "hostname; exec httpd -f -p 8080 -h /etc"), SandboxConfig: pc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.GetContainerId()}); err != nil {
+		t.Fatalf("start under runsc: %v", err)
+	}
+	waitfor := func(what string, cond func() (bool, error)) { t.Helper(); waitFor(t, what, cond) }
+	waitfor("hostname in the log", func() (bool, error) {
+		b, err := os.ReadFile(filepath.Join(pc.GetLogDirectory(), "g.log"))
+		return strings.Contains(string(b), " stdout F gvisor\n"), err
+	})
+	waitfor("httpd in gVisor at the pod IP", func() (bool, error) {
+		body, err := httpGet("http://" + podIP + ":8080/hostname")
+		return strings.TrimSpace(body) == "gvisor", err
+	})
+	r, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: cr.GetContainerId(), Cmd: []string{"sh", "-c", "dmesg | head -1"}, Timeout: 10})
+	if err != nil || !strings.Contains(string(r.GetStdout()), "gVisor") {
+		t.Errorf("dmesg in the container = %q, %v; want gVisor's", r.GetStdout(), err)
+	}
+	if _, err := e.rt.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: cr.GetContainerId()}); err != nil {
+		t.Fatal(err)
+	}
+}

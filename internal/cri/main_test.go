@@ -174,7 +174,7 @@ func pushTestImages(addr string, bb []byte) error {
 		{path: "bin/busybox", mode: 0o755, body: string(bb)},
 		{path: "etc/passwd", mode: 0o644, body: "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"},
 		{path: "etc/group", mode: 0o644, body: "root:x:0:\nnogroup:x:65534:\n"}}
-	for _, a := range []string{"sh", "echo", "sleep", "cat", "env", "httpd", "id", "hostname", "ls", "wget", "true", "grep", "chmod", "ps"} {
+	for _, a := range []string{"sh", "echo", "sleep", "cat", "env", "httpd", "id", "hostname", "ls", "wget", "true", "grep", "chmod", "ps", "dmesg", "head"} {
 		files = append(files, tfile{path: "bin/" + a, link: "busybox"})
 	}
 	base, err := tarLayer(files)
