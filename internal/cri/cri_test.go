@@ -24,7 +24,7 @@ import (
 
 func codeOf(err error) codes.Code { return status.Code(err) }
 
-func runVhivePod(t *testing.T, e *testEnv, name string) (string, *runtimeapi.PodSandboxConfig) {
+func runVhivePod(t testing.TB, e *testEnv, name string) (string, *runtimeapi.PodSandboxConfig) {
 	t.Helper()
 	pc := podConfig(t, e, name)
 	resp, err := e.rt.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{Config: pc, RuntimeHandler: DefaultHandler})

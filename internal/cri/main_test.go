@@ -118,7 +118,7 @@ func (h *harness) start() (func(), error) {
 	}, nil
 }
 
-func requireHarness(t *testing.T) {
+func requireHarness(t testing.TB) {
 	t.Helper()
 	testutil.RequiresRoot(t)
 	if h.skip != "" {
@@ -244,7 +244,7 @@ var envCount int
 
 // newEnv starts a Server (runc for vhive pods, the runc oci backend for
 // functions) serving on a unix socket; everything is released at cleanup.
-func newEnv(t *testing.T, mut ...func(*Config)) *testEnv {
+func newEnv(t testing.TB, mut ...func(*Config)) *testEnv {
 	t.Helper()
 	requireHarness(t)
 	ctx := context.Background()
@@ -321,7 +321,7 @@ func newEnv(t *testing.T, mut ...func(*Config)) *testEnv {
 	return e
 }
 
-func podConfig(t *testing.T, e *testEnv, name string) *runtimeapi.PodSandboxConfig {
+func podConfig(t testing.TB, e *testEnv, name string) *runtimeapi.PodSandboxConfig {
 	return &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "default", Uid: name + "-uid"},
 		Hostname:     name,
@@ -335,7 +335,7 @@ func kv(k, v string) *runtimeapi.KeyValue { return &runtimeapi.KeyValue{Key: k, 
 
 // waitFor polls cond every 50 ms for up to 30 s (a bound on a hung test, not
 // a timing assertion).
-func waitFor(t *testing.T, what string, cond func() (bool, error)) {
+func waitFor(t testing.TB, what string, cond func() (bool, error)) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {

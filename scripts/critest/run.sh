@@ -40,6 +40,9 @@ for _ in $(seq 100); do grep -q '^ready' "$OUT/registry.log" 2>/dev/null && brea
 grep -q '^ready' "$OUT/registry.log" || { cat "$OUT/registry.log"; exit 1; }
 
 CSOCK=$(bash "$HERE/containerd.sh" start)
+# critest pulls an image only when the runtime lacks it: drop what an earlier
+# run (perhaps of other stand-ins) left, so both runtimes see these images.
+"$CACHE/bin/crictl" -r "unix://$CSOCK" rmi -a >/dev/null 2>&1 || true
 VSOCK=$RUN/vhive.sock
 "$CACHE/bin/vhive-cri" -socket "$VSOCK" -containerd "$CSOCK" -state /var/lib/vhive-critest/vhive \
   -mirrors "*=$REGISTRY" -function-runtime none >"$OUT/vhive-cri.log" 2>&1 &
