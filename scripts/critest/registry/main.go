@@ -208,8 +208,15 @@ httpd -f -v -p 80 -h /usr/local/apache2/htdocs
 `
 
 const pgrepScript = `#!/bin/sh
-# pgrep stand-in: pids of the processes whose name matches $1.
-ps -o pid,comm | awk -v p="$1" -v self=$$ 'NR > 1 && $2 ~ p && $1 != self { print $1; found = 1 } END { exit !found }'
+# pgrep stand-in: pids of the processes whose name (comm) contains $1.
+found=1
+for d in /proc/[0-9]*; do
+  pid=${d#/proc/}
+  [ "$pid" = "$$" ] && continue
+  read -r comm < "$d/comm" 2>/dev/null || continue
+  case $comm in *"$1"*) echo "$pid"; found=0 ;; esac
+done
+exit $found
 `
 
 const pauseScript = `#!/bin/sh
