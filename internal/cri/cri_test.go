@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -127,10 +128,10 @@ func TestVhivePodLifecycle(t *testing.T) {
 	if _, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sleep", "4321"}, Timeout: 1}); codeOf(err) != codes.DeadlineExceeded {
 		t.Errorf("ExecSync past its timeout: %v, want DeadlineExceeded", err)
 	}
-	ps2, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sh", "-c", "ps -o args | grep -c '^sleep 4321' || true"}, Timeout: 10})
-	if err != nil || strings.TrimSpace(string(ps2.GetStdout())) != "0" {
-		t.Errorf("timed-out exec still running: %q, %v", ps2.GetStdout(), err)
-	}
+	waitFor(t, "timed-out exec process gone", func() (bool, error) {
+		r, err := e.rt.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: id, Cmd: []string{"sh", "-c", "for p in /proc/[0-9]*; do grep -q '(sleep)' $p/stat 2>/dev/null && tr '\\0' ' ' < $p/cmdline; done; true"}, Timeout: 10})
+		return err == nil && len(r.GetStdout()) == 0, fmt.Errorf("%q, %v", r.GetStdout(), err)
+	})
 
 	stats, err := e.rt.ContainerStats(ctx, &runtimeapi.ContainerStatsRequest{ContainerId: id})
 	if err != nil {

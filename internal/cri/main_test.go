@@ -174,7 +174,7 @@ func pushTestImages(addr string, bb []byte) error {
 		{path: "bin/busybox", mode: 0o755, body: string(bb)},
 		{path: "etc/passwd", mode: 0o644, body: "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"},
 		{path: "etc/group", mode: 0o644, body: "root:x:0:\nnogroup:x:65534:\n"}}
-	for _, a := range []string{"sh", "echo", "sleep", "cat", "env", "httpd", "id", "hostname", "ls", "wget", "true", "grep", "chmod", "ps", "dmesg", "head"} {
+	for _, a := range []string{"sh", "echo", "sleep", "cat", "env", "httpd", "id", "hostname", "ls", "wget", "true", "grep", "chmod", "ps", "dmesg", "head", "tail", "tr"} {
 		files = append(files, tfile{path: "bin/" + a, link: "busybox"})
 	}
 	base, err := tarLayer(files)
@@ -189,7 +189,7 @@ func pushTestImages(addr string, bb []byte) error {
 	}
 	for _, i := range []im{
 		{ref: "test/busybox:1", cmd: []string{"sh"}},
-		{ref: "pause:3.9", extra: []tfile{{path: "pause", mode: 0o755, body: "#!/bin/sh\ntrap 'exit 0' TERM INT\nwhile :; do sleep 3600 & wait $!; done\n"}}, entrypoint: []string{"/pause"}},
+		{ref: "pause:3.9", extra: []tfile{{path: "pause", mode: 0o755, body: "#!/bin/sh\ntrap 'exit 0' TERM INT\nexec tail -f /dev/null\n"}}, entrypoint: []string{"/pause"}},
 		{ref: "test/fn:1", extra: []tfile{{path: "www/", mode: 0o755}, {path: "www/index.html", mode: 0o644, body: "fn-ok\n"}},
 			entrypoint: []string{"sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}},
 	} {

@@ -281,8 +281,8 @@ func (r *ociRuntime) execSync(ctx context.Context, id string, args []string, tim
 		why = ctx.Err()
 	}
 	if why != nil {
-		if b, rerr := os.ReadFile(pidFile.Name()); rerr == nil {
-			if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil && pid > 0 {
+		if b, err := os.ReadFile(pidFile.Name()); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
 				_ = unix.Kill(pid, unix.SIGKILL)
 			}
 		}

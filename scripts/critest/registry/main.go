@@ -221,7 +221,7 @@ exit $found
 
 const pauseScript = `#!/bin/sh
 trap 'exit 0' TERM INT
-while :; do sleep 3600 & wait $!; done
+exec tail -f /dev/null
 `
 
 func specs(nnp []byte) []spec {
