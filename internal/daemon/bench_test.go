@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -41,7 +42,22 @@ func median(d []time.Duration) time.Duration {
 	return s[len(s)/2]
 }
 
+// sayHelloUntilReply polls a TCP connect (as the daemon's ConnectFuncClient
+// does: gRPC's reconnect backoff would add a second) until the function
+// listens, then calls SayHello.
 func sayHelloUntilReply(ctx context.Context, addr string) error {
+	var d net.Dialer
+	for {
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(time.Millisecond)
+	}
 	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err

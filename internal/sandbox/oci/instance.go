@@ -219,6 +219,22 @@ func (s *Sandbox) create(ctx context.Context) error {
 	return s.watch(pidFile)
 }
 
+// run runs the runtime's `run --detach` and starts watching the container.
+func (s *Sandbox) run(ctx context.Context) error {
+	fio, err := s.openIO()
+	if err != nil {
+		return err
+	}
+	pidFile := filepath.Join(s.bundle, "init.pid")
+	s.created = true
+	_, err = s.b.rt.Run(ctx, s.id, s.bundle, &runc.CreateOpts{IO: fio, PidFile: pidFile, Detach: true})
+	fio.Close()
+	if err != nil {
+		return fmt.Errorf("oci: start sandbox %q: %s run: %w: %s", s.id, s.b.cfg.Runtime, ctxErr(ctx, err), s.tail())
+	}
+	return s.watch(pidFile)
+}
+
 // restore runs `runsc restore --detach` from a checkpoint directory.
 func (s *Sandbox) restore(ctx context.Context, dir string) error {
 	fio, err := s.openIO()
@@ -412,6 +428,15 @@ func (s *Sandbox) Start(ctx context.Context) error {
 	default:
 	}
 	if s.started {
+		return nil
+	}
+	if !s.created {
+		// Create only prepared the bundle: one `run --detach` creates
+		// and starts the container.
+		if err := s.run(ctx); err != nil {
+			return err
+		}
+		s.started = true
 		return nil
 	}
 	if err := s.b.rt.Start(ctx, s.id); err != nil {

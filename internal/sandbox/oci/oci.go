@@ -109,6 +109,14 @@ type Config struct {
 	RunscFlags []string
 	// Rootfs selects how instance root filesystems are built.
 	Rootfs RootfsMode
+	// SeparateCreate runs the runtime's `create` in Create and `start` in
+	// Start: two runtime invocations per boot. Otherwise Create only
+	// prepares the bundle, rootfs and network, and Start runs `run
+	// --detach`: one invocation. gVisor always separates them: after a
+	// detached `runsc run`, the sandbox process outlives a function that
+	// exits, so a crash at start would only be noticed at the ready
+	// timeout.
+	SeparateCreate bool
 }
 
 // Backend implements sandbox.Backend (and, for gVisor, sandbox.Restorer).
@@ -182,6 +190,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Platform == "" {
 		cfg.Platform = "systrap"
 	}
+	if cfg.Runtime == RuntimeGVisor {
+		cfg.SeparateCreate = true
+	}
 	b := &Backend{
 		cfg:          cfg,
 		log:          cfg.Logger.With("component", "sandbox", "backend", cfg.Runtime),
@@ -250,12 +261,16 @@ func validateSpec(spec sandbox.Spec) error {
 	return nil
 }
 
-// Create prepares the bundle, rootfs and network of an instance and runs the
-// runtime's create. On error everything done so far is undone.
+// Create prepares the bundle, rootfs and network of an instance (and, with
+// Config.SeparateCreate, runs the runtime's create). On error everything
+// done so far is undone.
 func (b *Backend) Create(ctx context.Context, spec sandbox.Spec) (sandbox.Sandbox, error) {
 	s, err := b.prepare(ctx, spec)
 	if err != nil {
 		return nil, err
+	}
+	if !b.cfg.SeparateCreate {
+		return s, nil
 	}
 	if err := s.create(ctx); err != nil {
 		b.rollback(ctx, s)
