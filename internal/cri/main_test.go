@@ -73,6 +73,12 @@ func runMain(m *testing.M) int {
 	if stop != nil {
 		stop()
 	}
+	// runc leaves the (empty) parent cgroups of pods without a cgroup parent.
+	if dirs, _ := filepath.Glob("/sys/fs/cgroup/*/vhive-cri"); len(dirs) > 0 {
+		for _, d := range dirs {
+			_ = os.Remove(d)
+		}
+	}
 	return code
 }
 

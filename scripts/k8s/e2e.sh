@@ -47,6 +47,8 @@ cleanup() {
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[i]}" 2>/dev/null; wait "${pids[i]}" 2>/dev/null; done
   bash "$ROOT/scripts/critest/containerd.sh" stop
   unmount_all
+  # kubelet's (now empty) QoS cgroups.
+  for c in /sys/fs/cgroup/*/kubepods; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
   echo "$fwd" >/proc/sys/net/ipv4/ip_forward
 }
 trap cleanup EXIT
