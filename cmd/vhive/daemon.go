@@ -20,6 +20,8 @@ func newDaemonCmd(g *globalOpts) *cobra.Command {
 		logLevel  string
 		logJSON   bool
 		subnet    string
+		criArgs   string
+		mirrors   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "daemon",
@@ -48,6 +50,19 @@ everything they held is released; deployed functions remain.`,
 					return fmt.Errorf("--subnet %q: %w", subnet, err)
 				}
 				cfg.Subnet = p
+			}
+			if criArgs != "" {
+				cfg.CRI.OCIRuntimeArgs = strings.Split(criArgs, ",")
+			}
+			for _, kv := range mirrors {
+				host, mirror, ok := strings.Cut(kv, "=")
+				if !ok || host == "" || mirror == "" {
+					return fmt.Errorf("--cri-mirror %q: want HOST=MIRROR", kv)
+				}
+				if cfg.CRI.Mirrors == nil {
+					cfg.CRI.Mirrors = map[string]string{}
+				}
+				cfg.CRI.Mirrors[host] = mirror
 			}
 			if sandboxes != "" {
 				cfg.Sandboxes = strings.Split(sandboxes, ",")
@@ -79,6 +94,13 @@ everything they held is released; deployed functions remain.`,
 	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a request waits for an instance at max-instances")
 	f.IntVar(&cfg.WasmPoolSize, "wasm-pool", 1, "ready wasm workers kept per module (0: every cold start spawns and loads the module)")
 	f.IntVar(&cfg.WasmChunkPages, "wasm-chunk-pages", 1, "pages installed per fault in lazy/record wasm restores (1: pure lazy, as REAP's baseline)")
+	f.StringVar(&cfg.CRI.Socket, "cri-socket", "", "serve the Kubernetes CRI on this unix socket (off by default), e.g. /run/vhive/cri.sock")
+	f.StringVar(&cfg.CRI.Containerd, "cri-containerd", "/run/containerd/containerd.sock", "stock containerd CRI socket for everything vhive does not run")
+	f.StringVar(&cfg.CRI.Handler, "cri-handler", "vhive", "runtime handler (RuntimeClass) whose pods run every container in vhive")
+	f.StringVar(&cfg.CRI.OCIRuntime, "cri-oci-runtime", "runc", `OCI runtime for the containers of --cri-handler pods (runc or a runsc path; "none" disables the handler)`)
+	f.StringVar(&criArgs, "cri-oci-runtime-args", "", "comma-separated global flags for --cri-oci-runtime (e.g. --network=host,--platform=systrap for runsc)")
+	f.StringVar(&cfg.CRI.FunctionSandbox, "cri-function-sandbox", "gvisor", `sandbox for Knative user-containers (GUEST_IMAGE): gvisor, runc, or "none" to proxy them to containerd`)
+	f.StringArrayVar(&mirrors, "cri-mirror", nil, `registry mirror HOST=MIRROR for images vhive pulls for the CRI ("*" matches every host; repeatable)`)
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log as JSON")
 	return cmd

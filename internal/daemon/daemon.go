@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 
 	"vhive.dev/vhive/internal/api"
+	"vhive.dev/vhive/internal/cri"
 	"vhive.dev/vhive/internal/image"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/orchestrator"
@@ -82,6 +83,9 @@ type Config struct {
 	ReadyTimeout        time.Duration
 	QueueTimeout        time.Duration
 
+	// CRI enables the CRI server for kubelet (off by default).
+	CRI CRIConfig
+
 	Logger *slog.Logger
 }
 
@@ -114,6 +118,7 @@ type Daemon struct {
 	// runtimeVersions by backend, recorded in snapshots.
 	runtimeVersions map[string]string
 	snaps           *snapshot.Store
+	cri             *cri.Server
 	orch            *orchestrator.Orchestrator
 	registry        *prometheus.Registry
 	api             *api.Server
@@ -124,9 +129,9 @@ type Daemon struct {
 // New builds a daemon: opens the state, cleans up what a previous run left
 // behind, and prepares every component. Nothing listens until Serve. On
 // error everything already opened is closed again.
-func New(ctx context.Context, cfg Config) (d *Daemon, retErr error) {
+func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	cfg.setDefaults()
-	d = &Daemon{cfg: cfg, log: cfg.Logger, backends: map[string]sandbox.Backend{}, runtimeVersions: map[string]string{}, registry: prometheus.NewRegistry()}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, backends: map[string]sandbox.Backend{}, runtimeVersions: map[string]string{}, registry: prometheus.NewRegistry()}
 	defer func() {
 		if retErr != nil {
 			d.close(context.Background())
@@ -194,6 +199,9 @@ func New(ctx context.Context, cfg Config) (d *Daemon, retErr error) {
 	d.orch = orch
 	d.closers = append(d.closers, orch.Close)
 
+	if err := d.setupCRI(ctx); err != nil {
+		return nil, err
+	}
 	srv, err := api.New(orch, imgs, d.snapshotAdmin(), d.log.With("component", "api"))
 	if err != nil {
 		return nil, err
@@ -285,6 +293,16 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}
 		serve("gateway", func() error { return gw.Serve(gl) })
 		d.log.Info("data plane listening (FwdGreeter, Greeter by :authority)", "addr", gl.Addr().String())
+	}
+	if d.cri != nil {
+		cl, err := cri.Listen(d.cfg.CRI.Socket)
+		if err != nil {
+			ctrl.Stop()
+			gw.Stop()
+			return fmt.Errorf("listen on CRI socket %s: %w", d.cfg.CRI.Socket, err)
+		}
+		serve("CRI", func() error { return d.cri.Serve(ctx, cl) })
+		d.log.Info("CRI listening", "socket", d.cfg.CRI.Socket, "containerd", d.cfg.CRI.Containerd)
 	}
 	var hs *http.Server
 	if d.cfg.Metrics != "" {

@@ -22,7 +22,7 @@ mkdir -p "$OUT" "$RUN" "$CACHE/bin"
 bash "$HERE/build.sh"
 command -v busybox >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y busybox-static >/dev/null
 (cd "$ROOT" && "$GO" build -o "$CACHE/bin/vhive-critest-registry" ./scripts/critest/registry \
-  && "$GO" build -o "$CACHE/bin/vhive-cri" ./scripts/critest/vhive-cri \
+  && "$GO" build -o "$OUT/vhive" ./cmd/vhive \
   && "$GO" build -o "$CACHE/bin/vhive-critest-report" ./scripts/critest/report \
   && CGO_ENABLED=0 "$GO" build -o "$CACHE/bin/vhive-critest-nnp" ./scripts/critest/nnp)
 
@@ -44,8 +44,11 @@ CSOCK=$(bash "$HERE/containerd.sh" start)
 # run (perhaps of other stand-ins) left, so both runtimes see these images.
 "$CACHE/bin/crictl" -r "unix://$CSOCK" rmi -a >/dev/null 2>&1 || true
 VSOCK=$RUN/vhive.sock
-"$CACHE/bin/vhive-cri" -socket "$VSOCK" -containerd "$CSOCK" -state /var/lib/vhive-critest/vhive \
-  -mirrors "*=$REGISTRY" -function-runtime none >"$OUT/vhive-cri.log" 2>&1 &
+# The vhive daemon with its CRI server; runc backs the vhive-handler pods.
+"$OUT/vhive" daemon --socket "$RUN/vhive-control.sock" --state-dir /var/lib/vhive-critest/vhive --gateway off \
+  --sandboxes runc --net-prefix vhcrt --subnet 10.171.0.0/16 \
+  --cri-socket "$VSOCK" --cri-containerd "$CSOCK" --cri-function-sandbox none --cri-mirror "*=$REGISTRY" \
+  >"$OUT/vhive-cri.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [[ -S $VSOCK ]] && break; sleep 0.1; done
 
@@ -58,4 +61,5 @@ critest() {
 }
 critest containerd "$CSOCK" "$@"
 critest vhive "$VSOCK" -runtime-handler vhive "$@"
+set -o pipefail
 "$CACHE/bin/vhive-critest-report" containerd="$OUT/containerd.json" vhive="$OUT/vhive.json" | tee "$OUT/report.md"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kubelet end-to-end test of vhive's CRI on loopback: embedded etcd,
 # kube-apiserver, kube-scheduler, kube-controller-manager and a kubelet whose
-# runtime endpoint is vhive's CRI (scripts/critest/vhive-cri, in front of a
+# runtime endpoint is vhive's CRI (`vhive daemon --cri-socket`, in front of a
 # private containerd), images from the loopback registry. It checks:
 #   (a) a Knative-revision-shaped pod: user-container GUEST_IMAGE runs in a
 #       vhive function sandbox (gVisor by default), queue-proxy (a TCP relay
@@ -34,7 +34,7 @@ rm -rf "$D"; mkdir -p "$D"/{pki,logs,kubelet,etcd}
 bash "$HERE/build.sh"
 bash "$ROOT/scripts/critest/build.sh"
 (cd "$ROOT" && "$GO" build -o "$BIN/vhive-critest-registry" ./scripts/critest/registry \
-  && "$GO" build -o "$BIN/vhive-cri" ./scripts/critest/vhive-cri)
+  && "$GO" build -o "$D/bin/vhive" ./cmd/vhive)
 
 pids=()
 fwd=$(cat /proc/sys/net/ipv4/ip_forward)
@@ -72,8 +72,9 @@ echo 1 >/proc/sys/net/ipv4/ip_forward
 start registry "$BIN/vhive-critest-registry" -addr "$REGISTRY"
 waitfor "registry ready" 30 grep -q '^ready' "$D/logs/registry.log"
 CSOCK=$(bash "$ROOT/scripts/critest/containerd.sh" start)
-start vhive-cri "$BIN/vhive-cri" -socket "$VSOCK" -containerd "$CSOCK" -state "$D/vhive" \
-  -mirrors "*=$REGISTRY" -function-runtime "$FNRT" -net-prefix vhk8s -net-subnet 10.170.0.0/16
+start vhive-cri "$D/bin/vhive" daemon --socket "$D/vhive-control.sock" --state-dir "$D/vhive" --gateway off \
+  --sandboxes "$FNRT" --net-prefix vhk8s --subnet 10.170.0.0/16 --net-pool-size 2 \
+  --cri-socket "$VSOCK" --cri-containerd "$CSOCK" --cri-function-sandbox "$FNRT" --cri-mirror "*=$REGISTRY"
 waitfor "vhive CRI socket" 30 test -S "$VSOCK"
 
 # PKI: a service-account key pair and a static admin token.

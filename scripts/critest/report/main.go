@@ -4,6 +4,10 @@
 // did not pass everywhere, with the first line of each failure.
 //
 //	report containerd=containerd.json vhive=vhive.json
+//
+// It exits 1 when a runtime named after the first fails a spec that the
+// first (the baseline) passes: vhive must pass every spec that stock
+// containerd passes.
 package main
 
 import (
@@ -119,5 +123,21 @@ func run(args []string) error {
 		}
 		fmt.Printf("| %s | %s |\n", strings.ReplaceAll(spec, "|", "\\|"), strings.Join(cells, " | "))
 	}
+	var regressions []string
+	for spec, rs := range results {
+		if rs[names[0]].state != "passed" {
+			continue
+		}
+		for _, n := range names[1:] {
+			if rs[n].state != "passed" {
+				regressions = append(regressions, fmt.Sprintf("%s: %s %s, %s passed", spec, n, rs[n].state, names[0]))
+			}
+		}
+	}
+	if len(regressions) > 0 {
+		sort.Strings(regressions)
+		return fmt.Errorf("%d spec(s) pass on %s but not everywhere:\n  %s", len(regressions), names[0], strings.Join(regressions, "\n  "))
+	}
+	fmt.Printf("\nevery spec that passes on %s passes on %s\n", names[0], strings.Join(names[1:], ", "))
 	return nil
 }
