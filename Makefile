@@ -15,10 +15,11 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl
 FUZZTIME     ?= 15s
 
-.PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench
+.PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench \
+	cri-tools k8s-tools critest k8s-e2e bench-cri
 
 all: build
 
@@ -58,8 +59,10 @@ vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
 
-## test: every suite, with the real tools (what CI runs)
-test: deps runsc vet test-unit test-fuzz
+## test: every suite, with the real tools (what CI runs): Go tests (real
+## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
+## critest against containerd and vhive, and the kubelet end-to-end test
+test: deps runsc cri-tools k8s-tools vet test-unit test-fuzz critest k8s-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
@@ -74,9 +77,31 @@ test-fuzz:
 		done; \
 	done
 
+## cri-tools: crictl and critest (cri-tools v1.37.0), cached
+cri-tools:
+	bash scripts/critest/build.sh
+
+## k8s-tools: kubelet, kube-apiserver, scheduler, controller-manager, kubectl
+## (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
+k8s-tools:
+	bash scripts/k8s/build.sh
+
+## critest: critest against stock containerd and vhive's CRI in one run;
+## fails if vhive fails a spec containerd passes (docs/critest.md)
+critest: deps cri-tools
+	bash scripts/critest/run.sh
+
+## k8s-e2e: a real kubelet on vhive's CRI: Knative-shaped pod, RuntimeClass
+## deployment, teardown (docs/cri.md)
+k8s-e2e: deps runsc cri-tools k8s-tools
+	bash scripts/k8s/e2e.sh
+
+bench-cri:
+	$(GO) test -count=3 -run '^$$' -bench ContainerRun -benchtime 20x ./internal/cri/
+
 ## bench: the go benchmarks (see docs/benchmarks.md)
 bench: runsc
-	VHIVE_RUNSC=$(RUNSC) $(GO) test -run '^$$' -bench . -benchtime 10x ./internal/...
+	VHIVE_RUNSC=$(RUNSC) $(GO) test -run '^$$' -bench . -benchtime 10x ./internal/... ./functions/...
 
 ## proto: regenerate the protobuf code (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
 proto:
