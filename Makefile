@@ -19,7 +19,7 @@ APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plu
 FUZZTIME     ?= 15s
 
 .PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench \
-	cri-tools k8s-tools critest k8s-e2e bench-cri
+	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke
 
 all: build
 
@@ -58,14 +58,20 @@ demo: deps runsc build images
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	$(GO) vet -tags e2e ./internal/bench/
 
 ## test: every suite, with the real tools (what CI runs): Go tests (real
 ## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
 ## critest against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools vet test-unit test-fuzz critest k8s-e2e
+test: deps runsc cri-tools k8s-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
+
+## bench-smoke: `vhive bench`, `vhive invoker` and `vhive deployer` end to end
+## against a real daemon (1 iteration, helloworld, every mode of every sandbox)
+bench-smoke: runsc
+	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -tags e2e -count=1 -timeout 30m -run TestBenchSmoke ./internal/bench/
 
 ## test-fuzz: each fuzz target for a short bounded time
 test-fuzz:
