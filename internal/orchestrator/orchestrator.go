@@ -144,20 +144,19 @@ func (c *Config) setDefaults() error {
 
 // FunctionSpec is a function as deployed. Zero values take defaults.
 type FunctionSpec struct {
-	Name          string
-	Image         string
-	Sandbox       string
-	Port          int
-	Env           map[string]string
-	Keepalive     time.Duration
-	MaxInstances  int
-	Concurrency   int
-	StartMode     string
-	MemoryMiB     int64
-	CPU           float64
-	CreatedAt     time.Time
-	ImageDigest   string // filled in by Deploy
-	ImageKindHint string // unused by callers; filled from the image
+	Name         string
+	Image        string
+	Sandbox      string
+	Port         int
+	Env          map[string]string
+	Keepalive    time.Duration
+	MaxInstances int
+	Concurrency  int
+	StartMode    string
+	MemoryMiB    int64
+	CPU          float64
+	CreatedAt    time.Time
+	ImageDigest  string // filled in by Deploy
 }
 
 // FunctionStatus reports a function and its pool.
@@ -425,7 +424,7 @@ func (o *Orchestrator) Function(name string) (FunctionStatus, error) {
 	return f.status(), nil
 }
 
-// FunctionsUsingImage reports whether any function references digest.
+// FunctionsUsingImage lists the functions deployed from the image digest.
 func (o *Orchestrator) FunctionsUsingImage(digest string) []string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
