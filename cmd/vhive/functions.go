@@ -48,19 +48,16 @@ refused.`,
 				}
 				spec.Env[k] = v
 			}
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			resp, err := c.Deploy(cmd.Context(), &vhivepb.DeployRequest{Spec: &spec, Replace: replace})
-			if err != nil {
-				return fmt.Errorf("deploy %q: %w", spec.Name, grpcErr(err))
-			}
-			fs := resp.GetFunction()
-			fmt.Fprintf(cmd.OutOrStdout(), "deployed %s: image %s (%s), sandbox %s, start mode %s\n",
-				fs.GetSpec().GetName(), fs.GetSpec().GetImage(), shortDigest(fs.GetImageDigest()), fs.GetSpec().GetSandbox(), fs.GetSpec().GetStartMode())
-			return nil
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				resp, err := c.Deploy(cmd.Context(), &vhivepb.DeployRequest{Spec: &spec, Replace: replace})
+				if err != nil {
+					return fmt.Errorf("deploy %q: %w", spec.Name, grpcErr(err))
+				}
+				fs := resp.GetFunction()
+				fmt.Fprintf(cmd.OutOrStdout(), "deployed %s: image %s (%s), sandbox %s, start mode %s\n",
+					fs.GetSpec().GetName(), fs.GetSpec().GetImage(), shortDigest(fs.GetImageDigest()), fs.GetSpec().GetSandbox(), fs.GetSpec().GetStartMode())
+				return nil
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -92,47 +89,44 @@ func newInvokeCmd(g *globalOpts) *cobra.Command {
 		Example: `  vhive invoke helloworld --payload world
   vhive invoke aes --payload record`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			t0 := time.Now()
-			resp, err := c.Invoke(cmd.Context(), &vhivepb.InvokeRequest{Function: args[0], Payload: []byte(payload), TimeoutMs: timeout.Milliseconds()})
-			if err != nil {
-				return fmt.Errorf("invoke %q: %w", args[0], grpcErr(err))
-			}
-			rtt := time.Since(t0)
-			out := cmd.OutOrStdout()
-			fmt.Fprintln(out, string(resp.GetPayload()))
-			if quiet {
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				t0 := time.Now()
+				resp, err := c.Invoke(cmd.Context(), &vhivepb.InvokeRequest{Function: args[0], Payload: []byte(payload), TimeoutMs: timeout.Milliseconds()})
+				if err != nil {
+					return fmt.Errorf("invoke %q: %w", args[0], grpcErr(err))
+				}
+				rtt := time.Since(t0)
+				out := cmd.OutOrStdout()
+				fmt.Fprintln(out, string(resp.GetPayload()))
+				if quiet {
+					return nil
+				}
+				kind := "warm"
+				if resp.GetColdStart() {
+					kind = "cold (" + resp.GetStartMode() + ")"
+				}
+				fmt.Fprintf(out, "\n%s invocation on instance %s, %s round trip from the CLI\n", kind, resp.GetInstanceId(), fmtMicros(rtt.Microseconds()))
+				if len(resp.GetStages()) > 0 {
+					tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', tabwriter.AlignRight)
+					fmt.Fprintln(tw, "stage\tµs\t")
+					for _, st := range resp.GetStages() {
+						fmt.Fprintf(tw, "%s\t%d\t\n", st.GetName(), st.GetMicros())
+					}
+					tw.Flush()
+				}
+				if ms := resp.GetMemoryStats(); len(ms) > 0 {
+					keys := make([]string, 0, len(ms))
+					for k := range ms {
+						keys = append(keys, k)
+					}
+					sort.Strings(keys)
+					fmt.Fprintln(out, "\nmemory:")
+					for _, k := range keys {
+						fmt.Fprintf(out, "  %s = %d\n", k, ms[k])
+					}
+				}
 				return nil
-			}
-			kind := "warm"
-			if resp.GetColdStart() {
-				kind = "cold (" + resp.GetStartMode() + ")"
-			}
-			fmt.Fprintf(out, "\n%s invocation on instance %s, %s round trip from the CLI\n", kind, resp.GetInstanceId(), fmtMicros(rtt.Microseconds()))
-			if len(resp.GetStages()) > 0 {
-				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', tabwriter.AlignRight)
-				fmt.Fprintln(tw, "stage\tµs\t")
-				for _, st := range resp.GetStages() {
-					fmt.Fprintf(tw, "%s\t%d\t\n", st.GetName(), st.GetMicros())
-				}
-				tw.Flush()
-			}
-			if ms := resp.GetMemoryStats(); len(ms) > 0 {
-				keys := make([]string, 0, len(ms))
-				for k := range ms {
-					keys = append(keys, k)
-				}
-				sort.Strings(keys)
-				fmt.Fprintln(out, "\nmemory:")
-				for _, k := range keys {
-					fmt.Fprintf(out, "  %s = %d\n", k, ms[k])
-				}
-			}
-			return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&payload, "payload", "", `payload (vHive: "record"/"replay" select the functions' input sets)`)
@@ -147,24 +141,21 @@ func newLsCmd(g *globalOpts) *cobra.Command {
 		Short: "List deployed functions",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			resp, err := c.ListFunctions(cmd.Context(), &vhivepb.ListFunctionsRequest{})
-			if err != nil {
-				return grpcErr(err)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
-			for _, f := range resp.GetFunctions() {
-				s := f.GetSpec()
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
-					s.GetSandbox(), s.GetStartMode(), f.GetInstances(), f.GetBusy(), f.GetColdStarts(), f.GetWarmInvocations(),
-					time.Duration(s.GetKeepaliveMs())*time.Millisecond)
-			}
-			return tw.Flush()
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				resp, err := c.ListFunctions(cmd.Context(), &vhivepb.ListFunctionsRequest{})
+				if err != nil {
+					return grpcErr(err)
+				}
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
+				for _, f := range resp.GetFunctions() {
+					s := f.GetSpec()
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
+						s.GetSandbox(), s.GetStartMode(), f.GetInstances(), f.GetBusy(), f.GetColdStarts(), f.GetWarmInvocations(),
+						time.Duration(s.GetKeepaliveMs())*time.Millisecond)
+				}
+				return tw.Flush()
+			})
 		},
 	}
 }
@@ -175,18 +166,15 @@ func newRmCmd(g *globalOpts) *cobra.Command {
 		Short: "Remove functions (in-flight requests finish first), their instances and snapshots",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			for _, name := range args {
-				if _, err := c.RemoveFunction(cmd.Context(), &vhivepb.RemoveFunctionRequest{Name: name}); err != nil {
-					return fmt.Errorf("rm %q: %w", name, grpcErr(err))
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				for _, name := range args {
+					if _, err := c.RemoveFunction(cmd.Context(), &vhivepb.RemoveFunctionRequest{Name: name}); err != nil {
+						return fmt.Errorf("rm %q: %w", name, grpcErr(err))
+					}
+					fmt.Fprintln(cmd.OutOrStdout(), "removed", name)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), "removed", name)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 }
@@ -203,35 +191,32 @@ func newInstancesCmd(g *globalOpts) *cobra.Command {
 			if len(args) == 1 {
 				fn = args[0]
 			}
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			if stop {
-				resp, err := c.StopInstances(cmd.Context(), &vhivepb.StopInstancesRequest{Function: fn})
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				if stop {
+					resp, err := c.StopInstances(cmd.Context(), &vhivepb.StopInstancesRequest{Function: fn})
+					if err != nil {
+						return grpcErr(err)
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "stopped %d instance(s)\n", resp.GetStopped())
+					return nil
+				}
+				resp, err := c.ListInstances(cmd.Context(), &vhivepb.ListInstancesRequest{Function: fn, Stats: stats})
 				if err != nil {
 					return grpcErr(err)
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "stopped %d instance(s)\n", resp.GetStopped())
-				return nil
-			}
-			resp, err := c.ListInstances(cmd.Context(), &vhivepb.ListInstancesRequest{Function: fn, Stats: stats})
-			if err != nil {
-				return grpcErr(err)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tFUNCTION\tSANDBOX\tSTARTED AS\tENDPOINT\tIN FLIGHT\tAGE\tRSS\tPSS")
-			for _, in := range resp.GetInstances() {
-				age := time.Since(time.UnixMilli(in.GetStartedUnixMs())).Round(time.Second)
-				rss, pss := "-", "-"
-				if stats {
-					rss, pss = fmtBytes(in.GetRssBytes()), fmtBytes(in.GetPssBytes())
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tFUNCTION\tSANDBOX\tSTARTED AS\tENDPOINT\tIN FLIGHT\tAGE\tRSS\tPSS")
+				for _, in := range resp.GetInstances() {
+					age := time.Since(time.UnixMilli(in.GetStartedUnixMs())).Round(time.Second)
+					rss, pss := "-", "-"
+					if stats {
+						rss, pss = fmtBytes(in.GetRssBytes()), fmtBytes(in.GetPssBytes())
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", in.GetId(), in.GetFunction(), in.GetSandbox(), in.GetStartMode(),
+						in.GetEndpoint(), in.GetInFlight(), age, rss, pss)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", in.GetId(), in.GetFunction(), in.GetSandbox(), in.GetStartMode(),
-					in.GetEndpoint(), in.GetInFlight(), age, rss, pss)
-			}
-			return tw.Flush()
+				return tw.Flush()
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&stats, "stats", false, "measure each instance's RSS and PSS")

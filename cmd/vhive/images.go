@@ -31,25 +31,22 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 		Short: "List images in the daemon's cache",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			resp, err := c.ListImages(cmd.Context(), &vhivepb.ListImagesRequest{})
-			if err != nil {
-				return grpcErr(err)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "REF\tDIGEST\tKIND\tSIZE\tCREATED")
-			for _, im := range resp.GetImages() {
-				created := "-"
-				if im.GetCreatedUnixMs() > 0 {
-					created = time.UnixMilli(im.GetCreatedUnixMs()).UTC().Format(time.RFC3339)
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				resp, err := c.ListImages(cmd.Context(), &vhivepb.ListImagesRequest{})
+				if err != nil {
+					return grpcErr(err)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", im.GetRef(), shortDigest(im.GetDigest()), im.GetKind(), fmtBytes(im.GetSize()), created)
-			}
-			return tw.Flush()
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "REF\tDIGEST\tKIND\tSIZE\tCREATED")
+				for _, im := range resp.GetImages() {
+					created := "-"
+					if im.GetCreatedUnixMs() > 0 {
+						created = time.UnixMilli(im.GetCreatedUnixMs()).UTC().Format(time.RFC3339)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", im.GetRef(), shortDigest(im.GetDigest()), im.GetKind(), fmtBytes(im.GetSize()), created)
+				}
+				return tw.Flush()
+			})
 		},
 	})
 	cmd.AddCommand(&cobra.Command{
@@ -58,17 +55,14 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 		Example: "  vhive images pull 127.0.0.1:5000/vhive/helloworld:latest",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			im, err := c.PullImage(cmd.Context(), &vhivepb.PullImageRequest{Ref: args[0]})
-			if err != nil {
-				return fmt.Errorf("pull %q: %w", args[0], grpcErr(err))
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
-			return nil
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				im, err := c.PullImage(cmd.Context(), &vhivepb.PullImageRequest{Ref: args[0]})
+				if err != nil {
+					return fmt.Errorf("pull %q: %w", args[0], grpcErr(err))
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
+				return nil
+			})
 		},
 	})
 	var ref string
@@ -83,17 +77,14 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			im, err := c.ImportImage(cmd.Context(), &vhivepb.ImportImageRequest{Path: p, Ref: ref})
-			if err != nil {
-				return fmt.Errorf("import %q: %w", args[0], grpcErr(err))
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
-			return nil
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				im, err := c.ImportImage(cmd.Context(), &vhivepb.ImportImageRequest{Path: p, Ref: ref})
+				if err != nil {
+					return fmt.Errorf("import %q: %w", args[0], grpcErr(err))
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
+				return nil
+			})
 		},
 	}
 	imp.Flags().StringVar(&ref, "ref", "", "name to record (default: the name stored in the archive)")
@@ -103,18 +94,15 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 		Short: "Remove images (refused while a deployed function uses them)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			for _, r := range args {
-				if _, err := c.RemoveImage(cmd.Context(), &vhivepb.RemoveImageRequest{Ref: r}); err != nil {
-					return fmt.Errorf("rm %q: %w", r, grpcErr(err))
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				for _, r := range args {
+					if _, err := c.RemoveImage(cmd.Context(), &vhivepb.RemoveImageRequest{Ref: r}); err != nil {
+						return fmt.Errorf("rm %q: %w", r, grpcErr(err))
+					}
+					fmt.Fprintln(cmd.OutOrStdout(), "removed", r)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), "removed", r)
-			}
-			return nil
+				return nil
+			})
 		},
 	})
 	return cmd
@@ -134,28 +122,25 @@ func newSnapshotsCmd(g *globalOpts) *cobra.Command {
 			if len(args) == 1 {
 				fn = args[0]
 			}
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			resp, err := c.ListSnapshots(cmd.Context(), &vhivepb.ListSnapshotsRequest{Function: fn})
-			if err != nil {
-				return grpcErr(err)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tFUNCTION\tBACKEND\tRESTORE\tWS\tMODES\tDISK\tCREATED")
-			var total int64
-			for _, s := range resp.GetSnapshots() {
-				total += s.GetDiskBytes()
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%v\t%s\t%s\n", s.GetId(), s.GetFunction(), s.GetBackend(), s.GetRestore(),
-					s.GetWorkingSet(), s.GetModes(), fmtBytes(s.GetDiskBytes()), time.UnixMilli(s.GetCreatedUnixMs()).UTC().Format(time.RFC3339))
-			}
-			if err := tw.Flush(); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%d snapshot(s), %s on disk\n", len(resp.GetSnapshots()), fmtBytes(total))
-			return nil
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				resp, err := c.ListSnapshots(cmd.Context(), &vhivepb.ListSnapshotsRequest{Function: fn})
+				if err != nil {
+					return grpcErr(err)
+				}
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tFUNCTION\tBACKEND\tRESTORE\tWS\tMODES\tDISK\tCREATED")
+				var total int64
+				for _, s := range resp.GetSnapshots() {
+					total += s.GetDiskBytes()
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%v\t%s\t%s\n", s.GetId(), s.GetFunction(), s.GetBackend(), s.GetRestore(),
+						s.GetWorkingSet(), s.GetModes(), fmtBytes(s.GetDiskBytes()), time.UnixMilli(s.GetCreatedUnixMs()).UTC().Format(time.RFC3339))
+				}
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%d snapshot(s), %s on disk\n", len(resp.GetSnapshots()), fmtBytes(total))
+				return nil
+			})
 		},
 	})
 	cmd.AddCommand(&cobra.Command{
@@ -163,23 +148,20 @@ func newSnapshotsCmd(g *globalOpts) *cobra.Command {
 		Short: "Show a snapshot's manifest: files, checksums, modes, restore behaviour",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			s, err := c.InspectSnapshot(cmd.Context(), &vhivepb.InspectSnapshotRequest{Id: args[0]})
-			if err != nil {
-				return fmt.Errorf("inspect %q: %w", args[0], grpcErr(err))
-			}
-			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "id:           %s\nfunction:     %s\nbackend:      %s\nimage digest: %s\ncreated:      %s\npath:         %s\ndisk:         %s\nrestore:      %s\nmodes:        %v\nworking set:  %v\n",
-				s.GetId(), s.GetFunction(), s.GetBackend(), s.GetImageDigest(), time.UnixMilli(s.GetCreatedUnixMs()).UTC().Format(time.RFC3339),
-				s.GetPath(), fmtBytes(s.GetDiskBytes()), s.GetRestore(), s.GetModes(), s.GetWorkingSet())
-			for k, v := range s.GetDetails() {
-				fmt.Fprintf(out, "  %s: %s\n", k, v)
-			}
-			return nil
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				s, err := c.InspectSnapshot(cmd.Context(), &vhivepb.InspectSnapshotRequest{Id: args[0]})
+				if err != nil {
+					return fmt.Errorf("inspect %q: %w", args[0], grpcErr(err))
+				}
+				out := cmd.OutOrStdout()
+				fmt.Fprintf(out, "id:           %s\nfunction:     %s\nbackend:      %s\nimage digest: %s\ncreated:      %s\npath:         %s\ndisk:         %s\nrestore:      %s\nmodes:        %v\nworking set:  %v\n",
+					s.GetId(), s.GetFunction(), s.GetBackend(), s.GetImageDigest(), time.UnixMilli(s.GetCreatedUnixMs()).UTC().Format(time.RFC3339),
+					s.GetPath(), fmtBytes(s.GetDiskBytes()), s.GetRestore(), s.GetModes(), s.GetWorkingSet())
+				for k, v := range s.GetDetails() {
+					fmt.Fprintf(out, "  %s: %s\n", k, v)
+				}
+				return nil
+			})
 		},
 	})
 	cmd.AddCommand(&cobra.Command{
@@ -187,18 +169,15 @@ func newSnapshotsCmd(g *globalOpts) *cobra.Command {
 		Short: "Remove snapshots (the next cold start boots and takes a fresh one)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, c, err := g.dial(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			for _, id := range args {
-				if _, err := c.RemoveSnapshot(cmd.Context(), &vhivepb.RemoveSnapshotRequest{Id: id}); err != nil {
-					return fmt.Errorf("rm %q: %w", id, grpcErr(err))
+			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
+				for _, id := range args {
+					if _, err := c.RemoveSnapshot(cmd.Context(), &vhivepb.RemoveSnapshotRequest{Id: id}); err != nil {
+						return fmt.Errorf("rm %q: %w", id, grpcErr(err))
+					}
+					fmt.Fprintln(cmd.OutOrStdout(), "removed", id)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), "removed", id)
-			}
-			return nil
+				return nil
+			})
 		},
 	})
 	return cmd

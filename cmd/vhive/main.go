@@ -38,6 +38,17 @@ func (g *globalOpts) dial(ctx context.Context) (*grpc.ClientConn, vhivepb.Contro
 	return conn, vhivepb.NewControlClient(conn), nil
 }
 
+// call dials the daemon, runs fn with the control client and closes the
+// connection.
+func (g *globalOpts) call(ctx context.Context, fn func(c vhivepb.ControlClient) error) error {
+	conn, c, err := g.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return fn(c)
+}
+
 func newRootCmd() *cobra.Command {
 	g := &globalOpts{}
 	root := &cobra.Command{
