@@ -293,6 +293,13 @@ func (f *function) stopInstance(ctx context.Context, in *instance, why string) {
 
 // finalize releases an instance that is already out of the pool.
 func (f *function) finalize(ctx context.Context, in *instance) {
+	f.mu.Lock()
+	if in.startMode == "reap-record" && in.served == 0 {
+		// It ended before its recording could finish: let the next
+		// restore record instead of serving every later one lazily.
+		f.recording = false
+	}
+	f.mu.Unlock()
 	if in.conn != nil {
 		in.conn.Close()
 	}
