@@ -271,7 +271,9 @@ func TestConcurrencyKeepaliveAndScaleToZero(t *testing.T) {
 func TestErrors(t *testing.T) {
 	probe := buildProbe(t)
 	cfg := daemonConfig(t, t.TempDir())
-	cfg.ReadyTimeout = 3 * time.Second
+	// Long enough for a gVisor sandbox to start and report its crash on a
+	// loaded machine; the never-listening function waits this long.
+	cfg.ReadyTimeout = 12 * time.Second
 	cfg.MaxPayload = 1024
 	td := startDaemon(t, cfg)
 	td.importImage(t, probe)
