@@ -89,10 +89,10 @@ func BenchmarkColdStartVsBareRunsc(b *testing.B) {
 		b.Fatalf("read the daemon's bundle: %v", err)
 	}
 
-	if err := netpool.Cleanup(ctx, "vtb"); err != nil {
+	if err := netpool.Cleanup(ctx, testNetPrefix("vtb")); err != nil {
 		b.Fatal(err)
 	}
-	pool, err := netpool.New(ctx, netpool.Options{Size: 1, Prefix: "vtb", Subnet: netip.MustParsePrefix("10.99.0.0/24")})
+	pool, err := netpool.New(ctx, netpool.Options{Size: 1, Prefix: testNetPrefix("vtb"), Subnet: netip.MustParsePrefix("10.99.0.0/24")})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -363,7 +363,7 @@ func TestRestartCleansUp(t *testing.T) {
 	probe := buildProbe(t)
 	state := t.TempDir()
 	cfg := daemonConfig(t, state)
-	cfg.NetPrefix = "vtr"
+	cfg.NetPrefix = testNetPrefix("vtr")
 
 	// A daemon in its own process, killed with instances running.
 	cmd := exec.Command(os.Args[0], "-test.run=^$")

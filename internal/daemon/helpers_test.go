@@ -132,7 +132,7 @@ func daemonConfig(t testing.TB, stateDir string) Config {
 		NetPoolSize: 1,
 		// A fixed prefix: a test run killed before its cleanup leaves
 		// namespaces that the next run's daemon removes at start.
-		NetPrefix: "vtd",
+		NetPrefix: testNetPrefix("vtd"),
 		// A subnet of its own, so that packages testing in parallel never
 		// route the same address to two namespaces.
 		Subnet:       netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+os.Getpid()%50, rand.IntN(250))),
@@ -226,4 +226,16 @@ func leftovers(t *testing.T, prefix, dir string) []string {
 		}
 	}
 	return out
+}
+
+// testNetPrefix returns a fixed network-name prefix for this package's
+// daemons: base plus $VHIVE_TEST_NETNS_TAG (at most 5 characters), so that
+// two checkouts testing on one machine at once never remove each other's
+// namespaces, while a killed run is still cleaned by the next with the same tag.
+func testNetPrefix(base string) string {
+	tag := os.Getenv("VHIVE_TEST_NETNS_TAG")
+	if len(tag) > 5 {
+		tag = tag[:5]
+	}
+	return base + tag
 }
