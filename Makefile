@@ -19,7 +19,7 @@ APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plu
 FUZZTIME     ?= 15s
 
 .PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench \
-	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke
+	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability
 
 all: build
 
@@ -82,6 +82,13 @@ test-fuzz:
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
 		done; \
 	done
+
+## reliability: the full reliability and security suite (docs/reliability.md):
+## the tests under internal/reliability with VHIVE_RELIABILITY=full (more crash
+## trials, longer fuzzing and load). Its fast subset runs in make test as part
+## of test-unit (the same tests with the default VHIVE_RELIABILITY=fast).
+reliability: deps runsc
+	CI=$${CI:-true} VHIVE_RELIABILITY=full VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m -v ./internal/reliability/... 2>&1 | tee /tmp/vhive-reliability.log; exit $${PIPESTATUS[0]}
 
 ## cri-tools: crictl and critest (cri-tools v1.37.0), cached
 cri-tools:
