@@ -42,7 +42,7 @@ func full() bool { return os.Getenv("VHIVE_RELIABILITY") == "full" }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	node.RemoveBinary()
+	node.Cleanup()
 	os.Exit(code)
 }
 
@@ -124,7 +124,7 @@ func TestCrashConsistency(t *testing.T) {
 	t.Logf("crash seed %d (replay: VHIVE_CRASH_SEED=%d), %d trials, runsc %s", seed, seed, trials, runsc)
 
 	work := t.TempDir()
-	imgDir := filepath.Join(work, "images")
+	imgDir := node.ImageDir()
 	hello := node.Function(t, imgDir, "helloworld", false)
 	counter := node.Function(t, imgDir, "counter", false)
 	counterW := node.Function(t, imgDir, "counter", true)

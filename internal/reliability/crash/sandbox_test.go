@@ -39,7 +39,7 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 	testutil.RequiresRoot(t)
 	testutil.RunscPath(t)
 	work := t.TempDir()
-	imgDir := filepath.Join(work, "images")
+	imgDir := node.ImageDir()
 	probe := node.Probe(t, "testdata/slow", filepath.Join(imgDir, "slow"))
 	fib := node.Function(t, imgDir, "fibonacci", true)
 	counterW := node.Function(t, imgDir, "counter", true)

@@ -54,13 +54,17 @@ var buildOnce = sync.OnceValues(func() (string, error) {
 	return bin, nil
 })
 
-// RemoveBinary removes the binary Binary built (call it from TestMain).
-func RemoveBinary() { os.RemoveAll(binDir()) }
+// Cleanup removes what Binary and ImageDir made (call it from TestMain).
+func Cleanup() { os.RemoveAll(sharedDir()) }
 
-// binDir holds this test process's vhive binary.
-func binDir() string {
-	return filepath.Join(os.TempDir(), fmt.Sprintf("vhive-rel-bin-%d", os.Getpid()))
-}
+// sharedDir holds this test process's vhive binary and images.
+func sharedDir() string { return filepath.Join(os.TempDir(), fmt.Sprintf("vhive-rel-%d", os.Getpid())) }
+
+func binDir() string { return filepath.Join(sharedDir(), "bin") }
+
+// ImageDir is where the tests of one process build their images (shared by
+// the tests of a package, removed by Cleanup).
+func ImageDir() string { return filepath.Join(sharedDir(), "images") }
 
 // Binary returns the path of a vhive binary built from this tree.
 func Binary(t testing.TB) string {
