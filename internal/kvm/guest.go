@@ -256,25 +256,56 @@ type Guest struct {
 	ran   bool
 }
 
-// NewGuest creates the VM for a data area of dataPages pages and loads the
-// list of data pages to touch with the output mode. It maps slot 0 but
-// never touches it; the I/O slot is populated now so that the run measures
-// only slot 0's pages.
-func NewGuest(dataPages int, pages []uint64, mode OutputMode) (_ *Guest, retErr error) {
-	if dataPages <= 0 || dataPages > MaxDataPages {
-		return nil, fmt.Errorf("new guest: %d data pages, want 1..%d", dataPages, MaxDataPages)
+// GuestConfig describes a Guest.
+type GuestConfig struct {
+	// DataPages is the size of the data area, in pages.
+	DataPages int
+	// Pages lists the data pages to touch, in order.
+	Pages []uint64
+	// Output selects what the guest leaves for Verify.
+	Output OutputMode
+	// Image, if set, is mapped privately (MAP_PRIVATE) as slot 0: the
+	// kernel pages it in from the page cache on the guest's first access,
+	// as a VMM restoring from a mapped memory file does. Otherwise slot 0
+	// is anonymous memory for the caller to fill or have served.
+	Image *os.File
+}
+
+func (c GuestConfig) validate() error {
+	if c.DataPages <= 0 || c.DataPages > MaxDataPages {
+		return fmt.Errorf("%d data pages, want 1..%d", c.DataPages, MaxDataPages)
 	}
-	if len(pages) > MaxListPages {
-		return nil, fmt.Errorf("new guest: %d pages to touch, at most %d", len(pages), MaxListPages)
+	if len(c.Pages) > MaxListPages {
+		return fmt.Errorf("%d pages to touch, at most %d", len(c.Pages), MaxListPages)
 	}
-	if mode != OutputHash && mode != OutputCopy {
-		return nil, fmt.Errorf("new guest: unknown output mode %d", mode)
+	if c.Output != OutputHash && c.Output != OutputCopy {
+		return fmt.Errorf("unknown output mode %d", c.Output)
 	}
-	for _, p := range pages {
-		if p >= uint64(dataPages) {
-			return nil, fmt.Errorf("new guest: page %d outside the data area of %d pages", p, dataPages)
+	for _, p := range c.Pages {
+		if p >= uint64(c.DataPages) {
+			return fmt.Errorf("page %d outside the data area of %d pages", p, c.DataPages)
 		}
 	}
+	if c.Image != nil {
+		fi, err := c.Image.Stat()
+		if err != nil {
+			return fmt.Errorf("guest image: %w", err)
+		}
+		if uint64(fi.Size()) != MemorySize(c.DataPages) {
+			return fmt.Errorf("guest image %s is %d bytes, want %d for %d data pages", c.Image.Name(), fi.Size(), MemorySize(c.DataPages), c.DataPages)
+		}
+	}
+	return nil
+}
+
+// NewGuest creates the VM and loads the page list. Unless cfg.Image is
+// set it maps slot 0 but never touches it; the I/O slot is populated now so
+// that a run pays only for slot 0's pages.
+func NewGuest(cfg GuestConfig) (_ *Guest, retErr error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("new guest: %w", err)
+	}
+	dataPages, pages, mode := cfg.DataPages, cfg.Pages, cfg.Output
 	g := &Guest{pages: slices.Clone(pages), mode: mode}
 	defer func() {
 		if retErr != nil {
@@ -288,8 +319,13 @@ func NewGuest(dataPages int, pages []uint64, mode OutputMode) (_ *Guest, retErr 
 	if g.vm, err = g.sys.NewVM(); err != nil {
 		return nil, err
 	}
-	g.mem, err = unix.Mmap(-1, 0, int(MemorySize(dataPages)), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if cfg.Image != nil {
+		g.mem, err = unix.Mmap(int(cfg.Image.Fd()), 0, int(MemorySize(dataPages)), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_NORESERVE)
+	} else {
+		g.mem, err = unix.Mmap(-1, 0, int(MemorySize(dataPages)), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("new guest: map guest memory: %w", err)
 	}

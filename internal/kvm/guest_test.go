@@ -123,7 +123,7 @@ func TestNewGuestRefusesBadInput(t *testing.T) {
 		"page past data": {4, []uint64{1, 4}, OutputHash, "outside the data area"},
 		"mode":           {4, []uint64{1}, 7, "output mode"},
 	} {
-		if _, err := NewGuest(tc.dataPages, tc.pages, tc.mode); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, err := NewGuest(GuestConfig{DataPages: tc.dataPages, Pages: tc.pages, Output: tc.mode}); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error containing %q", name, err, tc.want)
 		}
 	}
@@ -138,7 +138,7 @@ func populatedGuest(t *testing.T, dataPages int, pages []uint64, mode OutputMode
 	if err := WriteImage(img, dataPages, 5); err != nil {
 		t.Fatal(err)
 	}
-	g, err := NewGuest(dataPages, pages, mode)
+	g, err := NewGuest(GuestConfig{DataPages: dataPages, Pages: pages, Output: mode})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -57,9 +57,11 @@ func requiresKVM(t testing.TB) {
 
 // vmmConfig tells the child VMM what to do.
 type vmmConfig struct {
-	// Socket is the memory manager's socket; empty: no userfaultfd, the
-	// floor (FloorWS) puts the pages in.
+	// Socket is the memory manager's (or the floor server's) socket.
 	Socket string `json:"socket"`
+	// MapImage (no Socket): slot 0 is a private mapping of Image, paged
+	// in by the kernel on the guest's faults; no userfaultfd.
+	MapImage bool `json:"map_image"`
 	// Image is the memory file the guest's output is verified against.
 	Image     string     `json:"image"`
 	DataPages int        `json:"data_pages"`
@@ -69,16 +71,12 @@ type vmmConfig struct {
 	// Firecracker: do what Firecracker does — send the handshake and run
 	// the guest at once, never reading the manager's ack.
 	Firecracker bool `json:"firecracker"`
-	// FloorWS (no Socket): read this working-set file (O_DIRECT when
-	// FloorDirect) and copy its runs into guest memory, no userfaultfd.
-	FloorWS     string `json:"floor_ws"`
-	FloorDirect bool   `json:"floor_direct"`
 	// WaitGo: print READY once the VM is built, wait for a line on stdin.
 	WaitGo bool `json:"wait_go"`
 }
 
 type vmmResult struct {
-	AttachNS int64        `json:"attach_ns"` // uffd + handshake (+ ack), or the floor's read + copy
+	AttachNS int64        `json:"attach_ns"` // uffd + handshake (+ ack)
 	RunNS    int64        `json:"run_ns"`    // KVM_RUN to the guest's done exit
 	Exits    int          `json:"exits"`
 	Touched  int          `json:"touched"` // pages in the guest's list
@@ -107,7 +105,16 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 		return res, err
 	}
 	res.Touched = len(pages)
-	g, err := NewGuest(cfg.DataPages, pages, cfg.Output)
+	f, err := os.Open(cfg.Image)
+	if err != nil {
+		return res, err
+	}
+	defer f.Close()
+	gc := GuestConfig{DataPages: cfg.DataPages, Pages: pages, Output: cfg.Output}
+	if cfg.MapImage {
+		gc.Image = f
+	}
+	g, err := NewGuest(gc)
 	if err != nil {
 		return res, err
 	}
@@ -122,10 +129,7 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 	defer cancel()
 	t0 := time.Now()
 	switch {
-	case cfg.Socket == "":
-		if err := floorLoad(g.Memory(), cfg.FloorWS, cfg.FloorDirect); err != nil {
-			return res, err
-		}
+	case cfg.MapImage:
 	case cfg.Firecracker:
 		done, err := firecrackerHandshake(cfg.Socket, g.Memory())
 		if err != nil {
@@ -145,11 +149,6 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 		return res, err
 	}
 	res.AttachNS, res.RunNS, res.Exits = int64(t1.Sub(t0)), int64(st.Elapsed), st.Exits
-	f, err := os.Open(cfg.Image)
-	if err != nil {
-		return res, err
-	}
-	defer f.Close()
 	if res.Verify, err = g.Verify(f); err != nil {
 		return res, err
 	}
@@ -187,11 +186,45 @@ func firecrackerHandshake(sock string, mem []byte) (done func(), err error) {
 	return func() { conn.Close(); u.Close() }, nil
 }
 
-// floorLoad is the raw floor of a REAP restore without userfaultfd: one
-// pread of the whole working-set file (format v1, see package memory) into
-// a buffer, then a copy of each run to its place in guest memory. No
-// checksum, no second process.
-func floorLoad(mem []byte, wsPath string, direct bool) error {
+// floorServe is the raw floor of a REAP restore, a page server with
+// nothing but the work: it accepts one VMM on ln, takes its handshake (the
+// region JSON and the uffd), preads the whole WS file (format v1, see
+// package memory; O_DIRECT when direct) into buf, allocated and faulted
+// before timing, installs each run with one UFFDIO_COPY (DONTWAKE) and the
+// region with one UFFDIO_WAKE, acks, and waits for the VMM to hang up. No
+// checksum, no bookkeeping, no fault service (a fault outside the WS would
+// hang the VMM: the WS must cover the guest's pages).
+func floorServe(ln *net.UnixListener, memSize uint64, wsPath string, buf []byte, direct bool) error {
+	conn, err := ln.AcceptUnix()
+	if err != nil {
+		return fmt.Errorf("floor: %w", err)
+	}
+	defer conn.Close()
+	payload, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(payload, oob)
+	if err != nil {
+		return fmt.Errorf("floor: handshake: %w", err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		return fmt.Errorf("floor: handshake control message: %d messages, %v", len(msgs), err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		return fmt.Errorf("floor: handshake fds: %v, %v", fds, err)
+	}
+	u, err := uffd.Wrap(fds[0])
+	if err != nil {
+		unix.Close(fds[0])
+		return fmt.Errorf("floor: %w", err)
+	}
+	defer u.Close()
+	regions, err := memory.ParseRegions(payload[:n], memSize)
+	if err != nil || len(regions) != 1 {
+		return fmt.Errorf("floor: %d regions: %v", len(regions), err)
+	}
+	reg := regions[0]
+
 	flags := unix.O_RDONLY | unix.O_CLOEXEC
 	if direct {
 		flags |= unix.O_DIRECT
@@ -205,13 +238,11 @@ func floorLoad(mem []byte, wsPath string, direct bool) error {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fmt.Errorf("floor: %w", err)
 	}
-	buf, err := unix.Mmap(-1, 0, int(st.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-	if err != nil {
-		return fmt.Errorf("floor: %w", err)
+	if st.Size > int64(len(buf)) {
+		return fmt.Errorf("floor: WS file of %d bytes, buffer of %d", st.Size, len(buf))
 	}
-	defer unix.Munmap(buf)
-	if n, err := unix.Pread(fd, buf, 0); err != nil || int64(n) != st.Size {
-		return fmt.Errorf("floor: pread %s: %d of %d bytes: %v", wsPath, n, st.Size, err)
+	if got, err := unix.Pread(fd, buf[:st.Size], 0); err != nil || int64(got) != st.Size {
+		return fmt.Errorf("floor: pread %s: %d of %d bytes: %v", wsPath, got, st.Size, err)
 	}
 	le := binary.LittleEndian
 	if string(buf[:8]) != "VHIVEWS\x00" {
@@ -219,10 +250,20 @@ func floorLoad(mem []byte, wsPath string, direct bool) error {
 	}
 	nRuns, src := le.Uint64(buf[16:]), le.Uint64(buf[32:])
 	for i := range nRuns {
-		off, n := le.Uint64(buf[64+16*i:]), le.Uint64(buf[64+16*i+8:])
-		copy(mem[off:off+n], buf[src:src+n])
-		src += n
+		off, l := le.Uint64(buf[64+16*i:]), le.Uint64(buf[64+16*i+8:])
+		dst := reg.BaseHostVirtAddr + off - reg.Offset
+		if _, err := u.Copy(uintptr(dst), uintptr(unsafe.Pointer(&buf[src])), l, uffd.ModeDontWake); err != nil {
+			return fmt.Errorf("floor: UFFDIO_COPY run %d: %w", i, err)
+		}
+		src += l
 	}
+	if err := u.Wake(uintptr(reg.BaseHostVirtAddr), reg.Size); err != nil {
+		return fmt.Errorf("floor: %w", err)
+	}
+	if _, err := conn.Write([]byte("ok\n")); err != nil {
+		return fmt.Errorf("floor: ack: %w", err)
+	}
+	io.Copy(io.Discard, conn) // until the VMM hangs up
 	return nil
 }
 
@@ -341,6 +382,17 @@ func (fx *fixture) wsPath() string { return filepath.Join(fx.dir, "ws") }
 // and the manager measured. go is called right after the manager starts.
 func (fx *fixture) restore(t testing.TB, mode memory.Mode, image string, cfg vmmConfig) (vmmResult, memory.Stats) {
 	t.Helper()
+	return fx.restoreFrom(t, mode, image, fx.wsPath(), cfg)
+}
+
+// restoreWS is restore of the fixture's image with the working set at ws.
+func (fx *fixture) restoreWS(t testing.TB, mode memory.Mode, ws string, cfg vmmConfig) (vmmResult, memory.Stats) {
+	t.Helper()
+	return fx.restoreFrom(t, mode, fx.image, ws, cfg)
+}
+
+func (fx *fixture) restoreFrom(t testing.TB, mode memory.Mode, image, ws string, cfg vmmConfig) (vmmResult, memory.Stats) {
+	t.Helper()
 	fx.mu.Lock()
 	fx.n++
 	id := fmt.Sprintf("r%d", fx.n)
@@ -352,7 +404,7 @@ func (fx *fixture) restore(t testing.TB, mode memory.Mode, image string, cfg vmm
 	}
 	v := startVMM(t, cfg)
 	r, err := fx.mgr.Start(context.Background(), memory.RestoreConfig{
-		ID: id, SocketPath: cfg.Socket, MemoryFile: image, Mode: mode, WorkingSet: fx.wsPath(),
+		ID: id, SocketPath: cfg.Socket, MemoryFile: image, Mode: mode, WorkingSet: ws,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -371,4 +423,52 @@ func (fx *fixture) restore(t testing.TB, mode memory.Mode, image string, cfg vmm
 		t.Fatalf("serving failed: %v", err)
 	}
 	return res, r.Stats()
+}
+
+// floor runs one VMM (cfg's Socket, Image, DataPages filled in) against
+// floorServe with the fixture's WS file, buf being floorServe's buffer.
+func (fx *fixture) floor(t testing.TB, cfg vmmConfig, buf []byte, direct bool) vmmResult {
+	t.Helper()
+	cfg.Socket = filepath.Join(fx.dir, "floor.sock")
+	cfg.Image, cfg.DataPages, cfg.WaitGo = fx.image, fx.dataPages, true
+	os.Remove(cfg.Socket)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.Socket, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	v := startVMM(t, cfg)
+	errc := make(chan error, 1)
+	go func() { errc <- floorServe(ln, MemorySize(fx.dataPages), fx.wsPath(), buf, direct) }()
+	v.goNow(t)
+	res := v.result(t)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// mapped runs one VMM whose slot 0 is a private mapping of the image.
+func (fx *fixture) mapped(t testing.TB, cfg vmmConfig) vmmResult {
+	t.Helper()
+	cfg.Image, cfg.DataPages, cfg.WaitGo, cfg.MapImage = fx.image, fx.dataPages, true, true
+	v := startVMM(t, cfg)
+	v.goNow(t)
+	return v.result(t)
+}
+
+// floorBuffer allocates and faults floorServe's buffer for the fixture's
+// WS file (before timing, as the manager's buffer pool is warm).
+func (fx *fixture) floorBuffer(t testing.TB) []byte {
+	t.Helper()
+	fi, err := os.Stat(fx.wsPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf, err := unix.Mmap(-1, 0, int(fi.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(buf) })
+	return buf
 }

@@ -132,15 +132,16 @@ func TestVerificationCatchesAWrongByte(t *testing.T) {
 	}
 }
 
-// TestFloorLoadsTheWorkingSet: the benchmark's raw floor (the WS file read
-// and copied into guest memory, no userfaultfd) gives the guest the same
-// bytes.
-func TestFloorLoadsTheWorkingSet(t *testing.T) {
+// TestFloorAndMappedFile: the benchmark's references give the guest the
+// same bytes — the raw floor (WS file read and installed with nothing
+// else) and a private mapping of the memory file (no userfaultfd).
+func TestFloorAndMappedFile(t *testing.T) {
 	fx := newFixture(t, testDataPages)
 	res, _ := fx.restore(t, memory.ModeRecord, fx.image, vmmConfig{Pattern: Clustered, Seed: 1, Output: OutputCopy})
 	checkVerified(t, "record", res)
+	buf := fx.floorBuffer(t)
 	for _, direct := range []bool{false, true} {
-		v := startVMM(t, vmmConfig{Image: fx.image, DataPages: testDataPages, Pattern: Clustered, Seed: 1, Output: OutputCopy, FloorWS: fx.wsPath(), FloorDirect: direct})
-		checkVerified(t, fmt.Sprintf("floor direct=%v", direct), v.result(t))
+		checkVerified(t, fmt.Sprintf("floor direct=%v", direct), fx.floor(t, vmmConfig{Pattern: Clustered, Seed: 1, Output: OutputCopy}, buf, direct))
 	}
+	checkVerified(t, "mapped file", fx.mapped(t, vmmConfig{Pattern: Random, Seed: 1, Output: OutputCopy}))
 }
