@@ -224,7 +224,21 @@ func waitGone(ctx context.Context, p proc, d time.Duration) bool {
 	return true
 }
 
-// pidsWithCmdline returns every process whose command line contains sub.
+// ownProgram reports whether argv0 is a program the cluster runs (directly
+// or through containerd and vhive): a process of another name that merely
+// mentions Dir (a user's tail of a log) is never ours to kill.
+func ownProgram(argv0 string) bool {
+	b := filepath.Base(argv0)
+	for _, p := range []string{"containerd", "runc", "runsc", "kube", "vhive", "exe"} {
+		if strings.HasPrefix(b, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// pidsWithCmdline returns every process of an ownProgram whose command line
+// contains sub.
 func pidsWithCmdline(sub string) []int {
 	ents, _ := os.ReadDir("/proc")
 	self := os.Getpid()
@@ -238,7 +252,8 @@ func pidsWithCmdline(sub string) []int {
 		if err != nil || len(b) == 0 {
 			continue
 		}
-		if bytes.Contains(b, []byte(sub)) {
+		argv0, _, _ := bytes.Cut(b, []byte{0})
+		if bytes.Contains(b, []byte(sub)) && ownProgram(string(argv0)) {
 			if s, _, err := procStat(pid); err == nil && s != 'Z' {
 				out = append(out, pid)
 			}
