@@ -38,7 +38,8 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 			startMode := fs.String("startMode", "", "start mode: boot, snapshot, lazy, reap (\"\": daemon default)")
 			domain := fs.String("domain", "default.127.0.0.1.nip.io", "hostname suffix of the endpoints (\"\" for bare function names)")
 			replace := fs.Bool("replace", false, "redeploy functions that already exist")
-			socket := fs.String("socket", g.socket, "daemon control socket (env VHIVE_SOCKET)")
+			socket := fs.String("socket", g.socket, "daemon control API: a unix socket path or tcp://HOST:PORT (env VHIVE_SOCKET)")
+			tokenFile := fs.String("token-file", g.tokenFile, "file holding the control token for tcp:// (env VHIVE_TOKEN holds the token itself)")
 			fs.Usage = func() {
 				fmt.Fprintf(fs.Output(), "%s\n\nUsage: vhive deployer [flags]\n\n", deployerLong)
 				fs.PrintDefaults()
@@ -52,7 +53,7 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 			if fs.NArg() > 0 {
 				return fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
 			}
-			g.socket = *socket
+			g.socket, g.tokenFile = *socket, *tokenFile
 			fns, err := invoker.ReadFunctions(*jsonFile)
 			if err != nil {
 				return err
