@@ -45,6 +45,11 @@ type Manager struct {
 
 	bufs bufPool // WS file buffers
 
+	// WS reads: block size and reads in flight (fetchBlock, fetchReaders;
+	// benchmarks vary them).
+	fetchBlock   uint64
+	fetchReaders int
+
 	mu       sync.Mutex
 	restores map[string]*Restore
 	closed   bool
@@ -62,6 +67,7 @@ func NewManager(cfg Config) (*Manager, error) {
 	return &Manager{
 		log: log.With("component", "memory"), metrics: cfg.Metrics,
 		bufs: bufPool{maxIdle: maxIdleBuffers}, restores: map[string]*Restore{},
+		fetchBlock: fetchBlock, fetchReaders: fetchReaders,
 	}, nil
 }
 

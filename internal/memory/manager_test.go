@@ -331,6 +331,92 @@ func TestPrefetchBadWorkingSetFallsBack(t *testing.T) {
 	}
 }
 
+// TestPrefetchDetectsLaterCorruption: a WS file that served a restore
+// correctly and is then damaged (one data byte flipped in a late chunk) is
+// caught by that chunk's checksum on the next restore before the chunk is
+// installed: the chunks before it are installed (they were verified), the
+// rest is served lazily, and every byte the peer reads is the memory file's.
+// A damaged header or table is caught before anything is installed.
+func TestPrefetchDetectsLaterCorruption(t *testing.T) {
+	e := newEnv(t)
+	ops := seqOps(0, 3000) // ≈ 11.7 MiB of data (the holes count): 12 chunks
+	e.run(t, e.cfg("record", ModeRecord), ops)
+	_, st := e.run(t, e.cfg("first", ModePrefetch), ops)
+	if st.PrefetchFallback || st.Unique != 0 || st.RecPages != 3000 {
+		t.Fatalf("first restore: fallback %v, Unique %d, RecPages %d; want 0 lazy pages and 3000 from the WS", st.PrefetchFallback, st.Unique, st.RecPages)
+	}
+	wsPath := e.cfg("", ModePrefetch).WorkingSet
+	good, err := os.ReadFile(wsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(good)
+	if err != nil || ws.Version != wsVersion {
+		t.Fatalf("recorded WS: version %d, %v; want version %d", ws.Version, err, wsVersion)
+	}
+	dataOff := len(good) - int(alignUp(uint64(len(ws.Data)), wsAlign))
+	const flipChunk = 9
+	for _, tc := range []struct {
+		name      string
+		at        int
+		installed int64 // pages installed before the damage is found
+	}{
+		{"data byte in chunk 9", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096},
+		{"run table", wsHeaderSize + 3, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := slices.Clone(good)
+			b[tc.at] ^= 0x40
+			// Rewrite in place, as a disk error or a stray write would.
+			if err := os.WriteFile(wsPath, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.WriteFile(wsPath, good, 0o600) })
+			_, st := e.run(t, e.cfg("flipped", ModePrefetch), ops) // fails on any wrong byte
+			if !st.PrefetchFallback {
+				t.Fatal("flipped byte not detected")
+			}
+			if st.RecPages != tc.installed || st.Unique != 3000-tc.installed {
+				t.Errorf("RecPages=%d Unique=%d, want %d installed from verified chunks and the rest lazily", st.RecPages, st.Unique, tc.installed)
+			}
+		})
+	}
+}
+
+// TestPrefetchVersion1: a version 1 WS file (one checksum for the whole
+// file, written by earlier vhive) still prefetches; damaged, it is refused
+// as a whole.
+func TestPrefetchVersion1(t *testing.T) {
+	e := newEnv(t)
+	ops := clusteredOps(7, 40)
+	e.run(t, e.cfg("record", ModeRecord), ops)
+	cfg := e.cfg("v1", ModePrefetch)
+	b, err := os.ReadFile(cfg.WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := encodeWorkingSetV1(ws.PageSize, ws.MemSize, ws.Runs, ws.Data)
+	if err := os.WriteFile(cfg.WorkingSet, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, st := e.run(t, cfg, ops)
+	if st.PrefetchFallback || st.Unique != 0 || st.RecPages != ws.Pages() {
+		t.Errorf("version 1: fallback %v, Unique %d, RecPages %d (want %d)", st.PrefetchFallback, st.Unique, st.RecPages, ws.Pages())
+	}
+	v1[len(v1)-4096-1] ^= 1
+	if err := os.WriteFile(cfg.WorkingSet, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, st = e.run(t, e.cfg("v1bad", ModePrefetch), ops)
+	if !st.PrefetchFallback || st.RecPages != 0 {
+		t.Errorf("damaged version 1: fallback %v, RecPages %d; want nothing installed", st.PrefetchFallback, st.RecPages)
+	}
+}
+
 func countFDs(t testing.TB) int {
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {

@@ -15,10 +15,19 @@ const maxLatencySamples = 1 << 16
 // wall time in the manager; page counts are in pages of the regions' page
 // size.
 type Stats struct {
-	// FetchState: reading (and verifying) the WS file (prefetch).
+	// FetchState: reading and verifying the WS file (prefetch), from the
+	// start of the restore until the last chunk was verified. It overlaps
+	// the sandbox's start-up and InstallWS.
 	FetchState time.Duration
-	// InstallWS: installing the WS (UFFDIO_COPY per run + UFFDIO_WAKE).
+	// InstallWS: installing the WS, from the handshake until the wake
+	// after the last chunk (UFFDIO_COPY per run and chunk, UFFDIO_WAKE);
+	// it includes InstallWait.
 	InstallWS time.Duration
+	// InstallWait: the part of InstallWS spent waiting for chunks still
+	// being read or verified.
+	InstallWait time.Duration
+	// DirectRead: the WS file was read with O_DIRECT.
+	DirectRead bool
 	// ServeUnique: total service time of the faults served lazily.
 	ServeUnique time.Duration
 

@@ -35,8 +35,7 @@ type server struct {
 	pid     int
 	msgs    []uffd.Msg
 	pending []uffd.Msg // faults read while draining for EAGAIN
-	ws      *WorkingSet
-	wsBuf   *wsBuffer
+	fetch   *fetcher   // prefetch: the WS being read
 }
 
 func (r *Restore) setReady(err error) {
@@ -57,8 +56,8 @@ func (r *Restore) run() {
 			}
 			r.setReady(fmt.Errorf("restore %q: %w", r.cfg.ID, notReady))
 		}
-		if s.wsBuf != nil {
-			s.wsBuf.release()
+		if s.fetch != nil {
+			s.fetch.close()
 		}
 		if s.uffd != nil {
 			s.uffd.Close()
@@ -69,7 +68,7 @@ func (r *Restore) run() {
 		close(r.done)
 	}()
 	if r.cfg.Mode == ModePrefetch {
-		s.fetch()
+		s.startFetch()
 	}
 	conn, err := r.ln.AcceptUnix()
 	if err != nil {
@@ -126,7 +125,7 @@ func (r *Restore) run() {
 	r.mu.Unlock()
 	r.log.Debug("handshake", "pid", s.pid, "regions", len(s.regions), "peer_pidfd", h.pidfd >= 0)
 
-	if s.ws != nil {
+	if s.fetch != nil {
 		if err := s.install(); errors.Is(err, errPeerGone) {
 			notReady = fmt.Errorf("sandbox process %d exited during the working-set install", s.pid)
 			return
@@ -159,102 +158,136 @@ func (r *Restore) isClosing() bool {
 	return r.closing
 }
 
-// fetch reads and verifies the WS file; on any problem it logs a warning and
-// leaves s.ws nil so that the restore serves lazily.
-func (s *server) fetch() {
+// startFetch starts reading the WS file in the background (before the
+// peer connects); if it cannot even be opened, the restore serves lazily.
+func (s *server) startFetch() {
 	r := s.r
-	t0 := time.Now()
-	buf, err := readWorkingSetFile(r.cfg.WorkingSet, &r.mgr.bufs)
-	var ws *WorkingSet
-	if err == nil {
-		ws, err = ParseWorkingSet(buf.b)
-	}
-	if err == nil && ws.MemSize != r.memSize {
-		err = fmt.Errorf("%w: recorded against a %d-byte memory file, %s has %d", ErrBadWorkingSet, ws.MemSize, r.cfg.MemoryFile, r.memSize)
-	}
-	d := time.Since(t0)
-	r.mu.Lock()
-	r.stats.FetchState = d
-	if buf != nil {
-		r.stats.BytesRead += int64(len(buf.b))
-	}
+	f, err := startFetch(r.cfg.WorkingSet, r.memSize, &r.mgr.bufs, r.mgr.fetchBlock, r.mgr.fetchReaders)
 	if err != nil {
-		r.stats.PrefetchFallback = true
-	}
-	r.mu.Unlock()
-	if buf != nil && s.r.obs != nil {
-		s.r.obs.bytesRead.Add(float64(len(buf.b)))
-	}
-	if err != nil {
-		if buf != nil {
-			buf.release()
-		}
-		r.log.Warn("working set unusable: serving lazily", "path", r.cfg.WorkingSet, "err", err)
-		if r.obs != nil {
-			r.obs.m.fallbacks.Inc()
-		}
+		s.fallback(err)
 		return
 	}
-	if r.obs != nil {
-		r.obs.m.stageTime.WithLabelValues("FetchState").Observe(d.Seconds())
-	}
-	s.ws, s.wsBuf = ws, buf
+	s.fetch = f
 }
 
-// install copies every WS run into the peer with UFFDIO_COPY_MODE_DONTWAKE,
-// then wakes each region once.
+// fallback records that the WS could not be used (or not wholly) and why.
+func (s *server) fallback(err error) {
+	r := s.r
+	r.mu.Lock()
+	r.stats.PrefetchFallback = true
+	r.mu.Unlock()
+	r.log.Warn("working set unusable: serving the rest lazily", "path", r.cfg.WorkingSet, "err", err)
+	if r.obs != nil {
+		r.obs.m.fallbacks.Inc()
+	}
+}
+
+// install copies the WS into the peer chunk by chunk as the fetcher
+// verifies them: one UFFDIO_COPY (DONTWAKE) per run or part of a run within
+// a chunk, then one UFFDIO_WAKE per region. A chunk that fails its checksum
+// (or a read error) stops the install: the chunks installed before it were
+// verified, everything else is served lazily from the memory file.
 func (s *server) install() error {
 	r := s.r
+	f := s.fetch
+	t0 := time.Now()
+	var pages int64
+	var wait time.Duration
+	var runs int64
+	defer func() {
+		fetched, direct := f.result()
+		d := time.Since(t0)
+		r.mu.Lock()
+		r.stats.FetchState, r.stats.InstallWS, r.stats.InstallWait = fetched, d, wait
+		r.stats.RecPages, r.stats.RecRegions, r.stats.DirectRead = pages, runs, direct
+		r.stats.BytesRead += int64(f.size)
+		r.mu.Unlock()
+		if r.obs != nil {
+			r.obs.bytesRead.Add(float64(f.size))
+			r.obs.m.stageTime.WithLabelValues("FetchState").Observe(fetched.Seconds())
+			r.obs.m.stageTime.WithLabelValues("InstallWS").Observe(d.Seconds())
+		}
+		f.close()
+		s.fetch = nil
+	}()
+	tw := time.Now()
+	m, err := f.waitMeta()
+	wait += time.Since(tw)
+	if err != nil {
+		s.fallback(err)
+		return nil
+	}
 	for _, reg := range s.regions {
-		if s.ws.PageSize != reg.PageSize {
-			r.log.Warn("working set page size differs from the region's: serving lazily",
-				"ws_page_size", s.ws.PageSize, "region_page_size", reg.PageSize)
-			r.mu.Lock()
-			r.stats.PrefetchFallback = true
-			r.mu.Unlock()
+		if m.pageSize != reg.PageSize {
+			s.fallback(fmt.Errorf("working set page size %d differs from the region's %d", m.pageSize, reg.PageSize))
 			return nil
 		}
 	}
-	t0 := time.Now()
-	var at uint64 // offset of the run's bytes in ws.Data
-	var pages int64
-	for _, run := range s.ws.Runs {
-		for _, reg := range s.regions {
-			lo, hi := max(run.Offset, reg.Offset), min(run.Offset+run.Length, reg.Offset+reg.Size)
-			if lo >= hi {
-				continue
-			}
-			first := (lo - reg.Offset) / reg.PageSize
-			last := (hi - reg.Offset) / reg.PageSize
-			src := uintptr(unsafe.Pointer(&s.ws.Data[at+(lo-run.Offset)]))
-			_, _, err := s.fill(reg, first, last, src, false, uffd.ModeDontWake, func(p, n uint64) {
-				for i := p; i < p+n; i++ {
-					reg.inWS.set(i)
-				}
-			})
+	if m.version != wsVersion {
+		r.log.Info("working set file is version 1: verified only once wholly read, installed after that; record it again for streamed verification",
+			"path", r.cfg.WorkingSet)
+	}
+	data := f.data()
+	ri, inRun := 0, uint64(0) // current run and bytes of it installed
+	var at uint64             // data bytes installed
+	for k := range m.chunks() {
+		tw := time.Now()
+		err := f.wait(k)
+		wait += time.Since(tw)
+		if err != nil {
+			s.fallback(err)
+			break
+		}
+		_, hi := m.chunkRange(k)
+		if hi < m.dataLen {
+			hi -= hi % m.pageSize // a page split across chunks goes with the later one
+		}
+		for at < hi {
+			run := m.runs[ri]
+			n := min(run.Length-inRun, hi-at)
+			got, err := s.installRange(run.Offset+inRun, n, uintptr(unsafe.Pointer(&data[m.dataOff+at])))
+			pages += got
 			if err != nil {
 				return err
 			}
-			pages += int64(last - first)
+			at += n
+			if inRun += n; inRun == run.Length {
+				ri, inRun = ri+1, 0
+				runs++
+			}
 		}
-		at += run.Length
 	}
 	for _, reg := range s.regions {
 		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr), reg.Size); err != nil {
 			return err
 		}
 	}
-	d := time.Since(t0)
-	r.mu.Lock()
-	r.stats.InstallWS = d
-	r.stats.RecPages, r.stats.RecRegions = pages, int64(len(s.ws.Runs))
-	r.mu.Unlock()
-	if r.obs != nil {
-		r.obs.m.stageTime.WithLabelValues("InstallWS").Observe(d.Seconds())
-	}
-	s.wsBuf.release()
-	s.wsBuf, s.ws = nil, nil
 	return nil
+}
+
+// installRange installs memory-file bytes [off, off+n), whose contents are
+// at src, into every region that maps them (DONTWAKE), and returns the
+// pages installed.
+func (s *server) installRange(off, n uint64, src uintptr) (int64, error) {
+	var pages int64
+	for _, reg := range s.regions {
+		lo, hi := max(off, reg.Offset), min(off+n, reg.Offset+reg.Size)
+		if lo >= hi {
+			continue
+		}
+		first := (lo - reg.Offset) / reg.PageSize
+		last := (hi - reg.Offset) / reg.PageSize
+		_, _, err := s.fill(reg, first, last, src+uintptr(lo-off), false, uffd.ModeDontWake, func(p, n uint64) {
+			for i := p; i < p+n; i++ {
+				reg.inWS.set(i)
+			}
+		})
+		if err != nil {
+			return pages, err
+		}
+		pages += int64(last - first)
+	}
+	return pages, nil
 }
 
 // fill installs the pages [first, last) of reg that are not present: pages
