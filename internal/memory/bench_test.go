@@ -90,6 +90,8 @@ func dropCache(b *testing.B, path string) {
 //	       each 1 MiB chunk verified and installed as it arrives
 //	floor: a minimal serial loop: one pread of the WS file + one UFFDIO_COPY
 //	       per run (read + install, no checksum)
+//	reap-early: the same with RestoreConfig.EarlyResume (the child touches
+//	       pages while the WS streams in)
 //	read:  one O_DIRECT pread of the WS file alone (what FetchState — read
 //	       and verify — is compared with: fetch/read)
 //
@@ -159,6 +161,7 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 
 	// Medians over the iterations: the machine is shared, and a mean is
 	// dragged by whichever restore another process happened to stall.
+	var earlyT, waits []float64
 	var lazyT, reapT, floorT, install, fetch, lazyReap, reapFloor, lazyFloor, rawRead, fetchRead, wait []float64
 	var lat []time.Duration
 	ms := func(r childResult) float64 { return float64(r.AttachNS+r.TouchNS) / 1e6 }
@@ -174,10 +177,19 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 		reapT = append(reapT, ms(res))
 		install = append(install, float64(st.InstallWS)/1e6)
 		fetch = append(fetch, float64(st.FetchState)/1e6)
-		wait = append(wait, float64(st.InstallWait)/1e6)
+		wait = append(wait, float64(st.InstallWS-st.InstallBusy)/1e6)
 		if st.PrefetchFallback || st.Unique != 0 {
 			b.Fatalf("prefetch: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
 		}
+
+		ec := cfg("reap-early", ModePrefetch)
+		ec.EarlyResume = true
+		res, st = restore(ec)
+		earlyT = append(earlyT, ms(res))
+		if st.PrefetchFallback || st.Unique != 0 {
+			b.Fatalf("prefetch, early resume: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
+		}
+		waits = append(waits, float64(st.WSWaits))
 
 		if drop {
 			dropCache(b, wsPath)
@@ -215,6 +227,8 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 		reapRead[i] = reapT[i] / rawRead[i]
 	}
 	b.ReportMetric(median(reapRead), "reap/read")
+	b.ReportMetric(median(earlyT), "reap-early-ms")
+	b.ReportMetric(median(waits), "early-ws-waits")
 	b.ReportMetric(median(lazyT)*1e3/benchWS, "lazy-µs/page")
 	s := Stats{FaultLatency: lat}
 	b.ReportMetric(float64(s.Percentile(50))/1e3, "fault-p50-µs")

@@ -3,6 +3,7 @@ package memory
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,36 +42,52 @@ type fetcher struct {
 	stop    atomic.Bool
 	wg      sync.WaitGroup
 	t0      time.Time
+	key     fetchKey
+	refs    int // restores using it; guarded by the Manager's mu
 
-	mu       sync.Mutex
-	cond     *sync.Cond
-	done     []bool // per block
-	read     uint64 // bytes [0, read) are read
-	meta     *wsMeta
-	verified int   // data chunks verified
-	err      error // first read or verification error: nothing after it is valid
-	fetched  time.Duration
-	direct   bool // some block was read with O_DIRECT
+	mu        sync.Mutex
+	cond      *sync.Cond
+	done      []bool // per block
+	read      uint64 // bytes [0, read) are read
+	meta      *wsMeta
+	verified  int       // data chunks verified
+	err       error     // first read or verification error: nothing after it is valid
+	subs      []int     // eventfds written on progress (a chunk verified, the metadata parsed, an error)
+	fetchedAt time.Time // when the last chunk was verified or the fetch failed
+	direct    bool      // some block was read with O_DIRECT
 }
 
-// startFetch opens path and starts reading it in the background.
-func startFetch(path string, memSize uint64, pool *bufPool, block uint64, readers int) (*fetcher, error) {
+// fetchKey identifies one version of a WS file: restores that prefetch
+// the same file at the same time share one read (Manager.fetch).
+type fetchKey struct {
+	dev, ino      uint64
+	size, mtimeNS int64
+	memSize       uint64
+}
+
+// openWorkingSet opens path for reading and returns its identity.
+func openWorkingSet(path string, memSize uint64) (int, fetchKey, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open working set %s: %w", path, err)
+		return -1, fetchKey{}, fmt.Errorf("open working set %s: %w", path, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("stat working set %s: %w", path, err)
+		return -1, fetchKey{}, fmt.Errorf("stat working set %s: %w", path, err)
 	}
 	if st.Size < wsHeaderSize {
 		unix.Close(fd)
-		return nil, fmt.Errorf("%w: %s has %d bytes, shorter than the %d-byte header", ErrBadWorkingSet, path, st.Size, wsHeaderSize)
+		return -1, fetchKey{}, fmt.Errorf("%w: %s has %d bytes, shorter than the %d-byte header", ErrBadWorkingSet, path, st.Size, wsHeaderSize)
 	}
-	f := &fetcher{path: path, memSize: memSize, size: uint64(st.Size), fd: fd, dfd: -1, block: block, t0: time.Now()}
+	return fd, fetchKey{dev: st.Dev, ino: st.Ino, size: st.Size, mtimeNS: st.Mtim.Nano(), memSize: memSize}, nil
+}
+
+// startFetch starts reading the file open at fd (path) in the background.
+func startFetch(path string, fd int, key fetchKey, pool *bufPool, block uint64, readers int) (*fetcher, error) {
+	f := &fetcher{path: path, memSize: key.memSize, size: uint64(key.size), fd: fd, dfd: -1, block: block, t0: time.Now(), key: key}
 	f.cond = sync.NewCond(&f.mu)
-	if !cached(fd, int(st.Size)) {
+	if !cached(fd, int(key.size)) {
 		if dfd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECT, 0); err == nil {
 			f.dfd = dfd
 		}
@@ -91,6 +108,46 @@ func startFetch(path string, memSize uint64, pool *bufPool, block uint64, reader
 	f.wg.Add(1)
 	go f.verify()
 	return f, nil
+}
+
+// notifyLocked tells every subscriber that something changed; f.mu is held.
+func (f *fetcher) notifyLocked() {
+	f.cond.Broadcast()
+	var one [8]byte
+	one[0] = 1
+	for _, fd := range f.subs {
+		unix.Write(fd, one[:]) // an eventfd: never blocks (counter), never short
+	}
+}
+
+// subscribe makes fd (an eventfd) readable on every change; unsubscribe
+// stops that.
+func (f *fetcher) subscribe(fd int) {
+	f.mu.Lock()
+	f.subs = append(f.subs, fd)
+	f.notifyLocked() // whatever happened before counts as news
+	f.mu.Unlock()
+}
+
+func (f *fetcher) unsubscribe(fd int) {
+	f.mu.Lock()
+	f.subs = slices.DeleteFunc(f.subs, func(x int) bool { return x == fd })
+	f.mu.Unlock()
+}
+
+// progress returns what is known now: the metadata (nil until parsed), the
+// number of chunks verified, and the error that stopped the fetch.
+func (f *fetcher) progress() (*wsMeta, int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.meta, f.verified, f.err
+}
+
+// failed reports whether reading or verification failed.
+func (f *fetcher) failed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err != nil
 }
 
 func (f *fetcher) closeFDs() {
@@ -125,7 +182,11 @@ func (f *fetcher) reader() {
 				f.read = min((k+1)*f.block, f.size)
 			}
 		}
-		f.cond.Broadcast()
+		if err != nil {
+			f.notifyLocked()
+		} else {
+			f.cond.Broadcast() // the verifier; subscribers hear of verified chunks
+		}
 		f.mu.Unlock()
 		if err != nil {
 			return
@@ -196,8 +257,8 @@ func (f *fetcher) verify() {
 		if f.err == nil {
 			f.err = err
 		}
-		f.fetched = time.Since(f.t0)
-		f.cond.Broadcast()
+		f.fetchedAt = time.Now()
+		f.notifyLocked()
 		f.mu.Unlock()
 	}
 	b := f.buf.b
@@ -230,7 +291,7 @@ func (f *fetcher) verify() {
 	}
 	f.mu.Lock()
 	f.meta = m
-	f.cond.Broadcast()
+	f.notifyLocked()
 	f.mu.Unlock()
 	for k := range m.chunks() {
 		_, hi := m.chunkRange(k)
@@ -251,38 +312,11 @@ func (f *fetcher) verify() {
 		f.mu.Lock()
 		f.verified = k + 1
 		if f.verified == m.chunks() {
-			f.fetched = time.Since(f.t0)
+			f.fetchedAt = time.Now()
 		}
-		f.cond.Broadcast()
+		f.notifyLocked()
 		f.mu.Unlock()
 	}
-}
-
-// waitMeta returns the parsed metadata once it is read and valid.
-func (f *fetcher) waitMeta() (*wsMeta, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for f.meta == nil && f.err == nil {
-		f.cond.Wait()
-	}
-	if f.meta == nil {
-		return nil, f.errLocked()
-	}
-	return f.meta, nil
-}
-
-// wait returns once data chunk k is verified, or with the error that
-// stopped reading or verification before it.
-func (f *fetcher) wait(k int) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for f.verified <= k && f.err == nil {
-		f.cond.Wait()
-	}
-	if f.verified > k {
-		return nil
-	}
-	return f.errLocked()
 }
 
 func (f *fetcher) errLocked() error {
@@ -295,13 +329,20 @@ func (f *fetcher) errLocked() error {
 // data returns the file's bytes; valid up to what wait/waitMeta confirmed.
 func (f *fetcher) data() []byte { return f.buf.b }
 
-// result returns how long reading and verifying took (until the last chunk
-// was verified or the fetch failed; 0 while it runs) and whether O_DIRECT
-// was used.
-func (f *fetcher) result() (time.Duration, bool) {
+// result returns how long reading and verifying took from since (a
+// restore's start; a restore that joined a fetch in progress waited only
+// for its rest) until the last chunk was verified or the fetch failed (0
+// while it runs), and whether O_DIRECT was used.
+func (f *fetcher) result(since time.Time) (time.Duration, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.fetched, f.direct
+	if f.fetchedAt.IsZero() {
+		return 0, f.direct
+	}
+	if since.Before(f.t0) {
+		since = f.t0
+	}
+	return max(f.fetchedAt.Sub(since), 0), f.direct
 }
 
 // close stops the readers, waits for them and releases the buffer.

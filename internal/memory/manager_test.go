@@ -279,6 +279,11 @@ func TestRecordThenPrefetch(t *testing.T) {
 		t.Fatalf("WS holds %d pages in %d runs, want %d in %d", ws.Pages(), len(ws.Runs), touched, rst.RecRegions)
 	}
 
+	early := e.cfg("prefetch-early", ModePrefetch)
+	early.EarlyResume = true
+	if _, est := e.run(t, early, ops); est.PrefetchFallback || est.Unique != 0 || est.RecPages != touched {
+		t.Errorf("early resume: fallback %v, Unique %d, RecPages %d (want %d)", est.PrefetchFallback, est.Unique, est.RecPages, touched)
+	}
 	pst := func() Stats { _, s := e.run(t, e.cfg("prefetch", ModePrefetch), ops); return s }()
 	if pst.PrefetchFallback {
 		t.Fatal("prefetch fell back to lazy")
@@ -360,9 +365,14 @@ func TestPrefetchDetectsLaterCorruption(t *testing.T) {
 		name      string
 		at        int
 		installed int64 // pages installed before the damage is found
+		early     bool
 	}{
-		{"data byte in chunk 9", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096},
-		{"run table", wsHeaderSize + 3, 0},
+		{"data byte in chunk 9", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096, false},
+		{"run table", wsHeaderSize + 3, 0, false},
+		// The guest already runs while the WS is read: its faults on pages
+		// of the damaged chunk and after it are served lazily.
+		{"data byte in chunk 9, early resume", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096, true},
+		{"run table, early resume", wsHeaderSize + 3, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := slices.Clone(good)
@@ -372,7 +382,9 @@ func TestPrefetchDetectsLaterCorruption(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { os.WriteFile(wsPath, good, 0o600) })
-			_, st := e.run(t, e.cfg("flipped", ModePrefetch), ops) // fails on any wrong byte
+			cfg := e.cfg("flipped", ModePrefetch)
+			cfg.EarlyResume = tc.early
+			_, st := e.run(t, cfg, ops) // fails on any wrong byte
 			if !st.PrefetchFallback {
 				t.Fatal("flipped byte not detected")
 			}
@@ -794,6 +806,58 @@ func TestConcurrentRestoresIsolated(t *testing.T) {
 			}
 		})
 	})
+}
+
+// TestSimultaneousPrefetchesShareOneRead: restores of one snapshot started
+// together read its WS file once; each gets every byte right, and a later
+// restore reads the file again.
+func TestSimultaneousPrefetchesShareOneRead(t *testing.T) {
+	e := newEnv(t)
+	ops := seqOps(100, 2000)
+	e.run(t, e.cfg("rec", ModeRecord), ops)
+	const n = 4
+	var rs []*Restore
+	for i := range n {
+		cfg := e.cfg(fmt.Sprintf("shared%d", i), ModePrefetch)
+		cfg.EarlyResume = i%2 == 1
+		r, err := e.mgr.Start(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		rs = append(rs, r)
+	}
+	var cs []*child
+	for _, r := range rs {
+		cs = append(cs, startChild(t, childConfig{Socket: r.cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096, Ops: ops}))
+	}
+	shared := 0
+	var read int64
+	for i, c := range cs {
+		res := c.result(t)
+		<-rs[i].Done()
+		if res.Mismatches != 0 {
+			t.Fatalf("restore %d: %d wrong pages; first: %s", i, res.Mismatches, res.First)
+		}
+		st := rs[i].Stats()
+		if st.PrefetchFallback || st.Unique != 0 || st.RecPages != 2000 {
+			t.Errorf("restore %d: fallback %v, Unique %d, RecPages %d", i, st.PrefetchFallback, st.Unique, st.RecPages)
+		}
+		if st.SharedFetch {
+			shared++
+		}
+		read += st.BytesRead
+	}
+	fi, err := os.Stat(e.cfg("", ModePrefetch).WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if shared != n-1 || read != fi.Size() {
+		t.Errorf("%d of %d restores shared a read, %d bytes read in all; want %d and one file of %d bytes", shared, n, read, n-1, fi.Size())
+	}
+	if _, st := e.run(t, e.cfg("later", ModePrefetch), ops); st.SharedFetch || st.BytesRead != fi.Size() {
+		t.Errorf("a later restore: shared %v, read %d bytes; want its own read", st.SharedFetch, st.BytesRead)
+	}
 }
 
 // TestHammerFaultsAndRemoves: concurrent faults from 4 threads while a 5th

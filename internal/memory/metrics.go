@@ -21,13 +21,19 @@ type Stats struct {
 	FetchState time.Duration
 	// InstallWS: installing the WS, from the handshake until the wake
 	// after the last chunk (UFFDIO_COPY per run and chunk, UFFDIO_WAKE);
-	// it includes InstallWait.
+	// with RestoreConfig.EarlyResume it runs while the sandbox does.
 	InstallWS time.Duration
-	// InstallWait: the part of InstallWS spent waiting for chunks still
-	// being read or verified.
-	InstallWait time.Duration
+	// InstallBusy: the part of InstallWS spent installing (the rest is
+	// waiting for chunks still being read or verified).
+	InstallBusy time.Duration
+	// WSWaits: faults on working-set pages not installed yet, which waited
+	// for their chunk (EarlyResume); not counted in Faults or Unique.
+	WSWaits int64
 	// DirectRead: the WS file was read with O_DIRECT.
 	DirectRead bool
+	// SharedFetch: the restore joined a read of the same WS file already
+	// in progress for a simultaneous restore (it read nothing itself).
+	SharedFetch bool
 	// ServeUnique: total service time of the faults served lazily.
 	ServeUnique time.Duration
 
@@ -87,7 +93,7 @@ func (s Stats) Stages() map[string]time.Duration {
 func (s Stats) Pages() map[string]int64 {
 	return map[string]int64{
 		"RecPages": s.RecPages, "RecRegions": s.RecRegions, "Unique": s.Unique,
-		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead,
+		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead, "WSWaits": s.WSWaits,
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,10 +48,13 @@ func evict(b *testing.B, paths ...string) {
 type coldStats struct {
 	lat                                      []time.Duration
 	faults, unique, recPages, ready, zeroPgs int64
+	wsWaits                                  int64
 	n                                        int64
 	stages                                   map[string]time.Duration
 	toReady                                  time.Duration // start → sandbox returned (before the first call)
 	firstCall                                time.Duration // dial + first call
+	secondCall                               time.Duration // dial + a second call on the same instance (not part of the cold start)
+	firstFlt, secondFlt                      int64         // the worker's minor page faults during those calls
 }
 
 func (c *coldStats) report(b *testing.B) {
@@ -63,9 +68,13 @@ func (c *coldStats) report(b *testing.B) {
 	b.ReportMetric(float64(c.faults)/float64(c.n), "faults/op")
 	b.ReportMetric(float64(c.unique)/float64(c.n), "unique/op")
 	b.ReportMetric(float64(c.recPages)/float64(c.n), "ws-pages/op")
+	b.ReportMetric(float64(c.wsWaits)/float64(c.n), "ws-waits/op")
 	b.ReportMetric(float64(c.ready)/float64(c.n), "ready-worker/op")
 	b.ReportMetric(float64(c.toReady.Microseconds())/1000/float64(c.n), "ready-ms")
 	b.ReportMetric(float64(c.firstCall.Microseconds())/1000/float64(c.n), "first-call-ms")
+	b.ReportMetric(float64(c.secondCall.Microseconds())/1000/float64(c.n), "second-call-ms")
+	b.ReportMetric(float64(c.firstFlt)/float64(c.n), "first-call-minflt")
+	b.ReportMetric(float64(c.secondFlt)/float64(c.n), "second-call-minflt")
 	for _, k := range []string{"CheckSnapshot", "MemoryStart", "WorkerStart", "Worker", "TakeWorker", "FetchState", "InstallWS", "LoadMemory", "Instantiate", "Initialize"} {
 		if d, ok := c.stages[k]; ok {
 			b.ReportMetric(float64(d.Microseconds())/1000/float64(c.n), k+"-ms")
@@ -114,7 +123,7 @@ func BenchmarkColdStart(b *testing.B) {
 			if pool == 0 {
 				poolName = "nopool"
 			}
-			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-replay", "warm"} {
+			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-wait", "reap-replay", "warm"} {
 				b.Run(fmt.Sprintf("%s/%s/%s", fn, mode, poolName), func(b *testing.B) {
 					if mode == "warm" && pool == 0 {
 						b.Skip("warm does not depend on the pool")
@@ -172,11 +181,15 @@ func BenchmarkColdStart(b *testing.B) {
 						case "lazy":
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
 						default:
+							e.b.cfg.PrefetchBeforeResume = mode == "reap-wait"
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryPrefetch, WorkingSet: ws})
+							e.b.cfg.PrefetchBeforeResume = false
 						}
 						if err != nil {
 							b.Fatalf("%s: %v", mode, err)
 						}
+						pid := sb.(*Sandbox).Pid()
+						f0 := minorFaults(pid)
 						t1 := time.Now()
 						got, err := call(ctx, sb.Endpoint(), payload)
 						d := time.Since(t0)
@@ -186,11 +199,20 @@ func BenchmarkColdStart(b *testing.B) {
 						if err != nil || got != want[payload] {
 							b.Fatalf("%s: first call = %q, %v; want %q", mode, got, err, want[payload])
 						}
+						f1 := minorFaults(pid)
+						t2 := time.Now()
+						if got, err := call(ctx, sb.Endpoint(), payload); err != nil || got != want[payload] {
+							b.Fatalf("%s: second call = %q, %v", mode, got, err)
+						}
+						cs.secondCall += time.Since(t2)
+						cs.firstFlt += f1 - f0
+						cs.secondFlt += minorFaults(pid) - f1
 						cs.lat = append(cs.lat, d)
 						st := sb.(sandbox.RestoreReporter).RestoreStats()
 						cs.faults += st.Pages["Faults"]
 						cs.unique += st.Pages["Unique"]
 						cs.recPages += st.Pages["RecPages"]
+						cs.wsWaits += st.Pages["WSWaits"]
 						cs.ready += st.Pages["ReadyWorker"]
 						if cs.stages == nil {
 							cs.stages = map[string]time.Duration{}
@@ -274,6 +296,26 @@ func BenchmarkFloor(b *testing.B) {
 			}
 		}
 	})
+}
+
+// minorFaults returns the process's minor page faults so far
+// (/proc/<pid>/stat field 10), -1 if unreadable.
+func minorFaults(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return -1
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return -1
+	}
+	f := strings.Fields(s[i+1:]) // f[0] is field 3 (state)
+	if len(f) < 8 {
+		return -1
+	}
+	n, _ := strconv.ParseInt(f[7], 10, 64)
+	return n
 }
 
 // fadviseFD opens path for an fadvise call; the descriptor is closed when
