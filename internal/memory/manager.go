@@ -392,7 +392,7 @@ func (r *Restore) FinishRecord(ctx context.Context) error {
 	r.spans = nil
 	r.mu.Unlock()
 
-	runs, err := writeWorkingSet(r.cfg.WorkingSet, r.memFile, ps, r.memSize, spans)
+	runs, zeros, err := writeWorkingSet(r.cfg.WorkingSet, r.memFile, ps, r.memSize, spans)
 	if err != nil {
 		return fmt.Errorf("finish recording %q: %w", r.cfg.ID, err)
 	}
@@ -408,7 +408,7 @@ func (r *Restore) FinishRecord(ctx context.Context) error {
 	r.mu.Lock()
 	r.stats.RecPages, r.stats.RecRegions = pages, int64(len(runs))
 	r.mu.Unlock()
-	r.log.Info("working set recorded", "path", r.cfg.WorkingSet, "pages", pages, "runs", len(runs))
+	r.log.Info("working set recorded", "path", r.cfg.WorkingSet, "pages", pages, "runs", len(runs), "zero_pages", zeros)
 	return nil
 }
 

@@ -23,6 +23,9 @@ type Stats struct {
 	// after the last chunk (UFFDIO_COPY per run and chunk, UFFDIO_WAKE);
 	// with RestoreConfig.EarlyResume it runs while the sandbox does.
 	InstallWS time.Duration
+	// PrefetchWS: from the start of the restore until the last chunk was
+	// installed (or the install stopped): the whole prefetch, overlapped.
+	PrefetchWS time.Duration
 	// InstallBusy: the part of InstallWS spent installing (the rest is
 	// waiting for chunks still being read or verified).
 	InstallBusy time.Duration

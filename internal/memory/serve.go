@@ -350,6 +350,7 @@ func (s *server) endInstall(fetchErr error) error {
 	d := time.Since(in.t0)
 	r.mu.Lock()
 	r.stats.FetchState, r.stats.InstallWS, r.stats.InstallBusy = fetched, d, in.busy
+	r.stats.PrefetchWS = time.Since(s.t0)
 	r.stats.RecPages, r.stats.RecRegions, r.stats.DirectRead = in.pages, in.runs, direct
 	shared := r.stats.SharedFetch
 	if !shared {

@@ -309,7 +309,7 @@ func alignUp(n, a uint64) uint64 { return (n + a - 1) / a * a }
 // reads the runs' bytes from mem, then writes a temporary file next to path,
 // fsyncs it, renames it over path and fsyncs the directory. It returns the
 // runs written.
-func writeWorkingSet(path string, mem *os.File, pageSize, memSize uint64, spans []span) ([]Run, error) {
+func writeWorkingSet(path string, mem *os.File, pageSize, memSize uint64, spans []span) ([]Run, int, error) {
 	runs := mergeSpans(spans)
 	var total uint64
 	for _, r := range runs {
@@ -319,15 +319,21 @@ func writeWorkingSet(path string, mem *os.File, pageSize, memSize uint64, spans 
 	var at uint64
 	for _, r := range runs {
 		if _, err := mem.ReadAt(data[at:at+r.Length], int64(r.Offset)); err != nil {
-			return nil, fmt.Errorf("read run [%#x, +%#x) of %s: %w", r.Offset, r.Length, mem.Name(), err)
+			return nil, 0, fmt.Errorf("read run [%#x, +%#x) of %s: %w", r.Offset, r.Length, mem.Name(), err)
 		}
 		at += r.Length
 	}
+	zeros := 0
+	for p := 0; p+int(pageSize) <= len(data); p += int(pageSize) {
+		if allZero(data[p : p+int(pageSize)]) {
+			zeros++
+		}
+	}
 	img := EncodeWorkingSet(pageSize, memSize, runs, data)
 	if err := writeFileAtomic(path, func(w io.Writer) error { _, err := w.Write(img); return err }); err != nil {
-		return nil, fmt.Errorf("write working set: %w", err)
+		return nil, 0, fmt.Errorf("write working set: %w", err)
 	}
-	return runs, nil
+	return runs, zeros, nil
 }
 
 // writeTrace writes the fault-order trace CSV: "seq,offset,length".
@@ -463,4 +469,13 @@ func cached(fd, size int) bool {
 		return false
 	}
 	return st.Cache*uint64(os.Getpagesize()) >= uint64(size)
+}
+
+func allZero(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -55,6 +55,7 @@ type coldStats struct {
 	firstCall                                time.Duration // dial + first call
 	secondCall                               time.Duration // dial + a second call on the same instance (not part of the cold start)
 	firstFlt, secondFlt                      int64         // the worker's minor page faults during those calls
+	prefetch, floor, rawRead, busy           []float64     // REAP: ms from Restore to the WS installed; raw read + install ioctls; raw read
 }
 
 func (c *coldStats) report(b *testing.B) {
@@ -75,6 +76,16 @@ func (c *coldStats) report(b *testing.B) {
 	b.ReportMetric(float64(c.secondCall.Microseconds())/1000/float64(c.n), "second-call-ms")
 	b.ReportMetric(float64(c.firstFlt)/float64(c.n), "first-call-minflt")
 	b.ReportMetric(float64(c.secondFlt)/float64(c.n), "second-call-minflt")
+	if len(c.prefetch) > 0 {
+		ratio := make([]float64, len(c.prefetch))
+		for i := range ratio {
+			ratio[i] = c.prefetch[i] / c.floor[i]
+		}
+		b.ReportMetric(medianF(c.prefetch), "restore-ms")
+		b.ReportMetric(medianF(c.rawRead), "floor-read-ms")
+		b.ReportMetric(medianF(c.busy), "install-busy-ms")
+		b.ReportMetric(medianF(ratio), "restore/floor")
+	}
 	for _, k := range []string{"CheckSnapshot", "MemoryStart", "WorkerStart", "Worker", "TakeWorker", "FetchState", "InstallWS", "LoadMemory", "Instantiate", "Initialize"} {
 		if d, ok := c.stages[k]; ok {
 			b.ReportMetric(float64(d.Microseconds())/1000/float64(c.n), k+"-ms")
@@ -220,6 +231,21 @@ func BenchmarkColdStart(b *testing.B) {
 						for k, v := range st.Stages {
 							cs.stages[k] += v
 						}
+						if sb, ok := sb.(*Sandbox); ok && sb.mem != nil && strings.HasPrefix(mode, "reap") {
+							ms := sb.mem.Stats()
+							for deadline := time.Now().Add(5 * time.Second); ms.PrefetchWS == 0 && time.Now().Before(deadline); ms = sb.mem.Stats() {
+								time.Sleep(time.Millisecond) // the install may still run (early resume)
+							}
+							// The raw floor of this restore, measured right after
+							// it: one O_DIRECT pread of the same WS file (evicted)
+							// plus the manager's own install ioctl time.
+							evict(b, ws)
+							rr := rawReadMS(b, ws)
+							cs.prefetch = append(cs.prefetch, float64(ms.PrefetchWS.Microseconds())/1000)
+							cs.rawRead = append(cs.rawRead, rr)
+							cs.busy = append(cs.busy, float64(ms.InstallBusy.Microseconds())/1000)
+							cs.floor = append(cs.floor, rr+float64(ms.InstallBusy.Microseconds())/1000)
+						}
 						cs.n++
 						if err := sb.Stop(ctx); err != nil {
 							b.Fatal(err)
@@ -296,6 +322,40 @@ func BenchmarkFloor(b *testing.B) {
 			}
 		}
 	})
+}
+
+// rawReadMS is one O_DIRECT pread of the whole file (buffered if the
+// filesystem refuses O_DIRECT), in ms.
+func rawReadMS(b *testing.B, path string) float64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := (int(fi.Size()) + 4095) &^ 4095
+	buf, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	t0 := time.Now()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.Pread(fd, buf, 0); err != nil {
+		b.Fatal(err)
+	}
+	return float64(time.Since(t0).Microseconds()) / 1000
+}
+
+func medianF(x []float64) float64 {
+	s := slices.Clone(x)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // minorFaults returns the process's minor page faults so far
