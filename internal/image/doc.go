@@ -59,10 +59,20 @@
 // components. Rejected, with an UnsafeLayerError naming the layer digest and
 // the entry path: names or link targets that are absolute or contain "..",
 // writes through a symlink that leaves the rootfs, hard links to anything
-// outside it, character and block devices, FIFOs (vhive's functions never
-// need them and they can block readers), unknown entry types, an entry larger
-// than Options.MaxEntryBytes and a layer whose uncompressed tar stream is
-// larger than Options.MaxLayerBytes.
+// outside it, character and block devices and FIFOs anywhere but below dev/
+// (a device node would hand the sandbox a host device; a FIFO can block a
+// reader), unknown entry types, an entry larger than Options.MaxEntryBytes
+// and a layer whose uncompressed tar stream is larger than
+// Options.MaxLayerBytes.
+//
+// Device nodes and FIFOs strictly below dev/ (./dev/null, ./dev/console, …,
+// as mmdebstrap, debootstrap and `docker export` write them) are skipped:
+// nothing is created for them, the rest of the layer is unpacked, and one
+// log line per layer counts and names them. Every sandbox mounts its own
+// /dev over the image's (runc and gVisor a tmpfs with the OCI default
+// devices; wasm sees no filesystem), so the image's nodes could never be
+// used. Because a skipped entry writes nothing, a layer that made dev a
+// symlink cannot redirect it. See RATIONALE.md.
 //
 // Whiteouts (.wh.<name>) remove <name> from lower layers, opaque markers
 // (.wh..wh..opq) remove a directory's lower-layer contents; neither marker is

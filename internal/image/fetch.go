@@ -406,6 +406,10 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 		if err != nil {
 			return nil, fmt.Errorf("image: %s: %w", dgst, classifyContent(err))
 		}
+		if n := len(u.skipped); n > 0 {
+			s.log.InfoContext(ctx, "image: skipped device nodes and FIFOs under /dev (every sandbox mounts its own /dev)",
+				"image", dgst, "layer", ldg.String(), "count", n, "entries", strings.Join(u.skipped[:min(n, 8)], " "))
+		}
 	}
 	if err := u.finish(); err != nil {
 		return nil, fmt.Errorf("image: %s: %w", dgst, err)

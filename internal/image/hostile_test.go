@@ -38,9 +38,15 @@ func TestHostileLayersRejected(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	chr := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "dev/mem", Mode: 0o600, Devmajor: 1, Devminor: 1}}
-	blk := entry{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "dev/sda", Mode: 0o600, Devmajor: 8}}
+	// Special files are skipped under dev/ (TestSpecialFilesUnderDevSkipped)
+	// and refused everywhere else, including as dev itself.
+	chr := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "etc/mem", Mode: 0o600, Devmajor: 1, Devminor: 1}}
+	blk := entry{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "sda", Mode: 0o600, Devmajor: 8}}
 	fifo := entry{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "run/pipe", Mode: 0o600}}
+	devItself := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "dev", Mode: 0o600, Devmajor: 1, Devminor: 3}}
+	devDotDot := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "dev/../etc/null", Mode: 0o600, Devmajor: 1, Devminor: 3}}
+	devAbs := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "/dev/null", Mode: 0o600, Devmajor: 1, Devminor: 3}}
+	devEscape := entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "dev/" + up + "/null", Mode: 0o600, Devmajor: 1, Devminor: 3}}
 
 	cases := []struct {
 		name    string
@@ -62,9 +68,13 @@ func TestHostileLayersRejected(t *testing.T) {
 		{"hardlink-through-symlink", []entry{symlink("esc", up), hardlink("h", "esc/canary")}, "h"},
 		{"whiteout-through-symlink", []entry{symlink("esc", up), file("esc/.wh.canary", "", 0o644)}, "esc/.wh.canary"},
 		{"whiteout-dotdot", []entry{file(up+"/.wh.canary", "", 0o644)}, up + "/.wh.canary"},
-		{"char-device", []entry{dir("dev/", 0o755), chr}, "dev/mem"},
-		{"block-device", []entry{blk}, "dev/sda"},
-		{"fifo", []entry{fifo}, "run/pipe"},
+		{"char-device-outside-dev", []entry{dir("etc/", 0o755), chr}, "etc/mem"},
+		{"block-device-outside-dev", []entry{blk}, "sda"},
+		{"fifo-outside-dev", []entry{fifo}, "run/pipe"},
+		{"device-as-dev", []entry{devItself}, "dev"},
+		{"device-dev-dotdot", []entry{dir("dev/", 0o755), devDotDot}, "dev/../etc/null"},
+		{"device-absolute-dev", []entry{devAbs}, "/dev/null"},
+		{"device-dev-escape", []entry{dir("dev/", 0o755), devEscape}, "dev/" + up + "/null"},
 		{"oversized-entry", []entry{file("big", big+"x", 0o644)}, "big"},
 		{"oversized-layer", []entry{
 			file("b1", big, 0o644), file("b2", big, 0o644), file("b3", big, 0o644), file("b4", big, 0o644), file("b5", big, 0o644),
@@ -119,6 +129,69 @@ func TestHostileLayersRejected(t *testing.T) {
 	if l, err := e.svc.List(ctx); err != nil || len(l) != 1 {
 		t.Errorf("List after hostile pulls = %+v, %v; want only the good image", l, err)
 	}
+}
+
+// Root filesystems made by mmdebstrap, debootstrap or `docker export` carry
+// device nodes and FIFOs under /dev. They are skipped (never created: every
+// sandbox mounts its own /dev), the rest of the layer is unpacked, and the
+// skip is logged. Even when dev is a symlink leaving the rootfs nothing is
+// written through it.
+func TestSpecialFilesUnderDevSkipped(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	var logs strings.Builder
+	e.svc.log = slog.New(slog.NewTextHandler(&logs, nil))
+	chr := func(name string, major, minor int64) entry {
+		return entry{hdr: tar.Header{Typeflag: tar.TypeChar, Name: name, Mode: 0o666, Devmajor: major, Devminor: minor}}
+	}
+	img := buildImage(t, v1.Config{},
+		layer(t, dir("./", 0o755), dir("./dev/", 0o755),
+			chr("./dev/console", 5, 1), chr("./dev/null", 1, 3), chr("./dev/zero", 1, 5),
+			entry{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/sda", Mode: 0o660, Devmajor: 8}},
+			entry{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "./dev/initctl", Mode: 0o600}},
+			dir("./dev/pts/", 0o755), symlink("./dev/fd", "/proc/self/fd"),
+			dir("./etc/", 0o755), file("./etc/hostname", "debian\n", 0o644)),
+		// A later layer that turns dev into an escaping symlink: a device
+		// under it is still only skipped.
+		layer(t, symlink("dev", up), chr("dev/canary", 1, 3)),
+	)
+	got, err := e.svc.Pull(ctx, push(t, host, "fn/rootfs:v1", img))
+	if err != nil {
+		t.Fatalf("Pull of a rootfs with /dev nodes: %v", err)
+	}
+	if s := readFile(t, filepath.Join(got.Rootfs, "etc/hostname")); s != "debian\n" {
+		t.Errorf("etc/hostname = %q", s)
+	}
+	if l, err := os.Readlink(filepath.Join(got.Rootfs, "dev")); err != nil || l != up {
+		t.Errorf("dev -> %q, %v; want the second layer's symlink", l, err)
+	}
+	e.checkCanary(t)
+	// The first layer alone: /dev holds its directories and symlinks, no nodes.
+	first := buildImage(t, v1.Config{}, layer(t, dir("dev/", 0o755),
+		chr("dev/null", 1, 3), entry{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "dev/initctl", Mode: 0o600}},
+		dir("dev/shm/", 0o1777), symlink("dev/stdin", "/proc/self/fd/0")))
+	got, err = e.svc.Pull(ctx, push(t, host, "fn/rootfs:v2", first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(filepath.Join(got.Rootfs, "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, d := range ents {
+		names = append(names, d.Name())
+	}
+	if strings.Join(names, " ") != "shm stdin" {
+		t.Errorf("dev holds %q, want only shm and stdin", names)
+	}
+	for _, want := range []string{"skipped device nodes and FIFOs under /dev", "count=5", "dev/console", "count=2"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, logs.String())
+		}
+	}
+	e.checkTmpEmpty(t)
 }
 
 // A symlink whose target is outside is fine to create, and a later entry of

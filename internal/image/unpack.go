@@ -61,6 +61,9 @@ type unpacker struct {
 	written map[string]bool
 	buf     []byte // copy buffer
 	roots   map[string]*os.Root
+	// skipped counts the device nodes and FIFOs under /dev the current
+	// layer carried and that were not created (see skipDevEntry).
+	skipped []string
 }
 
 func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
@@ -79,6 +82,7 @@ func newUnpacker(root *os.Root, maxEntry, maxLayer int64) *unpacker {
 func (u *unpacker) applyLayer(ctx context.Context, layer string, r io.Reader) error {
 	u.dirs = map[string]bool{".": true}
 	u.written = map[string]bool{}
+	u.skipped = u.skipped[:0]
 	defer u.closeDirs()
 	lr := &limitReader{r: r, n: u.maxLayer}
 	tr := tar.NewReader(lr)
@@ -149,10 +153,19 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 
 	switch hdr.Typeflag {
 	case tar.TypeReg, '\x00', tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
-	case tar.TypeChar, tar.TypeBlock:
-		return unsafe(layer, hdr, "device node", nil)
-	case tar.TypeFifo:
-		return unsafe(layer, hdr, "FIFO (not supported)", nil)
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		if skipDevEntry(p) {
+			// Root filesystems made by mmdebstrap, debootstrap or
+			// `docker export` carry /dev/null, /dev/console, … as real
+			// nodes. Every sandbox mounts its own /dev over the image's,
+			// so these are never seen: skip them (nothing is created).
+			u.skipped = append(u.skipped, p)
+			return nil
+		}
+		if hdr.Typeflag == tar.TypeFifo {
+			return unsafe(layer, hdr, "FIFO outside /dev (only /dev may hold special files; they are skipped there)", nil)
+		}
+		return unsafe(layer, hdr, "device node outside /dev (only /dev may hold device nodes; they are skipped there)", nil)
 	default:
 		return unsafe(layer, hdr, fmt.Sprintf("unsupported entry type %q", hdr.Typeflag), nil)
 	}
@@ -270,6 +283,14 @@ func (u *unpacker) apply(layer string, hdr *tar.Header, tr *tar.Reader) error {
 		}
 	}
 	return nil
+}
+
+// skipDevEntry reports whether a special file (device node or FIFO) at the
+// cleaned entry path p lies strictly below the rootfs's dev directory, where
+// the unpacker skips it. Nothing is created for a skipped entry, so a "dev"
+// that a layer made a symlink cannot redirect anything.
+func skipDevEntry(p string) bool {
+	return strings.HasPrefix(p, "dev/") && len(p) > len("dev/")
 }
 
 // replace removes what a lower layer left at p (never following a symlink

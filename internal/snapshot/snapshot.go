@@ -468,8 +468,8 @@ func (s *Store) List(ctx context.Context, function string) ([]Info, error) {
 
 // Inspect describes one snapshot.
 func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
-	if id == "" || strings.ContainsAny(id, "/\\") || strings.HasPrefix(id, ".") {
-		return Info{}, fmt.Errorf("%w: %q", ErrNotFound, id)
+	if id == "" || len(id) > 200 || strings.ContainsAny(id, "/\\\x00") || strings.HasPrefix(id, ".") {
+		return Info{}, fmt.Errorf("%w: snapshot %.80q", ErrNotFound, id)
 	}
 	dir := s.dir(id)
 	m, err := readManifest(dir)
