@@ -55,6 +55,7 @@ def _messages():
 
 def _load_handler(data_dir):
     path = os.path.join(data_dir, "handler.py")
+    sys.path.insert(0, data_dir)  # the handler's own modules
     spec = importlib.util.spec_from_file_location("handler", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["handler"] = mod
