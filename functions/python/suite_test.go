@@ -73,17 +73,44 @@ func buildSuite(t testing.TB) map[string]debimage.Image {
 			suiteErr = err
 			return
 		}
-		suiteImages = map[string]debimage.Image{}
+		// One goroutine per package set: the bases (mmdebstrap) build
+		// concurrently, the functions of one set one after another.
+		groups := map[string][]string{}
 		for _, d := range dirs {
-			start := time.Now()
-			img, err := debimage.Build(context.Background(), debimage.Options{Dir: d, OutDir: suiteOut, Formats: []build.Format{build.FormatLayout}})
+			pkgs, err := debimage.ReadPackages(filepath.Join(d, "packages"))
 			if err != nil {
-				suiteErr = err
+				suiteErr = fmt.Errorf("%s: %w", d, err)
 				return
 			}
-			t.Logf("built %s (%s) in %.1fs, base %s cached=%v", img.Ref, img.Digest, time.Since(start).Seconds(), img.BaseKey, img.BaseCached)
-			suiteImages[img.Function] = img
+			k := debimage.BaseKey(debimage.DefaultSuite, pkgs)
+			groups[k] = append(groups[k], d)
 		}
+		suiteImages = map[string]debimage.Image{}
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for _, group := range groups {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for _, d := range group {
+					start := time.Now()
+					img, err := debimage.Build(context.Background(), debimage.Options{Dir: d, OutDir: suiteOut, Formats: []build.Format{build.FormatLayout}})
+					mu.Lock()
+					if err != nil && suiteErr == nil {
+						suiteErr = err
+					}
+					if err == nil {
+						t.Logf("built %s (%s) in %.1fs, base %s cached=%v", img.Ref, img.Digest, time.Since(start).Seconds(), img.BaseKey, img.BaseCached)
+						suiteImages[img.Function] = img
+					}
+					mu.Unlock()
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
 	})
 	if suiteErr != nil {
 		t.Fatalf("build the Python suite: %v", suiteErr)
