@@ -39,7 +39,9 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	os.RemoveAll(suiteOut)
+	os.Exit(code)
 }
 
 // requiresMmdebstrap skips (fails in CI) without mmdebstrap.

@@ -511,7 +511,8 @@ func filesTar(files map[string][]byte) ([]byte, error) {
 // writeDirLayer writes the directory root as a gzip tar layer at path, in
 // lexical order, keeping modes, owners, mtimes (whole seconds), hard links,
 // symlinks and device nodes; sockets are left out. It returns the digest of
-// the compressed layer.
+// the compressed layer and writes the uncompressed one (the diff ID) to
+// path+".diffid".
 func writeDirLayer(root, path string) (string, error) {
 	f, err := os.Create(path)
 	if err != nil {
@@ -524,7 +525,8 @@ func writeDirLayer(root, path string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	tw := tar.NewWriter(zw)
+	diff := sha256.New()
+	tw := tar.NewWriter(io.MultiWriter(zw, diff))
 	links := map[[2]uint64]string{}
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -600,12 +602,86 @@ func writeDirLayer(root, path string) (string, error) {
 	if err := f.Sync(); err != nil {
 		return "", err
 	}
+	if err := os.WriteFile(path+".diffid", []byte("sha256:"+hex.EncodeToString(diff.Sum(nil))+"\n"), 0o644); err != nil {
+		return "", err
+	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil)), f.Close()
+}
+
+// fileLayer is a cached gzip layer whose digests are known, so that
+// assembling an image does not read (and gunzip) it again.
+type fileLayer struct {
+	path         string
+	digest, diff v1.Hash
+	size         int64
+}
+
+func openFileLayer(path, digest string) (*fileLayer, error) {
+	d, err := v1.NewHash(digest)
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(path + ".diffid")
+	if errors.Is(err, fs.ErrNotExist) {
+		// A base cached before diff IDs were kept: compute it once.
+		b, err = computeDiffID(path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	diff, err := v1.NewHash(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	return &fileLayer{path: path, digest: d, diff: diff, size: fi.Size()}, nil
+}
+
+func computeDiffID(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(bufio.NewReaderSize(f, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, zr); err != nil {
+		return nil, err
+	}
+	b := []byte("sha256:" + hex.EncodeToString(h.Sum(nil)) + "\n")
+	return b, os.WriteFile(path+".diffid", b, 0o644)
+}
+
+func (l *fileLayer) Digest() (v1.Hash, error)            { return l.digest, nil }
+func (l *fileLayer) DiffID() (v1.Hash, error)            { return l.diff, nil }
+func (l *fileLayer) Size() (int64, error)                { return l.size, nil }
+func (l *fileLayer) MediaType() (types.MediaType, error) { return types.OCILayer, nil }
+func (l *fileLayer) Compressed() (io.ReadCloser, error)  { return os.Open(l.path) }
+func (l *fileLayer) Uncompressed() (io.ReadCloser, error) {
+	f, err := os.Open(l.path)
+	if err != nil {
+		return nil, err
+	}
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{zr, f}, nil
 }
 
 // image assembles the two-layer image.
 func (o Options) image(base baseInfo, pkgs []string, fnLayer []byte) (v1.Image, error) {
-	bl, err := tarball.LayerFromFile(base.layer(), tarball.WithMediaType(types.OCILayer))
+	bl, err := openFileLayer(base.layer(), base.digest)
 	if err != nil {
 		return nil, fmt.Errorf("base layer: %w", err)
 	}
