@@ -141,6 +141,11 @@ func startDaemon(t *testing.T, n int, sandboxes ...string) *testDaemon {
 		Subnet:       netip.MustParsePrefix(fmt.Sprintf("10.180.%d.0/24", n)),
 		ReadyTimeout: 60 * time.Second,
 		QueueTimeout: 2 * time.Minute,
+		// wasm: a ready worker per module, and 16 pages per lazy fault (as
+		// the daemon's bench runs; 1-page faults make a lazy restore of a
+		// big heap take tens of seconds on this nested VM).
+		WasmPoolSize:   1,
+		WasmChunkPages: 16,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := daemon.New(ctx, cfg)
