@@ -141,9 +141,9 @@ func startDaemon(t *testing.T, n int, sandboxes ...string) *testDaemon {
 		Subnet:       netip.MustParsePrefix(fmt.Sprintf("10.180.%d.0/24", n)),
 		ReadyTimeout: 60 * time.Second,
 		QueueTimeout: 2 * time.Minute,
-		// wasm: a ready worker per module, and 16 pages per lazy fault (as
-		// the daemon's bench runs; 1-page faults make a lazy restore of a
-		// big heap take tens of seconds on this nested VM).
+		// wasm: a ready worker per module, and 16 pages per lazy fault
+		// (--wasm-chunk-pages 16): 1-page faults make a lazy restore of a
+		// big heap take tens of seconds on this nested VM.
 		WasmPoolSize:   1,
 		WasmChunkPages: 16,
 	}
