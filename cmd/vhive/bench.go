@@ -178,6 +178,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 		sandbox  string
 		levels   []int
 		repeats  int
+		settle   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:     "concurrency",
@@ -196,7 +197,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 			}
 			defer conn.Close()
 			opts := bench.ConcurrencyOptions{
-				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats,
+				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats, Settle: settle,
 				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
 				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -221,6 +222,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm")
 	fs.IntSliceVar(&levels, "levels", []int{1, 2, 4, 8, 16, 32, 64}, "numbers of simultaneous cold starts")
 	fs.IntVar(&repeats, "repeats", 1, "measurements per level")
+	fs.DurationVar(&settle, "settle", 0, "pause after stopping the instances before each burst (e.g. 5s: lets the daemon refill its ready-worker pools, as between bursts on a real node)")
 	c.register(fs, []string{"boot", "snapshot", "reap"})
 	return cmd
 }

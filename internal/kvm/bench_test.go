@@ -1,0 +1,177 @@
+package kvm
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/memory"
+)
+
+// BenchmarkGuestRestore restores the toucher guest's snapshot with a real
+// vCPU as the memory manager's peer, for data areas of 16, 64 and 256 MiB
+// and each page pattern, four ways per iteration, interleaved so that noise
+// from other load hits all four alike:
+//
+//	lazy:   every page the vCPU touches faults and is served from the memory file
+//	record: lazy, and the faulted pages are written as the working set
+//	reap:   prefetch mode: the WS (recorded once before timing) is read,
+//	        verified and installed before the vCPU runs
+//	floor:  no userfaultfd: the VMM itself preads the WS file (O_DIRECT when
+//	        the cache is dropped) and copies its runs into guest memory
+//
+// Each time runs from "go" (VM already built, manager listening) to the
+// guest's done exit: handshake, ack and guest run included, verification
+// (every page's hash, after the run) not. cache=dropped evicts the memory
+// file and the WS file from the page cache before each restore (vHive's
+// method); cache=warm leaves them cached. Reported values are medians.
+func BenchmarkGuestRestore(b *testing.B) {
+	requiresKVM(b)
+	for _, mib := range []int{16, 64, 256} {
+		b.Run(fmt.Sprintf("size=%dMiB", mib), func(b *testing.B) {
+			dataPages := mib << 20 / PageSize
+			fx := newFixture(b, dataPages)
+			for _, pat := range Patterns {
+				for _, drop := range []bool{true, false} {
+					cache := "dropped"
+					if !drop {
+						cache = "warm"
+					}
+					b.Run(fmt.Sprintf("pattern=%s/cache=%s", pat, cache), func(b *testing.B) {
+						benchRestore(b, fx, pat, drop)
+					})
+				}
+			}
+		})
+	}
+}
+
+func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
+	cfg := vmmConfig{Pattern: pat, Seed: 1, Output: OutputHash}
+	recWS := filepath.Join(fx.dir, "ws.rec")
+	check := func(what string, res vmmResult) vmmResult {
+		if res.Verify.Mismatches != 0 || res.Verify.Pages != res.Touched {
+			b.Fatalf("%s: %d of %d pages verified, %d mismatches; first: %s", what, res.Verify.Pages, res.Touched, res.Verify.Mismatches, res.Verify.First)
+		}
+		return res
+	}
+	restore := func(mode memory.Mode) (vmmResult, memory.Stats) {
+		c := cfg
+		ws := fx.wsPath()
+		if mode == memory.ModeRecord {
+			ws = recWS
+		}
+		if drop {
+			dropCache(b, fx.image)
+			dropCache(b, fx.wsPath())
+		}
+		res, st := fx.restoreWS(b, mode, ws, c)
+		return check(string(mode), res), st
+	}
+	var floorBuf []byte
+	floor := func() vmmResult {
+		if drop {
+			dropCache(b, fx.wsPath())
+		}
+		return check("floor", fx.floor(b, cfg, floorBuf, drop))
+	}
+	mapped := func() vmmResult {
+		if drop {
+			dropCache(b, fx.image)
+		}
+		return check("mmap", fx.mapped(b, cfg))
+	}
+
+	// The working set the prefetches install, recorded before timing; one
+	// untimed prefetch fills the manager's buffer pool, as any earlier
+	// prefetch on a running daemon would.
+	_, st := fx.restoreWS(b, memory.ModeRecord, fx.wsPath(), cfg)
+	wsPages := st.RecPages
+	restore(memory.ModePrefetch)
+	floorBuf = fx.floorBuffer(b)
+
+	var lazyT, recT, reapT, floorT, lazyReap, reapFloor, fetch, install, reapRun, floorRun []float64
+	var lazyFaults, reapFaults, mmapT []float64
+	ms := func(r vmmResult) float64 { return float64(r.AttachNS+r.RunNS) / 1e6 }
+	touched := 0
+	for b.Loop() {
+		res, st := restore(memory.ModeLazy)
+		touched = res.Touched
+		lazyT = append(lazyT, ms(res))
+		lazyFaults = append(lazyFaults, float64(st.Faults))
+
+		res, st = restore(memory.ModeRecord)
+		recT = append(recT, ms(res))
+		if st.RecPages != wsPages {
+			b.Fatalf("record: %d pages, the first record had %d", st.RecPages, wsPages)
+		}
+
+		res, st = restore(memory.ModePrefetch)
+		if st.PrefetchFallback {
+			b.Fatal("prefetch fell back to lazy serving")
+		}
+		reapT = append(reapT, ms(res))
+		reapRun = append(reapRun, float64(res.RunNS)/1e6)
+		reapFaults = append(reapFaults, float64(st.Faults))
+		fetch = append(fetch, float64(st.FetchState)/1e6)
+		install = append(install, float64(st.InstallWS)/1e6)
+
+		res = floor()
+		floorT = append(floorT, ms(res))
+		floorRun = append(floorRun, float64(res.RunNS)/1e6)
+
+		res = mapped()
+		mmapT = append(mmapT, ms(res))
+
+		i := len(lazyT) - 1
+		lazyReap = append(lazyReap, lazyT[i]/reapT[i])
+		reapFloor = append(reapFloor, reapT[i]/floorT[i])
+	}
+	b.ReportMetric(float64(touched*PageSize)/(1<<20), "touched-MiB")
+	b.ReportMetric(median(lazyT), "lazy-ms")
+	b.ReportMetric(median(recT), "record-ms")
+	b.ReportMetric(median(reapT), "reap-ms")
+	b.ReportMetric(median(floorT), "floor-ms")
+	b.ReportMetric(median(mmapT), "mmap-ms")
+	b.ReportMetric(median(lazyReap), "lazy/reap")
+	b.ReportMetric(median(reapFloor), "reap/floor")
+	b.ReportMetric(median(fetch), "fetch-ms")
+	b.ReportMetric(median(install), "install-ms")
+	b.ReportMetric(median(reapRun), "reap-run-ms")
+	b.ReportMetric(median(floorRun), "floor-run-ms")
+	b.ReportMetric(median(lazyFaults), "lazy-faults")
+	b.ReportMetric(median(reapFaults), "reap-faults")
+	b.ReportMetric(100*(1-median(reapFaults)/median(lazyFaults)), "faults-removed-%")
+	b.ReportMetric(median(lazyT)*1e3/float64(touched), "lazy-µs/page")
+}
+
+func median(x []float64) float64 {
+	s := slices.Clone(x)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// dropCache evicts path from the page cache (that file only).
+func dropCache(b *testing.B, path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		b.Fatal(err)
+	}
+}
