@@ -204,6 +204,11 @@ func (w *world) trial(i int, op string) {
 		// Every other deploy replaces a running function (redeploy with
 		// --replace into another sandbox): old or new, never none.
 		replace := false
+		if w.stats.byOp[op]%2 == 1 && w.replaceable() == nil {
+			p := &fnModel{name: fmt.Sprintf("p%d", w.seq), sandbox: "runc", mode: "boot", image: helloRef, seq: w.seq}
+			w.deploy(p)
+			w.invoke(p, true) // a running instance: the replace stops it
+		}
 		if old := w.replaceable(); old != nil && w.stats.byOp[op]%2 == 1 {
 			replace = true
 			f = &fnModel{name: old.name, sandbox: map[string]string{"runc": "gvisor", "gvisor": "runc"}[old.sandbox], mode: "boot", image: helloRef, seq: old.seq}
