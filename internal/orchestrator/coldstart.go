@@ -175,7 +175,7 @@ func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
 	// The record a restarted daemon cleans up after is a bbolt commit with
 	// fsync (tens of ms after a page cache drop on a busy disk): it is
 	// written while the function client connects and the first request
-	// runs, and the reply waits for it (stage PersistInstance: the wait).
+	// runs, and the reply waits for it.
 	go func() {
 		defer close(in.persisted)
 		f.persistInstance(in)
