@@ -15,10 +15,10 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap
 FUZZTIME     ?= 15s
 
-.PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench \
+.PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \
 	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability
 
 all: build
@@ -47,12 +47,25 @@ $(RUNSC_STAMP): tools/runsc/go.mod tools/runsc/go.sum
 build:
 	$(GO) build -o $(BIN) ./cmd/vhive
 
-## images: package the example functions as OCI images (Linux and wasm)
-images:
+## images: package the example functions as OCI images (Go: Linux and wasm;
+## Python: the CI set of functions/python, from Debian packages)
+images: images-go images-python
+
+images-go:
 	$(GO) run ./tools/mkimage -all -target both -out $(IMAGES)
 
+## images-python: the CI set of the Python suite (docs/functions.md), built
+## with mmdebstrap; bases cached under $(VHIVE_CACHE)/debimage
+images-python: deps
+	$(GO) run ./tools/mkimage -python ci -out $(IMAGES)
+
+## images-full: every Python function, including those too large for CI
+## (PyTorch, OpenCV)
+images-full: deps images-go
+	$(GO) run ./tools/mkimage -python full -out $(IMAGES)
+
 ## demo: the main job — see the README
-demo: deps runsc build images
+demo: deps runsc build images-go
 	./scripts/demo.sh
 
 vet:
