@@ -95,7 +95,7 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 	floorBuf = fx.floorBuffer(b)
 
 	var lazyT, recT, reapT, floorT, lazyReap, reapFloor, fetch, install, reapRun, floorRun []float64
-	var lazyFaults, reapFaults, mmapT []float64
+	var lazyFaults, reapFaults, mmapT, lazyPF, reapPF []float64
 	ms := func(r vmmResult) float64 { return float64(r.AttachNS+r.RunNS) / 1e6 }
 	touched := 0
 	for b.Loop() {
@@ -103,6 +103,7 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 		touched = res.Touched
 		lazyT = append(lazyT, ms(res))
 		lazyFaults = append(lazyFaults, float64(st.Faults))
+		lazyPF = append(lazyPF, float64(res.GuestPF))
 
 		res, st = restore(memory.ModeRecord)
 		recT = append(recT, ms(res))
@@ -117,6 +118,7 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 		reapT = append(reapT, ms(res))
 		reapRun = append(reapRun, float64(res.RunNS)/1e6)
 		reapFaults = append(reapFaults, float64(st.Faults))
+		reapPF = append(reapPF, float64(res.GuestPF))
 		fetch = append(fetch, float64(st.FetchState)/1e6)
 		install = append(install, float64(st.InstallWS)/1e6)
 
@@ -147,6 +149,8 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 	b.ReportMetric(median(reapFaults), "reap-faults")
 	b.ReportMetric(100*(1-median(reapFaults)/median(lazyFaults)), "faults-removed-%")
 	b.ReportMetric(median(lazyT)*1e3/float64(touched), "lazy-µs/page")
+	b.ReportMetric(median(lazyPF), "lazy-guest-pf")
+	b.ReportMetric(median(reapPF), "reap-guest-pf")
 }
 
 func median(x []float64) float64 {

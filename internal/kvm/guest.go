@@ -369,6 +369,13 @@ func (g *Guest) Memory() []byte { return g.mem }
 type RunStats struct {
 	Elapsed time.Duration // KVM_RUN entry to the done exit
 	Exits   int           // VM exits seen by the VMM (the done exit included)
+	// From KVM's vCPU statistics, when the kernel has them (else -1):
+	// KVMExits counts every exit to the hypervisor, PageFaults the guest
+	// page faults KVM took (pf_taken: under shadow paging every first touch
+	// of a page that has no shadow entry yet, whether or not the host page
+	// is present; KVM then maps up to 8 present neighbours at once).
+	KVMExits   int64
+	PageFaults int64
 }
 
 // Run runs the guest until it reports done. It returns an error if the
@@ -382,7 +389,8 @@ func (g *Guest) Run() (RunStats, error) {
 	g.ran = true
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	var st RunStats
+	st := RunStats{KVMExits: -1, PageFaults: -1}
+	before, statsErr := g.vcpu.Stats()
 	t0 := time.Now()
 	for {
 		e, err := g.vcpu.Run()
@@ -392,6 +400,10 @@ func (g *Guest) Run() (RunStats, error) {
 		st.Exits++
 		if e.Reason == ExitMMIO && e.MMIOWrite && e.MMIOAddr == ExitGPA && e.MMIOValue() == doneValue {
 			st.Elapsed = time.Since(t0)
+			if after, err := g.vcpu.Stats(); err == nil && statsErr == nil {
+				st.KVMExits = int64(after["exits"] - before["exits"])
+				st.PageFaults = int64(after["pf_taken"] - before["pf_taken"])
+			}
 			return st, nil
 		}
 		r, _ := g.vcpu.Regs()

@@ -79,7 +79,9 @@ type vmmResult struct {
 	AttachNS int64        `json:"attach_ns"` // uffd + handshake (+ ack)
 	RunNS    int64        `json:"run_ns"`    // KVM_RUN to the guest's done exit
 	Exits    int          `json:"exits"`
-	Touched  int          `json:"touched"` // pages in the guest's list
+	KVMExits int64        `json:"kvm_exits"` // -1: no KVM stats
+	GuestPF  int64        `json:"guest_pf"`  // KVM's pf_taken during the run, -1: no stats
+	Touched  int          `json:"touched"`   // pages in the guest's list
 	Verify   Verification `json:"verify"`
 }
 
@@ -149,6 +151,7 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 		return res, err
 	}
 	res.AttachNS, res.RunNS, res.Exits = int64(t1.Sub(t0)), int64(st.Elapsed), st.Exits
+	res.KVMExits, res.GuestPF = st.KVMExits, st.PageFaults
 	if res.Verify, err = g.Verify(f); err != nil {
 		return res, err
 	}
