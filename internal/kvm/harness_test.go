@@ -162,7 +162,9 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 // memory backend does: a userfaultfd (non-blocking, close-on-exec,
 // UFFD_FEATURE_EVENT_REMOVE) registered in MISSING mode over the guest
 // memory, then ONE message on the backend socket — the JSON array of
-// regions (page_size_kib, which holds bytes) with the uffd as SCM_RIGHTS —
+// regions with Firecracker's field names (page_size, and the deprecated
+// page_size_kib that despite its name holds bytes too) with the uffd as
+// SCM_RIGHTS —
 // and the vCPU resumes at once: Firecracker never reads a reply. done
 // closes the connection and the uffd.
 func firecrackerHandshake(sock string, mem []byte) (done func(), err error) {
@@ -180,7 +182,7 @@ func firecrackerHandshake(sock string, mem []byte) (done func(), err error) {
 		u.Close()
 		return nil, err
 	}
-	regions := []memory.Region{{BaseHostVirtAddr: base, Size: uint64(len(mem)), Offset: 0, PageSizeKiB: PageSize}}
+	regions := []memory.Region{{BaseHostVirtAddr: base, Size: uint64(len(mem)), Offset: 0, PageSize: PageSize, PageSizeKiB: PageSize}}
 	if err := memory.SendHandshake(conn, u.Int(), regions); err != nil {
 		conn.Close()
 		u.Close()
