@@ -76,7 +76,9 @@ everything they held is released; deployed functions remain.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&cfg.StateDir, "state-dir", "/var/lib/vhive", "directory for functions, images, snapshots and sandbox state")
-	f.StringVar(&cfg.ControlTCP, "control-tcp", "", "also serve the control API on this TCP address (no authentication; off by default)")
+	f.StringVar(&cfg.ControlTCP, "control-tcp", "", "also serve the control API on this TCP address, e.g. 127.0.0.1:3335 (off by default; needs --control-token-file)")
+	f.StringVar(&cfg.ControlTokenFile, "control-token-file", "", "file (mode 0600, at least 16 printable characters) holding the token every --control-tcp call must carry")
+	f.BoolVar(&cfg.ControlTCPInsecure, "control-tcp-insecure", false, "serve --control-tcp without a token: anyone who can connect controls the daemon")
 	f.StringVar(&cfg.Gateway, "gateway", "127.0.0.1:3334", `data-plane address (FwdGreeter + Greeter by :authority); "off" disables`)
 	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus /metrics on this address (off by default), e.g. 127.0.0.1:9090")
 	f.StringVar(&sandboxes, "sandboxes", "", "comma-separated sandboxes to enable (default gvisor,runc,wasm: those whose tools are present)")

@@ -13,9 +13,9 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/internal/api"
 )
 
 // DefaultSocket is where the daemon listens for the CLI.
@@ -23,17 +23,23 @@ const DefaultSocket = "/run/vhive/vhive.sock"
 
 // globalOpts are the flags every client command shares.
 type globalOpts struct {
-	socket string
+	socket    string
+	tokenFile string
 }
 
-// dial connects to the daemon's control socket.
+// dial connects to the daemon's control API.
 func (g *globalOpts) dial(ctx context.Context) (*grpc.ClientConn, vhivepb.ControlClient, error) {
-	if _, err := os.Stat(g.socket); err != nil {
-		return nil, nil, fmt.Errorf("vhive daemon socket %s: %w (is `vhive daemon` running? set --socket or VHIVE_SOCKET)", g.socket, err)
-	}
-	conn, err := grpc.NewClient("unix://"+g.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	t, err := api.ParseControlTarget(g.socket)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to daemon at %s: %w", g.socket, err)
+		return nil, nil, fmt.Errorf("--socket: %w", err)
+	}
+	tok, err := api.ClientToken(g.tokenFile, os.Getenv("VHIVE_TOKEN"))
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := api.DialControl(t, tok)
+	if err != nil {
+		return nil, nil, err
 	}
 	return conn, vhivepb.NewControlClient(conn), nil
 }
@@ -65,7 +71,8 @@ Start the node daemon with 'vhive daemon', then deploy and invoke functions.`,
 	if s := os.Getenv("VHIVE_SOCKET"); s != "" {
 		defSock = s
 	}
-	root.PersistentFlags().StringVar(&g.socket, "socket", defSock, "daemon control socket (env VHIVE_SOCKET)")
+	root.PersistentFlags().StringVar(&g.socket, "socket", defSock, "daemon control API: a unix socket path or tcp://HOST:PORT (env VHIVE_SOCKET)")
+	root.PersistentFlags().StringVar(&g.tokenFile, "token-file", "", "file holding the control token for tcp:// (env VHIVE_TOKEN holds the token itself)")
 	for _, add := range commands() {
 		root.AddCommand(add(g))
 	}
@@ -86,6 +93,7 @@ func commands() []func(*globalOpts) *cobra.Command {
 		newBenchCmd,
 		newInvokerCmd,
 		newDeployerCmd,
+		newClusterCmd,
 		newInternalCmd,
 		func(*globalOpts) *cobra.Command { return newPageServerCmd() },
 	}

@@ -58,12 +58,19 @@ func (s *Server) RegisterControl(g *grpc.Server) {
 	vhivepb.RegisterControlServer(g, s)
 }
 
-func specFromProto(p *vhivepb.FunctionSpec) orchestrator.FunctionSpec {
+// maxMillis bounds the millisecond fields so that converting them to a
+// time.Duration cannot overflow.
+const maxMillis = int64(orchestrator.MaxKeepalive / time.Millisecond)
+
+func specFromProto(p *vhivepb.FunctionSpec) (orchestrator.FunctionSpec, error) {
+	if ms := p.GetKeepaliveMs(); ms < 0 || ms > maxMillis {
+		return orchestrator.FunctionSpec{}, fmt.Errorf("%w: keepalive_ms %d: want 0 (the default) to %d (%s)", orchestrator.ErrInvalid, ms, maxMillis, orchestrator.MaxKeepalive)
+	}
 	return orchestrator.FunctionSpec{
 		Name: p.GetName(), Image: p.GetImage(), Sandbox: p.GetSandbox(), Port: int(p.GetPort()), Env: p.GetEnv(),
 		Keepalive: time.Duration(p.GetKeepaliveMs()) * time.Millisecond, MaxInstances: int(p.GetMaxInstances()),
 		Concurrency: int(p.GetConcurrency()), StartMode: p.GetStartMode(), MemoryMiB: p.GetMemoryLimitMib(), CPU: p.GetCpuLimit(),
-	}
+	}, nil
 }
 
 func statusToProto(st orchestrator.FunctionStatus) *vhivepb.FunctionStatus {
@@ -83,7 +90,11 @@ func (s *Server) Deploy(ctx context.Context, req *vhivepb.DeployRequest) (*vhive
 	if req.GetSpec() == nil {
 		return nil, toStatus(fmt.Errorf("%w: deploy needs a function spec", orchestrator.ErrInvalid))
 	}
-	st, err := s.orch.Deploy(ctx, specFromProto(req.GetSpec()), req.GetReplace())
+	spec, err := specFromProto(req.GetSpec())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	st, err := s.orch.Deploy(ctx, spec, req.GetReplace())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -91,6 +102,9 @@ func (s *Server) Deploy(ctx context.Context, req *vhivepb.DeployRequest) (*vhive
 }
 
 func (s *Server) Invoke(ctx context.Context, req *vhivepb.InvokeRequest) (*vhivepb.InvokeResponse, error) {
+	if ms := req.GetTimeoutMs(); ms < 0 || ms > maxMillis {
+		return nil, toStatus(fmt.Errorf("%w: timeout_ms %d: want 0 (none) to %d", orchestrator.ErrInvalid, ms, maxMillis))
+	}
 	if req.GetTimeoutMs() > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.GetTimeoutMs())*time.Millisecond)

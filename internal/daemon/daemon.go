@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -40,9 +41,17 @@ type Config struct {
 	StateDir string
 	// Socket is the control socket, created 0600. Default /run/vhive/vhive.sock.
 	Socket string
-	// ControlTCP optionally also serves the control API on a TCP address
-	// (no authentication: loopback only is advised). Off by default.
+	// ControlTCP optionally also serves the control API on a TCP address.
+	// Off by default. Every call on it must carry the token of
+	// ControlTokenFile (else Unauthenticated); without a token file the
+	// daemon refuses to start unless ControlTCPInsecure is set.
 	ControlTCP string
+	// ControlTokenFile holds the control token for ControlTCP (mode 0600 or
+	// stricter, at least 16 printable characters).
+	ControlTokenFile string
+	// ControlTCPInsecure allows ControlTCP without a token: anyone who can
+	// reach the address drives the daemon (root on this node).
+	ControlTCPInsecure bool
 	// Gateway serves the data plane (FwdGreeter, Greeter by :authority).
 	// Default 127.0.0.1:3334 (vHive's FwdGreeter port). "off" disables it.
 	Gateway string
@@ -122,6 +131,7 @@ type Daemon struct {
 	orch            *orchestrator.Orchestrator
 	registry        *prometheus.Registry
 	api             *api.Server
+	tcpAuth         *api.TokenAuth                // nil: TCP control API without a token
 	closers         []func(context.Context) error // run in reverse order on shutdown
 	closeOnce       sync.Once
 }
@@ -137,6 +147,9 @@ func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 			d.close(context.Background())
 		}
 	}()
+	if err := d.setupControlAuth(); err != nil {
+		return nil, err
+	}
 	d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
@@ -170,6 +183,9 @@ func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, err
 	}
 	if err := d.setupSnapshots(); err != nil {
+		return nil, err
+	}
+	if err := d.pruneSnapshots(ctx); err != nil {
 		return nil, err
 	}
 
@@ -210,6 +226,30 @@ func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	return d, nil
 }
 
+// setupControlAuth checks the control API options and reads the token.
+func (d *Daemon) setupControlAuth() error {
+	if strings.Contains(d.cfg.Socket, "://") {
+		return fmt.Errorf("control socket %q: the daemon's --socket is a unix socket path (serve TCP with --control-tcp)", d.cfg.Socket)
+	}
+	if d.cfg.ControlTokenFile != "" {
+		if d.cfg.ControlTCP == "" {
+			return fmt.Errorf("control token file %s given without --control-tcp (the unix socket is guarded by its 0600 mode)", d.cfg.ControlTokenFile)
+		}
+		tok, err := api.ReadTokenFile(d.cfg.ControlTokenFile)
+		if err != nil {
+			return err
+		}
+		if d.tcpAuth, err = api.NewTokenAuth(tok); err != nil {
+			return err
+		}
+		return nil
+	}
+	if d.cfg.ControlTCP != "" && !d.cfg.ControlTCPInsecure {
+		return fmt.Errorf("control API on TCP %s needs a token: pass --control-token-file (or --control-tcp-insecure to serve it to anyone who can connect)", d.cfg.ControlTCP)
+	}
+	return nil
+}
+
 // recover removes instances a previous daemon run left behind: every
 // backend cleans up by its own naming, the netpool by prefix, and the
 // instance records are reported and forgotten.
@@ -223,6 +263,30 @@ func (d *Daemon) recover(ctx context.Context) error {
 		if err := d.store.DeleteInstance(r.ID); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// pruneSnapshots removes the snapshots of functions that are not deployed:
+// a removal interrupted by a crash deletes the function record first.
+func (d *Daemon) pruneSnapshots(ctx context.Context) error {
+	if d.snaps == nil {
+		return nil
+	}
+	fns, err := d.store.Functions()
+	if err != nil {
+		return err
+	}
+	deployed := map[string]bool{}
+	for _, f := range fns {
+		deployed[f.Name] = true
+	}
+	removed, err := d.snaps.Prune(ctx, func(fn string) bool { return deployed[fn] })
+	if len(removed) > 0 {
+		d.log.Warn("removed snapshots of functions that are not deployed (an interrupted removal)", "snapshots", removed)
+	}
+	if err != nil {
+		return fmt.Errorf("prune snapshots: %w", err)
 	}
 	return nil
 }
@@ -275,20 +339,38 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	serve("control socket", func() error { return ctrl.Serve(lis) })
 	d.log.Info("control API listening", "socket", d.cfg.Socket)
 
-	var tcpLis net.Listener
+	// The TCP control API is a server of its own: its calls pass the token
+	// check, the unix socket's do not need to.
+	var ctrlTCP *grpc.Server
 	if d.cfg.ControlTCP != "" {
-		tcpLis, err = net.Listen("tcp", d.cfg.ControlTCP)
+		tcpLis, err := net.Listen("tcp", d.cfg.ControlTCP)
 		if err != nil {
 			ctrl.Stop()
 			return fmt.Errorf("listen on control TCP %s: %w", d.cfg.ControlTCP, err)
 		}
-		serve("control TCP", func() error { return ctrl.Serve(tcpLis) })
-		d.log.Warn("control API also listening on TCP without authentication", "addr", tcpLis.Addr().String())
+		var opts []grpc.ServerOption
+		if d.tcpAuth != nil {
+			opts = d.tcpAuth.ServerOptions()
+		}
+		ctrlTCP = grpc.NewServer(opts...)
+		d.api.RegisterControl(ctrlTCP)
+		serve("control TCP", func() error { return ctrlTCP.Serve(tcpLis) })
+		if d.tcpAuth != nil {
+			d.log.Info("control API also listening on TCP (token required)", "addr", tcpLis.Addr().String())
+		} else {
+			d.log.Warn("control API also listening on TCP WITHOUT authentication (--control-tcp-insecure)", "addr", tcpLis.Addr().String())
+		}
+	}
+	stopAll := func() {
+		ctrl.Stop()
+		if ctrlTCP != nil {
+			ctrlTCP.Stop()
+		}
 	}
 	if d.cfg.Gateway != "off" {
 		gl, err := net.Listen("tcp", d.cfg.Gateway)
 		if err != nil {
-			ctrl.Stop()
+			stopAll()
 			return fmt.Errorf("listen on gateway %s: %w", d.cfg.Gateway, err)
 		}
 		serve("gateway", func() error { return gw.Serve(gl) })
@@ -297,7 +379,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if d.cri != nil {
 		cl, err := cri.Listen(d.cfg.CRI.Socket)
 		if err != nil {
-			ctrl.Stop()
+			stopAll()
 			gw.Stop()
 			return fmt.Errorf("listen on CRI socket %s: %w", d.cfg.CRI.Socket, err)
 		}
@@ -308,7 +390,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if d.cfg.Metrics != "" {
 		ml, err := net.Listen("tcp", d.cfg.Metrics)
 		if err != nil {
-			ctrl.Stop()
+			stopAll()
 			gw.Stop()
 			return fmt.Errorf("listen on metrics %s: %w", d.cfg.Metrics, err)
 		}
@@ -330,13 +412,16 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	go func() {
 		gw.GracefulStop()
 		ctrl.GracefulStop()
+		if ctrlTCP != nil {
+			ctrlTCP.GracefulStop()
+		}
 		close(stopped)
 	}()
 	select {
 	case <-stopped:
 	case <-time.After(10 * time.Second):
 		gw.Stop()
-		ctrl.Stop()
+		stopAll()
 	}
 	if hs != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

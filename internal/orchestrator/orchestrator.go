@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"regexp"
 	"sort"
 	"strings"
@@ -192,6 +193,19 @@ type Result struct {
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
+// Bounds of a function spec: a request beyond them is refused as invalid,
+// so that no value can overflow a conversion or exhaust the node by itself.
+const (
+	MaxPoolSize     = 1024    // max-instances and concurrency
+	MinMemoryMiB    = 16      // smallest memory limit a function can start in
+	MaxMemoryMiB    = 1 << 20 // 1 TiB
+	MaxCPU          = 1024    // cores
+	MaxKeepalive    = 365 * 24 * time.Hour
+	MaxEnvVars      = 1024
+	MaxEnvBytes     = 256 << 10 // sum of len(key)+len(value)+2 over the environment
+	MaxImageRefSize = 4096
+)
+
 // Orchestrator runs function pools.
 type Orchestrator struct {
 	cfg Config
@@ -247,6 +261,9 @@ func (o *Orchestrator) normalize(spec *FunctionSpec) error {
 	if strings.TrimSpace(spec.Image) == "" {
 		return fmt.Errorf("%w: function %q: an image is required", ErrInvalid, spec.Name)
 	}
+	if len(spec.Image) > MaxImageRefSize || strings.ContainsFunc(spec.Image, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
+		return fmt.Errorf("%w: function %q: image reference %.80q: control characters, spaces or more than %d bytes", ErrInvalid, spec.Name, spec.Image, MaxImageRefSize)
+	}
 	if spec.Sandbox == "" {
 		spec.Sandbox = o.cfg.DefaultSandbox
 	}
@@ -266,20 +283,29 @@ func (o *Orchestrator) normalize(spec *FunctionSpec) error {
 	if spec.Keepalive < 0 {
 		return fmt.Errorf("%w: keepalive %s is negative", ErrInvalid, spec.Keepalive)
 	}
+	if spec.Keepalive > MaxKeepalive {
+		return fmt.Errorf("%w: keepalive %s exceeds the limit of %s", ErrInvalid, spec.Keepalive, MaxKeepalive)
+	}
 	if spec.MaxInstances == 0 {
 		spec.MaxInstances = o.cfg.DefaultMaxInstances
 	}
-	if spec.MaxInstances < 0 {
-		return fmt.Errorf("%w: max-instances %d is negative", ErrInvalid, spec.MaxInstances)
+	if spec.MaxInstances < 0 || spec.MaxInstances > MaxPoolSize {
+		return fmt.Errorf("%w: max-instances %d: want 1-%d", ErrInvalid, spec.MaxInstances, MaxPoolSize)
 	}
 	if spec.Concurrency == 0 {
 		spec.Concurrency = 1
 	}
-	if spec.Concurrency < 0 {
-		return fmt.Errorf("%w: concurrency %d is negative", ErrInvalid, spec.Concurrency)
+	if spec.Concurrency < 0 || spec.Concurrency > MaxPoolSize {
+		return fmt.Errorf("%w: concurrency %d: want 1-%d", ErrInvalid, spec.Concurrency, MaxPoolSize)
 	}
 	if spec.MemoryMiB == 0 {
 		spec.MemoryMiB = o.cfg.DefaultMemoryMiB
+	}
+	if spec.MemoryMiB < MinMemoryMiB || spec.MemoryMiB > MaxMemoryMiB {
+		return fmt.Errorf("%w: memory limit %d MiB: want %d-%d MiB", ErrInvalid, spec.MemoryMiB, MinMemoryMiB, MaxMemoryMiB)
+	}
+	if math.IsNaN(spec.CPU) || spec.CPU < 0 || spec.CPU > MaxCPU {
+		return fmt.Errorf("%w: cpu limit %v: want 0 (the default) to %d cores", ErrInvalid, spec.CPU, MaxCPU)
 	}
 	if spec.StartMode == "" {
 		spec.StartMode = o.cfg.DefaultStartMode
@@ -302,10 +328,21 @@ func (o *Orchestrator) normalize(spec *FunctionSpec) error {
 	default:
 		return fmt.Errorf("%w: unknown start mode %q (boot, snapshot, lazy, reap)", ErrInvalid, spec.StartMode)
 	}
-	for k := range spec.Env {
+	if len(spec.Env) > MaxEnvVars {
+		return fmt.Errorf("%w: environment of %d variables exceeds the limit of %d", ErrInvalid, len(spec.Env), MaxEnvVars)
+	}
+	envBytes := 0
+	for k, v := range spec.Env {
 		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return fmt.Errorf("%w: environment variable name %q", ErrInvalid, k)
+			return fmt.Errorf("%w: environment variable name %.80q: want a non-empty name without '=' or NUL", ErrInvalid, k)
 		}
+		if strings.ContainsRune(v, 0) {
+			return fmt.Errorf("%w: environment variable %.80q: its value holds a NUL byte", ErrInvalid, k)
+		}
+		envBytes += len(k) + len(v) + 2
+	}
+	if envBytes > MaxEnvBytes {
+		return fmt.Errorf("%w: environment of %d bytes exceeds the limit of %d bytes", ErrInvalid, envBytes, MaxEnvBytes)
 	}
 	return nil
 }
