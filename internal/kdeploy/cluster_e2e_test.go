@@ -453,7 +453,7 @@ func scaleFromZero(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kub
 	if k := len(coldLat); k > 0 {
 		coldSum = fmt.Sprintf("latency p50 %v, max %v", coldLat[k/2].Round(time.Millisecond), coldLat[k-1].Round(time.Millisecond))
 	}
-	rep.printf(t, "Scale from zero (%s, 0 → %d pods while the invoker sends %.0f RPS to its Service): first reply %s ms after the scale-up, last pod ready after %s ms. Requests issued in between: %d succeeded (%s), %d failed (no activator holds them; kube-proxy has no endpoint to send them to).\n",
+	rep.printf(t, "Scale from zero (%s, 0 → %d pods while the invoker sends %.0f RPS to its Service): first reply %s ms after the scale-up, last pod ready after %s ms. Requests issued in between: %d succeeded (%s: their connection attempts completed once the Service had an endpoint), %d failed (no activator holds requests, as Knative's would).\n",
 		fn.Name, n, rps, ms(firstOK, scaled), ms(lastReady, scaled), len(coldLat), coldSum, coldFailed)
 	rep.printf(t, "| pod | node | scheduled | running | ready | GetImage | CreateSandbox | StartSandbox |")
 	rep.printf(t, "|---|---|---|---|---|---|---|---|")
