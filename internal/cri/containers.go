@@ -479,7 +479,7 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 		}
 		logs.message("vhive: function sandbox %s started, endpoint %s", c.sb.ID(), c.sb.Endpoint())
 		// The node-local stages of the cold start (µs, vHive's names).
-		attrs := []any{"container", c.ID, "pod", c.podName, "sandbox", c.sb.ID()}
+		attrs := []any{"container", c.ID, "pod", c.podName, "sandbox", c.sb.ID(), "endpoint", c.sb.Endpoint()}
 		for _, st := range append(c.stages, stage{"StartSandbox", time.Since(t0)}) {
 			attrs = append(attrs, st.name+"_us", st.d.Microseconds())
 		}

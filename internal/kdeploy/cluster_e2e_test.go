@@ -182,7 +182,7 @@ func TestClusterE2E(t *testing.T) {
 	}
 
 	rep.printf(t, "Cluster: %d worker nodes (vhive CRI, gVisor function sandboxes), %d pods per function, invoker on the host through the Services' ClusterIPs, a new connection per request.\n", nodes, replicas)
-	steadyRun(ctx, t, cs, fns, rps, steady, rep)
+	steadyRun(ctx, t, c, cs, fns, rps, steady, rep)
 	scaleFromZero(ctx, t, c, cs, fns[len(fns)-1], rps, rep)
 	nodeFailure(ctx, t, c, cs, fns, rps, rep)
 
@@ -196,7 +196,7 @@ func TestClusterE2E(t *testing.T) {
 // steadyRun drives every function at rps and expects no error; each
 // function's queue-proxies together count exactly the requests sent to it,
 // and every pod served some.
-func steadyRun(ctx context.Context, t *testing.T, cs kubernetes.Interface, fns []Function, rps float64, d time.Duration, rep *report) {
+func steadyRun(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kubernetes.Interface, fns []Function, rps float64, d time.Duration, rep *report) {
 	before := queueProxyCounts(ctx, t, cs, fns)
 	res, err := invoker.Run(ctx, invoker.Config{
 		Endpoints: Endpoints(fns), RPS: rps, Duration: d, Warmup: 2 * time.Second,
@@ -233,6 +233,54 @@ func steadyRun(ctx context.Context, t *testing.T, cs kubernetes.Interface, fns [
 			t.Errorf("%s: queue-proxies relayed %d OK requests, the invoker sent %d", fn.Name, total, sent)
 		}
 		t.Logf("%s: queue-proxies relayed %d requests: %v", fn.Name, total, after[fn.Name])
+	}
+	rep.printf(t, "")
+	floors(ctx, t, c, cs, fns[0], res.ForEndpoint(fns[0].Hostname()), rps/float64(len(fns)), min(d, 20*time.Second), rep)
+}
+
+// floors drives one pod of fn at the same per-function rate, first through
+// its queue-proxy (pod IP:8012, no Service), then at its function sandbox
+// directly (the endpoint vhive's CRI gave the queue-proxy), and compares
+// with the Service figures svc of the same run.
+func floors(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kubernetes.Interface, fn Function, svc *invoker.Result, rps float64, d time.Duration, rep *report) {
+	pods, err := cs.CoreV1().Pods(fn.Namespace).List(ctx, metav1.ListOptions{LabelSelector: fn.Selector()})
+	if err != nil || len(pods.Items) == 0 {
+		t.Fatalf("pods of %s: %v", fn.Name, err)
+	}
+	pod := pods.Items[0]
+	ep, ok := functionEndpoints(t, c)[pod.Name]
+	if !ok {
+		t.Fatalf("no function endpoint logged for pod %s", pod.Name)
+	}
+	qp := fmt.Sprintf("%s:%d", pod.Status.PodIP, QueueProxyPort)
+	type row struct {
+		name string
+		s    invoker.Summary
+	}
+	rows := []row{{"through the Service (ClusterIP, kube-proxy, any pod)", svc.Summarize()}}
+	for _, target := range []struct{ name, addr string }{
+		{"one pod's queue-proxy (pod IP:8012)", qp},
+		{"that pod's function sandbox directly (" + ep + ")", ep},
+	} {
+		res, err := invoker.Run(ctx, invoker.Config{
+			Endpoints: []invoker.Endpoint{{Hostname: fn.Hostname(), Address: target.addr}},
+			RPS:       rps, Duration: d, Warmup: time.Second, ConnPerRequest: true, Timeout: 10 * time.Second,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := res.Summarize()
+		if s.Failed != 0 {
+			t.Errorf("%s: %d errors %v", target.name, s.Failed, s.Errors)
+		}
+		rows = append(rows, row{target.name, s})
+	}
+	floor := rows[len(rows)-1].s.Latency
+	rep.printf(t, "Floors (%s, %.0f RPS, a new connection per request, same run):\n", fn.Name, rps)
+	rep.printf(t, "| path | requests | p50 | p99 | p50 / direct |")
+	rep.printf(t, "|---|---|---|---|---|")
+	for _, r := range rows {
+		rep.printf(t, "| %s | %d | %s | %s | %.2f× |", r.name, r.s.Issued, us(r.s.Latency.P50), us(r.s.Latency.P99), r.s.Latency.P50/floor.P50)
 	}
 	rep.printf(t, "")
 }
@@ -327,7 +375,30 @@ func watchPods(ctx context.Context, t *testing.T, cs kubernetes.Interface, ns, s
 	}, nil
 }
 
-var stageLine = regexp.MustCompile(`msg="function sandbox started".* pod=(\S+) .*GetImage_us=(\d+) CreateSandbox_us=(\d+) StartSandbox_us=(\d+)`)
+var (
+	stageLine    = regexp.MustCompile(`msg="function sandbox started".* pod=(\S+) .*GetImage_us=(\d+) CreateSandbox_us=(\d+) StartSandbox_us=(\d+)`)
+	endpointLine = regexp.MustCompile(`msg="function sandbox started".* pod=(\S+) .*endpoint=(\S+)`)
+)
+
+// functionEndpoints reads pod → function sandbox endpoint (host:port) from
+// the vhive daemons' logs.
+func functionEndpoints(t *testing.T, c *cluster.Cluster) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, p := range c.Status() {
+		if p.Component != cluster.VhiveDaemon || p.Log == "" {
+			continue
+		}
+		b, err := os.ReadFile(p.Log)
+		if err != nil {
+			continue
+		}
+		for _, m := range endpointLine.FindAllStringSubmatch(string(b), -1) {
+			out[m[1]] = m[2]
+		}
+	}
+	return out
+}
 
 // nodeStages reads the node-local cold-start stages (µs) of pods from the
 // vhive daemons' logs: pod → [GetImage, CreateSandbox, StartSandbox].
