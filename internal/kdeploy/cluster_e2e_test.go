@@ -235,14 +235,13 @@ func steadyRun(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kuberne
 		t.Logf("%s: queue-proxies relayed %d requests: %v", fn.Name, total, after[fn.Name])
 	}
 	rep.printf(t, "")
-	floors(ctx, t, c, cs, fns[0], res.ForEndpoint(fns[0].Hostname()), rps/float64(len(fns)), min(d, 20*time.Second), rep)
+	floors(ctx, t, c, cs, fns[0], rps/float64(len(fns)), min(d, 20*time.Second), rep)
 }
 
-// floors drives one pod of fn at the same per-function rate, first through
-// its queue-proxy (pod IP:8012, no Service), then at its function sandbox
-// directly (the endpoint vhive's CRI gave the queue-proxy), and compares
-// with the Service figures svc of the same run.
-func floors(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kubernetes.Interface, fn Function, svc *invoker.Result, rps float64, d time.Duration, rep *report) {
+// floors drives fn through its Service, one of its pods' queue-proxy (pod
+// IP:8012, no Service) and that pod's function sandbox directly (the
+// endpoint vhive's CRI gave the queue-proxy), each at rps, interleaved.
+func floors(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kubernetes.Interface, fn Function, rps float64, d time.Duration, rep *report) {
 	pods, err := cs.CoreV1().Pods(fn.Namespace).List(ctx, metav1.ListOptions{LabelSelector: fn.Selector()})
 	if err != nil || len(pods.Items) == 0 {
 		t.Fatalf("pods of %s: %v", fn.Name, err)
@@ -253,34 +252,38 @@ func floors(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kubernetes
 		t.Fatalf("no function endpoint logged for pod %s", pod.Name)
 	}
 	qp := fmt.Sprintf("%s:%d", pod.Status.PodIP, QueueProxyPort)
-	type row struct {
-		name string
-		s    invoker.Summary
-	}
-	rows := []row{{"through the Service (ClusterIP, kube-proxy, any pod)", svc.Summarize()}}
-	for _, target := range []struct{ name, addr string }{
+	// One run, round-robin over the three paths, so that they share the
+	// machine's load request by request.
+	paths := []struct{ name, addr string }{
+		{"through the Service (ClusterIP, kube-proxy, any pod)", fn.Address()},
 		{"one pod's queue-proxy (pod IP:8012)", qp},
 		{"that pod's function sandbox directly (" + ep + ")", ep},
-	} {
-		res, err := invoker.Run(ctx, invoker.Config{
-			Endpoints: []invoker.Endpoint{{Hostname: fn.Hostname(), Address: target.addr}},
-			RPS:       rps, Duration: d, Warmup: time.Second, ConnPerRequest: true, Timeout: 10 * time.Second,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := res.Summarize()
-		if s.Failed != 0 {
-			t.Errorf("%s: %d errors %v", target.name, s.Failed, s.Errors)
-		}
-		rows = append(rows, row{target.name, s})
 	}
-	floor := rows[len(rows)-1].s.Latency
-	rep.printf(t, "Floors (%s, %.0f RPS, a new connection per request, same run):\n", fn.Name, rps)
+	var eps []invoker.Endpoint
+	for i, p := range paths {
+		eps = append(eps, invoker.Endpoint{Hostname: fmt.Sprintf("path%d.%s", i, fn.Hostname()), Address: p.addr})
+	}
+	res, err := invoker.Run(ctx, invoker.Config{
+		Endpoints: eps, RPS: rps * float64(len(paths)), Duration: d, Warmup: time.Second,
+		ConnPerRequest: true, Timeout: 10 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sums []invoker.Summary
+	for i, e := range eps {
+		s := res.ForEndpoint(e.Hostname).Summarize()
+		if s.Failed != 0 || s.Completed == 0 {
+			t.Errorf("%s: %d of %d failed %v", paths[i].name, s.Failed, s.Issued, s.Errors)
+		}
+		sums = append(sums, s)
+	}
+	floor := sums[len(sums)-1].Latency
+	rep.printf(t, "Floors (%s, %.0f RPS on each path, interleaved in one run, a new connection per request):\n", fn.Name, rps)
 	rep.printf(t, "| path | requests | p50 | p99 | p50 / direct |")
 	rep.printf(t, "|---|---|---|---|---|")
-	for _, r := range rows {
-		rep.printf(t, "| %s | %d | %s | %s | %.2f× |", r.name, r.s.Issued, us(r.s.Latency.P50), us(r.s.Latency.P99), r.s.Latency.P50/floor.P50)
+	for i, s := range sums {
+		rep.printf(t, "| %s | %d | %s | %s | %.2f× |", paths[i].name, s.Issued, us(s.Latency.P50), us(s.Latency.P99), s.Latency.P50/floor.P50)
 	}
 	rep.printf(t, "")
 }
