@@ -328,7 +328,7 @@ func us(v float64) string {
 
 // podTimes are when the watch first saw a pod in each state.
 type podTimes struct {
-	node                          string
+	node                           string
 	created, scheduled, run, ready time.Time
 }
 
