@@ -63,7 +63,11 @@ type Options struct {
 	// Prefix names the namespaces and host veths ("<Prefix>-<n>"). Default
 	// "vh". At most 8 characters so interface names fit in 15 bytes.
 	Prefix string
-	Logger *slog.Logger
+	// NoHostFilter leaves out the nftables table that keeps sandboxes from
+	// reaching the host and each other (see filter.go). Only for tests of
+	// the pool itself on machines without nftables.
+	NoHostFilter bool
+	Logger       *slog.Logger
 }
 
 // Net is one network configuration. Its fields are read-only.
@@ -90,6 +94,8 @@ type Pool struct {
 	nextIx int
 	freeIx []int // indices released by destroyed Nets, reused first
 	maxIx  int
+	// filtered: the host filter table is installed (cleared by Close).
+	filtered bool
 }
 
 // New validates opts and creates opts.Size namespaces. On error nothing is
@@ -125,6 +131,13 @@ func New(ctx context.Context, opts Options) (*Pool, error) {
 	}
 	if opts.Size > p.maxIx+1 {
 		return nil, fmt.Errorf("netpool: Size %d exceeds the %d /30 blocks of %s", opts.Size, p.maxIx+1, opts.Subnet)
+	}
+	if !opts.NoHostFilter {
+		// Before any veth exists: no sandbox is ever unfiltered.
+		if err := installFilter(ctx, opts.Prefix); err != nil {
+			return nil, err
+		}
+		p.filtered = true
 	}
 	for i := 0; i < opts.Size; i++ {
 		n, err := p.create(ctx)
@@ -209,6 +222,8 @@ func (p *Pool) Put(ctx context.Context, n *Net) error {
 func (p *Pool) Close(ctx context.Context) error {
 	p.mu.Lock()
 	p.closed = true
+	filtered := p.filtered
+	p.filtered = false
 	all := append([]*Net(nil), p.free...)
 	for _, n := range p.used {
 		all = append(all, n)
@@ -221,6 +236,9 @@ func (p *Pool) Close(ctx context.Context) error {
 		if err := p.destroy(n); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if filtered {
+		errs = append(errs, removeFilter(ctx, p.opts.Prefix))
 	}
 	return errors.Join(errs...)
 }
@@ -254,6 +272,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 			}
 		}
 	}
+	errs = append(errs, removeFilter(ctx, prefix))
 	return errors.Join(errs...)
 }
 
