@@ -19,7 +19,20 @@ is an image reference (localhost/vhive/helloworld:latest) or the path of an
 image (OCI layout directory or tarball, relative to -funcPath), which is
 imported first. Each function is deployed -count times as <name>-0 ...
 <name>-<count-1>, like vSwarm. Endpoint hostnames are <name>-<i>.<domain>
-(bare names with -domain ""); the vhive gateway routes by the first label.`
+(bare names with -domain ""); the vhive gateway routes by the first label.
+
+Cluster mode (-kubeconfig, or env KUBECONFIG with -cluster): "file" is a
+Knative Service manifest in vHive's shape (deploy/knative-helloworld.yaml),
+relative to -funcPath, or -manifest names one (deployed under its
+metadata.name). Each function becomes what Knative would run for its
+revision: a Deployment <name>-00001-deployment of pods with the
+user-container (GUEST_IMAGE runs in a vhive sandbox on the node) and a
+queue-proxy relaying to it, and a ClusterIP Service <name> on port 80 (see
+docs/cluster-functions.md). -push REGISTRY first builds and pushes the
+queue-proxy image and the example functions the manifests name. The
+endpoints file names each function <name>.<namespace>.svc.cluster.local
+with its ClusterIP:80 as "address"; run the invoker with -connPerRequest so
+kube-proxy spreads the requests over the pods.`
 
 func newDeployerCmd(g *globalOpts) *cobra.Command {
 	return &cobra.Command{
@@ -40,6 +53,8 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 			replace := fs.Bool("replace", false, "redeploy functions that already exist")
 			socket := fs.String("socket", g.socket, "daemon control API: a unix socket path or tcp://HOST:PORT (env VHIVE_SOCKET)")
 			tokenFile := fs.String("token-file", g.tokenFile, "file holding the control token for tcp:// (env VHIVE_TOKEN holds the token itself)")
+			var k kubeFlags
+			k.register(fs)
 			fs.Usage = func() {
 				fmt.Fprintf(fs.Output(), "%s\n\nUsage: vhive deployer [flags]\n\n", deployerLong)
 				fs.PrintDefaults()
@@ -54,6 +69,10 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 				return fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
 			}
 			g.socket, g.tokenFile = *socket, *tokenFile
+			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			if k.enabled() {
+				return k.deploy(cmd.Context(), *jsonFile, *funcPath, *endpointsFile, *replace, log)
+			}
 			fns, err := invoker.ReadFunctions(*jsonFile)
 			if err != nil {
 				return err
@@ -64,7 +83,6 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 				return err
 			}
 			defer conn.Close()
-			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
 			eps, err := invoker.DeployFunctions(ctx, client, fns, invoker.DeployOptions{
 				FuncPath: *funcPath, Sandbox: *sandbox, StartMode: *startMode, Domain: *domain,
 				Concurrency: *concurrency, Replace: *replace, Logger: log,

@@ -49,6 +49,7 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 	latf := fs.String("latf", "lat.csv", "latency file (µs per line), written as rps<real rps>_<latf>")
 	port := fs.Int("port", 80, "port the functions listen on (when -addr is not set)")
 	addr := fs.String("addr", "", "dial this host:port for every endpoint, sending the hostname as :authority (e.g. the vhive gateway 127.0.0.1:3334)")
+	connPerRequest := fs.Bool("connPerRequest", false, "dial a new connection for every request (as vSwarm's invoker), so a Kubernetes Service balances them over its pods")
 	grpcTimeout := fs.Int("grpcTimeout", 30, "timeout in seconds for each gRPC request")
 	warmup := fs.Float64("warmup", 0, "seconds of load before the measured phase, excluded from the figures")
 	reqf := fs.String("reqf", "requests.csv", "per-request CSV (timestamp, latency, code, cold start); \"\" to skip")
@@ -78,15 +79,16 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	cfg := invoker.Config{
-		Endpoints: eps,
-		RPS:       *rps,
-		Duration:  time.Duration(*runTime * float64(time.Second)),
-		Warmup:    time.Duration(*warmup * float64(time.Second)),
-		Port:      *port,
-		Addr:      *addr,
-		Timeout:   time.Duration(*grpcTimeout) * time.Second,
-		Payload:   *payload,
-		Logger:    log,
+		Endpoints:      eps,
+		RPS:            *rps,
+		Duration:       time.Duration(*runTime * float64(time.Second)),
+		Warmup:         time.Duration(*warmup * float64(time.Second)),
+		Port:           *port,
+		Addr:           *addr,
+		ConnPerRequest: *connPerRequest,
+		Timeout:        time.Duration(*grpcTimeout) * time.Second,
+		Payload:        *payload,
+		Logger:         log,
 	}
 	total := int(*rps*(*runTime+*warmup)) + 1
 	bar := newProgress(total, *noProgress, "invoking")
@@ -100,6 +102,11 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 	sum := res.Summarize()
 	if err := sum.WriteReport(cmd.OutOrStdout()); err != nil {
 		return err
+	}
+	if len(res.Endpoints()) > 1 {
+		if err := res.WriteEndpointTable(cmd.OutOrStdout()); err != nil {
+			return err
+		}
 	}
 	name := invoker.LatencyFileName(*latf, sum.RealRPS)
 	if err := res.WriteLatencyFile(name); err != nil {

@@ -185,6 +185,9 @@ func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	if err := d.setupSnapshots(); err != nil {
 		return nil, err
 	}
+	if err := d.pruneSnapshots(ctx); err != nil {
+		return nil, err
+	}
 
 	metrics, err := orchestrator.NewMetrics(d.registry)
 	if err != nil {
@@ -260,6 +263,30 @@ func (d *Daemon) recover(ctx context.Context) error {
 		if err := d.store.DeleteInstance(r.ID); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// pruneSnapshots removes the snapshots of functions that are not deployed:
+// a removal interrupted by a crash deletes the function record first.
+func (d *Daemon) pruneSnapshots(ctx context.Context) error {
+	if d.snaps == nil {
+		return nil
+	}
+	fns, err := d.store.Functions()
+	if err != nil {
+		return err
+	}
+	deployed := map[string]bool{}
+	for _, f := range fns {
+		deployed[f.Name] = true
+	}
+	removed, err := d.snaps.Prune(ctx, func(fn string) bool { return deployed[fn] })
+	if len(removed) > 0 {
+		d.log.Warn("removed snapshots of functions that are not deployed (an interrupted removal)", "snapshots", removed)
+	}
+	if err != nil {
+		return fmt.Errorf("prune snapshots: %w", err)
 	}
 	return nil
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // Pull fetches ref from its registry (plain HTTP for localhost, 127.0.0.0/8
@@ -453,8 +454,17 @@ func (s *Service) unpack(ctx context.Context, dgst string, img v1.Image) (_ *rec
 	if err := os.RemoveAll(final); err != nil { // an unrecorded leftover
 		return nil, fmt.Errorf("image: %s: %w", dgst, err)
 	}
+	// Durable before visible: the unpacked files reach the disk before the
+	// directory is renamed into place and the record names it, so that a
+	// power loss never leaves a record pointing at empty files.
+	if err := syncFilesystem(tmp); err != nil {
+		return nil, fmt.Errorf("image: %s: %w", dgst, err)
+	}
 	if err := os.Rename(tmp, final); err != nil {
 		return nil, fmt.Errorf("image: %s: move unpacked image into place: %w", dgst, err)
+	}
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return nil, fmt.Errorf("image: %s: %w", dgst, err)
 	}
 	rec.Unpacked = time.Now().UTC()
 	s.mu.Lock()
@@ -516,4 +526,31 @@ func toConfig(cf *v1.ConfigFile, m *v1.Manifest) Config {
 	}
 	sort.Strings(c.ExposedPorts)
 	return c
+}
+
+// syncFilesystem flushes the file system holding dir (syncfs(2)): one call
+// instead of an fsync per unpacked file.
+func syncFilesystem(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}
+
+// syncDir fsyncs a directory, making a rename into it durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
 }

@@ -13,6 +13,7 @@ package invoker
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 )
@@ -22,6 +23,10 @@ type Endpoint struct {
 	Hostname string `json:"hostname"`
 	Eventing bool   `json:"eventing"`
 	Matchers any    `json:"matchers"`
+	// Address, a vhive extension (vSwarm's tools ignore it), is the
+	// host:port to dial for this endpoint, e.g. its Kubernetes Service's
+	// ClusterIP:80, with Hostname sent as the :authority.
+	Address string `json:"address,omitempty"`
 }
 
 // ReadEndpoints parses an endpoints.json file. Every endpoint must have a
@@ -47,6 +52,11 @@ func ParseEndpoints(path string, b []byte) ([]Endpoint, error) {
 	for i, e := range eps {
 		if strings.TrimSpace(e.Hostname) == "" {
 			return nil, fmt.Errorf("endpoints file %q: endpoint %d has no hostname", path, i)
+		}
+		if e.Address != "" {
+			if _, _, err := net.SplitHostPort(e.Address); err != nil {
+				return nil, fmt.Errorf("endpoints file %q: endpoint %q: address %q: want host:port: %w", path, e.Hostname, e.Address, err)
+			}
 		}
 		if e.Eventing {
 			return nil, fmt.Errorf("endpoints file %q: endpoint %q is an eventing endpoint; vhive invokes serving endpoints only", path, e.Hostname)

@@ -1,6 +1,7 @@
 package invoker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -45,6 +46,11 @@ type Config struct {
 	// hostname:port, and the endpoint's hostname is sent as the :authority
 	// header (how an ingress or the vhive gateway routes).
 	Addr string
+	// ConnPerRequest dials a new connection for every request and closes it
+	// after the reply, as vSwarm's invoker does, so that a Service's
+	// per-connection load balancing (kube-proxy) spreads the requests over
+	// its pods. The latency then includes the connection set-up.
+	ConnPerRequest bool
 	// Timeout bounds each request (vSwarm -grpcTimeout; default 30s).
 	Timeout time.Duration
 	// Payload is the HelloRequest name (default DefaultPayload).
@@ -68,7 +74,11 @@ func (c *Config) setDefaults() error {
 	if c.Warmup < 0 {
 		return fmt.Errorf("warmup %v: want zero or more", c.Warmup)
 	}
-	if c.Addr == "" && (c.Port < 1 || c.Port > 65535) {
+	needPort := false
+	for _, ep := range c.Endpoints {
+		needPort = needPort || ep.Address == ""
+	}
+	if c.Addr == "" && needPort && (c.Port < 1 || c.Port > 65535) {
 		return fmt.Errorf("port %d: want 1-65535", c.Port)
 	}
 	if c.Addr != "" {
@@ -126,6 +136,24 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	// An endpoint is dialled at cfg.Addr, else at its own Address, else at
+	// hostname:port; with an address its hostname is the :authority.
+	type dialTarget struct {
+		target string
+		opts   []grpc.DialOption
+	}
+	targets := make([]dialTarget, len(cfg.Endpoints))
+	for i, ep := range cfg.Endpoints {
+		t := dialTarget{
+			target: net.JoinHostPort(ep.Hostname, strconv.Itoa(cfg.Port)),
+			opts:   []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())},
+		}
+		if addr := cmp.Or(cfg.Addr, ep.Address); addr != "" {
+			t.target = addr
+			t.opts = append(t.opts, grpc.WithAuthority(ep.Hostname))
+		}
+		targets[i] = t
+	}
 	conns := map[string]*grpc.ClientConn{}
 	defer func() {
 		for _, c := range conns {
@@ -134,20 +162,19 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}()
 	clients := make([]hwpb.GreeterClient, len(cfg.Endpoints))
 	for i, ep := range cfg.Endpoints {
-		target := net.JoinHostPort(ep.Hostname, strconv.Itoa(cfg.Port))
-		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
-		if cfg.Addr != "" {
-			target = cfg.Addr
-			opts = append(opts, grpc.WithAuthority(ep.Hostname))
-		}
-		key := target + "|" + ep.Hostname
+		t := targets[i]
+		key := t.target + "|" + ep.Hostname
 		conn, ok := conns[key]
 		if !ok {
 			var err error
-			if conn, err = grpc.NewClient("passthrough:///"+target, opts...); err != nil {
-				return nil, fmt.Errorf("endpoint %q: connect to %s: %w", ep.Hostname, target, err)
+			if conn, err = grpc.NewClient("passthrough:///"+t.target, t.opts...); err != nil {
+				return nil, fmt.Errorf("endpoint %q: connect to %s: %w", ep.Hostname, t.target, err)
 			}
-			conns[key] = conn
+			if cfg.ConnPerRequest {
+				conn.Close() // the target is valid; each request dials its own
+			} else {
+				conns[key] = conn
+			}
 		}
 		clients[i] = hwpb.NewGreeterClient(conn)
 	}
@@ -160,8 +187,20 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	issue := func(seq int, warm bool, sched time.Time) {
 		ep := cfg.Endpoints[seq%len(cfg.Endpoints)]
 		client := clients[seq%len(cfg.Endpoints)]
+		t := targets[seq%len(cfg.Endpoints)]
 		wg.Go(func() {
-			rec := call(ctx, client, cfg, seq, ep.Hostname)
+			c := client
+			var conn *grpc.ClientConn
+			if cfg.ConnPerRequest {
+				var err error
+				if conn, err = grpc.NewClient("passthrough:///"+t.target, t.opts...); err == nil {
+					c = hwpb.NewGreeterClient(conn)
+				}
+			}
+			rec := call(ctx, c, cfg, seq, ep.Hostname)
+			if conn != nil {
+				conn.Close()
+			}
 			rec.Warmup = warm
 			rec.Scheduled = sched
 			mu.Lock()
@@ -287,4 +326,33 @@ func (r *Result) Summarize() Summary {
 	}
 	s.Latency = stats.Summarize(lat)
 	return s
+}
+
+// Endpoints lists the endpoints of r's records, in order of first use.
+func (r *Result) Endpoints() []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, rec := range r.Records {
+		if !seen[rec.Endpoint] {
+			seen[rec.Endpoint] = true
+			out = append(out, rec.Endpoint)
+		}
+	}
+	return out
+}
+
+// ForEndpoint is the part of r whose requests went to the endpoint host,
+// e.g. to summarize one function of a run over several. Its target rate is
+// r's divided evenly over r's endpoints (round-robin).
+func (r *Result) ForEndpoint(host string) *Result {
+	out := &Result{Issue: r.Issue}
+	if n := len(r.Endpoints()); n > 0 {
+		out.Target = r.Target / float64(n)
+	}
+	for _, rec := range r.Records {
+		if rec.Endpoint == host {
+			out.Records = append(out.Records, rec)
+		}
+	}
+	return out
 }

@@ -359,3 +359,82 @@ func containsAll(s string, subs ...string) bool {
 	}
 	return true
 }
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
+}
+
+// Endpoints with their own address (a Service's ClusterIP) are dialled
+// there with the hostname as :authority; ConnPerRequest gives every request
+// its own connection, so a per-connection balancer sees each one.
+func TestEndpointAddressAndConnPerRequest(t *testing.T) {
+	var lis [2]*countingListener
+	var gs [2]*greeter
+	for i := range lis {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lis[i] = &countingListener{Listener: l}
+		gs[i] = &greeter{seen: map[string]bool{}}
+		s := grpc.NewServer()
+		hwpb.RegisterGreeterServer(s, gs[i])
+		go s.Serve(lis[i])
+		t.Cleanup(s.Stop)
+	}
+	eps := []Endpoint{
+		{Hostname: "f-0.default.svc.cluster.local", Address: lis[0].Addr().String()},
+		{Hostname: "g-0.default.svc.cluster.local", Address: lis[1].Addr().String()},
+	}
+	for _, perRequest := range []bool{false, true} {
+		before := [2]int64{lis[0].n.Load(), lis[1].n.Load()}
+		res, err := Run(context.Background(), Config{Endpoints: eps, RPS: 40, Duration: 500 * time.Millisecond, ConnPerRequest: perRequest})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := res.Summarize()
+		if s.Failed != 0 || s.Completed != s.Issued {
+			t.Fatalf("perRequest=%v: %+v", perRequest, s)
+		}
+		for i, ep := range eps {
+			sub := res.ForEndpoint(ep.Hostname)
+			reqs := int64(len(sub.Records))
+			conns := lis[i].n.Load() - before[i]
+			if perRequest && conns != reqs {
+				t.Errorf("per request: %s got %d connections for %d requests", ep.Hostname, conns, reqs)
+			}
+			if !perRequest && conns != 1 {
+				t.Errorf("shared: %s got %d connections, want 1", ep.Hostname, conns)
+			}
+			if sub.Summarize().Completed != int(reqs) || reqs < 8 {
+				t.Errorf("%s: %d requests, summary %+v", ep.Hostname, reqs, sub.Summarize())
+			}
+			gs[i].mu.Lock()
+			for _, a := range gs[i].authorities {
+				if a != ep.Hostname {
+					t.Errorf("server %d saw :authority %q, want %q", i, a, ep.Hostname)
+					break
+				}
+			}
+			gs[i].mu.Unlock()
+		}
+		if got := res.Endpoints(); len(got) != 2 || got[0] != eps[0].Hostname {
+			t.Errorf("Endpoints() = %v", got)
+		}
+	}
+	// A bad address in the endpoints file is refused, naming it.
+	_, err := ParseEndpoints("e.json", []byte(`[{"hostname":"f","address":"10.0.0.1"}]`))
+	if err == nil || !strings.Contains(err.Error(), "10.0.0.1") {
+		t.Errorf("bad address: %v", err)
+	}
+}

@@ -120,3 +120,19 @@ func (s Summary) WriteReport(w io.Writer) error {
 	}
 	return tw.Flush()
 }
+
+// WriteEndpointTable prints one line per endpoint: requests, errors, cold
+// starts and latency percentiles of its measured requests.
+func (r *Result) WriteEndpointTable(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "Endpoint\tIssued\tOK\tErrors\tCold\tp50\tp99\tmax")
+	for _, ep := range r.Endpoints() {
+		s := r.ForEndpoint(ep).Summarize()
+		p50, p99, mx := "-", "-", "-"
+		if s.Latency.N > 0 {
+			p50, p99, mx = usDur(s.Latency.P50), usDur(s.Latency.P99), usDur(s.Latency.Max)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", ep, s.Issued, s.Completed, s.Failed, s.ColdStart, p50, p99, mx)
+	}
+	return tw.Flush()
+}

@@ -8,6 +8,7 @@
 //	                     memory + state files), written by the backend
 //	<id>/ws              REAP working-set file (after the record phase)
 //	.tmp-<id>-<random>/  a snapshot being written; removed at start-up
+//	.trash-<id>-<random>/ a snapshot being removed; removed at start-up
 //
 // The id is "<function>-<hash of the key>", so a new image digest, backend
 // or instance configuration gives a new id and never reuses an old snapshot.
@@ -17,6 +18,13 @@
 // use by this daemon process (and again whenever a file's mtime changes).
 // A snapshot whose check fails is moved aside and removed; the caller boots
 // and a fresh snapshot is taken.
+//
+// Crash recovery (New, at daemon start): temporary and trash directories are
+// removed, and so is every file in a committed snapshot directory that its
+// manifest does not list (a working set written but not yet recorded,
+// manifest temporaries). The daemon then calls Prune with the deployed
+// functions, removing the snapshots of a function whose removal a crash
+// interrupted.
 package snapshot
 
 import (
@@ -149,10 +157,80 @@ func New(opts Options) (*Store, error) {
 			if err := os.RemoveAll(filepath.Join(opts.Root, e.Name())); err != nil {
 				return nil, fmt.Errorf("remove incomplete snapshot %q: %w", e.Name(), err)
 			}
+			continue
+		}
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			if err := removeUncommitted(filepath.Join(opts.Root, e.Name()), opts.Logger); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return &Store{root: opts.Root, backends: opts.Backends, log: opts.Logger,
 		creating: map[string]*creation{}, verified: map[string]string{}}, nil
+}
+
+// removeUncommitted deletes, from a committed snapshot directory, every file
+// its manifest does not list: what a previous run was writing when it
+// stopped (a working set not yet recorded, a manifest or working-set
+// temporary). A directory without a readable manifest is left alone: Get
+// reports it unusable and the orchestrator invalidates it.
+func removeUncommitted(dir string, log *slog.Logger) error {
+	m, err := readManifest(dir)
+	if err != nil {
+		return nil
+	}
+	keep := map[string]bool{manifestName: true}
+	for _, f := range m.Files {
+		keep[f.Name] = true
+	}
+	if m.WorkingSet != nil {
+		keep[m.WorkingSet.Name] = true
+	}
+	var stray []string
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		if rel, _ := filepath.Rel(dir, path); !keep[rel] {
+			stray = append(stray, path)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("snapshot %q: list files: %w", filepath.Base(dir), err)
+	}
+	for _, p := range stray {
+		log.Info("removing uncommitted snapshot file left by a previous run", "file", p)
+		if err := os.Remove(p); err != nil {
+			return fmt.Errorf("snapshot %q: remove uncommitted %s: %w", filepath.Base(dir), p, err)
+		}
+	}
+	return nil
+}
+
+// Prune removes every snapshot whose function keep rejects: at daemon start
+// with the deployed functions, it removes the snapshots of a function whose
+// removal was interrupted after the function record was deleted. It returns
+// the ids removed.
+func (s *Store) Prune(ctx context.Context, keep func(function string) bool) ([]string, error) {
+	list, err := s.List(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	var removed []string
+	var errs []error
+	for _, si := range list {
+		if keep(si.Function) {
+			continue
+		}
+		s.log.Info("removing snapshot of a function that is not deployed", "id", si.ID, "function", si.Function)
+		if err := s.trash(si.ID); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed = append(removed, si.ID)
+	}
+	return removed, errors.Join(errs...)
 }
 
 // ID returns the snapshot id of key.

@@ -181,3 +181,63 @@ func TestWorkingSetAndRemoveFunction(t *testing.T) {
 		t.Fatalf("Inspect(../etc) = %v", err)
 	}
 }
+
+// TestRestartRemovesUncommittedFiles: what a daemon killed mid-record or
+// mid-manifest-update left in a committed snapshot (a working set not yet
+// in the manifest, temporaries) is removed when the store is opened again;
+// the committed files stay and the snapshot is still usable.
+func TestRestartRemovesUncommittedFiles(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap, err := s.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{WorkingSetName, ".ws.tmp123", manifestName + ".tmp"} {
+		if err := os.WriteFile(filepath.Join(snap.Dir, f), []byte("half"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s2, err := New(Options{Root: s.root, Backends: s.backends})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(snap.Dir)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if len(names) != 3 { // manifest.json, memory, state.json
+		t.Fatalf("snapshot dir after reopen holds %v, want only the manifest and its files", names)
+	}
+	got, err := s2.Get(ctx, key)
+	if err != nil || got.HasWorkingSet {
+		t.Fatalf("Get after reopen = %+v, %v; want the snapshot without a working set", got, err)
+	}
+}
+
+// TestPruneRemovesSnapshotsOfRemovedFunctions: a removal interrupted after
+// the function record was deleted leaves its snapshots; Prune with the
+// deployed functions removes exactly those.
+func TestPruneRemovesSnapshotsOfRemovedFunctions(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	other := key
+	other.Function = "kept"
+	for _, k := range []orchestrator.SnapshotKey{key, other} {
+		if _, err := s.Create(ctx, k, writeFiles); err != nil {
+			t.Fatal(err)
+		}
+	}
+	removed, err := s.Prune(ctx, func(fn string) bool { return fn == "kept" })
+	if err != nil || len(removed) != 1 || removed[0] != ID(key) {
+		t.Fatalf("Prune = %v, %v; want [%s]", removed, err, ID(key))
+	}
+	list, _ := s.List(ctx, "")
+	if len(list) != 1 || list[0].Function != "kept" {
+		t.Fatalf("after Prune: %+v", list)
+	}
+	if ents, _ := os.ReadDir(s.root); len(ents) != 1 {
+		t.Fatalf("snapshot root holds %d entries after Prune, want 1", len(ents))
+	}
+}

@@ -1,0 +1,124 @@
+package node
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// Resources are the machine resources a daemon with one state dir and
+// network prefix owns at one moment.
+type Resources struct {
+	// Netns maps each named network namespace "<prefix>-<n>" to its inode
+	// (a namespace recreated under the same name has another).
+	Netns map[string]uint64
+	// Veths maps each host-side veth "<prefix>-<n>" to its ifindex.
+	Veths map[string]int
+	// Mounts are mount points under the state dir.
+	Mounts []string
+	// Cgroups are instance cgroup directories of the daemon's OCI backends.
+	Cgroups []string
+}
+
+func ownName(prefix, name string) bool {
+	rest, ok := strings.CutPrefix(name, prefix+"-")
+	if !ok || rest == "" {
+		return false
+	}
+	_, err := strconv.Atoi(rest)
+	return err == nil
+}
+
+// Snapshot records the resources of the daemon with stateDir and prefix.
+func Snapshot(stateDir, prefix string) Resources {
+	r := Resources{Netns: map[string]uint64{}, Veths: map[string]int{}}
+	ents, _ := os.ReadDir("/var/run/netns")
+	for _, e := range ents {
+		if !ownName(prefix, e.Name()) {
+			continue
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join("/var/run/netns", e.Name()), &st); err == nil {
+			r.Netns[e.Name()] = st.Ino
+		}
+	}
+	links, _ := os.ReadDir("/sys/class/net")
+	for _, l := range links {
+		if !ownName(prefix, l.Name()) {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/sys/class/net", l.Name(), "ifindex"))
+		if err != nil {
+			continue
+		}
+		ix, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		r.Veths[l.Name()] = ix
+	}
+	abs, _ := filepath.Abs(stateDir)
+	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fs := strings.Fields(sc.Text())
+			if len(fs) > 4 && (fs[4] == abs || strings.HasPrefix(fs[4], abs+"/")) {
+				r.Mounts = append(r.Mounts, fs[4])
+			}
+		}
+		f.Close()
+	}
+	hier, _ := filepath.Glob("/sys/fs/cgroup/*")
+	hier = append(hier, "/sys/fs/cgroup")
+	for _, h := range hier {
+		for _, p := range CgroupParents(stateDir) {
+			ents, err := os.ReadDir(filepath.Join(h, p))
+			if err != nil {
+				continue
+			}
+			for _, e := range ents {
+				if e.IsDir() {
+					r.Cgroups = append(r.Cgroups, filepath.Join(h, p, e.Name()))
+				}
+			}
+		}
+	}
+	sort.Strings(r.Mounts)
+	sort.Strings(r.Cgroups)
+	return r
+}
+
+// Count is the number of resources of every kind.
+func (r Resources) Count() int { return len(r.Netns) + len(r.Veths) + len(r.Mounts) + len(r.Cgroups) }
+
+// LeakedFrom lists what of old (taken before the old daemon died) still
+// exists in now, and what now holds beyond a fresh idle daemon's pool of
+// poolSize namespaces and veths with nothing else. Empty means clean.
+func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
+	var out []string
+	for n, ino := range old.Netns {
+		if now.Netns[n] == ino {
+			out = append(out, fmt.Sprintf("netns %s (inode %d) of the dead daemon", n, ino))
+		}
+	}
+	for n, ix := range old.Veths {
+		if now.Veths[n] == ix {
+			out = append(out, fmt.Sprintf("veth %s (ifindex %d) of the dead daemon", n, ix))
+		}
+	}
+	if len(now.Netns) > poolSize {
+		out = append(out, fmt.Sprintf("%d network namespaces, want the new pool's %d: %v", len(now.Netns), poolSize, now.Netns))
+	}
+	if len(now.Veths) > poolSize {
+		out = append(out, fmt.Sprintf("%d veths, want the new pool's %d: %v", len(now.Veths), poolSize, now.Veths))
+	}
+	for _, m := range now.Mounts {
+		out = append(out, "mount "+m)
+	}
+	for _, c := range now.Cgroups {
+		out = append(out, "cgroup "+c)
+	}
+	return out
+}
