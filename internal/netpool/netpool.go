@@ -261,7 +261,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 			}
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := linkList()
 	if err != nil {
 		errs = append(errs, fmt.Errorf("netpool: list links: %w", err))
 	}
@@ -274,6 +274,20 @@ func Cleanup(ctx context.Context, prefix string) error {
 	}
 	errs = append(errs, removeFilter(ctx, prefix))
 	return errors.Join(errs...)
+}
+
+// linkList lists the links, retrying a dump that links created or deleted
+// at the same moment interrupted (other daemons and tests on the host).
+func linkList() ([]netlink.Link, error) {
+	var err error
+	for range 10 {
+		var links []netlink.Link
+		links, err = netlink.LinkList()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+	}
+	return nil, err
 }
 
 // Leftovers lists the namespaces and host veths named "<prefix>-*" that
@@ -289,7 +303,7 @@ func Leftovers(prefix string) ([]string, error) {
 			out = append(out, "netns "+e.Name())
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := linkList()
 	if err != nil {
 		return nil, fmt.Errorf("netpool: list links: %w", err)
 	}
