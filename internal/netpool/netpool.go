@@ -378,9 +378,11 @@ func (p *Pool) create(ctx context.Context) (n *Net, retErr error) {
 		return nil, err
 	}
 	n = p.newNet(ix)
+	// Not the named result: every error return sets that to nil.
+	made := n
 	defer func() {
 		if retErr != nil {
-			_ = p.destroy(n)
+			_ = p.destroy(made)
 			p.releaseIndex(ix)
 		}
 	}()
@@ -394,7 +396,9 @@ func (p *Pool) create(ctx context.Context) (n *Net, retErr error) {
 	}
 	if l, err := netlink.LinkByName(n.HostIf); err == nil {
 		p.log.Warn("removing stale veth", "veth", n.HostIf)
-		if err := netlink.LinkDel(l); err != nil {
+		// Deleting the stale netns above may take its veth with it at
+		// any moment: gone is what we want.
+		if err := netlink.LinkDel(l); err != nil && !isNotFound(err) {
 			return nil, fmt.Errorf("netpool: delete stale veth %q: %w", n.HostIf, err)
 		}
 	}
