@@ -15,11 +15,12 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl nftables
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables nftables
 FUZZTIME     ?= 15s
 
-.PHONY: all build deps runsc images demo test test-unit test-fuzz vet proto clean bench \
-	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability
+.PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \
+	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
+	cluster-tools cluster cluster-down
 
 all: build
 
@@ -47,12 +48,25 @@ $(RUNSC_STAMP): tools/runsc/go.mod tools/runsc/go.sum
 build:
 	$(GO) build -o $(BIN) ./cmd/vhive
 
-## images: package the example functions as OCI images (Linux and wasm)
-images:
+## images: package the example functions as OCI images (Go: Linux and wasm;
+## Python: the CI set of functions/python, from Debian packages)
+images: images-go images-python
+
+images-go:
 	$(GO) run ./tools/mkimage -all -target both -out $(IMAGES)
 
+## images-python: the CI set of the Python suite (docs/functions.md), built
+## with mmdebstrap; bases cached under $(VHIVE_CACHE)/debimage
+images-python: deps
+	$(GO) run ./tools/mkimage -python ci -out $(IMAGES)
+
+## images-full: every Python function, including those too large for CI
+## (PyTorch, OpenCV)
+images-full: deps images-go
+	$(GO) run ./tools/mkimage -python full -out $(IMAGES)
+
 ## demo: the main job — see the README
-demo: deps runsc build images
+demo: deps runsc build images-go
 	./scripts/demo.sh
 
 vet:
@@ -63,7 +77,7 @@ vet:
 ## test: every suite, with the real tools (what CI runs): Go tests (real
 ## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
 ## critest against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
+test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
@@ -94,8 +108,8 @@ reliability: deps runsc
 cri-tools:
 	bash scripts/critest/build.sh
 
-## k8s-tools: kubelet, kube-apiserver, scheduler, controller-manager, kubectl
-## (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
+## k8s-tools: kubelet, kube-apiserver, scheduler, controller-manager, kubectl,
+## kube-proxy (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
 k8s-tools:
 	bash scripts/k8s/build.sh
 
@@ -108,6 +122,23 @@ critest: deps cri-tools
 ## deployment, teardown (docs/cri.md)
 k8s-e2e: deps runsc cri-tools k8s-tools
 	bash scripts/k8s/e2e.sh
+
+## cluster-tools: the image registry the cluster's nodes pull from
+cluster-tools:
+	@mkdir -p $(VHIVE_CACHE)/bin
+	$(GO) build -o $(VHIVE_CACHE)/bin/vhive-critest-registry ./scripts/critest/registry
+
+## cluster: a Kubernetes cluster of NODES workers (default 3) on this machine,
+## each a netns with its own containerd, vhive daemon (its CRI), kubelet and
+## kube-proxy; prints the kubeconfig path and leaves it running; a second run
+## reuses it (docs/cluster.md)
+NODES ?= 3
+cluster: deps runsc k8s-tools cluster-tools build
+	$(BIN) cluster up --nodes $(NODES)
+
+## cluster-down: stop the cluster and remove everything it made
+cluster-down: build
+	$(BIN) cluster down
 
 bench-cri:
 	$(GO) test -count=3 -run '^$$' -bench ContainerRun -benchtime 20x ./internal/cri/

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -101,13 +102,15 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 	var (
 		c          benchCommon
 		functions  []string
+		suite      string
 		iterations int
 	)
 	cmd := &cobra.Command{
 		Use:   "coldstart",
 		Short: "Cold-start latency per function × sandbox × start mode",
 		Example: `  vhive bench coldstart --functions helloworld --sandbox gvisor,wasm --modes boot,snapshot,reap,warm
-  vhive bench coldstart --functions helloworld,aes --sandbox runc --modes boot --iterations 3 --with-cache`,
+  vhive bench coldstart --functions helloworld,aes --sandbox runc --modes boot --iterations 3 --with-cache
+  vhive bench coldstart --suite ci --sandbox gvisor,runc,wasm --modes boot,snapshot,lazy,reap,warm`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -120,11 +123,24 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 				return err
 			}
 			defer conn.Close()
+			if suite != "" {
+				if cmd.Flags().Changed("functions") {
+					return errors.New("give --functions or --suite, not both")
+				}
+				fns, ok := bench.SuiteFunctions(suite)
+				if !ok {
+					return fmt.Errorf("--suite %q: want ci or full", suite)
+				}
+				functions = fns
+			}
 			opts := bench.ColdstartOptions{
 				Functions: functions, Sandboxes: c.sandboxes, Modes: c.modes, Iterations: iterations,
 				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
 				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+			}
+			if suite != "" {
+				opts.Skip = bench.SuiteSkip
 			}
 			bar := newProgress(bench.ColdstartSteps(opts), c.noProgress, "coldstart")
 			opts.Progress = bar
@@ -148,6 +164,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 	}
 	fs := cmd.Flags()
 	fs.StringSliceVar(&functions, "functions", []string{"helloworld"}, "functions to measure (images localhost/vhive/<fn>:latest, <fn>-wasm for wasm)")
+	fs.StringVar(&suite, "suite", "", "measure the function suite instead of --functions: ci (make images) or full (make images-full): the Python functions py-<fn> on gvisor/runc, their Go twins everywhere (docs/functions.md)")
 	fs.StringSliceVar(&c.sandboxes, "sandbox", []string{"gvisor"}, "sandboxes: gvisor, runc, wasm")
 	fs.IntVar(&iterations, "iterations", 10, "measured cold starts per cell")
 	c.register(fs, []string{"boot", "snapshot", "reap", "warm"})
@@ -161,6 +178,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 		sandbox  string
 		levels   []int
 		repeats  int
+		settle   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:     "concurrency",
@@ -179,7 +197,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 			}
 			defer conn.Close()
 			opts := bench.ConcurrencyOptions{
-				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats,
+				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats, Settle: settle,
 				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
 				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -204,6 +222,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm")
 	fs.IntSliceVar(&levels, "levels", []int{1, 2, 4, 8, 16, 32, 64}, "numbers of simultaneous cold starts")
 	fs.IntVar(&repeats, "repeats", 1, "measurements per level")
+	fs.DurationVar(&settle, "settle", 0, "pause after stopping the instances before each burst (e.g. 5s: lets the daemon refill its ready-worker pools, as between bursts on a real node)")
 	c.register(fs, []string{"boot", "snapshot", "reap"})
 	return cmd
 }

@@ -24,6 +24,11 @@ var recordPrefix = map[string]string{
 	"counter":     "count=1 checksum=",
 	"lookup":      "lookup subset=record chunks=924/1536 touched_mib=28.9 score=",
 	"heavyinit":   "heavyinit heap_mib=8 rounds=1 init_ms=",
+	// The Go twins of the Python suite's functions; the same answer on
+	// Linux and wasm.
+	"image-rotate": "image-rotate set=1 rotated 1024x768 by 90/180/270, 513397 JPEG bytes, pixels sha256=8effaaf9e1543230",
+	"chameleon":    "chameleon set=1 rendered 100x20 table, 63302 bytes, sha256=b38b6a3e6e19d118",
+	"lr-serving":   "lr-serving set=1 reviews=200 positive=99 negative=101 scores=70535ea4bf1b081c",
 }
 
 // TestAllFunctions builds every example function for both targets: the Linux

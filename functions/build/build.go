@@ -79,7 +79,7 @@ const modulePath = "vhive.dev/vhive"
 
 // Names returns the example functions under functions/, for -all.
 func Names() []string {
-	return []string{"helloworld", "aes", "fibonacci", "json-serdes", "counter", "lookup", "heavyinit"}
+	return []string{"helloworld", "aes", "fibonacci", "json-serdes", "counter", "lookup", "heavyinit", "image-rotate", "chameleon", "lr-serving"}
 }
 
 // Ref returns the image reference of a function built for target, e.g.

@@ -222,3 +222,34 @@ func writeTarball(path, ref string, img v1.Image) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// WriteImage writes img, referenced as ref, under outDir as name/ (an OCI
+// layout) and name.tar (a docker-archive) for the formats asked (default
+// both), replacing earlier outputs. It is how images built elsewhere (the
+// Debian-based Python functions, internal/debimage) land beside these.
+func WriteImage(img v1.Image, outDir, name, ref string, formats []Format) (Image, error) {
+	if len(formats) == 0 {
+		formats = []Format{FormatLayout, FormatTar}
+	}
+	d, err := img.Digest()
+	if err != nil {
+		return Image{}, fmt.Errorf("image digest: %w", err)
+	}
+	res := Image{Function: name, Target: TargetLinux, Ref: ref}
+	for _, f := range formats {
+		switch f {
+		case FormatLayout:
+			res.Digest, res.Layout = d.String(), filepath.Join(outDir, name)
+			err = writeLayout(res.Layout, ref, img)
+		case FormatTar:
+			res.TarballDigest, res.Tarball = d.String(), filepath.Join(outDir, name+".tar")
+			err = writeTarball(res.Tarball, ref, img)
+		default:
+			err = fmt.Errorf("format %q is unknown", f)
+		}
+		if err != nil {
+			return Image{}, fmt.Errorf("%s: write %s: %w", ref, f, err)
+		}
+	}
+	return res, nil
+}

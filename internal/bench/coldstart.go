@@ -128,6 +128,10 @@ type ColdstartOptions struct {
 	// DropCaches replaces DropPageCache (for callers that drop caches by
 	// other means); nil uses DropPageCache.
 	DropCaches func() error
+	// Skip, if set, leaves out the function × sandbox pairs it reports
+	// (neither run nor recorded): e.g. the Python suite on wasm (see
+	// SuiteSkip).
+	Skip func(function, sandbox string) bool
 }
 
 func checkList(what string, got, known []string) error {
@@ -192,7 +196,15 @@ func ColdstartSteps(opts ColdstartOptions) int {
 		}
 		n += per
 	}
-	return n * len(opts.Functions) * len(opts.Sandboxes)
+	pairs := 0
+	for _, sb := range opts.Sandboxes {
+		for _, fn := range opts.Functions {
+			if opts.Skip == nil || !opts.Skip(fn, sb) {
+				pairs++
+			}
+		}
+	}
+	return n * pairs
 }
 
 // ColdstartResult is the outcome of a cold-start benchmark.
@@ -231,6 +243,9 @@ func RunColdstart(ctx context.Context, c Control, opts ColdstartOptions) (*Colds
 	res := &ColdstartResult{Iterations: opts.Iterations, WithCache: opts.WithCache}
 	for _, sb := range opts.Sandboxes {
 		for _, fn := range opts.Functions {
+			if opts.Skip != nil && opts.Skip(fn, sb) {
+				continue
+			}
 			imgErr := EnsureImage(ctx, c, ImageRef(fn, sb), imageName(fn, sb), opts.ImagesDir)
 			if ctx.Err() != nil {
 				return res, ctx.Err()

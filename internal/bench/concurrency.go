@@ -21,7 +21,11 @@ type ConcurrencyOptions struct {
 	Modes    []string // boot, snapshot, lazy, reap
 	Levels   []int    // numbers of simultaneous cold starts
 	// Repeats is how many times each level is measured (default 1).
-	Repeats         int
+	Repeats int
+	// Settle is a pause after stopping the instances and before dropping
+	// the caches and releasing each burst, so that the daemon can refill
+	// its ready-worker pools (0: none).
+	Settle          time.Duration
 	WithCache       bool
 	ImagesDir       string
 	Payload         string // of the measured invocations; default "replay"
@@ -61,6 +65,9 @@ func (o *ConcurrencyOptions) setDefaults() error {
 	}
 	if o.Repeats < 0 {
 		return fmt.Errorf("repeats %d: want at least 1", o.Repeats)
+	}
+	if o.Settle < 0 {
+		return fmt.Errorf("settle %v: want 0 or more", o.Settle)
 	}
 	o.InvokeTimeout, o.SnapshotTimeout, o.Logger, o.DropCaches, o.Payload = co.InvokeTimeout, co.SnapshotTimeout, co.Logger, co.DropCaches, co.Payload
 	return nil
@@ -229,7 +236,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 	}
 	for _, level := range o.Levels {
 		for rep := range o.Repeats {
-			lr, err := cr.burst(ctx, level, rep, want)
+			lr, err := cr.burst(ctx, level, rep, want, o.Settle)
 			cm.Levels = append(cm.Levels, lr)
 			if err != nil {
 				cm.Err = err.Error()
@@ -241,10 +248,17 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 }
 
 // burst releases n cold invocations at once and collects them.
-func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string) (LevelResult, error) {
+func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string, settle time.Duration) (LevelResult, error) {
 	lr := LevelResult{Mode: cr.cell.Mode, Level: n}
 	if _, err := cr.c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: cr.name}); err != nil {
 		return lr, fmt.Errorf("stop instances of %q: %w", cr.name, err)
+	}
+	if settle > 0 {
+		select {
+		case <-time.After(settle):
+		case <-ctx.Done():
+			return lr, ctx.Err()
+		}
 	}
 	if !cr.o.WithCache {
 		if err := cr.o.DropCaches(); err != nil {

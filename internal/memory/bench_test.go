@@ -86,8 +86,14 @@ func dropCache(b *testing.B, path string) {
 // all three alike:
 //
 //	lazy:  every page faulted and served on demand (1 page per fault)
-//	reap:  prefetch mode: WS file read (O_DIRECT) + verified + installed
-//	floor: a minimal loop: one pread of the WS file + one UFFDIO_COPY per run
+//	reap:  prefetch mode: WS file read (O_DIRECT, 4 × 1 MiB in flight),
+//	       each 1 MiB chunk verified and installed as it arrives
+//	floor: a minimal serial loop: one pread of the WS file + one UFFDIO_COPY
+//	       per run (read + install, no checksum)
+//	reap-early: the same with RestoreConfig.EarlyResume (the child touches
+//	       pages while the WS streams in)
+//	read:  one O_DIRECT pread of the WS file alone (what FetchState — read
+//	       and verify — is compared with: fetch/read)
 //
 // Each time runs from "go" to the child having touched every WS page (one
 // byte per page), the handshake included. cache=dropped evicts the memory
@@ -155,7 +161,8 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 
 	// Medians over the iterations: the machine is shared, and a mean is
 	// dragged by whichever restore another process happened to stall.
-	var lazyT, reapT, floorT, install, fetch, lazyReap, reapFloor, lazyFloor []float64
+	var earlyT, waits []float64
+	var lazyT, reapT, floorT, install, fetch, lazyReap, reapFloor, lazyFloor, rawRead, fetchRead, wait []float64
 	var lat []time.Duration
 	ms := func(r childResult) float64 { return float64(r.AttachNS+r.TouchNS) / 1e6 }
 	for i := 0; i < b.N; i++ {
@@ -170,14 +177,29 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 		reapT = append(reapT, ms(res))
 		install = append(install, float64(st.InstallWS)/1e6)
 		fetch = append(fetch, float64(st.FetchState)/1e6)
+		wait = append(wait, float64(st.InstallWS-st.InstallBusy)/1e6)
 		if st.PrefetchFallback || st.Unique != 0 {
 			b.Fatalf("prefetch: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
 		}
+
+		ec := cfg("reap-early", ModePrefetch)
+		ec.EarlyResume = true
+		res, st = restore(ec)
+		earlyT = append(earlyT, ms(res))
+		if st.PrefetchFallback || st.Unique != 0 {
+			b.Fatalf("prefetch, early resume: fallback %v, %d unique faults", st.PrefetchFallback, st.Unique)
+		}
+		waits = append(waits, float64(st.WSWaits))
 
 		if drop {
 			dropCache(b, wsPath)
 		}
 		floorT = append(floorT, float64(floorRestore(b, filepath.Join(dir, "floor.sock"), wsPath, memFile, ops, floorBuf, drop))/1e6)
+		if drop {
+			dropCache(b, wsPath)
+		}
+		rawRead = append(rawRead, float64(readFloor(b, wsPath, floorBuf, drop))/1e6)
+		fetchRead = append(fetchRead, fetch[i]/rawRead[i])
 		lazyReap = append(lazyReap, lazyT[i]/reapT[i])
 		reapFloor = append(reapFloor, reapT[i]/floorT[i])
 		lazyFloor = append(lazyFloor, lazyT[i]/floorT[i])
@@ -190,8 +212,23 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 	b.ReportMetric(median(lazyReap), "lazy/reap")
 	b.ReportMetric(median(lazyFloor), "lazy/floor") // the best lazy/reap could be
 	b.ReportMetric(median(fetch), "fetch-ms")
+	b.ReportMetric(median(rawRead), "read-ms")
+	b.ReportMetric(median(fetchRead), "fetch/read")
+	b.ReportMetric(median(wait), "install-wait-ms")
 	b.ReportMetric(median(install), "install-ms")
-	b.ReportMetric(wsMB/median(install)*1e3, "install-MB/s")
+	busy := make([]float64, len(install))
+	for i := range install {
+		busy[i] = install[i] - wait[i]
+	}
+	b.ReportMetric(median(busy), "install-busy-ms")
+	b.ReportMetric(wsMB/median(busy)*1e3, "install-MB/s")
+	reapRead := make([]float64, len(reapT))
+	for i := range reapT {
+		reapRead[i] = reapT[i] / rawRead[i]
+	}
+	b.ReportMetric(median(reapRead), "reap/read")
+	b.ReportMetric(median(earlyT), "reap-early-ms")
+	b.ReportMetric(median(waits), "early-ws-waits")
 	b.ReportMetric(median(lazyT)*1e3/benchWS, "lazy-µs/page")
 	s := Stats{FaultLatency: lat}
 	b.ReportMetric(float64(s.Percentile(50))/1e3, "fault-p50-µs")
@@ -205,6 +242,28 @@ func median(x []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// readFloor is one pread of the whole WS file into a buffer allocated
+// beforehand, O_DIRECT when the cache was dropped: what FetchState (read +
+// verify) is compared with.
+func readFloor(b *testing.B, wsPath string, buf []byte, direct bool) time.Duration {
+	flags := unix.O_RDONLY | unix.O_CLOEXEC
+	if direct {
+		flags |= unix.O_DIRECT
+	}
+	t0 := time.Now()
+	fd, err := unix.Open(wsPath, flags, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	unix.Fstat(fd, &st)
+	if n, err := unix.Pread(fd, buf[:st.Size], 0); err != nil || int64(n) != st.Size {
+		b.Fatalf("pread: %d, %v", n, err)
+	}
+	return time.Since(t0)
 }
 
 // floorRestore is the raw floor: accept the handshake, one pread of the WS
@@ -249,7 +308,7 @@ func floorRestore(b *testing.B, sock, wsPath, memFile string, ops []op, buf []by
 	}
 	unix.Close(fd)
 	nRuns := *(*uint64)(unsafe.Pointer(&buf[16]))
-	src := *(*uint64)(unsafe.Pointer(&buf[32])) // data offset
+	src := *(*uint64)(unsafe.Pointer(&buf[32])) // data offset (version 2: after the chunk checksums)
 	reg := h.regions[0]
 	for i := range nRuns {
 		off := *(*uint64)(unsafe.Pointer(&buf[wsHeaderSize+i*wsRunSize]))

@@ -49,7 +49,8 @@
 //
 // Beyond Firecracker's protocol, after the handshake the manager writes one
 // line back on the connection: "ok\n" once memory is ready (in prefetch mode
-// after the working set is installed), or "error: <reason>\n". vhive's
+// after the working set is installed, or right after the handshake with
+// RestoreConfig.EarlyResume), or "error: <reason>\n". vhive's
 // sandboxes wait for it (WaitReady, Attach) before resuming the guest; a
 // Firecracker peer never reads it and still works, because faults on pages
 // not yet installed are simply served.
@@ -86,39 +87,63 @@
 // set, receives the fault-order CSV "seq,offset,length" (file offsets,
 // bytes).
 //
-// prefetch: before accepting the peer, the manager reads the whole WS file
-// in one read — buffered if cachestat(2) says it is wholly in the page
-// cache, else with O_DIRECT (buffered where the filesystem refuses O_DIRECT)
-// into a reused, pre-faulted buffer — and verifies it; right after the handshake it installs each run with one
-// UFFDIO_COPY in UFFDIO_COPY_MODE_DONTWAKE mode, then issues one UFFDIO_WAKE
-// per region, then acks. Faults outside the working set are served lazily
-// and counted as Unique. A WS file that is corrupt, truncated, or recorded
-// against a memory file of another size is never installed: the restore
-// logs a warning and serves lazily (Stats.PrefetchFallback).
+// prefetch: as soon as the restore starts (before the peer connects), the
+// manager reads the WS file in 1 MiB blocks with 4 reads in flight —
+// buffered if cachestat(2) says it is wholly in the page cache, else with
+// O_DIRECT (buffered where the filesystem refuses O_DIRECT) — into a
+// reused, pre-faulted buffer, and verifies it as the blocks arrive: the
+// header and tables first, then each 1 MiB data chunk against its
+// CRC-32C. Once the handshake is done it installs each chunk as soon as it
+// is verified, one UFFDIO_COPY in UFFDIO_COPY_MODE_DONTWAKE mode per run
+// (or part of a run) in the chunk, then one UFFDIO_WAKE per region, so a
+// prefetch costs about the larger of reading and installing, not their
+// sum, and no byte is installed before its checksum matched. By default
+// the ack follows the last chunk; with RestoreConfig.EarlyResume it is
+// sent right after the handshake and the guest runs while the WS streams
+// in: a fault on a WS page not installed yet waits for its chunk (counted
+// in Stats.WSWaits; the chunk's wake releases it), other faults are served
+// lazily and counted as Unique. Restores that prefetch the same WS file
+// (same inode, size and mtime) at the same time share one read and one
+// buffer (Stats.SharedFetch); the buffer is released when the last of them
+// has installed it, so a later restore reads the file again. A WS file
+// that is corrupt, truncated, or recorded against a memory file of another
+// size is never installed: the restore logs a warning and serves lazily
+// (Stats.PrefetchFallback). If a data chunk fails its checksum midway, the
+// chunks before it (verified) stay installed and everything else is served
+// lazily from the memory file.
 //
-// # Working-set file format (version 1, little-endian)
+// # Working-set file format (version 2, little-endian)
 //
 //	offset size field
 //	0      8    magic "VHIVEWS\x00"
-//	8      4    version = 1
+//	8      4    version = 2
 //	12     4    page size (bytes)
 //	16     8    number of runs n
 //	24     8    size of the memory file it was recorded against
-//	32     8    data offset D (multiple of 4096, >= 64 + 16n)
+//	32     8    data offset D (multiple of 4096, >= 64 + 16n + 4m)
 //	40     8    data length L (sum of run lengths)
-//	48     4    CRC-32C (Castagnoli) of bytes [0, D+L) with this field zero
-//	52     12   reserved, zero
+//	48     4    CRC-32C (Castagnoli) of bytes [0, D) with this field zero
+//	52     4    data chunk size C (multiple of 4096; 1 MiB when written)
+//	56     4    number of chunks m = ceil(L / C)
+//	60     4    reserved, zero
 //	64     16n  run table: n × {offset u64, length u64}, memory-file offsets,
 //	            page aligned, sorted, non-overlapping, non-empty
+//	64+16n 4m   CRC-32C of each data chunk [D + kC, D + min((k+1)C, L))
 //	D      L    the runs' bytes, concatenated in run order
 //
 // The file is zero-padded to a multiple of 4096 bytes so that it can be read
-// with O_DIRECT.
+// with O_DIRECT. Version 1 (written by earlier vhive) has no chunk table and
+// one CRC-32C of bytes [0, D+L) at offset 48 (bytes 52–63 reserved); it is
+// still read, but can only be verified and installed once wholly read (the
+// restore logs that it should be recorded again). Other versions are
+// refused (lazy fallback) with an error naming the version.
 //
 // # Metrics
 //
-// Restore.Stats returns vHive's names: FetchState (read + verify the WS),
-// InstallWS (copies + wake), ServeUnique (total service time of lazily
+// Restore.Stats returns vHive's names: FetchState (read + verify the WS,
+// from the restore's start), InstallWS (from the handshake to the last
+// chunk installed; InstallBusy of it in the ioctls), PrefetchWS (restore
+// start to WS installed), ServeUnique (total service time of lazily
 // served faults), RecPages and RecRegions (pages and runs of the working
 // set), Unique (pages served lazily), Faults, BytesRead, and per-fault
 // service-time samples (Stats.Percentile). Stats.Stages and Stats.Pages map

@@ -45,9 +45,57 @@ type Manager struct {
 
 	bufs bufPool // WS file buffers
 
+	// WS reads: block size and reads in flight (fetchBlock, fetchReaders;
+	// benchmarks vary them).
+	fetchBlock   uint64
+	fetchReaders int
+
 	mu       sync.Mutex
 	restores map[string]*Restore
+	fetches  map[fetchKey]*fetcher // WS reads in progress or being installed
 	closed   bool
+}
+
+// fetch returns a reader of the WS file at path: the one already in
+// progress for the same file (same inode, size and mtime) if there is one,
+// so that simultaneous restores from one snapshot read its WS once, else a
+// new one. The buffer lives until the last restore using it has installed
+// it (releaseFetch); a later restore reads the file again. shared reports
+// whether it joined a fetch in progress.
+func (m *Manager) fetch(path string, memSize uint64) (f *fetcher, shared bool, err error) {
+	fd, key, err := openWorkingSet(path, memSize)
+	if err != nil {
+		return nil, false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if f := m.fetches[key]; f != nil && !f.failed() {
+		unix.Close(fd)
+		f.refs++
+		return f, true, nil
+	}
+	f, err = startFetch(path, fd, key, &m.bufs, m.fetchBlock, m.fetchReaders)
+	if err != nil {
+		return nil, false, err
+	}
+	f.refs = 1
+	m.fetches[key] = f
+	return f, false, nil
+}
+
+// releaseFetch drops one restore's use of f; the last one stops it and
+// frees its buffer.
+func (m *Manager) releaseFetch(f *fetcher) {
+	m.mu.Lock()
+	f.refs--
+	last := f.refs == 0
+	if last && m.fetches[f.key] == f {
+		delete(m.fetches, f.key)
+	}
+	m.mu.Unlock()
+	if last {
+		f.close()
+	}
 }
 
 // maxIdleBuffers bounds the memory kept for reuse as WS read buffers.
@@ -61,7 +109,8 @@ func NewManager(cfg Config) (*Manager, error) {
 	}
 	return &Manager{
 		log: log.With("component", "memory"), metrics: cfg.Metrics,
-		bufs: bufPool{maxIdle: maxIdleBuffers}, restores: map[string]*Restore{},
+		bufs: bufPool{maxIdle: maxIdleBuffers}, restores: map[string]*Restore{}, fetches: map[fetchKey]*fetcher{},
+		fetchBlock: fetchBlock, fetchReaders: fetchReaders,
 	}, nil
 }
 
@@ -83,6 +132,13 @@ type RestoreConfig struct {
 	// Trace (record, optional) receives the faulted pages in fault order as
 	// CSV "seq,offset,length".
 	Trace string
+	// EarlyResume (prefetch): tell the sandbox memory is ready right after
+	// the handshake instead of after the whole working set is installed,
+	// so that the guest runs while the WS is still being read. A fault on a
+	// WS page not installed yet waits for its chunk (no second read); one
+	// outside the WS is served lazily at once. Default false: the WS is
+	// installed before the ack, as REAP does.
+	EarlyResume bool
 	// ChunkPages is how many pages one fault installs: the aligned chunk of
 	// ChunkPages pages around the faulting page (clipped to its region).
 	// 0 or 1 is pure lazy serving.
@@ -336,7 +392,7 @@ func (r *Restore) FinishRecord(ctx context.Context) error {
 	r.spans = nil
 	r.mu.Unlock()
 
-	runs, err := writeWorkingSet(r.cfg.WorkingSet, r.memFile, ps, r.memSize, spans)
+	runs, zeros, err := writeWorkingSet(r.cfg.WorkingSet, r.memFile, ps, r.memSize, spans)
 	if err != nil {
 		return fmt.Errorf("finish recording %q: %w", r.cfg.ID, err)
 	}
@@ -352,7 +408,7 @@ func (r *Restore) FinishRecord(ctx context.Context) error {
 	r.mu.Lock()
 	r.stats.RecPages, r.stats.RecRegions = pages, int64(len(runs))
 	r.mu.Unlock()
-	r.log.Info("working set recorded", "path", r.cfg.WorkingSet, "pages", pages, "runs", len(runs))
+	r.log.Info("working set recorded", "path", r.cfg.WorkingSet, "pages", pages, "runs", len(runs), "zero_pages", zeros)
 	return nil
 }
 

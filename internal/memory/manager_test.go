@@ -279,6 +279,11 @@ func TestRecordThenPrefetch(t *testing.T) {
 		t.Fatalf("WS holds %d pages in %d runs, want %d in %d", ws.Pages(), len(ws.Runs), touched, rst.RecRegions)
 	}
 
+	early := e.cfg("prefetch-early", ModePrefetch)
+	early.EarlyResume = true
+	if _, est := e.run(t, early, ops); est.PrefetchFallback || est.Unique != 0 || est.RecPages != touched {
+		t.Errorf("early resume: fallback %v, Unique %d, RecPages %d (want %d)", est.PrefetchFallback, est.Unique, est.RecPages, touched)
+	}
 	pst := func() Stats { _, s := e.run(t, e.cfg("prefetch", ModePrefetch), ops); return s }()
 	if pst.PrefetchFallback {
 		t.Fatal("prefetch fell back to lazy")
@@ -328,6 +333,99 @@ func TestPrefetchBadWorkingSetFallsBack(t *testing.T) {
 				t.Errorf("Unique=%d, want %d (all served lazily)", st.Unique, want)
 			}
 		})
+	}
+}
+
+// TestPrefetchDetectsLaterCorruption: a WS file that served a restore
+// correctly and is then damaged (one data byte flipped in a late chunk) is
+// caught by that chunk's checksum on the next restore before the chunk is
+// installed: the chunks before it are installed (they were verified), the
+// rest is served lazily, and every byte the peer reads is the memory file's.
+// A damaged header or table is caught before anything is installed.
+func TestPrefetchDetectsLaterCorruption(t *testing.T) {
+	e := newEnv(t)
+	ops := seqOps(0, 3000) // ≈ 11.7 MiB of data (the holes count): 12 chunks
+	e.run(t, e.cfg("record", ModeRecord), ops)
+	_, st := e.run(t, e.cfg("first", ModePrefetch), ops)
+	if st.PrefetchFallback || st.Unique != 0 || st.RecPages != 3000 {
+		t.Fatalf("first restore: fallback %v, Unique %d, RecPages %d; want 0 lazy pages and 3000 from the WS", st.PrefetchFallback, st.Unique, st.RecPages)
+	}
+	wsPath := e.cfg("", ModePrefetch).WorkingSet
+	good, err := os.ReadFile(wsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(good)
+	if err != nil || ws.Version != wsVersion {
+		t.Fatalf("recorded WS: version %d, %v; want version %d", ws.Version, err, wsVersion)
+	}
+	dataOff := len(good) - int(alignUp(uint64(len(ws.Data)), wsAlign))
+	const flipChunk = 9
+	for _, tc := range []struct {
+		name      string
+		at        int
+		installed int64 // pages installed before the damage is found
+		early     bool
+	}{
+		{"data byte in chunk 9", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096, false},
+		{"run table", wsHeaderSize + 3, 0, false},
+		// The guest already runs while the WS is read: its faults on pages
+		// of the damaged chunk and after it are served lazily.
+		{"data byte in chunk 9, early resume", dataOff + flipChunk*wsChunk + 12345, flipChunk * wsChunk / 4096, true},
+		{"run table, early resume", wsHeaderSize + 3, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := slices.Clone(good)
+			b[tc.at] ^= 0x40
+			// Rewrite in place, as a disk error or a stray write would.
+			if err := os.WriteFile(wsPath, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.WriteFile(wsPath, good, 0o600) })
+			cfg := e.cfg("flipped", ModePrefetch)
+			cfg.EarlyResume = tc.early
+			_, st := e.run(t, cfg, ops) // fails on any wrong byte
+			if !st.PrefetchFallback {
+				t.Fatal("flipped byte not detected")
+			}
+			if st.RecPages != tc.installed || st.Unique != 3000-tc.installed {
+				t.Errorf("RecPages=%d Unique=%d, want %d installed from verified chunks and the rest lazily", st.RecPages, st.Unique, tc.installed)
+			}
+		})
+	}
+}
+
+// TestPrefetchVersion1: a version 1 WS file (one checksum for the whole
+// file, written by earlier vhive) still prefetches; damaged, it is refused
+// as a whole.
+func TestPrefetchVersion1(t *testing.T) {
+	e := newEnv(t)
+	ops := clusteredOps(7, 40)
+	e.run(t, e.cfg("record", ModeRecord), ops)
+	cfg := e.cfg("v1", ModePrefetch)
+	b, err := os.ReadFile(cfg.WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := encodeWorkingSetV1(ws.PageSize, ws.MemSize, ws.Runs, ws.Data)
+	if err := os.WriteFile(cfg.WorkingSet, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, st := e.run(t, cfg, ops)
+	if st.PrefetchFallback || st.Unique != 0 || st.RecPages != ws.Pages() {
+		t.Errorf("version 1: fallback %v, Unique %d, RecPages %d (want %d)", st.PrefetchFallback, st.Unique, st.RecPages, ws.Pages())
+	}
+	v1[len(v1)-4096-1] ^= 1
+	if err := os.WriteFile(cfg.WorkingSet, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, st = e.run(t, e.cfg("v1bad", ModePrefetch), ops)
+	if !st.PrefetchFallback || st.RecPages != 0 {
+		t.Errorf("damaged version 1: fallback %v, RecPages %d; want nothing installed", st.PrefetchFallback, st.RecPages)
 	}
 }
 
@@ -708,6 +806,58 @@ func TestConcurrentRestoresIsolated(t *testing.T) {
 			}
 		})
 	})
+}
+
+// TestSimultaneousPrefetchesShareOneRead: restores of one snapshot started
+// together read its WS file once; each gets every byte right, and a later
+// restore reads the file again.
+func TestSimultaneousPrefetchesShareOneRead(t *testing.T) {
+	e := newEnv(t)
+	ops := seqOps(100, 2000)
+	e.run(t, e.cfg("rec", ModeRecord), ops)
+	const n = 4
+	var rs []*Restore
+	for i := range n {
+		cfg := e.cfg(fmt.Sprintf("shared%d", i), ModePrefetch)
+		cfg.EarlyResume = i%2 == 1
+		r, err := e.mgr.Start(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		rs = append(rs, r)
+	}
+	var cs []*child
+	for _, r := range rs {
+		cs = append(cs, startChild(t, childConfig{Socket: r.cfg.SocketPath, MemFile: e.memFile, Size: testPages * 4096, Ops: ops}))
+	}
+	shared := 0
+	var read int64
+	for i, c := range cs {
+		res := c.result(t)
+		<-rs[i].Done()
+		if res.Mismatches != 0 {
+			t.Fatalf("restore %d: %d wrong pages; first: %s", i, res.Mismatches, res.First)
+		}
+		st := rs[i].Stats()
+		if st.PrefetchFallback || st.Unique != 0 || st.RecPages != 2000 {
+			t.Errorf("restore %d: fallback %v, Unique %d, RecPages %d", i, st.PrefetchFallback, st.Unique, st.RecPages)
+		}
+		if st.SharedFetch {
+			shared++
+		}
+		read += st.BytesRead
+	}
+	fi, err := os.Stat(e.cfg("", ModePrefetch).WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if shared != n-1 || read != fi.Size() {
+		t.Errorf("%d of %d restores shared a read, %d bytes read in all; want %d and one file of %d bytes", shared, n, read, n-1, fi.Size())
+	}
+	if _, st := e.run(t, e.cfg("later", ModePrefetch), ops); st.SharedFetch || st.BytesRead != fi.Size() {
+		t.Errorf("a later restore: shared %v, read %d bytes; want its own read", st.SharedFetch, st.BytesRead)
+	}
 }
 
 // TestHammerFaultsAndRemoves: concurrent faults from 4 threads while a 5th

@@ -15,10 +15,28 @@ const maxLatencySamples = 1 << 16
 // wall time in the manager; page counts are in pages of the regions' page
 // size.
 type Stats struct {
-	// FetchState: reading (and verifying) the WS file (prefetch).
+	// FetchState: reading and verifying the WS file (prefetch), from the
+	// start of the restore until the last chunk was verified. It overlaps
+	// the sandbox's start-up and InstallWS.
 	FetchState time.Duration
-	// InstallWS: installing the WS (UFFDIO_COPY per run + UFFDIO_WAKE).
+	// InstallWS: installing the WS, from the handshake until the wake
+	// after the last chunk (UFFDIO_COPY per run and chunk, UFFDIO_WAKE);
+	// with RestoreConfig.EarlyResume it runs while the sandbox does.
 	InstallWS time.Duration
+	// PrefetchWS: from the start of the restore until the last chunk was
+	// installed (or the install stopped): the whole prefetch, overlapped.
+	PrefetchWS time.Duration
+	// InstallBusy: the part of InstallWS spent installing (the rest is
+	// waiting for chunks still being read or verified).
+	InstallBusy time.Duration
+	// WSWaits: faults on working-set pages not installed yet, which waited
+	// for their chunk (EarlyResume); not counted in Faults or Unique.
+	WSWaits int64
+	// DirectRead: the WS file was read with O_DIRECT.
+	DirectRead bool
+	// SharedFetch: the restore joined a read of the same WS file already
+	// in progress for a simultaneous restore (it read nothing itself).
+	SharedFetch bool
 	// ServeUnique: total service time of the faults served lazily.
 	ServeUnique time.Duration
 
@@ -78,7 +96,7 @@ func (s Stats) Stages() map[string]time.Duration {
 func (s Stats) Pages() map[string]int64 {
 	return map[string]int64{
 		"RecPages": s.RecPages, "RecRegions": s.RecRegions, "Unique": s.Unique,
-		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead,
+		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead, "WSWaits": s.WSWaits,
 	}
 }
 

@@ -22,7 +22,7 @@ type region struct {
 	pages    uint64
 	present  bitset // installed by us and not removed since
 	removed  bitset // UFFD_EVENT_REMOVE seen: reads as zero on the next fault
-	inWS     bitset // installed by the prefetch
+	inWS     bitset // in the working set being installed (prefetch)
 	recorded bitset // already in the record log
 }
 
@@ -35,8 +35,9 @@ type server struct {
 	pid     int
 	msgs    []uffd.Msg
 	pending []uffd.Msg // faults read while draining for EAGAIN
-	ws      *WorkingSet
-	wsBuf   *wsBuffer
+	fetch   *fetcher   // prefetch: the WS being read
+	t0      time.Time  // prefetch: when the restore asked for the WS
+	inst    *installer // prefetch: the install in progress
 }
 
 func (r *Restore) setReady(err error) {
@@ -57,8 +58,12 @@ func (r *Restore) run() {
 			}
 			r.setReady(fmt.Errorf("restore %q: %w", r.cfg.ID, notReady))
 		}
-		if s.wsBuf != nil {
-			s.wsBuf.release()
+		if s.inst != nil {
+			s.inst.f.unsubscribe(s.inst.progress)
+			unix.Close(s.inst.progress)
+		}
+		if s.fetch != nil {
+			r.mgr.releaseFetch(s.fetch)
 		}
 		if s.uffd != nil {
 			s.uffd.Close()
@@ -69,7 +74,7 @@ func (r *Restore) run() {
 		close(r.done)
 	}()
 	if r.cfg.Mode == ModePrefetch {
-		s.fetch()
+		s.startFetch()
 	}
 	conn, err := r.ln.AcceptUnix()
 	if err != nil {
@@ -126,8 +131,12 @@ func (r *Restore) run() {
 	r.mu.Unlock()
 	r.log.Debug("handshake", "pid", s.pid, "regions", len(s.regions), "peer_pidfd", h.pidfd >= 0)
 
-	if s.ws != nil {
-		if err := s.install(); errors.Is(err, errPeerGone) {
+	if s.fetch != nil {
+		err := s.startInstall()
+		if err == nil && !r.cfg.EarlyResume {
+			err = s.installAll()
+		}
+		if errors.Is(err, errPeerGone) {
 			notReady = fmt.Errorf("sandbox process %d exited during the working-set install", s.pid)
 			return
 		} else if err != nil {
@@ -159,102 +168,263 @@ func (r *Restore) isClosing() bool {
 	return r.closing
 }
 
-// fetch reads and verifies the WS file; on any problem it logs a warning and
-// leaves s.ws nil so that the restore serves lazily.
-func (s *server) fetch() {
+// startFetch starts reading the WS file in the background (before the
+// peer connects); if it cannot even be opened, the restore serves lazily.
+func (s *server) startFetch() {
 	r := s.r
-	t0 := time.Now()
-	buf, err := readWorkingSetFile(r.cfg.WorkingSet, &r.mgr.bufs)
-	var ws *WorkingSet
-	if err == nil {
-		ws, err = ParseWorkingSet(buf.b)
-	}
-	if err == nil && ws.MemSize != r.memSize {
-		err = fmt.Errorf("%w: recorded against a %d-byte memory file, %s has %d", ErrBadWorkingSet, ws.MemSize, r.cfg.MemoryFile, r.memSize)
-	}
-	d := time.Since(t0)
-	r.mu.Lock()
-	r.stats.FetchState = d
-	if buf != nil {
-		r.stats.BytesRead += int64(len(buf.b))
-	}
+	s.t0 = time.Now()
+	f, shared, err := r.mgr.fetch(r.cfg.WorkingSet, r.memSize)
 	if err != nil {
-		r.stats.PrefetchFallback = true
-	}
-	r.mu.Unlock()
-	if buf != nil && s.r.obs != nil {
-		s.r.obs.bytesRead.Add(float64(len(buf.b)))
-	}
-	if err != nil {
-		if buf != nil {
-			buf.release()
-		}
-		r.log.Warn("working set unusable: serving lazily", "path", r.cfg.WorkingSet, "err", err)
-		if r.obs != nil {
-			r.obs.m.fallbacks.Inc()
-		}
+		s.fallback(err)
 		return
 	}
-	if r.obs != nil {
-		r.obs.m.stageTime.WithLabelValues("FetchState").Observe(d.Seconds())
-	}
-	s.ws, s.wsBuf = ws, buf
+	s.fetch = f
+	r.mu.Lock()
+	r.stats.SharedFetch = shared
+	r.mu.Unlock()
 }
 
-// install copies every WS run into the peer with UFFDIO_COPY_MODE_DONTWAKE,
-// then wakes each region once.
-func (s *server) install() error {
+// fallback records that the WS could not be used (or not wholly) and why.
+func (s *server) fallback(err error) {
 	r := s.r
-	for _, reg := range s.regions {
-		if s.ws.PageSize != reg.PageSize {
-			r.log.Warn("working set page size differs from the region's: serving lazily",
-				"ws_page_size", s.ws.PageSize, "region_page_size", reg.PageSize)
-			r.mu.Lock()
-			r.stats.PrefetchFallback = true
-			r.mu.Unlock()
+	r.mu.Lock()
+	r.stats.PrefetchFallback = true
+	r.mu.Unlock()
+	r.log.Warn("working set unusable: serving the rest lazily", "path", r.cfg.WorkingSet, "err", err)
+	if r.obs != nil {
+		r.obs.m.fallbacks.Inc()
+	}
+}
+
+// installer is the state of a prefetch's install, driven by the serving
+// goroutine: step installs whatever the fetcher has verified since the last
+// step.
+type installer struct {
+	f        *fetcher
+	progress int // eventfd subscribed to f
+	m        *wsMeta
+	next     int    // next chunk to install
+	ri       int    // current run
+	inRun    uint64 // bytes of run ri installed
+	at       uint64 // data bytes installed
+	t0       time.Time
+	busy     time.Duration // in the install ioctls
+	pages    int64
+	runs     int64
+	deferred []uffd.Msg // faults on WS pages not installed yet (EarlyResume)
+}
+
+// startInstall begins installing once the handshake is done.
+func (s *server) startInstall() error {
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("eventfd: %w", err)
+	}
+	s.inst = &installer{f: s.fetch, progress: efd, t0: time.Now()}
+	s.fetch.subscribe(efd)
+	return nil
+}
+
+// installAll installs the whole WS before the peer is told memory is
+// ready: step on every progress notification.
+func (s *server) installAll() error {
+	fds := []unix.PollFd{{Fd: int32(s.inst.progress), Events: unix.POLLIN}, {Fd: int32(s.pidfd), Events: unix.POLLIN}}
+	for s.inst != nil {
+		if err := s.step(); err != nil {
+			return err
+		}
+		if s.inst == nil {
 			return nil
 		}
-	}
-	t0 := time.Now()
-	var at uint64 // offset of the run's bytes in ws.Data
-	var pages int64
-	for _, run := range s.ws.Runs {
-		for _, reg := range s.regions {
-			lo, hi := max(run.Offset, reg.Offset), min(run.Offset+run.Length, reg.Offset+reg.Size)
-			if lo >= hi {
-				continue
-			}
-			first := (lo - reg.Offset) / reg.PageSize
-			last := (hi - reg.Offset) / reg.PageSize
-			src := uintptr(unsafe.Pointer(&s.ws.Data[at+(lo-run.Offset)]))
-			_, _, err := s.fill(reg, first, last, src, false, uffd.ModeDontWake, func(p, n uint64) {
-				for i := p; i < p+n; i++ {
-					reg.inWS.set(i)
-				}
-			})
-			if err != nil {
-				return err
-			}
-			pages += int64(last - first)
+		if _, err := unix.Poll(fds, -1); err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("poll: %w", err)
 		}
-		at += run.Length
+		if fds[1].Revents != 0 {
+			return errPeerGone
+		}
 	}
+	return nil
+}
+
+// step installs the chunks verified since the last step: one UFFDIO_COPY
+// (DONTWAKE) per run or part of a run within a chunk, then one UFFDIO_WAKE
+// per region (threads waiting on those pages retry). When every chunk is
+// installed — or the fetch failed: a chunk that fails its checksum or a
+// read error stops the install, the chunks installed before it were
+// verified, the rest is served lazily from the memory file — it finishes
+// the install (s.inst becomes nil).
+func (s *server) step() error {
+	in := s.inst
+	var one [8]byte
+	unix.Read(in.progress, one[:]) // reset the eventfd; nothing to read is fine
+	m, verified, ferr := in.f.progress()
+	if m == nil {
+		if ferr != nil {
+			return s.endInstall(ferr)
+		}
+		return nil
+	}
+	if in.m == nil {
+		for _, reg := range s.regions {
+			if m.pageSize != reg.PageSize {
+				return s.endInstall(fmt.Errorf("working set page size %d differs from the region's %d", m.pageSize, reg.PageSize))
+			}
+		}
+		if m.version != wsVersion {
+			s.r.log.Info("working set file is version 1: verified only once wholly read, installed after that; record it again for streamed verification",
+				"path", s.r.cfg.WorkingSet)
+		}
+		in.m = m
+		for _, run := range m.runs { // mark the WS pages: their faults wait for their chunk
+			for _, reg := range s.regions {
+				lo, hi := max(run.Offset, reg.Offset), min(run.Offset+run.Length, reg.Offset+reg.Size)
+				for p := (lo - reg.Offset) / reg.PageSize; lo < hi && p < (hi-reg.Offset)/reg.PageSize; p++ {
+					reg.inWS.set(p)
+				}
+			}
+		}
+	}
+	if in.next < verified {
+		t := time.Now()
+		data := in.f.data()
+		for ; in.next < verified; in.next++ {
+			_, hi := m.chunkRange(in.next)
+			if hi < m.dataLen {
+				hi -= hi % m.pageSize // a page split across chunks goes with the later one
+			}
+			for in.at < hi {
+				run := m.runs[in.ri]
+				n := min(run.Length-in.inRun, hi-in.at)
+				got, err := s.installRange(run.Offset+in.inRun, n, uintptr(unsafe.Pointer(&data[m.dataOff+in.at])))
+				in.pages += got
+				if err != nil {
+					return err
+				}
+				in.at += n
+				if in.inRun += n; in.inRun == run.Length {
+					in.ri, in.inRun = in.ri+1, 0
+					in.runs++
+				}
+			}
+		}
+		if err := s.wakeAll(); err != nil {
+			return err
+		}
+		in.busy += time.Since(t)
+	}
+	if in.next == m.chunks() {
+		return s.endInstall(nil)
+	}
+	if ferr != nil {
+		return s.endInstall(ferr)
+	}
+	return nil
+}
+
+func (s *server) wakeAll() error {
 	for _, reg := range s.regions {
 		if err := s.uffd.Wake(uintptr(reg.BaseHostVirtAddr), reg.Size); err != nil {
+			if errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENOENT) {
+				return errPeerGone
+			}
 			return err
 		}
 	}
-	d := time.Since(t0)
+	return nil
+}
+
+// endInstall ends the install (fetchErr: why it stopped early), records
+// its stats, releases the WS and serves the faults that waited for pages
+// never installed.
+func (s *server) endInstall(fetchErr error) error {
+	in := s.inst
+	r := s.r
+	s.inst = nil
+	if fetchErr != nil {
+		s.fallback(fetchErr)
+		for _, reg := range s.regions {
+			clear(reg.inWS) // from now on every missing page is served lazily
+		}
+	}
+	fetched, direct := in.f.result(s.t0)
+	d := time.Since(in.t0)
 	r.mu.Lock()
-	r.stats.InstallWS = d
-	r.stats.RecPages, r.stats.RecRegions = pages, int64(len(s.ws.Runs))
+	r.stats.FetchState, r.stats.InstallWS, r.stats.InstallBusy = fetched, d, in.busy
+	r.stats.PrefetchWS = time.Since(s.t0)
+	r.stats.RecPages, r.stats.RecRegions, r.stats.DirectRead = in.pages, in.runs, direct
+	shared := r.stats.SharedFetch
+	if !shared {
+		r.stats.BytesRead += int64(in.f.size)
+	}
 	r.mu.Unlock()
 	if r.obs != nil {
+		if !shared {
+			r.obs.bytesRead.Add(float64(in.f.size))
+		}
+		r.obs.m.stageTime.WithLabelValues("FetchState").Observe(fetched.Seconds())
 		r.obs.m.stageTime.WithLabelValues("InstallWS").Observe(d.Seconds())
 	}
-	s.wsBuf.release()
-	s.wsBuf, s.ws = nil, nil
+	in.f.unsubscribe(in.progress)
+	unix.Close(in.progress)
+	r.mgr.releaseFetch(in.f)
+	s.fetch = nil
+	if err := s.wakeAll(); err != nil {
+		return err
+	}
+	// Faults that waited for pages the install did not bring in (it
+	// stopped early, or the guest dropped them meanwhile): serve them.
+	for _, m := range in.deferred {
+		if reg := s.region(m.Address); reg != nil && reg.present.get((m.Address-reg.BaseHostVirtAddr)/reg.PageSize) {
+			continue // installed: the wake above let the thread go on
+		}
+		if err := s.fault(m); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// deferFault reports whether the fault m is on a WS page not installed yet
+// while the install runs; then it is kept until the page's chunk is
+// installed (its wake lets the thread retry) or the install ends.
+func (s *server) deferFault(m uffd.Msg) bool {
+	if s.inst == nil {
+		return false
+	}
+	reg := s.region(m.Address)
+	if reg == nil {
+		return false
+	}
+	p := (m.Address - reg.BaseHostVirtAddr) / reg.PageSize
+	if !reg.inWS.get(p) || reg.present.get(p) || reg.removed.get(p) {
+		return false
+	}
+	s.inst.deferred = append(s.inst.deferred, m)
+	s.r.mu.Lock()
+	s.r.stats.WSWaits++
+	s.r.mu.Unlock()
+	return true
+}
+
+// installRange installs memory-file bytes [off, off+n), whose contents are
+// at src, into every region that maps them (DONTWAKE), and returns the
+// pages installed.
+func (s *server) installRange(off, n uint64, src uintptr) (int64, error) {
+	var pages int64
+	for _, reg := range s.regions {
+		lo, hi := max(off, reg.Offset), min(off+n, reg.Offset+reg.Size)
+		if lo >= hi {
+			continue
+		}
+		first := (lo - reg.Offset) / reg.PageSize
+		last := (hi - reg.Offset) / reg.PageSize
+		_, _, err := s.fill(reg, first, last, src+uintptr(lo-off), false, uffd.ModeDontWake, func(p, n uint64) {})
+		if err != nil {
+			return pages, err
+		}
+		pages += int64(last - first)
+	}
+	return pages, nil
 }
 
 // fill installs the pages [first, last) of reg that are not present: pages
@@ -351,8 +521,18 @@ func (s *server) loop() error {
 		{Fd: int32(s.r.stop), Events: unix.POLLIN},
 		{Fd: int32(s.uffd.Int()), Events: unix.POLLIN},
 		{Fd: int32(s.pidfd), Events: unix.POLLIN}, // -1 is ignored by poll
+		{Fd: -1, Events: unix.POLLIN},             // an install in progress (EarlyResume)
 	}
 	for {
+		fds[3].Fd = -1
+		if s.inst != nil {
+			if err := s.step(); err != nil {
+				return s.faultErr(err)
+			}
+			if s.inst != nil {
+				fds[3].Fd = int32(s.inst.progress)
+			}
+		}
 		for len(s.pending) > 0 {
 			m := s.pending[0]
 			s.pending = s.pending[1:]
@@ -443,6 +623,9 @@ func (s *server) event(m uffd.Msg) {
 // pages in holes or removed as zero pages, the rest copied from the memory
 // file.
 func (s *server) fault(m uffd.Msg) error {
+	if s.deferFault(m) {
+		return nil
+	}
 	t0 := time.Now()
 	reg := s.region(m.Address)
 	if reg == nil {

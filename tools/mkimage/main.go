@@ -1,8 +1,13 @@
 // Command mkimage builds the example functions and packages them as OCI
-// images without Docker (see vhive.dev/vhive/functions/build):
+// images without Docker (see vhive.dev/vhive/functions/build), and the
+// Python function suite from Debian packages with mmdebstrap (see
+// vhive.dev/vhive/internal/debimage; needs root and mmdebstrap):
 //
 //	go run ./tools/mkimage -function helloworld -target both -format both -out out/images
 //	go run ./tools/mkimage -all
+//	go run ./tools/mkimage -python ci            # the CI set of functions/python
+//	go run ./tools/mkimage -python full          # every Python function
+//	go run ./tools/mkimage -python lr-serving,pyaes
 package main
 
 import (
@@ -13,9 +18,13 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
+	"time"
 
 	"vhive.dev/vhive/functions/build"
+	"vhive.dev/vhive/internal/debimage"
 )
 
 type config struct {
@@ -24,6 +33,8 @@ type config struct {
 	target   string
 	format   string
 	out      string
+	python   string
+	suiteDir string
 }
 
 func main() {
@@ -48,11 +59,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&c.target, "target", "both", "linux, wasm or both")
 	fs.StringVar(&c.format, "format", "both", "layout (OCI layout dir), tar (docker-archive) or both")
 	fs.StringVar(&c.out, "out", "out/images", "output directory")
+	fs.StringVar(&c.python, "python", "", "build Python functions from Debian packages instead: ci (the CI set), full (all) or NAME[,NAME...]")
+	fs.StringVar(&c.suiteDir, "python-dir", "functions/python", "directory of the Python functions (-python)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.python != "" {
+		if c.all || c.function != "" {
+			return errors.New("-python builds the Python suite; give it without -function or -all")
+		}
+		return runPython(ctx, c, stdout)
 	}
 	functions, err := selectFunctions(c)
 	if err != nil {
@@ -121,4 +140,39 @@ func parseFormats(s string) ([]build.Format, error) {
 		return []build.Format{build.FormatLayout, build.FormatTar}, nil
 	}
 	return nil, fmt.Errorf("-format %q: want layout, tar or both", s)
+}
+
+// runPython builds the Python functions c.python selects.
+func runPython(ctx context.Context, c config, stdout io.Writer) error {
+	var dirs []string
+	switch c.python {
+	case "ci", "full":
+		all, err := debimage.Functions(c.suiteDir, c.python == "full")
+		if err != nil {
+			return fmt.Errorf("-python %s: %w", c.python, err)
+		}
+		dirs = all
+	default:
+		for _, n := range strings.Split(c.python, ",") {
+			dirs = append(dirs, filepath.Join(c.suiteDir, strings.TrimSpace(n)))
+		}
+	}
+	formats, err := parseFormats(c.format)
+	if err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		start := time.Now()
+		img, err := debimage.Build(ctx, debimage.Options{Dir: d, OutDir: c.out, Runtime: filepath.Join(c.suiteDir, "runtime"), Formats: formats})
+		if err != nil {
+			return err
+		}
+		base := "built"
+		if img.BaseCached {
+			base = "cached"
+		}
+		fmt.Fprintf(stdout, "%s %s layout=%s tar=%s base=%s (%s) %.1fs\n", img.Ref, img.Digest, img.Layout, img.Tarball,
+			img.BaseKey, base, time.Since(start).Seconds())
+	}
+	return nil
 }

@@ -8,12 +8,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	"vhive.dev/vhive/internal/sandbox"
@@ -46,10 +49,15 @@ func evict(b *testing.B, paths ...string) {
 type coldStats struct {
 	lat                                      []time.Duration
 	faults, unique, recPages, ready, zeroPgs int64
+	wsWaits                                  int64
 	n                                        int64
 	stages                                   map[string]time.Duration
 	toReady                                  time.Duration // start → sandbox returned (before the first call)
 	firstCall                                time.Duration // dial + first call
+	secondCall                               time.Duration // dial + a second call on the same instance (not part of the cold start)
+	firstGuest, secondGuest                  time.Duration // of which in the guest (the worker's x-vhive-guest-us)
+	firstFlt, secondFlt                      int64         // the worker's minor page faults during those calls
+	prefetch, floor, rawRead, busy           []float64     // REAP: ms from Restore to the WS installed; raw read + install ioctls; raw read
 }
 
 func (c *coldStats) report(b *testing.B) {
@@ -63,9 +71,25 @@ func (c *coldStats) report(b *testing.B) {
 	b.ReportMetric(float64(c.faults)/float64(c.n), "faults/op")
 	b.ReportMetric(float64(c.unique)/float64(c.n), "unique/op")
 	b.ReportMetric(float64(c.recPages)/float64(c.n), "ws-pages/op")
+	b.ReportMetric(float64(c.wsWaits)/float64(c.n), "ws-waits/op")
 	b.ReportMetric(float64(c.ready)/float64(c.n), "ready-worker/op")
 	b.ReportMetric(float64(c.toReady.Microseconds())/1000/float64(c.n), "ready-ms")
 	b.ReportMetric(float64(c.firstCall.Microseconds())/1000/float64(c.n), "first-call-ms")
+	b.ReportMetric(float64(c.secondCall.Microseconds())/1000/float64(c.n), "second-call-ms")
+	b.ReportMetric(float64(c.firstGuest.Microseconds())/1000/float64(c.n), "first-guest-ms")
+	b.ReportMetric(float64(c.secondGuest.Microseconds())/1000/float64(c.n), "second-guest-ms")
+	b.ReportMetric(float64(c.firstFlt)/float64(c.n), "first-call-minflt")
+	b.ReportMetric(float64(c.secondFlt)/float64(c.n), "second-call-minflt")
+	if len(c.prefetch) > 0 {
+		ratio := make([]float64, len(c.prefetch))
+		for i := range ratio {
+			ratio[i] = c.prefetch[i] / c.floor[i]
+		}
+		b.ReportMetric(medianF(c.prefetch), "restore-ms")
+		b.ReportMetric(medianF(c.rawRead), "floor-read-ms")
+		b.ReportMetric(medianF(c.busy), "install-busy-ms")
+		b.ReportMetric(medianF(ratio), "restore/floor")
+	}
 	for _, k := range []string{"CheckSnapshot", "MemoryStart", "WorkerStart", "Worker", "TakeWorker", "FetchState", "InstallWS", "LoadMemory", "Instantiate", "Initialize"} {
 		if d, ok := c.stages[k]; ok {
 			b.ReportMetric(float64(d.Microseconds())/1000/float64(c.n), k+"-ms")
@@ -114,7 +138,7 @@ func BenchmarkColdStart(b *testing.B) {
 			if pool == 0 {
 				poolName = "nopool"
 			}
-			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-replay", "warm"} {
+			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-wait", "reap-replay", "warm"} {
 				b.Run(fmt.Sprintf("%s/%s/%s", fn, mode, poolName), func(b *testing.B) {
 					if mode == "warm" && pool == 0 {
 						b.Skip("warm does not depend on the pool")
@@ -137,8 +161,13 @@ func BenchmarkColdStart(b *testing.B) {
 						b.ResetTimer()
 						for range b.N {
 							t0 := time.Now()
-							r, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: payload})
+							var md metadata.MD
+							r, err := c.SayHello(ctx, &helloworld.HelloRequest{Name: payload}, grpc.Header(&md))
 							cs.lat = append(cs.lat, time.Since(t0))
+							if v := md.Get(wasmrt.GuestTimeHeader); len(v) == 1 {
+								us, _ := strconv.ParseInt(v[0], 10, 64)
+								cs.firstGuest += time.Duration(us) * time.Microsecond // reported as first-guest-ms: per warm call
+							}
 							if err != nil || r.GetMessage() != want[payload] {
 								b.Fatalf("warm call: %q, %v", r.GetMessage(), err)
 							}
@@ -155,6 +184,12 @@ func BenchmarkColdStart(b *testing.B) {
 							}
 						}
 						evict(b, memFile, ws)
+						if pool == 0 {
+							// vHive drops the whole page cache: a worker start
+							// then reads the worker binary and the compiled
+							// module from disk too.
+							evict(b, workerFiles(b, e.b.cfg)...)
+						}
 						id := fmt.Sprintf("%s-%s-%s-%d", fn, mode, poolName, i)
 						b.StartTimer()
 						t0 := time.Now()
@@ -172,13 +207,17 @@ func BenchmarkColdStart(b *testing.B) {
 						case "lazy":
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
 						default:
+							e.b.cfg.PrefetchBeforeResume = mode == "reap-wait"
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryPrefetch, WorkingSet: ws})
+							e.b.cfg.PrefetchBeforeResume = false
 						}
 						if err != nil {
 							b.Fatalf("%s: %v", mode, err)
 						}
+						pid := sb.(*Sandbox).Pid()
+						f0 := minorFaults(pid)
 						t1 := time.Now()
-						got, err := call(ctx, sb.Endpoint(), payload)
+						got, g1, err := callTimed(ctx, sb.Endpoint(), payload)
 						d := time.Since(t0)
 						cs.toReady += t1.Sub(t0)
 						cs.firstCall += time.Since(t1)
@@ -186,17 +225,44 @@ func BenchmarkColdStart(b *testing.B) {
 						if err != nil || got != want[payload] {
 							b.Fatalf("%s: first call = %q, %v; want %q", mode, got, err, want[payload])
 						}
+						f1 := minorFaults(pid)
+						t2 := time.Now()
+						got, g2, err := callTimed(ctx, sb.Endpoint(), payload)
+						if err != nil || got != want[payload] {
+							b.Fatalf("%s: second call = %q, %v", mode, got, err)
+						}
+						cs.secondCall += time.Since(t2)
+						cs.firstGuest += g1
+						cs.secondGuest += g2
+						cs.firstFlt += f1 - f0
+						cs.secondFlt += minorFaults(pid) - f1
 						cs.lat = append(cs.lat, d)
 						st := sb.(sandbox.RestoreReporter).RestoreStats()
 						cs.faults += st.Pages["Faults"]
 						cs.unique += st.Pages["Unique"]
 						cs.recPages += st.Pages["RecPages"]
+						cs.wsWaits += st.Pages["WSWaits"]
 						cs.ready += st.Pages["ReadyWorker"]
 						if cs.stages == nil {
 							cs.stages = map[string]time.Duration{}
 						}
 						for k, v := range st.Stages {
 							cs.stages[k] += v
+						}
+						if sb, ok := sb.(*Sandbox); ok && sb.mem != nil && strings.HasPrefix(mode, "reap") {
+							ms := sb.mem.Stats()
+							for deadline := time.Now().Add(5 * time.Second); ms.PrefetchWS == 0 && time.Now().Before(deadline); ms = sb.mem.Stats() {
+								time.Sleep(time.Millisecond) // the install may still run (early resume)
+							}
+							// The raw floor of this restore, measured right after
+							// it: one O_DIRECT pread of the same WS file (evicted)
+							// plus the manager's own install ioctl time.
+							evict(b, ws)
+							rr := rawReadMS(b, ws)
+							cs.prefetch = append(cs.prefetch, float64(ms.PrefetchWS.Microseconds())/1000)
+							cs.rawRead = append(cs.rawRead, rr)
+							cs.busy = append(cs.busy, float64(ms.InstallBusy.Microseconds())/1000)
+							cs.floor = append(cs.floor, rr+float64(ms.InstallBusy.Microseconds())/1000)
 						}
 						cs.n++
 						if err := sb.Stop(ctx); err != nil {
@@ -274,6 +340,98 @@ func BenchmarkFloor(b *testing.B) {
 			}
 		}
 	})
+}
+
+// workerFiles lists the files a worker start reads: its binary and the
+// prepared and compiled modules.
+func workerFiles(b *testing.B, cfg Config) []string {
+	files := []string{}
+	if p, err := exec.LookPath(cfg.WorkerCommand[0]); err == nil {
+		files = append(files, p)
+	}
+	for _, dir := range []string{cfg.CacheDir, cfg.CompileCacheDir} {
+		filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err == nil && d.Type().IsRegular() {
+				files = append(files, path)
+			}
+			return nil
+		})
+	}
+	return files
+}
+
+// callTimed is call, also returning the guest time the worker reports.
+func callTimed(ctx context.Context, endpoint, req string) (string, time.Duration, error) {
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return "", 0, err
+	}
+	defer conn.Close()
+	var md metadata.MD
+	r, err := helloworld.NewGreeterClient(conn).SayHello(ctx, &helloworld.HelloRequest{Name: req}, grpc.Header(&md))
+	if err != nil {
+		return "", 0, err
+	}
+	var g time.Duration
+	if v := md.Get(wasmrt.GuestTimeHeader); len(v) == 1 {
+		us, _ := strconv.ParseInt(v[0], 10, 64)
+		g = time.Duration(us) * time.Microsecond
+	}
+	return r.GetMessage(), g, nil
+}
+
+// rawReadMS is one O_DIRECT pread of the whole file (buffered if the
+// filesystem refuses O_DIRECT), in ms.
+func rawReadMS(b *testing.B, path string) float64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := (int(fi.Size()) + 4095) &^ 4095
+	buf, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	t0 := time.Now()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.Pread(fd, buf, 0); err != nil {
+		b.Fatal(err)
+	}
+	return float64(time.Since(t0).Microseconds()) / 1000
+}
+
+func medianF(x []float64) float64 {
+	s := slices.Clone(x)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// minorFaults returns the process's minor page faults so far
+// (/proc/<pid>/stat field 10), -1 if unreadable.
+func minorFaults(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return -1
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return -1
+	}
+	f := strings.Fields(s[i+1:]) // f[0] is field 3 (state)
+	if len(f) < 8 {
+		return -1
+	}
+	n, _ := strconv.ParseInt(f[7], 10, 64)
+	return n
 }
 
 // fadviseFD opens path for an fadvise call; the descriptor is closed when

@@ -154,13 +154,20 @@ func (b *Backend) refill(mod *module) {
 	}()
 }
 
+// maxRefillSpawns bounds the background spawns of one pool at a time: a
+// worker start loads (or, the first time, compiles) the module, ≈ 0.1–1 s
+// of CPU, and a pool of 16 filled all at once would starve the cold starts
+// it is meant to speed up on a small machine.
+const maxRefillSpawns = 2
+
 // refillLocked starts background spawns until ready+spawning reaches
-// PoolSize. b.mu is held.
+// PoolSize, at most maxRefillSpawns at a time (each finished spawn starts
+// the next). b.mu is held.
 func (b *Backend) refillLocked(p *pool) {
 	if b.closed {
 		return
 	}
-	for len(p.ready)+p.spawning < b.cfg.PoolSize {
+	for len(p.ready)+p.spawning < b.cfg.PoolSize && p.spawning < maxRefillSpawns {
 		p.spawning++
 		b.wg.Add(1)
 		go func() {
@@ -181,6 +188,7 @@ func (b *Backend) refillLocked(p *pool) {
 				return
 			}
 			p.ready = append(p.ready, w)
+			b.refillLocked(p)
 		}()
 	}
 }

@@ -71,6 +71,12 @@ type Config struct {
 	// ChunkPages is passed to the memory manager for lazy and record
 	// restores: pages installed per fault (0 or 1: one page).
 	ChunkPages int
+	// PrefetchBeforeResume makes prefetch (REAP) restores install the whole
+	// working set before the guest runs, as REAP does. By default the guest
+	// runs as soon as the memory manager has the handshake, while the
+	// working set is still being read and installed (memory.RestoreConfig.
+	// EarlyResume): a fault on a page not installed yet waits for its chunk.
+	PrefetchBeforeResume bool
 	// EagerMmap makes MemoryEager restores map the memory file privately
 	// (copy-on-write, pages read by the kernel on first touch: Firecracker's
 	// vanilla snapshot load) instead of copying it before the guest runs.

@@ -202,16 +202,36 @@ func TestRestoreModes(t *testing.T) {
 	steps := []struct {
 		mode  sandbox.MemoryMode
 		first string // the first request, before the checks
+		flip  bool   // flip a byte of the WS file's last data chunk first
 	}{
-		{sandbox.MemoryEager, "lookup:1"},
-		{sandbox.MemoryLazy, "lookup:1"},
-		{sandbox.MemoryRecord, "lookup:1"},
-		{sandbox.MemoryPrefetch, "lookup:1"},
-		{sandbox.MemoryPrefetch, "lookup:2"}, // another input than recorded
-		{sandbox.MemoryPrefetch, "lookup:1"},
+		{sandbox.MemoryEager, "lookup:1", false},
+		{sandbox.MemoryLazy, "lookup:1", false},
+		{sandbox.MemoryRecord, "lookup:1", false},
+		{sandbox.MemoryPrefetch, "lookup:1", false},
+		{sandbox.MemoryPrefetch, "lookup:2", false}, // another input than recorded
+		{sandbox.MemoryPrefetch, "lookup:1", false},
+		// The WS served the restores above; damaged now, the damaged
+		// chunk is never installed and its pages are served lazily: every
+		// reply is still right.
+		{sandbox.MemoryPrefetch, "lookup:1", true},
 	}
-	var lazyFaults int64
+	var lazyFaults, wsPages int64
 	for i, st := range steps {
+		if st.flip {
+			b, err := os.ReadFile(ws)
+			if err != nil {
+				t.Fatal(err)
+			}
+			parsed, err := memory.ParseWorkingSet(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dataEnd := len(b) - (len(parsed.Data)+4095)&^4095 + len(parsed.Data)
+			b[dataEnd-100] ^= 0x10
+			if err := os.WriteFile(ws, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
 		sb := e.restore(t, fmt.Sprintf("r%d", i), snap, sandbox.RestoreOptions{Mode: st.mode, WorkingSet: ws})
 		if got := mustCall(t, sb, st.first); got != want[st.first] {
 			t.Errorf("%s: first %s = %q, want %q", st.mode, st.first, got, want[st.first])
@@ -237,6 +257,13 @@ func TestRestoreModes(t *testing.T) {
 			if stats.Pages["RecPages"] == 0 {
 				t.Errorf("prefetch installed nothing: %v", stats.Pages)
 			}
+			if st.flip {
+				if stats.Pages["RecPages"] >= wsPages || stats.Pages["Unique"] == 0 {
+					t.Errorf("damaged WS: installed %d of %d pages, %d served lazily; want the damaged chunk served lazily", stats.Pages["RecPages"], wsPages, stats.Pages["Unique"])
+				}
+				break
+			}
+			wsPages = stats.Pages["RecPages"]
 			if st.first == "lookup:1" && stats.Pages["Unique"]*10 > lazyFaults {
 				t.Errorf("prefetch of the recorded input still faulted %d pages (lazy: %d)", stats.Pages["Unique"], lazyFaults)
 			}
