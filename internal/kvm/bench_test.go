@@ -37,6 +37,7 @@ import (
 // medians.
 func BenchmarkGuestRestore(b *testing.B) {
 	requiresKVM(b)
+	b.Logf("/dev/kvm implementation: %q (pvm: shadow paging, ring 3 native)", Flavour())
 	for _, mib := range []int{16, 64, 256} {
 		b.Run(fmt.Sprintf("size=%dMiB", mib), func(b *testing.B) {
 			dataPages := mib << 20 / PageSize
