@@ -15,11 +15,12 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables
 FUZZTIME     ?= 15s
 
 .PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \
-	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability
+	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
+	cluster-tools cluster cluster-down
 
 all: build
 
@@ -76,7 +77,7 @@ vet:
 ## test: every suite, with the real tools (what CI runs): Go tests (real
 ## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
 ## critest against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
+test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
@@ -107,8 +108,8 @@ reliability: deps runsc
 cri-tools:
 	bash scripts/critest/build.sh
 
-## k8s-tools: kubelet, kube-apiserver, scheduler, controller-manager, kubectl
-## (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
+## k8s-tools: kubelet, kube-apiserver, scheduler, controller-manager, kubectl,
+## kube-proxy (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
 k8s-tools:
 	bash scripts/k8s/build.sh
 
@@ -122,8 +123,32 @@ critest: deps cri-tools
 k8s-e2e: deps runsc cri-tools k8s-tools
 	bash scripts/k8s/e2e.sh
 
+## cluster-tools: the image registry the cluster's nodes pull from
+cluster-tools:
+	@mkdir -p $(VHIVE_CACHE)/bin
+	$(GO) build -o $(VHIVE_CACHE)/bin/vhive-critest-registry ./scripts/critest/registry
+
+## cluster: a Kubernetes cluster of NODES workers (default 3) on this machine,
+## each a netns with its own containerd, vhive daemon (its CRI), kubelet and
+## kube-proxy; prints the kubeconfig path and leaves it running; a second run
+## reuses it (docs/cluster.md)
+NODES ?= 3
+cluster: deps runsc k8s-tools cluster-tools build
+	$(BIN) cluster up --nodes $(NODES)
+
+## cluster-down: stop the cluster and remove everything it made
+cluster-down: build
+	$(BIN) cluster down
+
 bench-cri:
 	$(GO) test -count=3 -run '^$$' -bench ContainerRun -benchtime 20x ./internal/cri/
+
+## bench-kvm: a real vCPU (ring-3 guest on /dev/kvm) restored lazily, recorded,
+## prefetched (REAP) and from the raw floor, 16/64/256 MiB (docs/benchmarks/kvm.md)
+.PHONY: bench-kvm
+bench-kvm:
+	VHIVE_REQUIRE_KVM=1 $(GO) test -run '^$$' -bench 'GuestRestore/size=64MiB' -benchtime 3x -count 3 ./internal/kvm/
+	VHIVE_REQUIRE_KVM=1 $(GO) test -run '^$$' -bench 'GuestRestore/size=(16|256)MiB' -benchtime 1x -count 3 ./internal/kvm/
 
 ## bench: the go benchmarks (see docs/benchmarks.md)
 bench: runsc

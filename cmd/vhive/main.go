@@ -93,6 +93,7 @@ func commands() []func(*globalOpts) *cobra.Command {
 		newBenchCmd,
 		newInvokerCmd,
 		newDeployerCmd,
+		newClusterCmd,
 		newInternalCmd,
 		func(*globalOpts) *cobra.Command { return newPageServerCmd() },
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -238,15 +239,35 @@ func (s *Server) UpdateRuntimeConfig(ctx context.Context, req *runtimeapi.Update
 	return s.rt.UpdateRuntimeConfig(ctx, req)
 }
 
+// RuntimeVersion is the version vhive's CRI reports. Version appends the
+// proxied runtime's name and version as semver build metadata, so kubelet
+// (which parses it) shows e.g. vhive://0.1.0+containerd-1.6.20.ds1.
+const RuntimeVersion = "0.1.0"
+
 // Version reports vhive over containerd's CRI API version.
 func (s *Server) Version(ctx context.Context, req *runtimeapi.VersionRequest) (*runtimeapi.VersionResponse, error) {
 	resp, err := s.rt.Version(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	resp.RuntimeVersion = resp.GetRuntimeName() + "-" + resp.GetRuntimeVersion()
+	resp.RuntimeVersion = RuntimeVersion + "+" + semverMeta(resp.GetRuntimeName()+"-"+resp.GetRuntimeVersion())
 	resp.RuntimeName = "vhive"
 	return resp, nil
+}
+
+// semverMeta maps s to semver build-metadata characters ([0-9A-Za-z-.]).
+func semverMeta(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-' || c == '.') {
+			b[i] = '.'
+		}
+	}
+	out := string(b)
+	for strings.Contains(out, "..") {
+		out = strings.ReplaceAll(out, "..", ".")
+	}
+	return strings.Trim(out, ".")
 }
 
 // Status reports containerd's status plus vhive's runtime handler.

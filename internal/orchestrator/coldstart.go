@@ -171,11 +171,19 @@ func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
 			return nil, nil, fmt.Errorf("%w: function %q: start %s sandbox: %v", ErrStartFailed, f.spec.Name, f.spec.Sandbox, err)
 		}
 	}
-	in := &instance{id: id, sb: sb, startMode: mode, started: time.Now()}
-	f.persistInstance(in)
+	in := &instance{id: id, sb: sb, startMode: mode, started: time.Now(), persisted: make(chan struct{})}
+	// The record a restarted daemon cleans up after is a bbolt commit with
+	// fsync (tens of ms after a page cache drop on a busy disk): it is
+	// written while the function client connects and the first request
+	// runs, and the reply waits for it.
+	go func() {
+		defer close(in.persisted)
+		f.persistInstance(in)
+	}()
 	err = cs.time("ConnectFuncClient", func() error { return f.connect(ctx, in) })
 	if err != nil {
 		f.stopSandbox(sb)
+		<-in.persisted
 		if derr := f.o.cfg.Store.DeleteInstance(id); derr != nil {
 			f.o.log.Warn("forget instance", "instance", id, "err", derr)
 		}
@@ -202,7 +210,12 @@ func (f *function) tryRestore(ctx context.Context, cs *coldStart, be sandbox.Bac
 		return nil, ModeBoot
 	}
 	key := f.snapshotKey(img)
-	snap, err := f.o.cfg.Snapshots.Get(ctx, key)
+	var snap Snapshot
+	err := cs.time("GetSnapshot", func() error {
+		var err error
+		snap, err = f.o.cfg.Snapshots.Get(ctx, key)
+		return err
+	})
 	if errors.Is(err, ErrNotFound) {
 		return nil, ModeBoot // the first cold start boots; a snapshot follows
 	}

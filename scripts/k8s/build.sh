@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds kubelet, kube-apiserver, kube-scheduler, kube-controller-manager,
-# kubectl (k8s.io/kubernetes v1.37.2) and vhive-etcd (embedded etcd v3.7.3)
+# kubectl, kube-proxy (k8s.io/kubernetes v1.37.2) and vhive-etcd (embedded etcd v3.7.3)
 # from the tools/k8s module into ${VHIVE_CACHE:-/var/cache/vhive}/bin.
 # Idempotent: an existing binary is kept. kubelet alone takes ~13 min cold.
 set -euo pipefail
@@ -13,7 +13,7 @@ LDFLAGS="-s -w -X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/com
 for pkg in vhive.dev/vhive/tools/k8s/cmd/vhive-etcd \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubelet; do
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy; do
   name=${pkg##*/}
   if [[ -x $CACHE/bin/$name ]]; then continue; fi
   echo "$(date -u +%T) building $name"

@@ -119,6 +119,14 @@ type Config struct {
 	SeparateCreate bool
 }
 
+// CgroupParent is the cgroup (relative to each hierarchy's root) below which
+// a backend of runtime with the absolute state directory root puts its
+// instances: /vhive/<runtime>-<crc32 of root>. Tools that clean up after a
+// crashed daemon (internal/cluster) find its cgroups there.
+func CgroupParent(runtime, root string) string {
+	return fmt.Sprintf("/vhive/%s-%08x", runtime, crc32.ChecksumIEEE([]byte(root)))
+}
+
 // Backend implements sandbox.Backend (and, for gVisor, sandbox.Restorer).
 type Backend struct {
 	cfg     Config
@@ -197,7 +205,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		cfg:          cfg,
 		log:          cfg.Logger.With("component", "sandbox", "backend", cfg.Runtime),
 		bundles:      filepath.Join(root, "bundles"),
-		cgroupParent: fmt.Sprintf("/vhive/%s-%08x", cfg.Runtime, crc32.ChecksumIEEE([]byte(root))),
+		cgroupParent: CgroupParent(cfg.Runtime, root),
 		instances:    map[string]*Sandbox{},
 	}
 	state := filepath.Join(root, "state")
