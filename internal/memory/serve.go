@@ -212,6 +212,7 @@ type installer struct {
 	pages    int64
 	runs     int64
 	deferred []uffd.Msg // faults on WS pages not installed yet (EarlyResume)
+	requeue  bool       // re-sorting deferred faults: not new waits
 }
 
 // startInstall begins installing once the handshake is done.
@@ -283,6 +284,16 @@ func (s *server) step() error {
 				}
 			}
 		}
+		// Faults that came before the run table was known: those outside
+		// the WS are served now, the others keep waiting for their chunk.
+		early := in.deferred
+		in.deferred, in.requeue = nil, true
+		for _, m := range early {
+			if err := s.fault(m); err != nil {
+				return err
+			}
+		}
+		in.requeue = false
 	}
 	if in.next < verified {
 		t := time.Now()
@@ -396,13 +407,20 @@ func (s *server) deferFault(m uffd.Msg) bool {
 		return false
 	}
 	p := (m.Address - reg.BaseHostVirtAddr) / reg.PageSize
-	if !reg.inWS.get(p) || reg.present.get(p) || reg.removed.get(p) {
+	if reg.present.get(p) || reg.removed.get(p) {
+		return false
+	}
+	// Before the run table is read nobody knows whether the page is in
+	// the WS: wait for it (step sorts these faults out).
+	if s.inst.m != nil && !reg.inWS.get(p) {
 		return false
 	}
 	s.inst.deferred = append(s.inst.deferred, m)
-	s.r.mu.Lock()
-	s.r.stats.WSWaits++
-	s.r.mu.Unlock()
+	if !s.inst.requeue {
+		s.r.mu.Lock()
+		s.r.stats.WSWaits++
+		s.r.mu.Unlock()
+	}
 	return true
 }
 
