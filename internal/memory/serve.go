@@ -139,6 +139,10 @@ func (r *Restore) run() {
 		if errors.Is(err, errPeerGone) {
 			notReady = fmt.Errorf("sandbox process %d exited during the working-set install", s.pid)
 			return
+		} else if errors.Is(err, errClosed) {
+			notReady = errors.New("closed during the working-set install")
+			s.killPeer() // it would hang on its next fault
+			return
 		} else if err != nil {
 			r.err = fmt.Errorf("install working set: %w", err)
 			ack(conn, ackError+r.err.Error()+"\n")
@@ -229,7 +233,8 @@ func (s *server) startInstall() error {
 // installAll installs the whole WS before the peer is told memory is
 // ready: step on every progress notification.
 func (s *server) installAll() error {
-	fds := []unix.PollFd{{Fd: int32(s.inst.progress), Events: unix.POLLIN}, {Fd: int32(s.pidfd), Events: unix.POLLIN}}
+	fds := []unix.PollFd{{Fd: int32(s.inst.progress), Events: unix.POLLIN}, {Fd: int32(s.pidfd), Events: unix.POLLIN},
+		{Fd: int32(s.r.stop), Events: unix.POLLIN}}
 	for s.inst != nil {
 		if err := s.step(); err != nil {
 			return err
@@ -243,9 +248,15 @@ func (s *server) installAll() error {
 		if fds[1].Revents != 0 {
 			return errPeerGone
 		}
+		if fds[2].Revents != 0 {
+			return errClosed
+		}
 	}
 	return nil
 }
+
+// errClosed: Close was called during the install.
+var errClosed = errors.New("restore closed")
 
 // step installs the chunks verified since the last step: one UFFDIO_COPY
 // (DONTWAKE) per run or part of a run within a chunk, then one UFFDIO_WAKE
