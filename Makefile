@@ -143,6 +143,13 @@ cluster-down: build
 bench-cri:
 	$(GO) test -count=3 -run '^$$' -bench ContainerRun -benchtime 20x ./internal/cri/
 
+## bench-kvm: a real vCPU (ring-3 guest on /dev/kvm) restored lazily, recorded,
+## prefetched (REAP) and from the raw floor, 16/64/256 MiB (docs/benchmarks/kvm.md)
+.PHONY: bench-kvm
+bench-kvm:
+	VHIVE_REQUIRE_KVM=1 $(GO) test -run '^$$' -bench 'GuestRestore/size=64MiB' -benchtime 3x -count 3 ./internal/kvm/
+	VHIVE_REQUIRE_KVM=1 $(GO) test -run '^$$' -bench 'GuestRestore/size=(16|256)MiB' -benchtime 1x -count 3 ./internal/kvm/
+
 ## bench: the go benchmarks (see docs/benchmarks.md)
 bench: runsc
 	VHIVE_RUNSC=$(RUNSC) $(GO) test -run '^$$' -bench . -benchtime 10x ./internal/... ./functions/...

@@ -154,11 +154,26 @@ func removeCgroupTree(dir string) error {
 	if err != nil {
 		return fmt.Errorf("cluster: walk cgroup %s: %w", dir, err)
 	}
-	var errs []error
-	for i := len(dirs) - 1; i >= 0; i-- {
-		if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("cluster: remove cgroup %s: %w", dirs[i], err))
+	// A cgroup whose last task was just killed can stay busy for a moment
+	// while the task exits.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var errs []error
+		busy := false
+		for i := len(dirs) - 1; i >= 0; i-- {
+			if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+				busy = busy || errors.Is(err, unix.EBUSY)
+				errs = append(errs, fmt.Errorf("cluster: remove cgroup %s: %w", dirs[i], err))
+			}
 		}
+		if len(errs) == 0 || !busy || time.Now().After(deadline) {
+			return errors.Join(errs...)
+		}
+		for _, pid := range cgroupPids(dir) {
+			if pid != os.Getpid() {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -43,12 +44,25 @@ type ProcStatus struct {
 	Log       string
 }
 
-// Status lists the recorded processes and whether each still runs.
+// Status lists the recorded processes and whether each still runs: the
+// control plane, then node by node, each in start order.
 func (c *Cluster) Status() []ProcStatus {
 	var out []ProcStatus
 	for _, p := range c.st.snapshot().Procs {
 		out = append(out, ProcStatus{Component: p.Component, Node: p.Node, PID: p.PID, Alive: p.alive(), Log: p.Log})
 	}
+	order := func(comp string) int {
+		if i := slices.Index(controlComponents, comp); i >= 0 {
+			return i
+		}
+		return slices.Index(nodeComponents, comp)
+	}
+	slices.SortStableFunc(out, func(a, b ProcStatus) int {
+		if a.Node != b.Node {
+			return strings.Compare(a.Node, b.Node)
+		}
+		return order(a.Component) - order(b.Component)
+	})
 	return out
 }
 

@@ -317,3 +317,41 @@ func containsPrefix(list []string, p string) bool {
 	}
 	return false
 }
+
+// TestInNetnsSysctl: a /proc/sys/net write from inNetns lands in the node's
+// namespace, never on the host (Up enables forwarding this way).
+func TestInNetnsSysctl(t *testing.T) {
+	testutil.RequiresRoot(t)
+	c := Config{Instance: testInstance}
+	name := c.nodePrefix() + "14"
+	if err := makeNetns(name); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := deleteNetns(name); err != nil {
+			t.Error(err)
+		}
+	})
+	const f = "/proc/sys/net/ipv4/ip_default_ttl"
+	host, err := os.ReadFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "61"
+	if strings.TrimSpace(string(host)) == want {
+		want = "62"
+	}
+	if err := inNetns(filepath.Join(netnsDir, name), func() error { return os.WriteFile(f, []byte(want), 0o644) }); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	if err := inNetns(filepath.Join(netnsDir, name), func() (err error) { got, err = os.ReadFile(f); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(got)) != want {
+		t.Errorf("in the netns: %s = %q, want %s", f, got, want)
+	}
+	if now, _ := os.ReadFile(f); string(now) != string(host) {
+		t.Errorf("host %s changed from %q to %q", f, host, now)
+	}
+}

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -237,4 +238,76 @@ func missing(t *testing.T, format string, args ...any) {
 		t.Fatalf(format, args...)
 	}
 	t.Skipf(format, args...)
+}
+
+// TestUpAfterKilledUp SIGKILLs `vhive cluster up` while its nodes start:
+// the next Up finds the incomplete record, tears it down and brings up a
+// Ready cluster, and Down then leaves nothing.
+func TestUpAfterKilledUp(t *testing.T) {
+	cfg := testConfig(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	if err := Down(ctx, cfg); err != nil {
+		t.Fatalf("down before the test: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := Down(context.Background(), cfg); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	cmd := exec.Command(cfg.Vhive, "cluster", "up", "--nodes", "2", "--instance", fmt.Sprint(cfg.Instance),
+		"--dir", cfg.Dir, "--bin-dir", cfg.BinDir)
+	cmd.Env = append(os.Environ(), "VHIVE_CACHE="+filepath.Dir(cfg.BinDir))
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	var seen strings.Builder
+	for !strings.Contains(seen.String(), "control plane ready") {
+		n, err := stderr.Read(buf)
+		seen.Write(buf[:n])
+		if err != nil {
+			t.Fatalf("cluster up ended before its control plane was ready: %v\n%s", err, seen.String())
+		}
+	}
+	// Nodes are starting now.
+	time.Sleep(300 * time.Millisecond)
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	left, err := Leftovers(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !containsPrefix(left, "process ") || !containsPrefix(left, "netns ") {
+		t.Fatalf("a killed up left no processes or netns to clean up? %v", left)
+	}
+	c, err := Up(ctx, cfg)
+	if err != nil {
+		t.Fatalf("up after a killed up: %v", err)
+	}
+	ns, err := c.NodeStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready := 0
+	for _, n := range ns {
+		if n.Ready {
+			ready++
+		}
+	}
+	if len(ns) != 2 || ready != 2 {
+		t.Errorf("nodes after recovery: %+v", ns)
+	}
+	if err := c.Down(ctx); err != nil {
+		t.Fatalf("down: %v", err)
+	}
+	if left, err := Leftovers(cfg); err != nil || len(left) > 0 {
+		t.Errorf("left after down: %v %v", left, err)
+	}
 }

@@ -50,51 +50,74 @@ const (
 // ExitGPA. For each listed page it reads all 4096 bytes and either stores
 // their PageHash (8 bytes per page) or copies them (4096 bytes per page) to
 // the output, in list order; then it stores doneValue at ExitGPA forever.
-// Assembled with GNU as (intel syntax); the listing is objdump's:
+// The hash runs four independent multiply chains so that the guest's own
+// work stays small next to the memory it waits for. Source:
+// testdata/toucher.s (TestToucherMatchesSource re-assembles it); the
+// listing is objdump's.
 var toucherCode = []byte{
-	0x49, 0x89, 0xf9, //                      00 mov    r9,rdi        list
-	0x49, 0x89, 0xf2, //                      03 mov    r10,rsi       count
-	0x49, 0x89, 0xd3, //                      06 mov    r11,rdx       out
-	0x49, 0x89, 0xcc, //                      09 mov    r12,rcx       mode
-	0x49, 0xbd, 0xb3, 0x01, 0, 0, 0, 1, 0, 0, // 0c movabs r13,0x100000001b3
-	0x4d, 0x85, 0xd2, //                      16 test   r10,r10
-	0x74, 0x3f, //                            19 je     5a <done>
-	0x49, 0x8b, 0x31, //                      1b next: mov rsi,[r9]
-	0x49, 0x83, 0xc1, 0x08, //                1e add    r9,0x8
-	0x4d, 0x85, 0xe4, //                      22 test   r12,r12
-	0x75, 0x20, //                            25 jne    47 <copy>
-	0x48, 0x89, 0xf0, //                      27 mov    rax,rsi       h = GPA
-	0xb9, 0x00, 0x02, 0x00, 0x00, //          2a mov    ecx,0x200
-	0x48, 0x33, 0x06, //                      2f hloop: xor rax,[rsi]
-	0x49, 0x0f, 0xaf, 0xc5, //                32 imul   rax,r13
-	0x48, 0x83, 0xc6, 0x08, //                36 add    rsi,0x8
-	0xff, 0xc9, //                            3a dec    ecx
-	0x75, 0xf1, //                            3c jne    2f <hloop>
-	0x49, 0x89, 0x03, //                      3e mov    [r11],rax
-	0x49, 0x83, 0xc3, 0x08, //                41 add    r11,0x8
-	0xeb, 0x0e, //                            45 jmp    55 <step>
-	0x4c, 0x89, 0xdf, //                      47 copy: mov rdi,r11
-	0xb9, 0x00, 0x02, 0x00, 0x00, //          4a mov    ecx,0x200
-	0xf3, 0x48, 0xa5, //                      4f rep movsq
-	0x49, 0x89, 0xfb, //                      52 mov    r11,rdi
-	0x49, 0xff, 0xca, //                      55 step: dec r10
-	0x75, 0xc1, //                            58 jne    1b <next>
-	0xb8, 0x0d, 0x60, 0x00, 0x00, //          5a done: mov eax,0x600d
-	0x41, 0x89, 0x00, //                      5f mov    [r8],eax
-	0xeb, 0xf6, //                            62 jmp    5a <done>
+	0x49, 0x89, 0xf9, //  0 start: mov r9,rdi
+	0x49, 0x89, 0xf2, //  3 mov r10,rsi
+	0x49, 0x89, 0xd3, //  6 mov r11,rdx
+	0x49, 0x89, 0xcc, //  9 mov r12,rcx
+	0x49, 0xbd, 0xb3, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, //  c movabs r13,0x100000001b3
+	0x4d, 0x85, 0xd2, // 16 test r10,r10
+	0x74, 0x78, // 19 je 93
+	0x49, 0x8b, 0x31, // 1b next: mov rsi,[r9]
+	0x49, 0x83, 0xc1, 0x08, // 1e add r9,0x8
+	0x4d, 0x85, 0xe4, // 22 test r12,r12
+	0x75, 0x59, // 25 jne 80
+	0x48, 0x89, 0xf0, // 27 mov rax,rsi
+	0x48, 0x8d, 0x5e, 0x01, // 2a lea rbx,[rsi+0x1]
+	0x48, 0x8d, 0x56, 0x02, // 2e lea rdx,[rsi+0x2]
+	0x48, 0x8d, 0x6e, 0x03, // 32 lea rbp,[rsi+0x3]
+	0xb9, 0x80, 0x00, 0x00, 0x00, // 36 mov ecx,0x80
+	0x48, 0x33, 0x06, // 3b hloop: xor rax,[rsi]
+	0x49, 0x0f, 0xaf, 0xc5, // 3e imul rax,r13
+	0x48, 0x33, 0x5e, 0x08, // 42 xor rbx,[rsi+0x8]
+	0x49, 0x0f, 0xaf, 0xdd, // 46 imul rbx,r13
+	0x48, 0x33, 0x56, 0x10, // 4a xor rdx,[rsi+0x10]
+	0x49, 0x0f, 0xaf, 0xd5, // 4e imul rdx,r13
+	0x48, 0x33, 0x6e, 0x18, // 52 xor rbp,[rsi+0x18]
+	0x49, 0x0f, 0xaf, 0xed, // 56 imul rbp,r13
+	0x48, 0x83, 0xc6, 0x20, // 5a add rsi,0x20
+	0xff, 0xc9, // 5e dec ecx
+	0x75, 0xd9, // 60 jne 3b
+	0x49, 0x0f, 0xaf, 0xc5, // 62 imul rax,r13
+	0x48, 0x31, 0xd8, // 66 xor rax,rbx
+	0x49, 0x0f, 0xaf, 0xc5, // 69 imul rax,r13
+	0x48, 0x31, 0xd0, // 6d xor rax,rdx
+	0x49, 0x0f, 0xaf, 0xc5, // 70 imul rax,r13
+	0x48, 0x31, 0xe8, // 74 xor rax,rbp
+	0x49, 0x89, 0x03, // 77 mov [r11],rax
+	0x49, 0x83, 0xc3, 0x08, // 7a add r11,0x8
+	0xeb, 0x0e, // 7e jmp 8e
+	0x4c, 0x89, 0xdf, // 80 copy: mov rdi,r11
+	0xb9, 0x00, 0x02, 0x00, 0x00, // 83 mov ecx,0x200
+	0xf3, 0x48, 0xa5, // 88 rep movs es:[rdi],ds:[rsi]
+	0x49, 0x89, 0xfb, // 8b mov r11,rdi
+	0x49, 0xff, 0xca, // 8e step: dec r10
+	0x75, 0x88, // 91 jne 1b
+	0xb8, 0x0d, 0x60, 0x00, 0x00, // 93 done: mov eax,0x600d
+	0x41, 0x89, 0x00, // 98 mov [r8],eax
+	0xeb, 0xf6, // 9b jmp 93
 }
 
 // PageHash is what the guest computes over one page at guest-physical
-// address gpa: h = gpa, then h = (h XOR q) * 0x100000001b3 for each
-// little-endian 64-bit word q. Both steps are bijections of h, so a page
-// that differs from the expected one in any single word always yields a
-// different hash, and a right page at the wrong address too.
+// address gpa: four lanes, lane k starting at gpa+k and taking the
+// little-endian 64-bit words w with w mod 4 = k, each step
+// h = (h XOR word) * 0x100000001b3; then h = ((h0*P XOR h1)*P XOR h2)*P
+// XOR h3. Every step is a bijection of the lane (P is odd) and the final
+// combination is one of each lane given the others, so a page that differs
+// from the expected one in any single word always yields a different
+// hash, and so does a right page at the wrong address.
 func PageHash(gpa uint64, page []byte) uint64 {
-	h := gpa
-	for i := 0; i+8 <= len(page); i += 8 {
-		h = (h ^ binary.LittleEndian.Uint64(page[i:])) * hashPrime
+	h := [4]uint64{gpa, gpa + 1, gpa + 2, gpa + 3}
+	for i := 0; i+32 <= len(page); i += 32 {
+		for k := range h {
+			h[k] = (h[k] ^ binary.LittleEndian.Uint64(page[i+8*k:])) * hashPrime
+		}
 	}
-	return h
+	return ((h[0]*hashPrime^h[1])*hashPrime^h[2])*hashPrime ^ h[3]
 }
 
 // MemorySize is the size of slot 0 (and of the memory file) for a data area
@@ -369,6 +392,13 @@ func (g *Guest) Memory() []byte { return g.mem }
 type RunStats struct {
 	Elapsed time.Duration // KVM_RUN entry to the done exit
 	Exits   int           // VM exits seen by the VMM (the done exit included)
+	// From KVM's vCPU statistics, when the kernel has them (else -1):
+	// KVMExits counts every exit to the hypervisor, PageFaults the guest
+	// page faults KVM took (pf_taken: under shadow paging every first touch
+	// of a page that has no shadow entry yet, whether or not the host page
+	// is present; KVM then maps up to 8 present neighbours at once).
+	KVMExits   int64
+	PageFaults int64
 }
 
 // Run runs the guest until it reports done. It returns an error if the
@@ -382,7 +412,8 @@ func (g *Guest) Run() (RunStats, error) {
 	g.ran = true
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	var st RunStats
+	st := RunStats{KVMExits: -1, PageFaults: -1}
+	before, statsErr := g.vcpu.Stats()
 	t0 := time.Now()
 	for {
 		e, err := g.vcpu.Run()
@@ -392,6 +423,10 @@ func (g *Guest) Run() (RunStats, error) {
 		st.Exits++
 		if e.Reason == ExitMMIO && e.MMIOWrite && e.MMIOAddr == ExitGPA && e.MMIOValue() == doneValue {
 			st.Elapsed = time.Since(t0)
+			if after, err := g.vcpu.Stats(); err == nil && statsErr == nil {
+				st.KVMExits = int64(after["exits"] - before["exits"])
+				st.PageFaults = int64(after["pf_taken"] - before["pf_taken"])
+			}
 			return st, nil
 		}
 		r, _ := g.vcpu.Regs()

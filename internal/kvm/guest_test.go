@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -169,5 +170,31 @@ func TestVerifyWithoutRun(t *testing.T) {
 	defer f.Close()
 	if _, err := g.Verify(f); err == nil {
 		t.Error("Verify before Run accepted")
+	}
+}
+
+// TestToucherMatchesSource re-assembles testdata/toucher.s with GNU as and
+// compares it with toucherCode, so that the bytes and their source cannot
+// drift apart.
+func TestToucherMatchesSource(t *testing.T) {
+	as, err1 := exec.LookPath("as")
+	objcopy, err2 := exec.LookPath("objcopy")
+	if err1 != nil || err2 != nil {
+		t.Skipf("needs GNU binutils (as, objcopy) to re-assemble the guest: %v, %v", err1, err2)
+	}
+	dir := t.TempDir()
+	obj, bin := filepath.Join(dir, "toucher.o"), filepath.Join(dir, "toucher.bin")
+	if out, err := exec.Command(as, "--64", "-o", obj, "testdata/toucher.s").CombinedOutput(); err != nil {
+		t.Fatalf("as: %v: %s", err, out)
+	}
+	if out, err := exec.Command(objcopy, "-O", "binary", "-j", ".text", obj, bin).CombinedOutput(); err != nil {
+		t.Fatalf("objcopy: %v: %s", err, out)
+	}
+	got, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, toucherCode) {
+		t.Fatalf("testdata/toucher.s assembles to\n% x\ntoucherCode is\n% x", got, toucherCode)
 	}
 }

@@ -79,7 +79,9 @@ type vmmResult struct {
 	AttachNS int64        `json:"attach_ns"` // uffd + handshake (+ ack)
 	RunNS    int64        `json:"run_ns"`    // KVM_RUN to the guest's done exit
 	Exits    int          `json:"exits"`
-	Touched  int          `json:"touched"` // pages in the guest's list
+	KVMExits int64        `json:"kvm_exits"` // -1: no KVM stats
+	GuestPF  int64        `json:"guest_pf"`  // KVM's pf_taken during the run, -1: no stats
+	Touched  int          `json:"touched"`   // pages in the guest's list
 	Verify   Verification `json:"verify"`
 }
 
@@ -149,6 +151,7 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 		return res, err
 	}
 	res.AttachNS, res.RunNS, res.Exits = int64(t1.Sub(t0)), int64(st.Elapsed), st.Exits
+	res.KVMExits, res.GuestPF = st.KVMExits, st.PageFaults
 	if res.Verify, err = g.Verify(f); err != nil {
 		return res, err
 	}
@@ -159,7 +162,9 @@ func runVMM(cfg vmmConfig) (vmmResult, error) {
 // memory backend does: a userfaultfd (non-blocking, close-on-exec,
 // UFFD_FEATURE_EVENT_REMOVE) registered in MISSING mode over the guest
 // memory, then ONE message on the backend socket — the JSON array of
-// regions (page_size_kib, which holds bytes) with the uffd as SCM_RIGHTS —
+// regions with Firecracker's field names (page_size, and the deprecated
+// page_size_kib that despite its name holds bytes too) with the uffd as
+// SCM_RIGHTS —
 // and the vCPU resumes at once: Firecracker never reads a reply. done
 // closes the connection and the uffd.
 func firecrackerHandshake(sock string, mem []byte) (done func(), err error) {
@@ -177,7 +182,7 @@ func firecrackerHandshake(sock string, mem []byte) (done func(), err error) {
 		u.Close()
 		return nil, err
 	}
-	regions := []memory.Region{{BaseHostVirtAddr: base, Size: uint64(len(mem)), Offset: 0, PageSizeKiB: PageSize}}
+	regions := []memory.Region{{BaseHostVirtAddr: base, Size: uint64(len(mem)), Offset: 0, PageSize: PageSize, PageSizeKiB: PageSize}}
 	if err := memory.SendHandshake(conn, u.Int(), regions); err != nil {
 		conn.Close()
 		u.Close()

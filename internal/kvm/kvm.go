@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -387,4 +388,57 @@ func (c *VCPU) Run() (Exit, error) {
 		e.Detail = le.Uint64(c.run[32:])
 	}
 	return e, nil
+}
+
+const ioctlGetStatsFD = 0xAECE // _IO(KVMIO, 0xce), Linux 5.14+
+
+// Stats returns the vCPU's counters from KVM's binary statistics
+// (KVM_GET_STATS_FD): exits, pf_taken, pf_fixed, pf_guest, ... — the
+// cumulative ones, by name. Histograms and peaks are left out.
+func (c *VCPU) Stats() (map[string]uint64, error) {
+	fd, err := ioctl(c.fd, ioctlGetStatsFD, nil)
+	if err != nil {
+		return nil, fmt.Errorf("KVM_GET_STATS_FD: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "kvm-vcpu-stats")
+	defer f.Close()
+	var hdr [24]byte
+	if _, err := f.ReadAt(hdr[:], 0); err != nil {
+		return nil, fmt.Errorf("read KVM stats header: %w", err)
+	}
+	le := binary.LittleEndian
+	nameSize, n := le.Uint32(hdr[4:]), le.Uint32(hdr[8:])
+	descOff, dataOff := int64(le.Uint32(hdr[16:])), int64(le.Uint32(hdr[20:]))
+	descSize := int64(16 + nameSize)
+	if n > 4096 || nameSize > 4096 {
+		return nil, fmt.Errorf("KVM stats header: %d descriptors with %d-byte names", n, nameSize)
+	}
+	descs := make([]byte, int64(n)*descSize)
+	if _, err := f.ReadAt(descs, descOff); err != nil {
+		return nil, fmt.Errorf("read KVM stats descriptors: %w", err)
+	}
+	const (
+		typeMask       = 0xf
+		typeCumulative = 0
+		unitMask       = 0xf0
+		unitNone       = 0
+	)
+	out := map[string]uint64{}
+	var v [8]byte
+	for i := range int64(n) {
+		d := descs[i*descSize : (i+1)*descSize]
+		flags, size, off := le.Uint32(d), le.Uint16(d[6:]), le.Uint32(d[8:])
+		if flags&typeMask != typeCumulative || flags&unitMask != unitNone || size != 1 {
+			continue
+		}
+		name := string(d[16:])
+		if j := strings.IndexByte(name, 0); j >= 0 {
+			name = name[:j]
+		}
+		if _, err := f.ReadAt(v[:], dataOff+int64(off)); err != nil {
+			return nil, fmt.Errorf("read KVM stat %s: %w", name, err)
+		}
+		out[name] = le.Uint64(v[:])
+	}
+	return out, nil
 }
