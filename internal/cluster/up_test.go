@@ -64,7 +64,8 @@ func httpGet(url string) (string, error) {
 // TestClusterUpDown brings up two nodes, checks they are Ready on vhive's
 // CRI, that a second Up reuses the cluster, that pods run on both nodes and
 // answer across the bridge (pod IPs and a ClusterIP service through
-// kube-proxy), that a Knative-shaped pod's function runs in a vhive sandbox;
+// kube-proxy), that a Knative-shaped pod's function runs in a vhive sandbox,
+// that KillNode makes a node NotReady and RestartNode brings it back;
 // then it kills containerd on one node, the vhive daemon on the other and
 // the apiserver, and checks that Down leaves no process, mount, netns,
 // link, route, cgroup or file behind.
@@ -180,8 +181,49 @@ func TestClusterUpDown(t *testing.T) {
 		t.Errorf("function through queue-proxy at %s:8012: %q %v", revIP, body, err)
 	}
 
-	// Crash parts of it, then tear down.
+	// A node failure and its recovery: NotReady after the grace period,
+	// Ready again once restarted.
 	n1, n2 := c.Nodes()[0], c.Nodes()[1]
+	if err := c.KillNode(ctx, n2.Name); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range c.Status() {
+		if p.Node == n2.Name && (p.Component == Kubelet || p.Component == VhiveDaemon) && p.Alive {
+			t.Errorf("%s/%s alive after KillNode", p.Node, p.Component)
+		}
+	}
+	nodeReady := func(name string) bool {
+		ns, err := c.NodeStatus(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range ns {
+			if n.Name == name {
+				return n.Ready
+			}
+		}
+		return false
+	}
+	t0 = time.Now()
+	for nodeReady(n2.Name) {
+		if time.Since(t0) > 2*time.Minute {
+			t.Fatalf("%s still Ready %v after KillNode", n2.Name, time.Since(t0))
+		}
+		time.Sleep(time.Second)
+	}
+	t.Logf("%s NotReady %v after KillNode", n2.Name, time.Since(t0).Round(time.Second))
+	if err := c.RestartNode(ctx, n2.Name); err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
+	err = c.WaitReady(rctx)
+	rcancel()
+	if err != nil {
+		t.Fatalf("after RestartNode: %v", err)
+	}
+	t.Logf("%s Ready %v after KillNode", n2.Name, time.Since(t0).Round(time.Second))
+
+	// Crash parts of it, then tear down.
 	for _, k := range [][2]string{{n1.Name, Containerd}, {n2.Name, VhiveDaemon}, {"", APIServer}} {
 		if err := c.Kill(ctx, k[0], k[1]); err != nil {
 			t.Fatalf("kill %v: %v", k, err)

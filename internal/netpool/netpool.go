@@ -34,6 +34,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -243,7 +244,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 			}
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := listLinks()
 	if err != nil {
 		errs = append(errs, fmt.Errorf("netpool: list links: %w", err))
 	}
@@ -270,7 +271,7 @@ func Leftovers(prefix string) ([]string, error) {
 			out = append(out, "netns "+e.Name())
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := listLinks()
 	if err != nil {
 		return nil, fmt.Errorf("netpool: list links: %w", err)
 	}
@@ -280,6 +281,23 @@ func Leftovers(prefix string) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// listLinks lists the host's links. A dump that another process changed
+// the link table during is reported as interrupted (its result may be
+// incomplete); it is taken again: on a busy node other daemons and
+// container runtimes create and delete veths all the time.
+func listLinks() ([]netlink.Link, error) {
+	var err error
+	for try := 0; try < 20; try++ {
+		var links []netlink.Link
+		links, err = netlink.LinkList()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+		time.Sleep(time.Duration(try+1) * 5 * time.Millisecond)
+	}
+	return nil, err
 }
 
 func ownName(prefix, name string) bool {

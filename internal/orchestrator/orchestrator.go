@@ -381,7 +381,9 @@ func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bo
 	spec.CreatedAt = time.Now().UTC()
 
 	if exists {
-		if err := o.Remove(ctx, spec.Name); err != nil && !errors.Is(err, ErrNotFound) {
+		// The record stays until PutFunction below overwrites it: a crash
+		// in between leaves the old function, never none.
+		if err := o.remove(ctx, spec.Name, false); err != nil && !errors.Is(err, ErrNotFound) {
 			return FunctionStatus{}, fmt.Errorf("replace function %q: %w", spec.Name, err)
 		}
 	}
@@ -413,6 +415,12 @@ func (o *Orchestrator) get(name string) (*function, error) {
 // requests get up to DrainTimeout to finish, then every instance stops and
 // the function's snapshots are removed.
 func (o *Orchestrator) Remove(ctx context.Context, name string) error {
+	return o.remove(ctx, name, true)
+}
+
+// remove takes the function out of service; with deleteRecord it also
+// deletes its record (Deploy's replace overwrites the record instead).
+func (o *Orchestrator) remove(ctx context.Context, name string, deleteRecord bool) error {
 	o.mu.Lock()
 	f, ok := o.functions[name]
 	if ok {
@@ -422,8 +430,10 @@ func (o *Orchestrator) Remove(ctx context.Context, name string) error {
 	if !ok {
 		return fmt.Errorf("%w: function %q is not deployed", ErrNotFound, name)
 	}
-	if err := o.cfg.Store.DeleteFunction(name); err != nil {
-		return err
+	if deleteRecord {
+		if err := o.cfg.Store.DeleteFunction(name); err != nil {
+			return err
+		}
 	}
 	f.shutdown(ctx, o.cfg.DrainTimeout)
 	o.cfg.Metrics.forget(name)

@@ -75,8 +75,11 @@ type world struct {
 	hello   string
 	seq     int
 	durs    map[string]time.Duration // last duration of each call that completed
-	stats   trialStats
-	failed  []string
+	// replacing is the new spec of a function an interrupted deploy
+	// --replace was redeploying.
+	replacing *fnModel
+	stats     trialStats
+	failed    []string
 }
 
 func (w *world) opts() node.Options {
@@ -97,8 +100,10 @@ func (w *world) fail(format string, args ...any) {
 }
 
 // TestCrashConsistency kills the daemon at random points (seeded: set
-// VHIVE_CRASH_SEED to replay a run) during deploy, image import, snapshot
-// write, working-set record and function removal, and checks after every
+// VHIVE_CRASH_SEED to replay a run; VHIVE_CRASH_TRIALS and VHIVE_CRASH_OPS
+// choose how many trials of which operations) during deploy (also with
+// --replace), image import, snapshot write, working-set record and function
+// removal, and checks after every
 // restart that what was committed is listed and usable, that nothing
 // half-written is visible, and that the dead daemon left no process, netns,
 // veth, mount or cgroup.
@@ -151,6 +156,9 @@ func TestCrashConsistency(t *testing.T) {
 	}
 
 	ops := []string{"deploy", "import", "snapshot", "ws-record", "rm"}
+	if s := os.Getenv("VHIVE_CRASH_OPS"); s != "" {
+		ops = strings.Split(s, ",") // e.g. to replay one kind of trial
+	}
 	for i := 0; i < trials; i++ {
 		if i%len(ops) == 0 {
 			w.rng.Shuffle(len(ops), func(a, b int) { ops[a], ops[b] = ops[b], ops[a] })
@@ -193,9 +201,25 @@ func (w *world) trial(i int, op string) {
 		if sb == "wasm" {
 			f.image, f.counter = counterWRef, true
 		}
+		// Every other deploy replaces a running function (redeploy with
+		// --replace into another sandbox): old or new, never none.
+		replace := false
+		if w.stats.byOp[op]%2 == 1 && w.replaceable() == nil {
+			p := &fnModel{name: fmt.Sprintf("p%d", w.seq), sandbox: "runc", mode: "boot", image: helloRef, seq: w.seq}
+			w.deploy(p)
+			w.invoke(p, true) // a running instance: the replace stops it
+		}
+		if old := w.replaceable(); old != nil && w.stats.byOp[op]%2 == 1 {
+			replace = true
+			f = &fnModel{name: old.name, sandbox: map[string]string{"runc": "gvisor", "gvisor": "runc"}[old.sandbox], mode: "boot", image: helloRef, seq: old.seq}
+			w.replacing = f
+		}
 		target, window = f.name, w.window(op, 15*time.Millisecond)
+		if replace {
+			window = w.window("replace", 400*time.Millisecond)
+		}
 		run = func() error {
-			_, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: &vhivepb.FunctionSpec{Name: f.name, Image: f.image, Sandbox: f.sandbox, StartMode: f.mode}})
+			_, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: &vhivepb.FunctionSpec{Name: f.name, Image: f.image, Sandbox: f.sandbox, StartMode: f.mode}, Replace: replace})
 			return err
 		}
 		onCommit = func() { w.fns[f.name] = f }
@@ -290,7 +314,11 @@ func (w *world) trial(i int, op string) {
 	}
 	done := err == nil && (afterReply || returned <= delay)
 	if done && !afterReply {
-		w.durs[op] = returned
+		if w.replacing != nil {
+			w.durs["replace"] = returned
+		} else {
+			w.durs[op] = returned
+		}
 	}
 	if err == nil && onCommit != nil {
 		onCommit() // the call returned success: it is committed
@@ -346,6 +374,17 @@ func errString(err error) string {
 		s = s[:80] + "…"
 	}
 	return s
+}
+
+// replaceable returns a boot-mode helloworld function in runc or gVisor.
+func (w *world) replaceable() *fnModel {
+	var best *fnModel
+	for _, f := range w.fns {
+		if f.mode == "boot" && f.image == helloRef && f.sandbox != "wasm" && (best == nil || f.seq < best.seq) {
+			best = f
+		}
+	}
+	return best
 }
 
 // window is the range kill delays of op are drawn from: a little more than
@@ -527,8 +566,20 @@ func (w *world) verify(i int, op, target string) {
 			w.fail("trial %d (%s): committed function %s (%s) is lost", i+1, op, name, f.sandbox)
 		}
 	}
+	if f := w.replacing; f != nil && op == "deploy" && f.name == target {
+		// An interrupted replace: the old or the new spec, whichever
+		// the listing shows, is the committed one.
+		if st := listed[f.name]; st != nil && st.Spec.Sandbox == f.sandbox {
+			w.fns[f.name] = f
+		}
+		w.t.Logf("trial %d: replaced %s is listed in sandbox %s", i+1, f.name, w.fns[f.name].sandbox)
+	}
+	w.replacing = nil
 	for name, st := range listed {
 		if w.fns[name] != nil {
+			if st.Spec.Sandbox != w.fns[name].sandbox {
+				w.fail("trial %d (%s): function %s runs in %s, committed in %s", i+1, op, name, st.Spec.Sandbox, w.fns[name].sandbox)
+			}
 			continue
 		}
 		switch {

@@ -169,8 +169,9 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 			if _, err := c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: name}); err != nil {
 				t.Fatal(err)
 			}
-			fds0 := d.FDs()
 			faults0 := d.Metric(t, "vhive_memory_faults_total")
+			fds0 := d.FDs()
+			before := workerDirs(state)
 			res := make(chan error, 1)
 			go func() {
 				r, err := c.Invoke(ctx, &vhivepb.InvokeRequest{Function: name, Payload: []byte("x")})
@@ -184,7 +185,7 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 			var pid int
 			for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(time.Millisecond) {
 				if d.Metric(t, "vhive_memory_active_restores") > 0 {
-					pid = newestWorker(t, state)
+					pid = newWorker(t, state, before)
 					break
 				}
 				if time.Now().After(deadline) {
@@ -362,20 +363,32 @@ func workerPid(t *testing.T, dir string) int {
 	return pid
 }
 
-// newestWorker returns the pid of the most recently started wasm worker.
-func newestWorker(t *testing.T, state string) int {
-	t.Helper()
+func workerDirs(state string) map[string]bool {
+	out := map[string]bool{}
 	ents, _ := os.ReadDir(filepath.Join(state, "w"))
-	var best string
-	var bestT time.Time
 	for _, e := range ents {
-		fi, err := os.Stat(filepath.Join(state, "w", e.Name(), "worker.pid"))
-		if err == nil && fi.ModTime().After(bestT) {
-			best, bestT = e.Name(), fi.ModTime()
+		out[e.Name()] = true
+	}
+	return out
+}
+
+// newWorker waits for a wasm worker directory not in before to get its pid
+// file (the manager may take the restore before the worker is spawned) and
+// returns that pid.
+func newWorker(t *testing.T, state string, before map[string]bool) int {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
+		for name := range workerDirs(state) {
+			if before[name] {
+				continue
+			}
+			b, err := os.ReadFile(filepath.Join(state, "w", name, "worker.pid"))
+			if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && perr == nil && pid > 1 {
+				return pid
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no new wasm worker within 30s of the restore")
 		}
 	}
-	if best == "" {
-		t.Fatal("no wasm worker")
-	}
-	return workerPid(t, filepath.Join(state, "w", best))
 }

@@ -263,7 +263,7 @@ func TestFullDisk(t *testing.T) {
 	}
 	// Deploys with large environments until the state database must grow
 	// and cannot: that deploy fails naming ENOSPC and stores nothing.
-	bigEnv := map[string]string{"PAD": strings.Repeat("p", 256<<10)}
+	bigEnv := map[string]string{"PAD1": strings.Repeat("p", 100<<10), "PAD2": strings.Repeat("q", 100<<10)}
 	grew := false
 	for i := 0; i < 64 && !grew; i++ {
 		name := fmt.Sprintf("pad%d", i)
@@ -272,14 +272,14 @@ func TestFullDisk(t *testing.T) {
 		case err == nil:
 			nfns++
 		case strings.Contains(err.Error(), enospc):
-			t.Logf("deploy %s with a 256 KiB environment on a full disk: %v", name, err)
+			t.Logf("deploy %s with a 200 KiB environment on a full disk: %v", name, err)
 			grew = true
 		default:
 			t.Fatalf("deploy %s on a full disk: %v; want success or an error naming ENOSPC", name, err)
 		}
 	}
 	if !grew {
-		t.Errorf("64 deploys of 256 KiB each never ran out of space")
+		t.Errorf("64 deploys of 200 KiB each never ran out of space")
 	}
 	if _, err := c.ImportImage(ctx, &vhivepb.ImportImageRequest{Path: big}); err == nil || !strings.Contains(err.Error(), enospc) {
 		t.Errorf("import on a full disk: %v; want an error naming ENOSPC", err)
@@ -322,8 +322,7 @@ func TestFullDisk(t *testing.T) {
 	if _, err := c.ImportImage(ctx, &vhivepb.ImportImageRequest{Path: big}); err != nil {
 		t.Fatalf("import after space was freed: %v", err)
 	}
-	// The database that ran out of space takes writes again (the pad
-	// functions' environments are too large to exec; they are never run).
+	// The database that ran out of space takes writes again.
 	if _, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: &vhivepb.FunctionSpec{Name: "after", Image: "localhost/vhive/helloworld:latest", Sandbox: "runc"}}); err != nil {
 		t.Fatalf("deploy after space was freed: %v", err)
 	}

@@ -124,6 +124,10 @@ func trackingRoot() string {
 func Start(t testing.TB, o Options) *Daemon {
 	t.Helper()
 	bin := Binary(t)
+	// A socket left by a killed daemon would look like a ready one.
+	if err := os.Remove(o.Socket()); err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
 	cg, err := os.MkdirTemp(trackingRoot(), "h13-")
 	if err != nil {
 		t.Fatalf("create tracking cgroup: %v", err)
@@ -285,7 +289,10 @@ func cmdline(pid int) string {
 // (all label sets) from the daemon's --metrics endpoint.
 func (d *Daemon) Metric(t testing.TB, name string) float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + d.Opts.Metrics + "/metrics")
+	// No keep-alive: a connection left open would count as one of the
+	// daemon's descriptors (FDs).
+	cl := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
+	resp, err := cl.Get("http://" + d.Opts.Metrics + "/metrics")
 	if err != nil {
 		t.Fatalf("metrics: %v", err)
 	}
