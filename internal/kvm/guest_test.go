@@ -198,3 +198,26 @@ func TestToucherMatchesSource(t *testing.T) {
 		t.Fatalf("testdata/toucher.s assembles to\n% x\ntoucherCode is\n% x", got, toucherCode)
 	}
 }
+
+// TestRunReportsKVMStats: a run over pages the guest has never touched
+// makes KVM take page faults (shadow or two-dimensional paging alike) and
+// exits, and Run reports them from the vCPU's statistics.
+func TestRunReportsKVMStats(t *testing.T) {
+	pages, _ := Random.Pages(64, 1)
+	g, img := populatedGuest(t, 64, pages, OutputHash)
+	st, err := g.Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PageFaults == -1 {
+		t.Skip("this kernel has no KVM binary statistics (KVM_GET_STATS_FD, Linux 5.14+)")
+	}
+	if st.PageFaults < 1 || st.KVMExits < st.PageFaults || st.Exits != 1 {
+		t.Errorf("run stats %+v: want ≥ 1 page fault, at least as many KVM exits, 1 exit to the VMM", st)
+	}
+	f, _ := os.Open(img)
+	defer f.Close()
+	if v, err := g.Verify(f); err != nil || v.Mismatches != 0 || v.Pages != 64 {
+		t.Errorf("verify: %+v, %v", v, err)
+	}
+}
