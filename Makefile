@@ -20,7 +20,7 @@ FUZZTIME     ?= 15s
 
 .PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \
 	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
-	cluster-tools cluster cluster-down
+	cluster-tools cluster cluster-down cluster-e2e
 
 all: build
 
@@ -72,12 +72,12 @@ demo: deps runsc build images-go
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
-	$(GO) vet -tags e2e ./internal/bench/
+	$(GO) vet -tags e2e ./internal/bench/ ./internal/kdeploy/
 
 ## test: every suite, with the real tools (what CI runs): Go tests (real
 ## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
 ## critest against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e
+test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e cluster-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
@@ -139,6 +139,14 @@ cluster: deps runsc k8s-tools cluster-tools build
 ## cluster-down: stop the cluster and remove everything it made
 cluster-down: build
 	$(BIN) cluster down
+
+## cluster-e2e: a 2-worker cluster of its own (instance 1): two functions
+## deployed from deploy/functions.json, the invoker through their Services
+## (0 errors), pods on both nodes, scale from zero, loss of a worker with the
+## failover errors counted, restart and cleanup (docs/cluster-functions.md).
+## VHIVE_E2E_NODES/RPS/TIME/REPORT change the run (docs/benchmarks.md)
+cluster-e2e: deps runsc k8s-tools cluster-tools
+	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -tags e2e -count=1 -timeout 25m -v -run TestClusterE2E ./internal/kdeploy/ 2>&1 | tee /tmp/vhive-cluster-e2e.log; exit $${PIPESTATUS[0]}
 
 bench-cri:
 	$(GO) test -count=3 -run '^$$' -bench ContainerRun -benchtime 20x ./internal/cri/

@@ -18,7 +18,7 @@ func writeNodeFiles(c Config, n Node) error {
 	files := map[string]string{
 		filepath.Join(cd, "config.toml"):                         containerdConfig(c, n),
 		filepath.Join(cd, "cni", "10-vhive-cluster.conflist"):    cniConfig(n),
-		filepath.Join(cd, "certs.d", c.Registry(), "hosts.toml"): fmt.Sprintf("server = \"http://%s\"\n", c.Registry()),
+		filepath.Join(cd, "certs.d", c.Registry(), "hosts.toml"): registryHosts(c),
 		filepath.Join(n.Dir, "kubelet.yaml"):                     kubeletConfig(c, n),
 		filepath.Join(n.Dir, "kube-proxy.yaml"):                  kubeProxyConfig(c, n),
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -67,6 +68,17 @@ type container struct {
 	bundle *ociBundle      // kindOCI
 	logs   *logWriter      // kindOCI and kindFunction
 	done   chan struct{}   // closed when the process has exited (after start)
+	// kindFunction: the cold-start stages of CreateContainer, logged with
+	// StartSandbox when the container starts.
+	stages  []stage
+	podName string // kindFunction: the pod's name, for the stage log
+}
+
+// stage is one timed step of a function container's cold start (vHive's
+// stage names: GetImage, CreateSandbox, StartSandbox).
+type stage struct {
+	name string
+	d    time.Duration
 }
 
 type stateDoc struct {
