@@ -15,7 +15,7 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables nftables
 FUZZTIME     ?= 15s
 
 .PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \

@@ -34,6 +34,8 @@ func toStatus(err error) error {
 		code = codes.AlreadyExists
 	case errors.Is(err, orchestrator.ErrInvalid), errors.Is(err, image.ErrInvalid), errors.Is(err, image.ErrUnsafeLayer):
 		code = codes.InvalidArgument
+	case errors.Is(err, orchestrator.ErrOutOfMemory):
+		code = codes.ResourceExhausted
 	case errors.Is(err, orchestrator.ErrUnsupported):
 		code = codes.Unimplemented
 	case errors.Is(err, image.ErrInUse):

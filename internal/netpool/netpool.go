@@ -64,7 +64,11 @@ type Options struct {
 	// Prefix names the namespaces and host veths ("<Prefix>-<n>"). Default
 	// "vh". At most 8 characters so interface names fit in 15 bytes.
 	Prefix string
-	Logger *slog.Logger
+	// NoHostFilter leaves out the nftables table that keeps sandboxes from
+	// reaching the host and each other (see filter.go). Only for tests of
+	// the pool itself on machines without nftables.
+	NoHostFilter bool
+	Logger       *slog.Logger
 }
 
 // Net is one network configuration. Its fields are read-only.
@@ -91,6 +95,8 @@ type Pool struct {
 	nextIx int
 	freeIx []int // indices released by destroyed Nets, reused first
 	maxIx  int
+	// filtered: the host filter table is installed (cleared by Close).
+	filtered bool
 }
 
 // New validates opts and creates opts.Size namespaces. On error nothing is
@@ -126,6 +132,13 @@ func New(ctx context.Context, opts Options) (*Pool, error) {
 	}
 	if opts.Size > p.maxIx+1 {
 		return nil, fmt.Errorf("netpool: Size %d exceeds the %d /30 blocks of %s", opts.Size, p.maxIx+1, opts.Subnet)
+	}
+	if !opts.NoHostFilter {
+		// Before any veth exists: no sandbox is ever unfiltered.
+		if err := installFilter(ctx, opts.Prefix); err != nil {
+			return nil, err
+		}
+		p.filtered = true
 	}
 	for i := 0; i < opts.Size; i++ {
 		n, err := p.create(ctx)
@@ -210,6 +223,8 @@ func (p *Pool) Put(ctx context.Context, n *Net) error {
 func (p *Pool) Close(ctx context.Context) error {
 	p.mu.Lock()
 	p.closed = true
+	filtered := p.filtered
+	p.filtered = false
 	all := append([]*Net(nil), p.free...)
 	for _, n := range p.used {
 		all = append(all, n)
@@ -222,6 +237,9 @@ func (p *Pool) Close(ctx context.Context) error {
 		if err := p.destroy(n); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if filtered {
+		errs = append(errs, removeFilter(ctx, p.opts.Prefix))
 	}
 	return errors.Join(errs...)
 }
@@ -255,6 +273,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 			}
 		}
 	}
+	errs = append(errs, removeFilter(ctx, prefix))
 	return errors.Join(errs...)
 }
 
@@ -363,9 +382,11 @@ func (p *Pool) create(ctx context.Context) (n *Net, retErr error) {
 		return nil, err
 	}
 	n = p.newNet(ix)
+	// Not the named result: every error return sets that to nil.
+	made := n
 	defer func() {
 		if retErr != nil {
-			_ = p.destroy(n)
+			_ = p.destroy(made)
 			p.releaseIndex(ix)
 		}
 	}()
@@ -379,7 +400,9 @@ func (p *Pool) create(ctx context.Context) (n *Net, retErr error) {
 	}
 	if l, err := netlink.LinkByName(n.HostIf); err == nil {
 		p.log.Warn("removing stale veth", "veth", n.HostIf)
-		if err := netlink.LinkDel(l); err != nil {
+		// Deleting the stale netns above may take its veth with it at
+		// any moment: gone is what we want.
+		if err := netlink.LinkDel(l); err != nil && !isNotFound(err) {
 			return nil, fmt.Errorf("netpool: delete stale veth %q: %w", n.HostIf, err)
 		}
 	}

@@ -187,7 +187,9 @@ func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
 		if derr := f.o.cfg.Store.DeleteInstance(id); derr != nil {
 			f.o.log.Warn("forget instance", "instance", id, "err", derr)
 		}
-		return nil, nil, fmt.Errorf("%w: function %q: %v", ErrStartFailed, f.spec.Name, err)
+		// Both classes: an instance killed at its memory limit while
+		// starting is reported as out of memory.
+		return nil, nil, fmt.Errorf("%w: function %q: %w", ErrStartFailed, f.spec.Name, err)
 	}
 	f.o.log.Info("instance started", "function", f.spec.Name, "instance", id, "mode", mode, "endpoint", sb.Endpoint())
 	return in, cs, nil
@@ -394,6 +396,9 @@ func (f *function) connect(ctx context.Context, in *instance) error {
 		}
 		select {
 		case <-in.sb.Done():
+			if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
+				return fmt.Errorf("%w: instance %q was killed at its memory limit of %d MiB before its function listened on %s: %v", ErrOutOfMemory, in.id, f.spec.MemoryMiB, ep, in.sb.Err())
+			}
 			return fmt.Errorf("instance %q exited before its function listened on %s: %v", in.id, ep, in.sb.Err())
 		case <-ctx.Done():
 			return fmt.Errorf("instance %q: function never listened on %s within %s (last error: %v)", in.id, ep, f.o.cfg.ReadyTimeout, err)

@@ -18,4 +18,7 @@ var (
 	ErrStartFailed = errors.New("instance start failed")
 	// ErrInstanceFailed: the instance died or failed while serving.
 	ErrInstanceFailed = errors.New("instance failed")
+	// ErrOutOfMemory: the instance was killed at its memory limit (the
+	// sandbox reported sandbox.ErrOutOfMemory).
+	ErrOutOfMemory = errors.New("out of memory")
 )

@@ -13,6 +13,7 @@ type Metrics struct {
 	invocations *prometheus.CounterVec
 	instances   *prometheus.GaugeVec
 	fallbacks   *prometheus.CounterVec
+	exits       *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them on reg (nil: not
@@ -28,7 +29,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		invocations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "vhive",
 			Name:      "invocations_total",
-			Help:      "Invocations by function and kind (cold, warm, error).",
+			Help:      "Invocations by function and kind (cold, warm, error, oom: the instance was killed at its memory limit).",
 		}, []string{"function", "kind"}),
 		instances: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "vhive",
@@ -40,9 +41,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "snapshot_fallbacks_total",
 			Help:      "Cold starts that could not use a snapshot and booted instead, by reason.",
 		}, []string{"function", "reason"}),
+		exits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive",
+			Name:      "instance_exits_total",
+			Help:      "Instances that ended on their own (not stopped by vhive), by reason: oom (killed at the memory limit) or crash.",
+		}, []string{"function", "reason"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.stages, m.invocations, m.instances, m.fallbacks} {
+		for _, c := range []prometheus.Collector{m.stages, m.invocations, m.instances, m.fallbacks, m.exits} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -67,6 +73,10 @@ func (m *Metrics) setInstances(function string, n int) {
 
 func (m *Metrics) fallback(function, reason string) {
 	m.fallbacks.WithLabelValues(function, reason).Inc()
+}
+
+func (m *Metrics) instanceExit(function, reason string) {
+	m.exits.WithLabelValues(function, reason).Inc()
 }
 
 func (m *Metrics) forget(function string) {

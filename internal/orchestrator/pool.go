@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -179,7 +180,7 @@ func (f *function) release(in *instance, ok bool) {
 func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 	in, cs, err := f.acquire(ctx)
 	if err != nil {
-		f.o.cfg.Metrics.invocation(f.spec.Name, "error")
+		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
 		return Result{}, err
 	}
 	t0 := time.Now()
@@ -194,7 +195,7 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 	if err != nil {
 		err = f.invocationError(in, err)
 		f.release(in, false)
-		f.o.cfg.Metrics.invocation(f.spec.Name, "error")
+		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
 		return Result{}, err
 	}
 	res := Result{Payload: []byte(reply.GetMessage()), InstanceID: in.id, StartMode: in.startMode}
@@ -238,13 +239,24 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 	return res, nil
 }
 
+// errorKind is the invocations_total kind of a failed invocation.
+func errorKind(err error) string {
+	if errors.Is(err, ErrOutOfMemory) {
+		return "oom"
+	}
+	return "error"
+}
+
 // invocationError classifies an invocation failure. If the sandbox died, the
 // error says so with its exit reason.
 func (f *function) invocationError(in *instance, err error) error {
 	select {
 	case <-in.sb.Done():
+		if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
+			return fmt.Errorf("%w: instance %q of %q was killed at its memory limit of %d MiB during the request: %v", ErrOutOfMemory, in.id, f.spec.Name, f.spec.MemoryMiB, in.sb.Err())
+		}
 		return fmt.Errorf("%w: instance %q of %q exited during the request: %v (invocation error: %v)", ErrInstanceFailed, in.id, f.spec.Name, in.sb.Err(), err)
-	case <-time.After(50 * time.Millisecond):
+	case <-time.After(250 * time.Millisecond): // a killed sandbox takes a moment to be reaped under load
 	}
 	if s, ok := status.FromError(err); ok {
 		switch s.Code() {
@@ -270,7 +282,12 @@ func (f *function) watch(in *instance) {
 	if stopping {
 		return
 	}
-	f.o.log.Warn("instance exited", "function", f.spec.Name, "instance", in.id, "err", in.sb.Err())
+	reason := "crash"
+	if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
+		reason = "oom"
+	}
+	f.o.cfg.Metrics.instanceExit(f.spec.Name, reason)
+	f.o.log.Warn("instance exited", "function", f.spec.Name, "instance", in.id, "reason", reason, "err", in.sb.Err())
 	f.finalize(context.Background(), in)
 }
 

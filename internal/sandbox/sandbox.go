@@ -142,6 +142,10 @@ type Restorer interface {
 // ErrNotSupported is returned for an operation a backend does not declare.
 var ErrNotSupported = errors.New("not supported by this sandbox backend")
 
+// ErrOutOfMemory is what a sandbox's Err wraps when the kernel killed it for
+// exceeding its memory limit (as opposed to any other crash).
+var ErrOutOfMemory = errors.New("out of memory")
+
 // RestoreReporter is implemented by restored sandboxes that can report what
 // their restore measured (memory-manager stages and page statistics). The
 // values grow while the instance runs (lazy faults); callers read them after

@@ -98,9 +98,11 @@ func TestControlTCPToken(t *testing.T) {
 		t.Errorf("vhive ls over TCP without a token: %v %q, want an Unauthenticated error", err, out)
 	}
 	for name, run := range map[string]func() (string, error){
-		"--token-file":             func() (string, error) { return cli(nil, "--socket", "tcp://"+addr, "--token-file", tokFile, "ls") },
-		"VHIVE_TOKEN":              func() (string, error) { return cli([]string{"VHIVE_TOKEN=" + token}, "--socket", "tcp://"+addr, "ls") },
-		"VHIVE_SOCKET+VHIVE_TOKEN": func() (string, error) { return cli([]string{"VHIVE_SOCKET=tcp://" + addr, "VHIVE_TOKEN=" + token}, "ls") },
+		"--token-file": func() (string, error) { return cli(nil, "--socket", "tcp://"+addr, "--token-file", tokFile, "ls") },
+		"VHIVE_TOKEN":  func() (string, error) { return cli([]string{"VHIVE_TOKEN=" + token}, "--socket", "tcp://"+addr, "ls") },
+		"VHIVE_SOCKET+VHIVE_TOKEN": func() (string, error) {
+			return cli([]string{"VHIVE_SOCKET=tcp://" + addr, "VHIVE_TOKEN=" + token}, "ls")
+		},
 	} {
 		if out, err := run(); err != nil {
 			t.Errorf("vhive ls over TCP with %s: %v\n%s", name, err, out)

@@ -357,6 +357,12 @@ func (n *Node) LogTail(max int) string {
 	return string(b)
 }
 
+// LogTailAll returns the daemon's whole log.
+func (n *Node) LogTailAll() string {
+	b, _ := os.ReadFile(n.Log)
+	return string(b)
+}
+
 // LogContains reports whether the daemon's log holds s.
 func (n *Node) LogContains(s string) bool {
 	b, _ := os.ReadFile(n.Log)

@@ -293,11 +293,36 @@ func (s *Sandbox) waitInit(pid int) {
 		err = fmt.Errorf("oci: sandbox %q: %w", s.id, ErrStopped)
 	case !known:
 		err = fmt.Errorf("oci: sandbox %q: process %d exited (status unknown: not a child of the daemon); stderr: %s", s.id, pid, s.tail())
+	case status.Signaled() && status.Signal() == unix.SIGKILL && oomKilled(s.b.CgroupDirs(s.id)):
+		// Read before Stop deletes the container and with it the cgroup.
+		err = fmt.Errorf("oci: sandbox %q: %w: the kernel's OOM killer ended the function at its memory limit of %d MiB; stderr: %s",
+			s.id, sandbox.ErrOutOfMemory, s.spec.MemoryLimit>>20, s.tail())
 	default:
 		err = fmt.Errorf("oci: sandbox %q: function %s; stderr: %s", s.id, describeStatus(status), s.tail())
 	}
 	s.exitErr = err
 	close(s.done)
+}
+
+// oomKilled reports whether the memory cgroup among dirs counted an OOM
+// kill: "oom_kill N" in memory.oom_control (v1) or memory.events (v2).
+func oomKilled(dirs []string) bool {
+	for _, d := range dirs {
+		for _, f := range []string{"memory.oom_control", "memory.events"} {
+			b, err := os.ReadFile(filepath.Join(d, f))
+			if err != nil {
+				continue
+			}
+			for _, line := range strings.Split(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, " "); ok && k == "oom_kill" {
+					if n, _ := strconv.Atoi(strings.TrimSpace(v)); n > 0 {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
 
 func describeStatus(ws unix.WaitStatus) string {

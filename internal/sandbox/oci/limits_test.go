@@ -2,6 +2,7 @@ package oci
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"vhive.dev/vhive/internal/sandbox"
 )
 
 func TestResourceLimits(t *testing.T) {
@@ -67,6 +70,9 @@ func TestResourceLimits(t *testing.T) {
 			select {
 			case <-sb.Done():
 				t.Logf("%s over the memory limit: %v", rt, sb.Err())
+				if !errors.Is(sb.Err(), sandbox.ErrOutOfMemory) {
+					t.Fatalf("%s over the memory limit: %v, want it reported as out of memory", rt, sb.Err())
+				}
 			case <-time.After(30 * time.Second):
 				t.Fatalf("allocating 200 MiB under a 96 MiB limit did not end the sandbox (request err %v)", err)
 			}
