@@ -86,7 +86,9 @@ func (d *Daemon) setupBackends(ctx context.Context) error {
 		if err := netpool.Cleanup(ctx, prefix); err != nil {
 			return fmt.Errorf("clean up network namespaces of a previous run: %w", err)
 		}
-		opts := netpool.Options{Size: d.cfg.NetPoolSize, Prefix: prefix, Subnet: d.cfg.Subnet, Logger: d.log.With("component", "netpool")}
+		opts := netpool.Options{Size: d.cfg.NetPoolSize, Prefix: prefix, Subnet: d.cfg.Subnet, Logger: d.log.With("component", "netpool"),
+			// With the CRI on, pods' queue-proxies dial the functions.
+			AllowForward: d.cfg.CRI.Socket != ""}
 		pool, err := netpool.New(ctx, opts)
 		if err != nil {
 			return fmt.Errorf("network pool: %w", err)

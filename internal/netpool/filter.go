@@ -26,8 +26,16 @@ import (
 // FilterTable is the nftables table (family inet) of the pool with prefix.
 func FilterTable(prefix string) string { return "vhive-" + prefix }
 
-func filterRuleset(prefix string) string {
+func filterRuleset(prefix string, allowForward bool) string {
 	t, ifs := FilterTable(prefix), prefix+"-*"
+	// allowForward (a Kubernetes node: the CRI's queue-proxy, in a pod
+	// network, must reach its function) accepts connections forwarded into
+	// the sandboxes and their replies; a sandbox still cannot open a
+	// connection to the host, to another sandbox, or through the node.
+	fwd := fmt.Sprintf("\t\tiifname %[1]q counter drop\n\t\toifname %[1]q counter drop\n", ifs)
+	if allowForward {
+		fwd = fmt.Sprintf("\t\tiifname %[1]q ct state established,related accept\n\t\tiifname %[1]q counter drop\n", ifs)
+	}
 	return fmt.Sprintf(`add table inet %[1]s
 delete table inet %[1]s
 table inet %[1]s {
@@ -38,11 +46,9 @@ table inet %[1]s {
 	}
 	chain forward {
 		type filter hook forward priority filter - 10; policy accept;
-		iifname "%[2]s" counter drop
-		oifname "%[2]s" counter drop
-	}
+%[3]s	}
 }
-`, t, ifs)
+`, t, ifs, fwd)
 }
 
 func nft(ctx context.Context, script string) error {
@@ -69,8 +75,8 @@ func nft(ctx context.Context, script string) error {
 }
 
 // installFilter (re)creates the pool's table atomically.
-func installFilter(ctx context.Context, prefix string) error {
-	if err := nft(ctx, filterRuleset(prefix)); err != nil {
+func installFilter(ctx context.Context, prefix string, allowForward bool) error {
+	if err := nft(ctx, filterRuleset(prefix, allowForward)); err != nil {
 		return fmt.Errorf("netpool: install host filter for %q: %w", prefix+"-*", err)
 	}
 	return nil

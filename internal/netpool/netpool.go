@@ -68,6 +68,11 @@ type Options struct {
 	// reaching the host and each other (see filter.go). Only for tests of
 	// the pool itself on machines without nftables.
 	NoHostFilter bool
+	// AllowForward lets the host filter accept connections forwarded into
+	// the sandboxes (and their replies): on a Kubernetes node the CRI's
+	// queue-proxy, in a pod network, dials its function. The sandboxes
+	// still reach neither the host nor each other.
+	AllowForward bool
 	Logger       *slog.Logger
 }
 
@@ -135,7 +140,7 @@ func New(ctx context.Context, opts Options) (*Pool, error) {
 	}
 	if !opts.NoHostFilter {
 		// Before any veth exists: no sandbox is ever unfiltered.
-		if err := installFilter(ctx, opts.Prefix); err != nil {
+		if err := installFilter(ctx, opts.Prefix, opts.AllowForward); err != nil {
 			return nil, err
 		}
 		p.filtered = true
