@@ -218,7 +218,24 @@ func steadyRun(ctx context.Context, t *testing.T, c *cluster.Cluster, cs kuberne
 		l := es.Latency
 		rep.printf(t, "| %s | %d | %d | %s | %s | %s | %s |", strings.Split(ep, ".")[0], es.Issued, es.Failed, us(l.P50), us(l.P90), us(l.P99), us(l.Max))
 	}
+	// A queue-proxy counts a request once its handler returns, just after
+	// the client has the reply: scrape until the counts settle (≤ 3 s).
 	after := queueProxyCounts(ctx, t, cs, fns)
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		settled := true
+		for _, fn := range fns {
+			total := 0
+			for pod, n := range after[fn.Name] {
+				total += n - before[fn.Name][pod]
+			}
+			settled = settled && total >= len(res.ForEndpoint(fn.Hostname()).Records)
+		}
+		if settled {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+		after = queueProxyCounts(ctx, t, cs, fns)
+	}
 	for _, fn := range fns {
 		sent := len(res.ForEndpoint(fn.Hostname()).Records) // warm-up included
 		total := 0
