@@ -2,6 +2,7 @@ package cri
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +13,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"vhive.dev/vhive/internal/image"
@@ -81,6 +84,21 @@ func processArgs(cfg *runtimeapi.ContainerConfig, ic image.Config) []string {
 		args = ic.Cmd
 	}
 	return append(append([]string{}, ic.Entrypoint...), args...)
+}
+
+// checkContainerConfig refuses what no runtime can run, naming the field:
+// a relative working directory, an environment variable without a name or
+// with '=' or NUL in it.
+func checkContainerConfig(cfg *runtimeapi.ContainerConfig) error {
+	if wd := cfg.GetWorkingDir(); wd != "" && !filepath.IsAbs(wd) {
+		return status.Errorf(codes.InvalidArgument, "cri: config.working_dir %q is not an absolute path", wd)
+	}
+	for _, kv := range cfg.GetEnvs() {
+		if k := kv.GetKey(); k == "" || strings.ContainsAny(k, "=\x00") || bytes.IndexByte(kv.GetValue(), 0) >= 0 {
+			return status.Errorf(codes.InvalidArgument, "cri: config.envs: variable %.80q: want a name without '=' or NUL and a value without NUL", k)
+		}
+	}
+	return nil
 }
 
 // mergeEnv returns image env overridden by the CRI env (order kept).
@@ -279,6 +297,9 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 	}
 	user, err := resolveUser(img.Rootfs, sc, img.Config.User)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkContainerConfig(cfg); err != nil {
 		return nil, err
 	}
 	cwd := cfg.GetWorkingDir()

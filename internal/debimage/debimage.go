@@ -435,6 +435,19 @@ func (o Options) runBuildStep(ctx context.Context, base baseInfo, files map[stri
 	if err := os.Mkdir(outDir, 0o755); err != nil {
 		return nil, err
 	}
+	// Some libraries read /proc and /sys at import (PyTorch's cpuinfo
+	// aborts without them): mount fresh ones for the step, one step per
+	// base at a time.
+	unlock, err := lockFile(ctx, base.dir+".build.lock")
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	unmount, err := mountPseudoFS(base.rootfs())
+	if err != nil {
+		return nil, err
+	}
+	defer unmount()
 	inRoot := "/tmp/" + filepath.Base(scratch)
 	cmd := exec.CommandContext(ctx, "/usr/bin/python3", inRoot+"/build.py", inRoot+"/out")
 	cmd.Dir = "/"
@@ -465,6 +478,36 @@ func (o Options) runBuildStep(ctx context.Context, base baseInfo, files map[stri
 		return err
 	})
 	return out, err
+}
+
+// mountPseudoFS mounts proc and a read-only sysfs at rootfs/proc and
+// rootfs/sys and returns the function that unmounts them.
+func mountPseudoFS(rootfs string) (func(), error) {
+	var done []string
+	undo := func() {
+		for i := len(done) - 1; i >= 0; i-- {
+			unix.Unmount(done[i], unix.MNT_DETACH)
+		}
+	}
+	for _, m := range []struct {
+		fstype, dir string
+		flags       uintptr
+	}{
+		{"proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC},
+		{"sysfs", "sys", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC | unix.MS_RDONLY},
+	} {
+		dir := filepath.Join(rootfs, m.dir)
+		if err := os.MkdirAll(dir, 0o555); err != nil {
+			undo()
+			return nil, err
+		}
+		if err := unix.Mount(m.fstype, dir, m.fstype, m.flags, ""); err != nil {
+			undo()
+			return nil, fmt.Errorf("mount %s at %s for build.py: %w", m.fstype, dir, err)
+		}
+		done = append(done, dir)
+	}
+	return undo, nil
 }
 
 var epoch = time.Unix(0, 0).UTC()

@@ -2,6 +2,7 @@ package memory
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -119,6 +120,14 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 		b.Fatal(err)
 	}
 	defer m.Close()
+	// Read geometry experiments: VHIVE_BENCH_FETCH=<block KiB>x<reads in flight>.
+	if v := os.Getenv("VHIVE_BENCH_FETCH"); v != "" {
+		var kib, n int
+		if _, err := fmt.Sscanf(v, "%dx%d", &kib, &n); err != nil || kib < 4 || kib%4 != 0 || n < 1 {
+			b.Fatalf("VHIVE_BENCH_FETCH=%q: want <block KiB, multiple of 4>x<reads>", v)
+		}
+		m.fetchBlock, m.fetchReaders = uint64(kib)<<10, n
+	}
 	wsPath := filepath.Join(dir, "ws")
 	floorBuf, err := unix.Mmap(-1, 0, 32<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
 	if err != nil {

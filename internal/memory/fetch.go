@@ -253,6 +253,7 @@ func (f *fetcher) waitRead(n uint64) bool {
 func (f *fetcher) verify() {
 	defer f.wg.Done()
 	fail := func(err error) {
+		f.stop.Store(true) // nothing more to read
 		f.mu.Lock()
 		if f.err == nil {
 			f.err = err

@@ -139,6 +139,10 @@ func (r *Restore) run() {
 		if errors.Is(err, errPeerGone) {
 			notReady = fmt.Errorf("sandbox process %d exited during the working-set install", s.pid)
 			return
+		} else if errors.Is(err, errClosed) {
+			notReady = errors.New("closed during the working-set install")
+			s.killPeer() // it would hang on its next fault
+			return
 		} else if err != nil {
 			r.err = fmt.Errorf("install working set: %w", err)
 			ack(conn, ackError+r.err.Error()+"\n")
@@ -212,6 +216,7 @@ type installer struct {
 	pages    int64
 	runs     int64
 	deferred []uffd.Msg // faults on WS pages not installed yet (EarlyResume)
+	requeue  bool       // re-sorting deferred faults: not new waits
 }
 
 // startInstall begins installing once the handshake is done.
@@ -228,7 +233,8 @@ func (s *server) startInstall() error {
 // installAll installs the whole WS before the peer is told memory is
 // ready: step on every progress notification.
 func (s *server) installAll() error {
-	fds := []unix.PollFd{{Fd: int32(s.inst.progress), Events: unix.POLLIN}, {Fd: int32(s.pidfd), Events: unix.POLLIN}}
+	fds := []unix.PollFd{{Fd: int32(s.inst.progress), Events: unix.POLLIN}, {Fd: int32(s.pidfd), Events: unix.POLLIN},
+		{Fd: int32(s.r.stop), Events: unix.POLLIN}}
 	for s.inst != nil {
 		if err := s.step(); err != nil {
 			return err
@@ -242,9 +248,15 @@ func (s *server) installAll() error {
 		if fds[1].Revents != 0 {
 			return errPeerGone
 		}
+		if fds[2].Revents != 0 {
+			return errClosed
+		}
 	}
 	return nil
 }
+
+// errClosed: Close was called during the install.
+var errClosed = errors.New("restore closed")
 
 // step installs the chunks verified since the last step: one UFFDIO_COPY
 // (DONTWAKE) per run or part of a run within a chunk, then one UFFDIO_WAKE
@@ -283,6 +295,16 @@ func (s *server) step() error {
 				}
 			}
 		}
+		// Faults that came before the run table was known: those outside
+		// the WS are served now, the others keep waiting for their chunk.
+		early := in.deferred
+		in.deferred, in.requeue = nil, true
+		for _, m := range early {
+			if err := s.fault(m); err != nil {
+				return err
+			}
+		}
+		in.requeue = false
 	}
 	if in.next < verified {
 		t := time.Now()
@@ -396,13 +418,20 @@ func (s *server) deferFault(m uffd.Msg) bool {
 		return false
 	}
 	p := (m.Address - reg.BaseHostVirtAddr) / reg.PageSize
-	if !reg.inWS.get(p) || reg.present.get(p) || reg.removed.get(p) {
+	if reg.present.get(p) || reg.removed.get(p) {
+		return false
+	}
+	// Before the run table is read nobody knows whether the page is in
+	// the WS: wait for it (step sorts these faults out).
+	if s.inst.m != nil && !reg.inWS.get(p) {
 		return false
 	}
 	s.inst.deferred = append(s.inst.deferred, m)
-	s.r.mu.Lock()
-	s.r.stats.WSWaits++
-	s.r.mu.Unlock()
+	if !s.inst.requeue {
+		s.r.mu.Lock()
+		s.r.stats.WSWaits++
+		s.r.mu.Unlock()
+	}
 	return true
 }
 

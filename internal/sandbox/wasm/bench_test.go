@@ -138,7 +138,7 @@ func BenchmarkColdStart(b *testing.B) {
 			if pool == 0 {
 				poolName = "nopool"
 			}
-			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-wait", "reap-replay", "warm"} {
+			for _, mode := range []string{"boot", "eager", "mmap", "lazy", "reap", "reap-early", "reap-replay", "warm"} {
 				b.Run(fmt.Sprintf("%s/%s/%s", fn, mode, poolName), func(b *testing.B) {
 					if mode == "warm" && pool == 0 {
 						b.Skip("warm does not depend on the pool")
@@ -207,9 +207,9 @@ func BenchmarkColdStart(b *testing.B) {
 						case "lazy":
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryLazy})
 						default:
-							e.b.cfg.PrefetchBeforeResume = mode == "reap-wait"
+							e.b.cfg.EarlyResume = mode == "reap-early"
 							sb, err = e.b.Restore(ctx, e.spec(id), snap, sandbox.RestoreOptions{Mode: sandbox.MemoryPrefetch, WorkingSet: ws})
-							e.b.cfg.PrefetchBeforeResume = false
+							e.b.cfg.EarlyResume = false
 						}
 						if err != nil {
 							b.Fatalf("%s: %v", mode, err)

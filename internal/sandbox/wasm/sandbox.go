@@ -182,7 +182,7 @@ func (s *Sandbox) restore(ctx context.Context, dir string, st *wasmrt.State, opt
 		}
 		if opts.Mode == sandbox.MemoryPrefetch {
 			rc.ChunkPages = 0 // faults outside the WS are "unique": one page each
-			rc.EarlyResume = !s.b.cfg.PrefetchBeforeResume
+			rc.EarlyResume = s.b.cfg.EarlyResume
 		}
 		t := time.Now()
 		m, err := s.b.cfg.Memory.Start(ctx, rc)

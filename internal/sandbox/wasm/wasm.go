@@ -71,12 +71,14 @@ type Config struct {
 	// ChunkPages is passed to the memory manager for lazy and record
 	// restores: pages installed per fault (0 or 1: one page).
 	ChunkPages int
-	// PrefetchBeforeResume makes prefetch (REAP) restores install the whole
-	// working set before the guest runs, as REAP does. By default the guest
-	// runs as soon as the memory manager has the handshake, while the
-	// working set is still being read and installed (memory.RestoreConfig.
-	// EarlyResume): a fault on a page not installed yet waits for its chunk.
-	PrefetchBeforeResume bool
+	// EarlyResume makes prefetch (REAP) restores resume the guest as soon
+	// as the memory manager has the handshake, while the working set is
+	// still being read and installed (memory.RestoreConfig.EarlyResume: a
+	// fault on a page not installed yet waits for its chunk). Off by
+	// default: on this 2-core machine the install then competes with the
+	// guest and took 2–4× longer, so REAP's wait-then-run was faster (see
+	// docs/benchmarks/wasm.md).
+	EarlyResume bool
 	// EagerMmap makes MemoryEager restores map the memory file privately
 	// (copy-on-write, pages read by the kernel on first touch: Firecracker's
 	// vanilla snapshot load) instead of copying it before the guest runs.
