@@ -5,17 +5,20 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Resources are the machine resources a daemon with one state dir and
 // network prefix owns at one moment.
 type Resources struct {
-	// Netns maps each named network namespace "<prefix>-<n>" to its inode
-	// (a namespace recreated under the same name has another).
+	// Netns maps each named network namespace "<prefix>-<n>" to its
+	// cookie (SO_NETNS_COOKIE: never reused, unlike namespace inode
+	// numbers, so a namespace recreated under the same name has another).
 	Netns map[string]uint64
 	// Veths maps each host-side veth "<prefix>-<n>" to its ifindex.
 	Veths map[string]int
@@ -42,9 +45,8 @@ func Snapshot(stateDir, prefix string) Resources {
 		if !ownName(prefix, e.Name()) {
 			continue
 		}
-		var st syscall.Stat_t
-		if err := syscall.Stat(filepath.Join("/var/run/netns", e.Name()), &st); err == nil {
-			r.Netns[e.Name()] = st.Ino
+		if c, err := netnsCookie(filepath.Join("/var/run/netns", e.Name())); err == nil {
+			r.Netns[e.Name()] = c
 		}
 	}
 	links, _ := os.ReadDir("/sys/class/net")
@@ -100,7 +102,7 @@ func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
 	var out []string
 	for n, ino := range old.Netns {
 		if now.Netns[n] == ino {
-			out = append(out, fmt.Sprintf("netns %s (inode %d) of the dead daemon", n, ino))
+			out = append(out, fmt.Sprintf("netns %s (cookie %d) of the dead daemon", n, ino))
 		}
 	}
 	for n, ix := range old.Veths {
@@ -121,4 +123,55 @@ func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
 		out = append(out, "cgroup "+c)
 	}
 	return out
+}
+
+// soNetnsCookie is SO_NETNS_COOKIE (asm-generic; not in x/sys/unix yet).
+const soNetnsCookie = 71
+
+// netnsCookie returns the cookie of the network namespace bind-mounted at
+// path, read from a socket created inside it on a thread of its own.
+func netnsCookie(path string) (uint64, error) {
+	type result struct {
+		c   uint64
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open(path)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		var r result
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+		if err == nil {
+			r.c, r.err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, soNetnsCookie)
+			unix.Close(fd)
+		} else {
+			r.err = err
+		}
+		// Back to the original namespace; a thread that cannot go back
+		// stays locked and ends with this goroutine.
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- r
+	}()
+	r := <-ch
+	return r.c, r.err
 }
