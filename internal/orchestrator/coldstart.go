@@ -387,19 +387,39 @@ func (f *function) connect(ctx context.Context, in *instance) error {
 	}
 	// Poll until the function listens: a refused connection costs
 	// microseconds, where gRPC's reconnect backoff would cost a second.
+	// A dial also ends when the sandbox does: an address nobody answers
+	// for (a gVisor sandbox that exited takes its netstack, and so its ARP
+	// replies, with it) would otherwise block until ReadyTimeout.
+	dialCtx, stopDial := context.WithCancel(ctx)
+	defer stopDial()
+	go func() {
+		select {
+		case <-in.sb.Done():
+			stopDial()
+		case <-dialCtx.Done():
+		}
+	}()
+	exited := func() error {
+		if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
+			return fmt.Errorf("%w: instance %q was killed at its memory limit of %d MiB before its function listened on %s: %v", ErrOutOfMemory, in.id, f.spec.MemoryMiB, ep, in.sb.Err())
+		}
+		return fmt.Errorf("instance %q exited before its function listened on %s: %v", in.id, ep, in.sb.Err())
+	}
 	var d net.Dialer
 	for {
-		c, err := d.DialContext(ctx, network, addr)
+		c, err := d.DialContext(dialCtx, network, addr)
 		if err == nil {
 			c.Close()
 			break
 		}
 		select {
+		case <-in.sb.Done(): // first: a dial cut short by the exit
+			return exited()
+		default:
+		}
+		select {
 		case <-in.sb.Done():
-			if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
-				return fmt.Errorf("%w: instance %q was killed at its memory limit of %d MiB before its function listened on %s: %v", ErrOutOfMemory, in.id, f.spec.MemoryMiB, ep, in.sb.Err())
-			}
-			return fmt.Errorf("instance %q exited before its function listened on %s: %v", in.id, ep, in.sb.Err())
+			return exited()
 		case <-ctx.Done():
 			return fmt.Errorf("instance %q: function never listened on %s within %s (last error: %v)", in.id, ep, f.o.cfg.ReadyTimeout, err)
 		case <-time.After(time.Millisecond):
