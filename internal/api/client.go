@@ -30,7 +30,11 @@ func ParseControlTarget(s string) (ControlTarget, error) {
 		}
 		return ControlTarget{Network: "tcp", Address: hp}, nil
 	case strings.HasPrefix(s, "unix://"):
-		return ControlTarget{Network: "unix", Address: strings.TrimPrefix(s, "unix://")}, nil
+		p := strings.TrimPrefix(s, "unix://")
+		if p == "" {
+			return ControlTarget{}, fmt.Errorf("control target %q: empty socket path", s)
+		}
+		return ControlTarget{Network: "unix", Address: p}, nil
 	case strings.Contains(s, "://"):
 		return ControlTarget{}, fmt.Errorf("control target %q: unknown scheme (want a socket path or tcp://HOST:PORT)", s)
 	}
@@ -40,6 +44,11 @@ func ParseControlTarget(s string) (ControlTarget, error) {
 func (t ControlTarget) String() string {
 	if t.Network == "tcp" {
 		return "tcp://" + t.Address
+	}
+	if strings.Contains(t.Address, "://") {
+		// A path that reads like a URL prints with its scheme, so that it
+		// parses back to itself.
+		return "unix://" + t.Address
 	}
 	return t.Address
 }
