@@ -7,38 +7,27 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
 	"vhive.dev/vhive/functions/build"
 	"vhive.dev/vhive/internal/daemon"
 	"vhive.dev/vhive/internal/debimage"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
-	"vhive.dev/vhive/internal/wasm"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"vhive.dev/vhive/internal/wasm/wasmtest"
 )
 
 func TestMain(m *testing.M) {
 	// Re-exec'd as a wasm sandbox worker by the daemon's wasm backend.
-	if len(os.Args) > 2 && os.Args[1] == "internal" && os.Args[2] == "wasm-worker" {
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
-		err := wasm.WorkerMain(ctx, os.Args[3:])
-		stop()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	wasmtest.RunWorkerIfRequested()
 	code := m.Run()
 	os.RemoveAll(suiteOut)
 	os.Exit(code)
@@ -153,46 +142,33 @@ func startDaemon(t *testing.T, n int, sandboxes ...string) *testDaemon {
 		cancel()
 		t.Fatalf("daemon.New: %v", err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(cfg.Socket); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatalf("daemon socket %s did not appear", cfg.Socket)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	conn, err := grpc.NewClient("unix://"+cfg.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
+	var serveErr error
+	served := make(chan struct{})
+	go func() {
+		serveErr = d.Serve(ctx)
+		close(served)
+	}()
+	var conn *grpc.ClientConn
 	t.Cleanup(func() {
-		conn.Close()
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("daemon: %v", err)
+		if conn != nil {
+			conn.Close()
 		}
-		if left := leftNetns(cfg.NetPrefix); len(left) > 0 {
+		cancel()
+		<-served
+		if serveErr != nil {
+			t.Errorf("daemon: %v", serveErr)
+		}
+		if left := nodetest.Snapshot(state, cfg.NetPrefix).Netns; len(left) > 0 {
 			t.Errorf("namespaces left behind: %v", left)
 		}
 	})
-	return &testDaemon{client: vhivepb.NewControlClient(conn)}
-}
-
-func leftNetns(prefix string) []string {
-	var out []string
-	ents, _ := os.ReadDir("/var/run/netns")
-	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), prefix+"-") {
-			out = append(out, e.Name())
-		}
+	wait, cancelWait := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancelWait()
+	conn, err = nodetest.Connect(wait, cfg.Socket, served)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return &testDaemon{client: vhivepb.NewControlClient(conn)}
 }
 
 func (td *testDaemon) invoke(t *testing.T, fn, payload string) *vhivepb.InvokeResponse {

@@ -20,7 +20,6 @@ import (
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/functions/build"
 	"vhive.dev/vhive/internal/netpool"
 )
 
@@ -77,7 +76,7 @@ func sayHelloUntilReply(ctx context.Context, addr string) error {
 }
 
 func BenchmarkColdStartVsBareRunsc(b *testing.B) {
-	hello := buildHelloworld(b)
+	hello := shared.Helloworld(b)
 	cfg := daemonConfig(b, b.TempDir())
 	td := startDaemon(b, cfg)
 	td.importImage(b, hello)
@@ -193,7 +192,7 @@ func BenchmarkColdStartVsBareRunsc(b *testing.B) {
 }
 
 func BenchmarkWarmInvoke(b *testing.B) {
-	hello := buildHelloworld(b)
+	hello := shared.Helloworld(b)
 	cfg := daemonConfig(b, b.TempDir())
 	td := startDaemon(b, cfg)
 	td.importImage(b, hello)
@@ -255,19 +254,6 @@ func BenchmarkWarmInvoke(b *testing.B) {
 	b.ReportMetric(float64(median(addC).Microseconds()), "control-added-µs")
 }
 
-func buildLinux(t testing.TB, fn string) string {
-	t.Helper()
-	out := filepath.Join(sharedDir(t), "images")
-	if _, err := os.Stat(filepath.Join(out, fn, "index.json")); err == nil {
-		return filepath.Join(out, fn)
-	}
-	imgs, err := build.BuildFunction(context.Background(), build.Options{Function: fn, OutDir: out, Formats: []build.Format{build.FormatLayout}})
-	if err != nil {
-		t.Fatalf("build %s image: %v", fn, err)
-	}
-	return imgs[0].Layout
-}
-
 // BenchmarkGVisorBootVsRestore: cold start (request in → reply out) of a
 // function in gVisor booted, against restored from its snapshot, for
 // helloworld and for heavyinit (≈160 MiB heap built at start-up) — where
@@ -275,7 +261,7 @@ func buildLinux(t testing.TB, fn string) string {
 func BenchmarkGVisorBootVsRestore(b *testing.B) {
 	for _, fn := range []string{"helloworld", "heavyinit"} {
 		b.Run(fn, func(b *testing.B) {
-			dir := buildLinux(b, fn)
+			dir := shared.Function(b, fn, false)
 			cfg := daemonConfig(b, b.TempDir())
 			cfg.NetPoolSize = 2
 			td := startDaemon(b, cfg)

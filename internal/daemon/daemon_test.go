@@ -5,13 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,50 +20,22 @@ import (
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/wasm"
+	"vhive.dev/vhive/internal/nodetest"
+	"vhive.dev/vhive/internal/wasm/wasmtest"
 )
 
 func TestMain(m *testing.M) {
 	// Re-exec'd as a wasm sandbox worker by the wasm backend.
-	if len(os.Args) > 2 && os.Args[1] == "internal" && os.Args[2] == "wasm-worker" {
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
-		err := wasm.WorkerMain(ctx, os.Args[3:])
-		stop()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
-	// Re-exec'd as a daemon process by TestRestartCleansUp.
-	if state := os.Getenv("VHIVE_TEST_DAEMON_STATE"); state != "" {
-		cfg := Config{StateDir: state, Socket: os.Getenv("VHIVE_TEST_DAEMON_SOCKET"), Gateway: "off",
-			RunscPath: os.Getenv("VHIVE_RUNSC"), Sandboxes: []string{"gvisor", "runc"}, NetPoolSize: 1,
-			NetPrefix: os.Getenv("VHIVE_TEST_DAEMON_NETPREFIX")}
-		if p, err := netip.ParsePrefix(os.Getenv("VHIVE_TEST_DAEMON_SUBNET")); err == nil {
-			cfg.Subnet = p
-		}
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
-		d, err := New(ctx, cfg)
-		if err == nil {
-			err = d.Serve(ctx)
-		}
-		stop()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	wasmtest.RunWorkerIfRequested()
 	code := m.Run()
-	os.RemoveAll(sharedDirPath)
+	shared.Cleanup()
 	os.Exit(code)
 }
 
 var wantStages = []string{"GetImage", "CreateSandbox", "StartSandbox", "ConnectFuncClient", "FuncInvocation", "Total"}
 
 func TestDeployInvokeColdWarm(t *testing.T) {
-	hello := buildHelloworld(t)
+	hello := shared.Helloworld(t)
 	cfg := daemonConfig(t, t.TempDir())
 	cfg.Metrics = freePort(t)
 	td := startDaemon(t, cfg)
@@ -173,7 +142,7 @@ func TestDeployInvokeColdWarm(t *testing.T) {
 }
 
 func TestConcurrencyKeepaliveAndScaleToZero(t *testing.T) {
-	probe := buildProbe(t)
+	probe := shared.Probe(t)
 	td := startDaemon(t, daemonConfig(t, t.TempDir()))
 	td.importImage(t, probe)
 	ctx := context.Background()
@@ -269,7 +238,7 @@ func TestConcurrencyKeepaliveAndScaleToZero(t *testing.T) {
 }
 
 func TestErrors(t *testing.T) {
-	probe := buildProbe(t)
+	probe := shared.Probe(t)
 	cfg := daemonConfig(t, t.TempDir())
 	// Long enough for a gVisor sandbox to start and report its crash on a
 	// loaded machine; the never-listening function waits this long.
@@ -360,41 +329,14 @@ func TestErrors(t *testing.T) {
 }
 
 func TestRestartCleansUp(t *testing.T) {
-	probe := buildProbe(t)
+	probe := shared.Probe(t)
 	state := t.TempDir()
 	cfg := daemonConfig(t, state)
 	cfg.NetPrefix = testNetPrefix("vtr")
 
-	// A daemon in its own process, killed with instances running.
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "VHIVE_TEST_DAEMON_STATE="+state, "VHIVE_TEST_DAEMON_SOCKET="+cfg.Socket,
-		"VHIVE_TEST_DAEMON_NETPREFIX="+cfg.NetPrefix, "VHIVE_TEST_DAEMON_SUBNET="+cfg.Subnet.String(), "VHIVE_RUNSC="+cfg.RunscPath)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	killed := false
-	defer func() {
-		if !killed {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	}()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := os.Stat(cfg.Socket); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("child daemon did not start")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	conn, err := grpc.NewClient("unix://"+cfg.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := vhivepb.NewControlClient(conn)
+	// A vhive daemon process on this state, killed with instances running.
+	n := nodetest.Start(t, shared.Bin(t), nodetest.Options{StateDir: state, NetPrefix: cfg.NetPrefix, Subnet: cfg.Subnet.String(), NoGateway: true})
+	c := n.Client
 	ctx := context.Background()
 	if _, err := c.ImportImage(ctx, &vhivepb.ImportImageRequest{Path: probe}); err != nil {
 		t.Fatal(err)
@@ -407,14 +349,10 @@ func TestRestartCleansUp(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	conn.Close()
-	if err := cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	cmd.Wait()
-	killed = true
-	if l := leftovers(t, cfg.NetPrefix, state); len(l) <= 1 {
-		t.Fatalf("expected the killed daemon to leave instances behind, found only %v", l)
+	n.Kill(t)
+	dead := nodetest.Snapshot(state, cfg.NetPrefix)
+	if len(dead.Netns)+len(dead.Mounts) <= 1 {
+		t.Fatalf("expected the killed daemon to leave instances behind, found only %+v", dead)
 	}
 
 	// A new daemon on the same state: functions are still there, every
@@ -424,9 +362,8 @@ func TestRestartCleansUp(t *testing.T) {
 	if err != nil || len(fs.Functions) != 2 {
 		t.Fatalf("functions after restart: %+v, %v", fs, err)
 	}
-	l := leftovers(t, cfg.NetPrefix, state)
-	if len(l) != 1 || !strings.HasPrefix(l[0], "netns ") {
-		t.Fatalf("after restart: %v; want only the new pool's one namespace", l)
+	if l := nodetest.Snapshot(state, cfg.NetPrefix).LeakedFrom(dead, 1); len(l) > 0 {
+		t.Fatalf("after restart: %v; want only the new pool's one namespace and veth", l)
 	}
 	for _, rt := range []struct{ bin, root string }{{cfg.RuncPath, state + "/sandboxes/runc/state"}, {cfg.RunscPath, state + "/sandboxes/gvisor/state"}} {
 		out, _ := exec.Command(rt.bin, "--root", rt.root, "list", "-q").Output()
@@ -439,7 +376,7 @@ func TestRestartCleansUp(t *testing.T) {
 		t.Fatalf("invoke after restart = %+v", r)
 	}
 	td.stop()
-	if l := leftovers(t, cfg.NetPrefix, state); len(l) != 0 {
+	if l := nodetest.Snapshot(state, cfg.NetPrefix); l.Count() != 0 {
 		t.Fatalf("after clean shutdown: %v", l)
 	}
 }

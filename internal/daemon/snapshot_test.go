@@ -10,21 +10,7 @@ import (
 	"time"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/functions/build"
 )
-
-func buildCounter(t *testing.T) string {
-	t.Helper()
-	out := filepath.Join(sharedDir(t), "images")
-	if _, err := os.Stat(filepath.Join(out, "counter", "index.json")); err == nil {
-		return filepath.Join(out, "counter")
-	}
-	imgs, err := build.BuildFunction(context.Background(), build.Options{Function: "counter", OutDir: out, Formats: []build.Format{build.FormatLayout}})
-	if err != nil {
-		t.Fatalf("build counter image: %v", err)
-	}
-	return imgs[0].Layout
-}
 
 // waitSnapshot waits until function has a committed snapshot.
 func (td *testDaemon) waitSnapshot(t testing.TB, fn string) *vhivepb.SnapshotInfo {
@@ -62,8 +48,8 @@ func hasStage(r *vhivepb.InvokeResponse, name string) bool {
 }
 
 func TestGVisorSnapshotStartMode(t *testing.T) {
-	counter := buildCounter(t)
-	probe := buildProbe(t)
+	counter := shared.Function(t, "counter", false)
+	probe := shared.Probe(t)
 	cfg := daemonConfig(t, t.TempDir())
 	cfg.NetPoolSize = 2
 	td := startDaemon(t, cfg)

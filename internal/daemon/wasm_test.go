@@ -9,23 +9,7 @@ import (
 	"time"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/functions/build"
 )
-
-func buildWasm(t testing.TB, fn string) string {
-	t.Helper()
-	out := filepath.Join(sharedDir(t), "images")
-	dir := filepath.Join(out, fn+"-wasm")
-	if _, err := os.Stat(filepath.Join(dir, "index.json")); err == nil {
-		return dir
-	}
-	imgs, err := build.BuildFunction(context.Background(), build.Options{Function: fn, OutDir: out,
-		Targets: []build.Target{build.TargetWasm}, Formats: []build.Format{build.FormatLayout}})
-	if err != nil {
-		t.Fatalf("build %s wasm image: %v", fn, err)
-	}
-	return imgs[0].Layout
-}
 
 func wasmConfig(t testing.TB) Config {
 	cfg := daemonConfig(t, t.TempDir())
@@ -37,7 +21,7 @@ func wasmConfig(t testing.TB) Config {
 // start mode: its count and its table checksum continue across snapshot and
 // restore, and REAP records on the first restore and prefetches after.
 func TestWasmStartModes(t *testing.T) {
-	counter := buildWasm(t, "counter")
+	counter := shared.Function(t, "counter", true)
 	td := startDaemon(t, wasmConfig(t))
 	im := td.importImage(t, counter)
 	if im.Kind != "wasm" {
@@ -111,7 +95,7 @@ func TestWasmStartModes(t *testing.T) {
 // TestWasmCorruptSnapshotBoots: a corrupt memory file is detected and the
 // cold start boots instead, then a fresh snapshot is taken.
 func TestWasmCorruptSnapshotBoots(t *testing.T) {
-	counter := buildWasm(t, "counter")
+	counter := shared.Function(t, "counter", true)
 	td := startDaemon(t, wasmConfig(t))
 	im := td.importImage(t, counter)
 	td.deploy(t, &vhivepb.FunctionSpec{Name: "c", Image: im.Ref, Sandbox: "wasm", StartMode: "lazy"})

@@ -23,7 +23,7 @@ import (
 	"time"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/node"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 )
 
@@ -38,11 +38,11 @@ const (
 	importPrefix = "localhost/h13/imp"
 )
 
-func full() bool { return os.Getenv("VHIVE_RELIABILITY") == "full" }
+var shared nodetest.Shared
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	node.Cleanup()
+	shared.Cleanup()
 	os.Exit(code)
 }
 
@@ -69,7 +69,8 @@ type world struct {
 	logPath string
 	work    string
 	sbs     []string
-	d       *node.Daemon
+	bin     string
+	d       *nodetest.Node
 	fns     map[string]*fnModel
 	imgs    map[string]string // imported ref → its layout
 	hello   string
@@ -82,8 +83,9 @@ type world struct {
 	failed    []string
 }
 
-func (w *world) opts() node.Options {
-	return node.Options{StateDir: w.state, Sandboxes: strings.Join(w.sbs, ","), NetPrefix: crashPrefix, Subnet: crashSubnet, Log: w.logPath}
+func (w *world) opts() nodetest.Options {
+	return nodetest.Options{StateDir: w.state, Sandboxes: strings.Join(w.sbs, ","), NetPrefix: crashPrefix, Subnet: crashSubnet,
+		Log: w.logPath, NoGateway: true}
 }
 
 func (w *world) ctx() (context.Context, context.CancelFunc) {
@@ -120,7 +122,7 @@ func TestCrashConsistency(t *testing.T) {
 		seed = v
 	}
 	trials := 5
-	if full() {
+	if nodetest.Full() {
 		trials = 25
 	}
 	if s := os.Getenv("VHIVE_CRASH_TRIALS"); s != "" {
@@ -129,24 +131,23 @@ func TestCrashConsistency(t *testing.T) {
 	t.Logf("crash seed %d (replay: VHIVE_CRASH_SEED=%d), %d trials, runsc %s", seed, seed, trials, runsc)
 
 	work := t.TempDir()
-	imgDir := node.ImageDir()
-	hello := node.Function(t, imgDir, "helloworld", false)
-	counter := node.Function(t, imgDir, "counter", false)
-	counterW := node.Function(t, imgDir, "counter", true)
+	hello := shared.Helloworld(t)
+	counter := shared.Function(t, "counter", false)
+	counterW := shared.Function(t, "counter", true)
 	state, err := os.MkdirTemp("", "h13c")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(state) })
-	w := &world{t: t, rng: rand.New(rand.NewPCG(seed, 13)), seed: seed, state: state, work: work,
+	w := &world{t: t, bin: shared.Bin(t), rng: rand.New(rand.NewPCG(seed, 13)), seed: seed, state: state, work: work,
 		logPath: filepath.Join(work, "daemon.log"), sbs: []string{"runc", "gvisor", "wasm"},
 		fns: map[string]*fnModel{}, durs: map[string]time.Duration{}, imgs: map[string]string{}, hello: hello, stats: trialStats{byOp: map[string]int{}}}
 	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("daemon log tail:\n%s", node.Tail(w.logPath, 6000))
+		if t.Failed() && w.d != nil {
+			t.Logf("daemon log tail:\n%s", w.d.LogTail(6000))
 		}
 	})
-	w.d = node.Start(t, w.opts())
+	w.d = nodetest.Start(t, w.bin, w.opts())
 	ctx, cancel := w.ctx()
 	defer cancel()
 	for _, p := range []string{hello, counter, counterW} {
@@ -170,8 +171,10 @@ func TestCrashConsistency(t *testing.T) {
 	}
 	t.Logf("CRASH SUMMARY seed=%d trials=%d lost=%d leaked=%d killed-mid-operation=%d by-op=%v",
 		seed, w.stats.trials, w.stats.lost, w.stats.leaked, w.stats.inFlight, w.stats.byOp)
-	w.d.Stop(t)
-	if l := node.Snapshot(w.state, crashPrefix); l.Count() != 0 {
+	if err := w.d.Stop(); err != nil {
+		t.Error(err)
+	}
+	if l := nodetest.Snapshot(w.state, crashPrefix); l.Count() != 0 {
 		t.Errorf("after a clean shutdown: %+v", l)
 	}
 }
@@ -225,7 +228,7 @@ func (w *world) trial(i int, op string) {
 		onCommit = func() { w.fns[f.name] = f }
 	case "import":
 		ref := fmt.Sprintf("%s%d:t", importPrefix, w.seq)
-		lay := node.Variant(t, w.hello, filepath.Join(w.work, fmt.Sprintf("imp%d", w.seq)), ref, 24<<20, w.seed+uint64(w.seq))
+		lay := nodetest.Variant(t, w.hello, filepath.Join(w.work, fmt.Sprintf("imp%d", w.seq)), ref, 24<<20, w.seed+uint64(w.seq))
 		target, window = ref, w.window(op, 800*time.Millisecond)
 		run = func() error {
 			_, err := c.ImportImage(ctx, &vhivepb.ImportImageRequest{Path: lay})
@@ -323,7 +326,7 @@ func (w *world) trial(i int, op string) {
 	if err == nil && onCommit != nil {
 		onCommit() // the call returned success: it is committed
 	}
-	dead := node.Snapshot(w.state, crashPrefix)
+	dead := nodetest.Snapshot(w.state, crashPrefix)
 	tmp := w.tempArtifacts()
 	inFlight := !done || len(tmp) > 0
 	if op == "snapshot" || op == "ws-record" {
@@ -342,7 +345,7 @@ func (w *world) trial(i int, op string) {
 		i+1, op, target, delay.Round(time.Millisecond), from, done, returned.Round(time.Millisecond), errString(err), tmp, len(dead.Netns), len(dead.Veths), len(dead.Mounts), len(dead.Cgroups))
 
 	old := w.d
-	w.d = node.Start(t, w.opts())
+	w.d = nodetest.Start(t, w.bin, w.opts())
 	lost0, leak0 := len(w.failed), 0
 	// Nothing of the dead daemon is left: processes, netns, veths,
 	// mounts, cgroups.
@@ -352,8 +355,10 @@ func (w *world) trial(i int, op string) {
 			break
 		}
 	}
-	leaks := append(node.Snapshot(w.state, crashPrefix).LeakedFrom(dead, 1), procs...)
-	old.RemoveCgroup(t)
+	leaks := append(nodetest.Snapshot(w.state, crashPrefix).LeakedFrom(dead, 1), procs...)
+	if err := old.Stop(); err != nil {
+		t.Error(err)
+	}
 	if len(leaks) > 0 {
 		leak0 = len(leaks)
 		w.stats.leaked += len(leaks)

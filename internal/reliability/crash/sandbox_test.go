@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/node"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 )
 
@@ -39,21 +39,19 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 	testutil.RequiresRoot(t)
 	testutil.RunscPath(t)
 	work := t.TempDir()
-	imgDir := node.ImageDir()
-	probe := node.Probe(t, "testdata/slow", filepath.Join(imgDir, "slow"))
-	fib := node.Function(t, imgDir, "fibonacci", true)
-	counterW := node.Function(t, imgDir, "counter", true)
+	probe := shared.Probe(t)
+	fib := shared.Function(t, "fibonacci", true)
+	counterW := shared.Function(t, "counter", true)
 	state, err := os.MkdirTemp("", "h13k")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(state) })
-	logPath := filepath.Join(work, "daemon.log")
-	d := node.Start(t, node.Options{StateDir: state, Sandboxes: "runc,gvisor,wasm", NetPrefix: killPrefix, Subnet: killSubnet,
-		Metrics: killMetrics, Log: logPath})
+	d := nodetest.Start(t, shared.Bin(t), nodetest.Options{StateDir: state, Sandboxes: "runc,gvisor,wasm", NetPrefix: killPrefix, Subnet: killSubnet,
+		Metrics: killMetrics, Log: filepath.Join(work, "daemon.log"), NoGateway: true})
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("daemon log tail:\n%s", node.Tail(logPath, 5000))
+			t.Logf("daemon log tail:\n%s", d.LogTail(5000))
 		}
 	})
 	ctx := context.Background()
@@ -99,8 +97,8 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 	}
 
 	for _, tc := range []struct{ sb, image, warm, slow, wantWarm string }{
-		{"runc", node.ProbeRef, "counter", "sleep:20000", "1"},
-		{"gvisor", node.ProbeRef, "counter", "sleep:20000", "1"},
+		{"runc", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
+		{"gvisor", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
 		{"wasm", "localhost/vhive/fibonacci-wasm:latest", "10", "100000", "fib(10) = 55"},
 	} {
 		t.Run(tc.sb, func(t *testing.T) {
@@ -131,7 +129,7 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 			if l := instanceLeftovers(state, inst.Id, pid); len(l) > 0 {
 				t.Errorf("instance %s left %v", inst.Id, l)
 			}
-			if d.Exited() {
+			if !d.Alive() {
 				t.Fatal("the daemon died")
 			}
 			if r, err := c.Invoke(ctx, &vhivepb.InvokeRequest{Function: name, Payload: []byte(tc.warm)}); err != nil || !r.ColdStart || string(r.Payload) != tc.wantWarm {
@@ -159,7 +157,7 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 		// towards where the faults are: later when a kill came before the
 		// first fault, earlier when the reply won), at most maxTrials.
 		want, maxTrials := 1, 10
-		if full() {
+		if nodetest.Full() {
 			want, maxTrials = 4, 16
 		}
 		lo, hi := time.Duration(0), 60*time.Millisecond
@@ -226,7 +224,7 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 					t.Fatalf("trial %d: 10s after the peer died: %v restores active, %d fds open (before: %d)", i+1, active, fds, fds0)
 				}
 			}
-			if d.Exited() {
+			if !d.Alive() {
 				t.Fatal("the daemon died")
 			}
 			// The snapshot is intact and still used: a lazy restore with
@@ -244,8 +242,10 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 	if _, err := c.StopInstances(ctx, &vhivepb.StopInstancesRequest{}); err != nil {
 		t.Fatal(err)
 	}
-	d.Stop(t)
-	if l := node.Snapshot(state, killPrefix); l.Count() != 0 {
+	if err := d.Stop(); err != nil {
+		t.Error(err)
+	}
+	if l := nodetest.Snapshot(state, killPrefix); l.Count() != 0 {
 		t.Errorf("after a clean shutdown: %+v", l)
 	}
 }
@@ -272,7 +272,7 @@ func instanceLeftovers(state, id string, pid int) []string {
 				out = append(out, fmt.Sprintf("process %d %q", p, strings.ReplaceAll(string(cmd), "\x00", " ")))
 			}
 		}
-		r := node.Snapshot(state, killPrefix)
+		r := nodetest.Snapshot(state, killPrefix)
 		for _, m := range r.Mounts {
 			if strings.Contains(m, id) {
 				out = append(out, "mount "+m)

@@ -17,7 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/node"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 )
 
@@ -29,9 +29,11 @@ const (
 	enospc     = "no space left on device"
 )
 
+var shared nodetest.Shared
+
 func TestMain(m *testing.M) {
 	code := m.Run()
-	node.Cleanup()
+	shared.Cleanup()
 	os.Exit(code)
 }
 
@@ -129,21 +131,19 @@ func TestFullDisk(t *testing.T) {
 	testutil.RequiresRoot(t)
 	testutil.RunscPath(t)
 	work := t.TempDir()
-	imgDir := node.ImageDir()
-	hello := node.Function(t, imgDir, "helloworld", false)
-	counter := node.Function(t, imgDir, "counter", false)
-	counterW := node.Function(t, imgDir, "counter", true)
-	big := node.Variant(t, hello, filepath.Join(work, "big"), "localhost/h13/big:t", 32<<20, 13)
+	hello := shared.Helloworld(t)
+	counter := shared.Function(t, "counter", false)
+	counterW := shared.Function(t, "counter", true)
+	big := nodetest.Variant(t, hello, filepath.Join(work, "big"), "localhost/h13/big:t", 32<<20, 13)
 
 	mnt := smallFS(t)
 	state := filepath.Join(mnt, "state")
 	ballast := filepath.Join(mnt, "ballast")
-	logPath := filepath.Join(work, "daemon.log")
-	opts := node.Options{StateDir: state, Sandboxes: "runc,gvisor,wasm", NetPrefix: diskPrefix, Subnet: diskSubnet, Log: logPath}
-	d := node.Start(t, opts)
+	d := nodetest.Start(t, shared.Bin(t), nodetest.Options{StateDir: state, Sandboxes: "runc,gvisor,wasm", NetPrefix: diskPrefix, Subnet: diskSubnet,
+		Log: filepath.Join(work, "daemon.log"), NoGateway: true})
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("daemon log tail:\n%s", node.Tail(logPath, 6000))
+			t.Logf("daemon log tail:\n%s", d.LogTail(6000))
 		}
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -222,9 +222,9 @@ func TestFullDisk(t *testing.T) {
 	// replies are unaffected, nothing partial remains.
 	for _, name := range []string{"cnt-g", "cnt-w"} {
 		fill(t, ballast, 2<<20)
-		logBefore := fileSize(logPath)
+		logBefore := fileSize(d.Log)
 		invoke(name, "count=1 ", "boot")
-		line := waitLog(t, logPath, logBefore, "snapshot failed", name)
+		line := waitLog(t, d.Log, logBefore, "snapshot failed", name)
 		t.Logf("%s snapshot with 2 MiB free: %s", name, line)
 		if !strings.Contains(line, enospc) {
 			t.Errorf("%s: snapshot failure %q does not name %q", name, line, enospc)
@@ -287,12 +287,11 @@ func TestFullDisk(t *testing.T) {
 	if fs, err := c.ListFunctions(ctx, &vhivepb.ListFunctionsRequest{}); err != nil || len(fs.Functions) != nfns {
 		t.Errorf("functions on a full disk: %v, %v", fs, err)
 	}
-	if d.Exited() {
+	if !d.Alive() {
 		t.Fatal("the daemon died on a full disk")
 	}
 	// A daemon restarted while the disk is full comes up and serves.
-	d.Stop(t)
-	d = node.Start(t, opts)
+	d.Restart(t)
 	c = d.Client
 	if fs, err := c.ListFunctions(ctx, &vhivepb.ListFunctionsRequest{}); err != nil || len(fs.Functions) != nfns {
 		t.Fatalf("functions after a restart on a full disk: %v, %v", fs, err)
@@ -334,8 +333,7 @@ func TestFullDisk(t *testing.T) {
 
 	// 5. A restart on the same state finds every function, image and
 	// snapshot, and restores from the snapshots.
-	d.Stop(t)
-	d = node.Start(t, opts)
+	d.Restart(t)
 	c = d.Client
 	if fs, err := c.ListFunctions(ctx, &vhivepb.ListFunctionsRequest{}); err != nil || len(fs.Functions) != nfns {
 		t.Fatalf("functions after restart: %v, %v", fs, err)
@@ -345,8 +343,10 @@ func TestFullDisk(t *testing.T) {
 	}
 	invoke("cnt-g", "count=2 ", "snapshot")
 	invoke("cnt-w", "count=2 ", "lazy")
-	d.Stop(t)
-	if l := node.Snapshot(state, diskPrefix); l.Count() != 0 {
+	if err := d.Stop(); err != nil {
+		t.Error(err)
+	}
+	if l := nodetest.Snapshot(state, diskPrefix); l.Count() != 0 {
 		t.Errorf("after a clean shutdown: %+v", l)
 	}
 }

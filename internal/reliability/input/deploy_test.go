@@ -17,7 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 const helloRef = "localhost/vhive/helloworld:latest"
@@ -73,6 +73,10 @@ type keepAlive struct {
 var sharedCleanups []func()
 
 func (k *keepAlive) Cleanup(f func()) { sharedCleanups = append(sharedCleanups, f) }
+
+// Error reports what a cleanup finds wrong: on stderr, since the test that
+// started the daemon has ended when the cleanups run.
+func (k *keepAlive) Error(args ...any) { fmt.Fprintln(os.Stderr, args...) }
 func (k *keepAlive) TempDir() string {
 	d, err := os.MkdirTemp(shared.Dir(k.T), "node-*")
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 // wantCode checks an RPC's error: one of codes, with a message holding word.

@@ -16,7 +16,7 @@ import (
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
 	"vhive.dev/vhive/internal/api"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 )
 

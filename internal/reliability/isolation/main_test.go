@@ -8,7 +8,7 @@ import (
 	"os"
 	"testing"
 
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 var shared nodetest.Shared

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 // TestOverMemoryLimitIsOutOfMemory: a function that allocates beyond its
@@ -22,8 +22,8 @@ func TestOverMemoryLimitIsOutOfMemory(t *testing.T) {
 	bin := shared.Bin(t)
 	metrics := nodetest.Port(t, 300)
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bm", Subnet: "10.188.3.0/24", NoGateway: true,
-		Args: []string{"--metrics", metrics}})
-	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe", probeRef))
+		Metrics: metrics})
+	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe"))
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	for _, sb := range []string{"gvisor", "runc"} {
@@ -44,21 +44,21 @@ func TestOverMemoryLimitIsOutOfMemory(t *testing.T) {
 				t.Fatalf("alloc 400 MiB under a 128 MiB limit: %v %q, want ResourceExhausted naming the memory limit", st.Code(), st.Message())
 			}
 			t.Logf("%s: %s", sb, st.Message())
-			if v, err := nodetest.Metric(metrics, fmt.Sprintf(`vhive_invocations_total{function=%q,kind="oom"}`, fn)); err != nil || v != 1 {
-				t.Errorf("invocations_total kind=oom of %s = %v, %v; want 1", fn, v, err)
+			if v := n.Metric(t, fmt.Sprintf(`vhive_invocations_total{function=%q,kind="oom"}`, fn)); v != 1 {
+				t.Errorf("invocations_total kind=oom of %s = %v; want 1", fn, v)
 			}
 			deadline := time.Now().Add(30 * time.Second)
 			for {
-				v, err := nodetest.Metric(metrics, fmt.Sprintf(`vhive_instance_exits_total{function=%q,reason="oom"}`, fn))
-				if err == nil && v == 1 {
+				v := n.Metric(t, fmt.Sprintf(`vhive_instance_exits_total{function=%q,reason="oom"}`, fn))
+				if v == 1 {
 					break
 				}
 				if time.Now().After(deadline) {
-					t.Fatalf("instance_exits_total reason=oom of %s = %v, %v; want 1", fn, v, err)
+					t.Fatalf("instance_exits_total reason=oom of %s = %v; want 1", fn, v)
 				}
 				time.Sleep(100 * time.Millisecond)
 			}
-			if v, _ := nodetest.Metric(metrics, fmt.Sprintf(`vhive_instance_exits_total{function=%q,reason="crash"}`, fn)); v != 0 {
+			if v := n.Metric(t, fmt.Sprintf(`vhive_instance_exits_total{function=%q,reason="crash"}`, fn)); v != 0 {
 				t.Errorf("the out-of-memory kill was also counted as %v crashes", v)
 			}
 			if got, err := invoke("alloc 1"); err != nil || got != "allocated" {

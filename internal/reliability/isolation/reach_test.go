@@ -14,7 +14,7 @@ import (
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
 	"vhive.dev/vhive/internal/netpool"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 const probeRef = "localhost/vhive/netprobe:test"
@@ -91,8 +91,8 @@ func TestFunctionCannotReachOut(t *testing.T) {
 	ctrlTCP := nodetest.Port(t, 200)
 	metrics := nodetest.Port(t, 210)
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bs", Subnet: subnet.String(), PortOffset: 220,
-		Args: []string{"--control-tcp", ctrlTCP, "--control-token-file", tokFile, "--metrics", metrics}})
-	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe", probeRef))
+		Args: []string{"--control-tcp", ctrlTCP, "--control-token-file", tokFile}, Metrics: metrics})
+	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe"))
 
 	loopSvc := listen(t, nodetest.Port(t, 230))
 	allSvc := listen(t, "0.0.0.0:"+strings.Split(nodetest.Port(t, 240), ":")[1])
@@ -171,7 +171,9 @@ func TestFunctionCannotReachOut(t *testing.T) {
 	if out, err := exec.Command("nft", "list", "table", "inet", netpool.FilterTable("h3bs")).CombinedOutput(); err != nil {
 		t.Fatalf("the daemon's nftables table is missing while it runs: %v %s", err, out)
 	}
-	n.Stop()
+	if err := n.Stop(); err != nil {
+		t.Error(err)
+	}
 	if out, err := exec.Command("nft", "list", "table", "inet", netpool.FilterTable("h3bs")).CombinedOutput(); err == nil {
 		t.Errorf("the daemon's nftables table outlived it:\n%s", out)
 	}

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
-	"vhive.dev/vhive/internal/reliability/nodetest"
+	"vhive.dev/vhive/internal/nodetest"
 )
 
 var shared nodetest.Shared
@@ -102,12 +102,11 @@ func loadavg() string {
 	return strings.Join(f[:3], " ")
 }
 
-func setup(t *testing.T, prefix, subnet string, offset int, spec *vhivepb.FunctionSpec, args ...string) (*nodetest.Node, string, string) {
+func setup(t *testing.T, prefix, subnet string, offset int, spec *vhivepb.FunctionSpec, args ...string) (*nodetest.Node, string) {
 	t.Helper()
 	bin := shared.Bin(t)
-	metrics := nodetest.Port(t, offset+50)
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: prefix, Subnet: subnet, PortOffset: offset,
-		Args: append([]string{"--metrics", metrics, "--log-level", "info"}, args...)})
+		Metrics: nodetest.Port(t, offset+50), Args: append([]string{"--log-level", "info"}, args...)})
 	spec.Image = n.Import(t, shared.Helloworld(t))
 	n.Deploy(t, spec)
 	dir := t.TempDir()
@@ -115,7 +114,7 @@ func setup(t *testing.T, prefix, subnet string, offset int, spec *vhivepb.Functi
 	if err := os.WriteFile(filepath.Join(dir, "endpoints.json"), []byte(eps), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return n, metrics, dir
+	return n, dir
 }
 
 // TestWarmLoad: helloworld warm through the gateway at VHIVE_LOAD_RPS
@@ -135,17 +134,17 @@ func TestWarmLoad(t *testing.T) {
 	sb := envOr("VHIVE_LOAD_SANDBOX", "gvisor")
 	// One instance serves every request at once: warm means no cold start
 	// after the warm-up.
-	n, metrics, dir := setup(t, "h3bl", "10.188.4.0/24", 400,
+	n, dir := setup(t, "h3bl", "10.188.4.0/24", 400,
 		&vhivepb.FunctionSpec{Name: "hello", Sandbox: sb, Concurrency: 1024, MaxInstances: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+120)*time.Second)
 	defer cancel()
 	if _, err := n.Client.Invoke(ctx, &vhivepb.InvokeRequest{Function: "hello", Payload: []byte("warm")}); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := n.Usage(metrics)
+	before, _ := n.Usage()
 	load0 := loadavg()
 	r := invoker(t, ctx, n.Bin, dir, n.Gateway, rps, secs, 2)
-	after, _ := n.Usage(metrics)
+	after, _ := n.Usage()
 	t.Logf("%s, %.0f RPS target for %d s (+2 s warm-up), %s: issued %d (%.1f RPS), completed %d (%.1f RPS), cold %d, errors %v; latency p50 %v p99 %v max %v; load average %s -> %s; daemon %v -> %v",
 		time.Now().UTC().Format(time.RFC3339), rps, secs, sb, r.issued, r.issuedRPS, r.completed, r.realRPS, r.cold, r.errors,
 		r.p50, r.p99, r.max, load0, loadavg(), before, after)
@@ -176,7 +175,7 @@ func TestScaleToZeroSoak(t *testing.T) {
 	}
 	sb := envOr("VHIVE_LOAD_SANDBOX", "gvisor")
 	const rps, burst, pause = 200, 8, 5 // seconds of load, seconds idle
-	n, metrics, dir := setup(t, "h3bk", "10.188.7.0/24", 500,
+	n, dir := setup(t, "h3bk", "10.188.7.0/24", 500,
 		&vhivepb.FunctionSpec{Name: "soak", Sandbox: sb, Concurrency: 64, MaxInstances: 8, KeepaliveMs: 1000})
 	ctx, cancel := context.WithTimeout(context.Background(), total+5*time.Minute)
 	defer cancel()
@@ -209,7 +208,7 @@ func TestScaleToZeroSoak(t *testing.T) {
 		}
 		time.Sleep(time.Duration(pause) * time.Second)
 		atZero()
-		u, err := n.Usage(metrics)
+		u, err := n.Usage()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -226,7 +225,7 @@ func TestScaleToZeroSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	started := st.Functions[0].ColdStarts
-	stopped := strings.Count(n.LogTailAll(), `why="keepalive expired"`)
+	stopped := strings.Count(n.LogAll(), `why="keepalive expired"`)
 	t.Logf("%s, %s, %s: %d cycles of %d s at %d RPS + %d s idle; %d requests, %d failed, %d cold; instances started %d, stopped idle %d; load average %s; daemon after cycle 1: %v; at the end: %v",
 		time.Now().UTC().Format(time.RFC3339), total, sb, cycles, burst, rps, pause, issued, failed, cold, started, stopped, loadavg(), first, last)
 	if cycles < 3 || started < uint64(cycles) {

@@ -21,14 +21,24 @@ import (
 // RunWorkerIfRequested).
 const WorkerEnv = "VHIVE_TEST_WASM_WORKER"
 
-// RunWorkerIfRequested turns the test binary into a wasm worker when
-// WorkerEnv is set: call it first in TestMain. It does not return then.
+// RunWorkerIfRequested turns the test binary into a wasm worker when it was
+// started as one: with WorkerEnv set (WorkerCommand), or with the arguments
+// a daemon's wasm backend gives its own executable by default ("internal
+// wasm-worker …", as to `vhive internal wasm-worker`), which is the test
+// binary when a test serves a daemon in-process. Call it first in TestMain.
+// It does not return then.
 func RunWorkerIfRequested() {
-	if os.Getenv(WorkerEnv) != "1" {
+	var args []string
+	switch {
+	case os.Getenv(WorkerEnv) == "1":
+		args = os.Args[1:]
+	case len(os.Args) > 2 && os.Args[1] == "internal" && os.Args[2] == "wasm-worker":
+		args = os.Args[3:]
+	default:
 		return
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	err := wasm.WorkerMain(ctx, os.Args[1:])
+	err := wasm.WorkerMain(ctx, args)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wasm worker:", err)

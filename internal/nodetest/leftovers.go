@@ -1,8 +1,9 @@
-package node
+package nodetest
 
 import (
 	"bufio"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -121,6 +122,17 @@ func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
 	}
 	for _, c := range now.Cgroups {
 		out = append(out, "cgroup "+c)
+	}
+	return out
+}
+
+// CgroupParents returns the cgroup parents (relative to a hierarchy root)
+// the OCI backends of a daemon with this state dir use for instances.
+func CgroupParents(stateDir string) []string {
+	var out []string
+	for _, rt := range []string{"gvisor", "runc"} {
+		root, _ := filepath.Abs(filepath.Join(stateDir, "sandboxes", rt))
+		out = append(out, fmt.Sprintf("/vhive/%s-%08x", rt, crc32.ChecksumIEEE([]byte(root))))
 	}
 	return out
 }

@@ -1,4 +1,4 @@
-package node
+package nodetest
 
 import (
 	"os/exec"
