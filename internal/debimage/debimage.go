@@ -15,7 +15,10 @@
 //	            (a generated input, a trained model) ships in the image
 //	full-only   optional marker: the function is built only for the full
 //	            suite (make images-full), e.g. because its packages are big
-//	*           every other regular file ships in the image
+//	*           every other regular file ships in the image; so does
+//	            a symlink to a file of another function directory of the
+//	            suite, as a copy of that file (lr-training/reviews.py is
+//	            lr-serving's), so that two functions share one source
 //
 // # Image
 //
@@ -392,10 +395,20 @@ func (o Options) functionFiles(ctx context.Context, base baseInfo) (map[string][
 		return nil, err
 	}
 	for _, e := range ents {
-		if !e.Type().IsRegular() || e.Name() == "packages" || e.Name() == "full-only" || strings.HasPrefix(e.Name(), ".") {
+		if e.Name() == "packages" || e.Name() == "full-only" || strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(o.Dir, e.Name()))
+		path := filepath.Join(o.Dir, e.Name())
+		switch {
+		case e.Type().IsRegular():
+		case e.Type()&fs.ModeSymlink != 0:
+			if err := o.checkShared(path); err != nil {
+				return nil, err
+			}
+		default:
+			continue
+		}
+		b, err := os.ReadFile(path)
 		if err != nil {
 			return nil, err
 		}
@@ -415,6 +428,30 @@ func (o Options) functionFiles(ctx context.Context, base baseInfo) (map[string][
 		files[functionDir+"/"+p] = b
 	}
 	return files, nil
+}
+
+// checkShared accepts the symlink at path if it leads to a regular file in
+// the suite (the function directory's parent), e.g. another function's.
+func (o Options) checkShared(path string) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	target, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		return err
+	}
+	suite, err := filepath.EvalSymlinks(filepath.Dir(filepath.Dir(abs)))
+	if err != nil {
+		return err
+	}
+	if rel, err := filepath.Rel(suite, target); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("%s links to %s, outside the suite %s (only files of the suite's functions can be shared)", path, target, suite)
+	}
+	if fi, err := os.Stat(target); err != nil || !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s links to %s, which is not a regular file", path, target)
+	}
+	return nil
 }
 
 // runBuildStep runs build.py chrooted into the base rootfs, in a scratch

@@ -2,6 +2,7 @@ package debimage
 
 import (
 	"archive/tar"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
@@ -212,6 +213,75 @@ func TestDebianImage(t *testing.T) {
 		})
 		if err != nil {
 			t.Error(err)
+		}
+	}
+}
+
+// TestFunctionFilesSharedLinks: a symlink to another function's file ships
+// as a copy of it, so the layer is the one a copy in place would give; a
+// link out of the suite or to a directory is refused, naming it.
+func TestFunctionFilesSharedLinks(t *testing.T) {
+	suite := t.TempDir()
+	write := func(p, data string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(target, p string) {
+		t.Helper()
+		if err := os.Symlink(target, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(filepath.Join(suite, "a", "handler.py"), "def handle(name, input_set): return 'a'\n")
+	write(filepath.Join(suite, "a", "lib.py"), "X = 1\n")
+	write(filepath.Join(suite, "b", "handler.py"), "def handle(name, input_set): return 'a'\n")
+	link("../a/lib.py", filepath.Join(suite, "b", "lib.py"))
+	write(filepath.Join(suite, "c", "handler.py"), "def handle(name, input_set): return 'a'\n")
+	write(filepath.Join(suite, "c", "lib.py"), "X = 1\n")
+
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := func(dir string) []byte {
+		t.Helper()
+		// A relative directory, as tools/mkimage gives.
+		rel, err := filepath.Rel(wd, filepath.Join(suite, dir))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, err := Options{Dir: rel, Name: dir}.functionFiles(context.Background(), baseInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(files["opt/vhive/function/lib.py"]) != "X = 1\n" {
+			t.Fatalf("%s: lib.py = %q", dir, files["opt/vhive/function/lib.py"])
+		}
+		b, err := filesTar(files)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	if b, c := layer("b"), layer("c"); !bytes.Equal(b, c) {
+		t.Error("the layer of a function sharing lib.py by a link differs from the one with a copy")
+	}
+
+	outside := filepath.Join(t.TempDir(), "secret.py")
+	write(outside, "KEY = 2\n")
+	write(filepath.Join(suite, "d", "handler.py"), "")
+	link(outside, filepath.Join(suite, "d", "secret.py"))
+	write(filepath.Join(suite, "e", "handler.py"), "")
+	link("../a", filepath.Join(suite, "e", "a"))
+	for dir, want := range map[string]string{"d": "outside the suite", "e": "not a regular file"} {
+		_, err := Options{Dir: filepath.Join(suite, dir), Name: dir}.functionFiles(context.Background(), baseInfo{})
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("function %s: %v, want an error saying %q", dir, err, want)
 		}
 	}
 }
