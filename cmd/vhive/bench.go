@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,24 +16,20 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/term"
 
+	vhivepb "vhive.dev/vhive/api/proto/vhive"
 	"vhive.dev/vhive/internal/bench"
 )
 
 // benchCommon are the flags both bench sub-commands share.
 type benchCommon struct {
-	sandboxes       []string
-	modes           []string
-	withCache       bool
-	out             string
-	images          string
-	payload         string
-	runsc           string
-	runc            string
-	invokeTimeout   time.Duration
-	snapshotTimeout time.Duration
-	keep            bool
-	noProgress      bool
-	noPlots         bool
+	sandboxes  []string
+	modes      []string
+	opts       bench.Common
+	out        string
+	runsc      string
+	runc       string
+	noProgress bool
+	noPlots    bool
 }
 
 func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
@@ -44,15 +41,15 @@ func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
 	}
 	defRunc, _ := exec.LookPath("runc")
 	fs.StringSliceVar(&b.modes, "modes", defModes, "start modes: boot, snapshot, lazy, reap, warm")
-	fs.BoolVar(&b.withCache, "with-cache", false, "keep the page cache (default: drop it before every cold start; needs root)")
+	fs.BoolVar(&b.opts.WithCache, "with-cache", false, "keep the page cache (default: drop it before every cold start; needs root)")
 	fs.StringVar(&b.out, "out", "bench-results", "directory for CSV, plots and run-<command>.json (mean/std CSVs are appended)")
-	fs.StringVar(&b.images, "images", "out/images", "directory of function images to import when the daemon lacks them")
-	fs.StringVar(&b.payload, "payload", "replay", `payload of the measured invocations (boot, snapshot and REAP record runs send "record")`)
+	fs.StringVar(&b.opts.ImagesDir, "images", "out/images", "directory of function images to import when the daemon lacks them")
+	fs.StringVar(&b.opts.Payload, "payload", "replay", `payload of the measured invocations (boot, snapshot and REAP record runs send "record")`)
 	fs.StringVar(&b.runsc, "runsc", defRunsc, "runsc binary whose version is recorded in run-<command>.json (\"\" to skip)")
 	fs.StringVar(&b.runc, "runc", defRunc, "runc binary whose version is recorded in run-<command>.json (\"\" to skip)")
-	fs.DurationVar(&b.invokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
-	fs.DurationVar(&b.snapshotTimeout, "snapshot-timeout", 5*time.Minute, "bound on waiting for a snapshot or REAP working set")
-	fs.BoolVar(&b.keep, "keep", false, "leave the bench's functions deployed")
+	fs.DurationVar(&b.opts.InvokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
+	fs.DurationVar(&b.opts.SnapshotTimeout, "snapshot-timeout", 5*time.Minute, "bound on waiting for a snapshot or REAP working set")
+	fs.BoolVar(&b.opts.KeepFunctions, "keep", false, "leave the bench's functions deployed")
 	fs.BoolVar(&b.noProgress, "no-progress", false, "no progress bar on stderr")
 	fs.BoolVar(&b.noPlots, "no-plots", false, "do not draw PNG/SVG plots")
 }
@@ -113,16 +110,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
   vhive bench coldstart --suite ci --sandbox gvisor,runc,wasm --modes boot,snapshot,lazy,reap,warm`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
-			if err != nil {
-				return err
-			}
-			conn, client, err := g.dial(ctx)
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
+			opts := bench.ColdstartOptions{Functions: functions, Sandboxes: c.sandboxes, Modes: c.modes, Iterations: iterations}
 			if suite != "" {
 				if cmd.Flags().Changed("functions") {
 					return errors.New("give --functions or --suite, not both")
@@ -131,35 +119,24 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 				if !ok {
 					return fmt.Errorf("--suite %q: want ci or full", suite)
 				}
-				functions = fns
+				opts.Functions, opts.Skip = fns, bench.SuiteSkip
 			}
-			opts := bench.ColdstartOptions{
-				Functions: functions, Sandboxes: c.sandboxes, Modes: c.modes, Iterations: iterations,
-				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
-				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
-				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-			}
-			if suite != "" {
-				opts.Skip = bench.SuiteSkip
-			}
-			bar := newProgress(bench.ColdstartSteps(opts), c.noProgress, "coldstart")
-			opts.Progress = bar
-			res, runErr := bench.RunColdstart(ctx, client, opts)
-			_ = bar.Finish()
-			if res == nil {
-				return runErr
-			}
-			return finishBench(c, "coldstart", ri, runErr, func() ([]string, error) {
-				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
-					return nil, err
-				}
-				files, err := res.WriteFiles(c.out)
-				if err != nil || c.noPlots {
-					return files, err
-				}
-				plots, err := res.WritePlots(c.out)
-				return append(files, plots...), err
-			})
+			return runBench(cmd, g, c, "coldstart", bench.ColdstartSteps(opts),
+				func(ctx context.Context, client vhivepb.ControlClient, common bench.Common) (*bench.ColdstartResult, error) {
+					opts.Common = common
+					return bench.RunColdstart(ctx, client, opts)
+				},
+				func(res *bench.ColdstartResult) ([]string, error) {
+					if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
+						return nil, err
+					}
+					files, err := res.WriteFiles(c.out)
+					if err != nil || c.noPlots {
+						return files, err
+					}
+					plots, err := res.WritePlots(c.out)
+					return append(files, plots...), err
+				})
 		},
 	}
 	fs := cmd.Flags()
@@ -186,35 +163,18 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 		Example: `  vhive bench concurrency --function helloworld --sandbox gvisor --modes snapshot,reap --levels 1,2,4,8`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
-			if err != nil {
-				return err
-			}
-			conn, client, err := g.dial(ctx)
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			opts := bench.ConcurrencyOptions{
-				Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats, Settle: settle,
-				WithCache: c.withCache, ImagesDir: c.images, InvokeTimeout: c.invokeTimeout,
-				SnapshotTimeout: c.snapshotTimeout, KeepFunctions: c.keep, Payload: c.payload,
-				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-			}
-			bar := newProgress(bench.ConcurrencySteps(opts), c.noProgress, "concurrency")
-			opts.Progress = bar
-			res, runErr := bench.RunConcurrency(ctx, client, opts)
-			_ = bar.Finish()
-			if res == nil {
-				return runErr
-			}
-			return finishBench(c, "concurrency", ri, runErr, func() ([]string, error) {
-				if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
-					return nil, err
-				}
-				return res.WriteFiles(c.out)
-			})
+			opts := bench.ConcurrencyOptions{Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats, Settle: settle}
+			return runBench(cmd, g, c, "concurrency", bench.ConcurrencySteps(opts),
+				func(ctx context.Context, client vhivepb.ControlClient, common bench.Common) (*bench.ConcurrencyResult, error) {
+					opts.Common = common
+					return bench.RunConcurrency(ctx, client, opts)
+				},
+				func(res *bench.ConcurrencyResult) ([]string, error) {
+					if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
+						return nil, err
+					}
+					return res.WriteFiles(c.out)
+				})
 		},
 	}
 	fs := cmd.Flags()
@@ -227,10 +187,33 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	return cmd
 }
 
-// finishBench writes the results and run-<command>.json (also after a partial run)
-// and lists the files written on stderr.
-func finishBench(c benchCommon, command string, ri bench.RunInfo, runErr error, write func() ([]string, error)) error {
-	files, err := write()
+// runBench runs one bench of command with steps invocations: it records the
+// run (run-<command>.json), dials the daemon, calls run with the common
+// options (a progress bar, warnings logged on stderr), then — also after a
+// partial run — has write write the results and lists the files written on
+// stderr.
+func runBench[R any](cmd *cobra.Command, g *globalOpts, c benchCommon, command string, steps int,
+	run func(context.Context, vhivepb.ControlClient, bench.Common) (*R, error), write func(*R) ([]string, error)) error {
+	ctx := cmd.Context()
+	ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
+	if err != nil {
+		return err
+	}
+	conn, client, err := g.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	bar := newProgress(steps, c.noProgress, command)
+	common := c.opts
+	common.Progress = bar
+	common.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	res, runErr := run(ctx, client, common)
+	_ = bar.Finish()
+	if res == nil {
+		return runErr
+	}
+	files, err := write(res)
 	ri.Finished = time.Now().UTC()
 	if err == nil {
 		p := filepath.Join(c.out, bench.RunInfoFile(command))

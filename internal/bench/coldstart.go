@@ -106,6 +106,15 @@ type ColdstartOptions struct {
 	Sandboxes  []string
 	Modes      []string
 	Iterations int
+	Common
+	// Skip, if set, leaves out the function × sandbox pairs it reports
+	// (neither run nor recorded): e.g. the Python suite on wasm (see
+	// SuiteSkip).
+	Skip func(function, sandbox string) bool
+}
+
+// Common are the options of every bench.
+type Common struct {
 	// WithCache keeps the page cache between cold starts instead of
 	// dropping it before each.
 	WithCache bool
@@ -128,10 +137,34 @@ type ColdstartOptions struct {
 	// DropCaches replaces DropPageCache (for callers that drop caches by
 	// other means); nil uses DropPageCache.
 	DropCaches func() error
-	// Skip, if set, leaves out the function × sandbox pairs it reports
-	// (neither run nor recorded): e.g. the Python suite on wasm (see
-	// SuiteSkip).
-	Skip func(function, sandbox string) bool
+}
+
+// setDefaults fills in the defaults.
+func (o *Common) setDefaults() {
+	if o.InvokeTimeout == 0 {
+		o.InvokeTimeout = 5 * time.Minute
+	}
+	if o.Payload == "" {
+		o.Payload = payloadReplay
+	}
+	if o.SnapshotTimeout == 0 {
+		o.SnapshotTimeout = 5 * time.Minute
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.DropCaches == nil {
+		o.DropCaches = DropPageCache
+	}
+}
+
+// checkDropCaches fails, unless WithCache, if the page cache cannot be
+// dropped: before anything is deployed.
+func (o *Common) checkDropCaches() error {
+	if o.WithCache {
+		return nil
+	}
+	return o.DropCaches()
 }
 
 func checkList(what string, got, known []string) error {
@@ -167,21 +200,7 @@ func (o *ColdstartOptions) setDefaults() error {
 	if o.Iterations < 1 {
 		return fmt.Errorf("iterations %d: want at least 1", o.Iterations)
 	}
-	if o.InvokeTimeout == 0 {
-		o.InvokeTimeout = 5 * time.Minute
-	}
-	if o.Payload == "" {
-		o.Payload = payloadReplay
-	}
-	if o.SnapshotTimeout == 0 {
-		o.SnapshotTimeout = 5 * time.Minute
-	}
-	if o.Logger == nil {
-		o.Logger = slog.New(slog.DiscardHandler)
-	}
-	if o.DropCaches == nil {
-		o.DropCaches = DropPageCache
-	}
+	o.Common.setDefaults()
 	return nil
 }
 
@@ -234,11 +253,8 @@ func RunColdstart(ctx context.Context, c Control, opts ColdstartOptions) (*Colds
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
 	}
-	if !opts.WithCache {
-		// Fail before deploying anything if caches cannot be dropped.
-		if err := opts.DropCaches(); err != nil {
-			return nil, err
-		}
+	if err := opts.checkDropCaches(); err != nil {
+		return nil, err
 	}
 	res := &ColdstartResult{Iterations: opts.Iterations, WithCache: opts.WithCache}
 	for _, sb := range opts.Sandboxes {
@@ -298,32 +314,42 @@ func runCell(ctx context.Context, c Control, o *ColdstartOptions, cell Cell) Cel
 		Sandbox:   cell.Sandbox,
 		StartMode: startMode,
 	}
-	if _, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: spec, Replace: true}); err != nil {
+	remove, err := cr.deploy(ctx, spec)
+	if err != nil {
 		if IsUnsupported(err) {
 			cr.r.Unsupported = err.Error()
 			cr.log.Info("unsupported", "err", err)
-			cr.skipSteps()
-			return *cr.r
+		} else {
+			cr.r.Err = fmt.Sprintf("deploy %q: %v", cr.name, err)
 		}
-		cr.r.Err = fmt.Sprintf("deploy %q: %v", cr.name, err)
 		cr.skipSteps()
 		return *cr.r
 	}
-	if !o.KeepFunctions {
-		defer func() {
-			// Clean up even when ctx was cancelled.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-			defer cancel()
-			if _, err := c.RemoveFunction(cctx, &vhivepb.RemoveFunctionRequest{Name: cr.name}); err != nil {
-				cr.log.Warn("remove bench function", "function", cr.name, "err", err)
-			}
-		}()
-	}
+	defer remove()
 	if err := cr.run(ctx); err != nil {
 		cr.r.Err = err.Error()
 		cr.log.Error("cell failed", "err", err)
 	}
 	return *cr.r
+}
+
+// deploy deploys spec as the runner's function (replacing one an earlier run
+// left) and returns what removes it at the end, also after ctx ended;
+// nothing with KeepFunctions.
+func (cr *cellRunner) deploy(ctx context.Context, spec *vhivepb.FunctionSpec) (remove func(), err error) {
+	if _, err := cr.c.Deploy(ctx, &vhivepb.DeployRequest{Spec: spec, Replace: true}); err != nil {
+		return nil, err
+	}
+	if cr.o.KeepFunctions {
+		return func() {}, nil
+	}
+	return func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		if _, err := cr.c.RemoveFunction(cctx, &vhivepb.RemoveFunctionRequest{Name: cr.name}); err != nil {
+			cr.log.Warn("remove bench function", "function", cr.name, "err", err)
+		}
+	}, nil
 }
 
 // skipSteps advances the progress bar over a cell that will not run.

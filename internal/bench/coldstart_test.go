@@ -184,7 +184,7 @@ func TestColdstartProtocol(t *testing.T) {
 	opts := ColdstartOptions{
 		Functions: []string{"helloworld"}, Sandboxes: []string{"gvisor", "wasm"},
 		Modes: []string{"boot", "snapshot", "reap", "warm"}, Iterations: 3,
-		ImagesDir: imgDir, DropCaches: d.drop,
+		Common: Common{ImagesDir: imgDir, DropCaches: d.drop},
 	}
 	res, err := RunColdstart(context.Background(), d, opts)
 	if err != nil {
@@ -321,7 +321,7 @@ func TestColdstartRefusesWrongStartMode(t *testing.T) {
 	d.lieMode = "lazy"
 	res, err := RunColdstart(context.Background(), d, ColdstartOptions{
 		Functions: []string{"helloworld"}, Sandboxes: []string{"runc"}, Modes: []string{"snapshot"},
-		Iterations: 2, DropCaches: d.drop,
+		Iterations: 2, Common: Common{DropCaches: d.drop},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -334,7 +334,7 @@ func TestColdstartRefusesWrongStartMode(t *testing.T) {
 
 func TestColdstartOptionErrors(t *testing.T) {
 	d := newFakeDaemon()
-	base := ColdstartOptions{Functions: []string{"helloworld"}, Sandboxes: []string{"gvisor"}, Modes: []string{"boot"}, Iterations: 1, DropCaches: d.drop}
+	base := ColdstartOptions{Functions: []string{"helloworld"}, Sandboxes: []string{"gvisor"}, Modes: []string{"boot"}, Iterations: 1, Common: Common{DropCaches: d.drop}}
 	for name, mut := range map[string]func(*ColdstartOptions){
 		"sandbox":    func(o *ColdstartOptions) { o.Sandboxes = []string{"firecracker"} },
 		"mode":       func(o *ColdstartOptions) { o.Modes = []string{"fast"} },
@@ -364,7 +364,7 @@ func TestConcurrencyBursts(t *testing.T) {
 	d.images = []string{ImageRef("helloworld", "gvisor")}
 	res, err := RunConcurrency(context.Background(), d, ConcurrencyOptions{
 		Function: "helloworld", Sandbox: "gvisor", Modes: []string{"boot", "reap"}, Levels: []int{1, 2, 4},
-		Repeats: 2, DropCaches: d.drop,
+		Repeats: 2, Common: Common{DropCaches: d.drop},
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"slices"
 	"strconv"
 	"sync"
@@ -25,24 +24,12 @@ type ConcurrencyOptions struct {
 	// Settle is a pause after stopping the instances and before dropping
 	// the caches and releasing each burst, so that the daemon can refill
 	// its ready-worker pools (0: none).
-	Settle          time.Duration
-	WithCache       bool
-	ImagesDir       string
-	Payload         string // of the measured invocations; default "replay"
-	InvokeTimeout   time.Duration
-	SnapshotTimeout time.Duration
-	KeepFunctions   bool
-	Progress        Progress
-	Logger          *slog.Logger
-	DropCaches      func() error
+	Settle time.Duration
+	Common
 }
 
 func (o *ConcurrencyOptions) setDefaults() error {
-	co := ColdstartOptions{
-		Functions: []string{o.Function}, Sandboxes: []string{o.Sandbox}, Modes: o.Modes, Iterations: 1,
-		InvokeTimeout: o.InvokeTimeout, SnapshotTimeout: o.SnapshotTimeout, Logger: o.Logger, DropCaches: o.DropCaches,
-		Payload: o.Payload,
-	}
+	co := ColdstartOptions{Functions: []string{o.Function}, Sandboxes: []string{o.Sandbox}, Modes: o.Modes, Iterations: 1, Common: o.Common}
 	if o.Function == "" {
 		return fmt.Errorf("no --function given")
 	}
@@ -69,7 +56,7 @@ func (o *ConcurrencyOptions) setDefaults() error {
 	if o.Settle < 0 {
 		return fmt.Errorf("settle %v: want 0 or more", o.Settle)
 	}
-	o.InvokeTimeout, o.SnapshotTimeout, o.Logger, o.DropCaches, o.Payload = co.InvokeTimeout, co.SnapshotTimeout, co.Logger, co.DropCaches, co.Payload
+	o.Common = co.Common
 	return nil
 }
 
@@ -148,10 +135,8 @@ func RunConcurrency(ctx context.Context, c Control, opts ConcurrencyOptions) (*C
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
 	}
-	if !opts.WithCache {
-		if err := opts.DropCaches(); err != nil {
-			return nil, err
-		}
+	if err := opts.checkDropCaches(); err != nil {
+		return nil, err
 	}
 	if err := EnsureImage(ctx, c, ImageRef(opts.Function, opts.Sandbox), imageName(opts.Function, opts.Sandbox), opts.ImagesDir); err != nil {
 		return nil, err
@@ -171,10 +156,7 @@ func RunConcurrency(ctx context.Context, c Control, opts ConcurrencyOptions) (*C
 func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, mode string, maxLevel int) ConcurrencyMode {
 	cm := ConcurrencyMode{Mode: mode}
 	cell := Cell{Function: o.Function, Sandbox: o.Sandbox, Mode: mode}
-	co := &ColdstartOptions{
-		Iterations: 1, WithCache: o.WithCache, InvokeTimeout: o.InvokeTimeout, SnapshotTimeout: o.SnapshotTimeout, Payload: o.Payload,
-		Progress: o.Progress, Logger: o.Logger, DropCaches: o.DropCaches,
-	}
+	co := &ColdstartOptions{Iterations: 1, Common: o.Common}
 	cr := &cellRunner{c: c, o: co, cell: cell, name: cell.DeployName() + "-conc", r: &CellResult{Cell: cell}, log: o.Logger.With("mode", mode)}
 	if o.Progress != nil {
 		o.Progress.Describe("concurrency " + cell.String())
@@ -190,7 +172,8 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 		Name: cr.name, Image: ImageRef(o.Function, o.Sandbox), Sandbox: o.Sandbox, StartMode: mode,
 		MaxInstances: uint32(maxLevel), Concurrency: 1,
 	}
-	if _, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: spec, Replace: true}); err != nil {
+	remove, err := cr.deploy(ctx, spec)
+	if err != nil {
 		if IsUnsupported(err) {
 			cm.Unsupported = err.Error()
 		} else {
@@ -199,15 +182,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 		skip()
 		return cm
 	}
-	if !o.KeepFunctions {
-		defer func() {
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-			defer cancel()
-			if _, err := c.RemoveFunction(cctx, &vhivepb.RemoveFunctionRequest{Name: cr.name}); err != nil {
-				cr.log.Warn("remove bench function", "function", cr.name, "err", err)
-			}
-		}()
-	}
+	defer remove()
 	if _, err := cr.invoke(ctx, PhasePrepare, 0, true, expectCold, payloadRecord, StartedBoot); err != nil {
 		cm.Err = err.Error()
 		return cm
