@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -28,6 +27,28 @@ func newClusterCmd(*globalOpts) *cobra.Command {
 		}
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 		return nil
+	}
+	// load is setup, then the cluster recorded in --dir.
+	load := func() (*cluster.Cluster, error) {
+		if err := setup(); err != nil {
+			return nil, err
+		}
+		return cluster.Load(cfg)
+	}
+	// nodeCmd is a command acting on one node of the recorded cluster.
+	nodeCmd := func(use, short string, act func(*cluster.Cluster, context.Context, string) error) *cobra.Command {
+		return &cobra.Command{
+			Use:   use + " NODE",
+			Short: short,
+			Args:  cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := load()
+				if err != nil {
+					return err
+				}
+				return act(c, cmd.Context(), args[0])
+			},
+		}
 	}
 	cmd := &cobra.Command{
 		Use:   "cluster",
@@ -107,15 +128,11 @@ processes under --dir). Fails, naming them, if anything is left.`,
 		Short: "Show the cluster's processes and nodes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := setup(); err != nil {
-				return err
-			}
-			c, err := cluster.Load(cfg)
+			c, err := load()
 			if err != nil {
 				return err
 			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NODE\tCOMPONENT\tPID\tALIVE\tLOG")
+			w := newTable(cmd.OutOrStdout(), "NODE\tCOMPONENT\tPID\tALIVE\tLOG")
 			for _, p := range c.Status() {
 				node := p.Node
 				if node == "" {
@@ -131,8 +148,7 @@ processes under --dir). Fails, naming them, if anything is left.`,
 				return fmt.Errorf("apiserver: %w", err)
 			}
 			fmt.Fprintln(cmd.OutOrStdout())
-			w = tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tREADY\tINTERNAL-IP\tPOD-CIDR\tRUNTIME")
+			w = newTable(cmd.OutOrStdout(), "NAME\tREADY\tINTERNAL-IP\tPOD-CIDR\tRUNTIME")
 			for _, n := range ns {
 				fmt.Fprintf(w, "%s\t%v\t%s\t%s\t%s\n", n.Name, n.Ready, n.InternalIP, n.PodCIDR, n.ContainerRuntime)
 			}
@@ -142,36 +158,8 @@ processes under --dir). Fails, naming them, if anything is left.`,
 		},
 	}
 
-	killNode := &cobra.Command{
-		Use:   "kill-node NODE",
-		Short: "Simulate a node failure: SIGKILL the node's kubelet and vhive daemon",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := setup(); err != nil {
-				return err
-			}
-			c, err := cluster.Load(cfg)
-			if err != nil {
-				return err
-			}
-			return c.KillNode(cmd.Context(), args[0])
-		},
-	}
-	restartNode := &cobra.Command{
-		Use:   "restart-node NODE",
-		Short: "Start the node's components that are not running",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := setup(); err != nil {
-				return err
-			}
-			c, err := cluster.Load(cfg)
-			if err != nil {
-				return err
-			}
-			return c.RestartNode(cmd.Context(), args[0])
-		},
-	}
+	killNode := nodeCmd("kill-node", "Simulate a node failure: SIGKILL the node's kubelet and vhive daemon", (*cluster.Cluster).KillNode)
+	restartNode := nodeCmd("restart-node", "Start the node's components that are not running", (*cluster.Cluster).RestartNode)
 	cmd.AddCommand(up, down, status, killNode, restartNode)
 	return cmd
 }

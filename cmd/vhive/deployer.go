@@ -1,9 +1,6 @@
 package main
 
 import (
-	"errors"
-	"flag"
-	"fmt"
 	"log/slog"
 
 	"github.com/spf13/cobra"
@@ -41,8 +38,7 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 		Long:               deployerLong,
 		DisableFlagParsing: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			fs := flag.NewFlagSet("vhive deployer", flag.ContinueOnError)
-			fs.SetOutput(cmd.ErrOrStderr())
+			fs := newFlagSet(cmd, "vhive deployer")
 			jsonFile := fs.String("jsonFile", "functions.json", "functions to deploy (vSwarm deployer format)")
 			funcPath := fs.String("funcPath", ".", "directory relative image paths in -jsonFile are resolved in")
 			endpointsFile := fs.String("endpointsFile", "endpoints.json", "endpoints file to write")
@@ -55,18 +51,8 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 			tokenFile := fs.String("token-file", g.tokenFile, "file holding the control token for tcp:// (env VHIVE_TOKEN holds the token itself)")
 			var k kubeFlags
 			k.register(fs)
-			fs.Usage = func() {
-				fmt.Fprintf(fs.Output(), "%s\n\nUsage: vhive deployer [flags]\n\n", deployerLong)
-				fs.PrintDefaults()
-			}
-			if err := fs.Parse(args); err != nil {
-				if errors.Is(err, flag.ErrHelp) {
-					return nil
-				}
+			if help, err := parseFlags(fs, deployerLong, args); help || err != nil {
 				return err
-			}
-			if fs.NArg() > 0 {
-				return fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
 			}
 			g.socket, g.tokenFile = *socket, *tokenFile
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -146,8 +148,7 @@ func newLsCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return grpcErr(err)
 				}
-				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
+				tw := newTable(cmd.OutOrStdout(), "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
 				for _, f := range resp.GetFunctions() {
 					s := f.GetSpec()
 					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
@@ -161,22 +162,48 @@ func newLsCmd(g *globalOpts) *cobra.Command {
 }
 
 func newRmCmd(g *globalOpts) *cobra.Command {
+	return newRemoveCmd(g, "rm NAME...", "Remove functions (in-flight requests finish first), their instances and snapshots",
+		func(ctx context.Context, c vhivepb.ControlClient, name string) error {
+			_, err := c.RemoveFunction(ctx, &vhivepb.RemoveFunctionRequest{Name: name})
+			return err
+		})
+}
+
+// newRemoveCmd is an rm command that removes each argument with remove, in
+// order, stopping at the first refusal.
+func newRemoveCmd(g *globalOpts, use, short string, remove func(context.Context, vhivepb.ControlClient, string) error) *cobra.Command {
 	return &cobra.Command{
-		Use:   "rm NAME...",
-		Short: "Remove functions (in-flight requests finish first), their instances and snapshots",
+		Use:   use,
+		Short: short,
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
-				for _, name := range args {
-					if _, err := c.RemoveFunction(cmd.Context(), &vhivepb.RemoveFunctionRequest{Name: name}); err != nil {
-						return fmt.Errorf("rm %q: %w", name, grpcErr(err))
+				for _, a := range args {
+					if err := remove(cmd.Context(), c, a); err != nil {
+						return fmt.Errorf("rm %q: %w", a, grpcErr(err))
 					}
-					fmt.Fprintln(cmd.OutOrStdout(), "removed", name)
+					fmt.Fprintln(cmd.OutOrStdout(), "removed", a)
 				}
 				return nil
 			})
 		},
 	}
+}
+
+// newTable is a table on w, columns aligned, whose first row is header
+// (tab-separated).
+func newTable(w io.Writer, header string) *tabwriter.Writer {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	return tw
+}
+
+// optionalArg is the argument of a command taking at most one, or "".
+func optionalArg(args []string) string {
+	if len(args) == 1 {
+		return args[0]
+	}
+	return ""
 }
 
 func newInstancesCmd(g *globalOpts) *cobra.Command {
@@ -187,10 +214,7 @@ func newInstancesCmd(g *globalOpts) *cobra.Command {
 		Short: "List live instances (with --stats: RSS and PSS), or stop them with --stop",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			fn := ""
-			if len(args) == 1 {
-				fn = args[0]
-			}
+			fn := optionalArg(args)
 			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
 				if stop {
 					resp, err := c.StopInstances(cmd.Context(), &vhivepb.StopInstancesRequest{Function: fn})
@@ -204,8 +228,7 @@ func newInstancesCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return grpcErr(err)
 				}
-				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "ID\tFUNCTION\tSANDBOX\tSTARTED AS\tENDPOINT\tIN FLIGHT\tAGE\tRSS\tPSS")
+				tw := newTable(cmd.OutOrStdout(), "ID\tFUNCTION\tSANDBOX\tSTARTED AS\tENDPOINT\tIN FLIGHT\tAGE\tRSS\tPSS")
 				for _, in := range resp.GetInstances() {
 					age := time.Since(time.UnixMilli(in.GetStartedUnixMs())).Round(time.Second)
 					rss, pss := "-", "-"

@@ -1,9 +1,10 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"path/filepath"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -18,6 +19,12 @@ func grpcErr(err error) error {
 	if s, ok := status.FromError(err); ok {
 		return fmt.Errorf("%s (%s)", s.Message(), s.Code())
 	}
+	return err
+}
+
+// printImage prints a pulled or imported image: ref, digest and kind.
+func printImage(w io.Writer, im *vhivepb.ImageInfo) error {
+	_, err := fmt.Fprintf(w, "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
 	return err
 }
 
@@ -36,8 +43,7 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return grpcErr(err)
 				}
-				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "REF\tDIGEST\tKIND\tSIZE\tCREATED")
+				tw := newTable(cmd.OutOrStdout(), "REF\tDIGEST\tKIND\tSIZE\tCREATED")
 				for _, im := range resp.GetImages() {
 					created := "-"
 					if im.GetCreatedUnixMs() > 0 {
@@ -60,8 +66,7 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return fmt.Errorf("pull %q: %w", args[0], grpcErr(err))
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
-				return nil
+				return printImage(cmd.OutOrStdout(), im)
 			})
 		},
 	})
@@ -82,29 +87,17 @@ func newImagesCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return fmt.Errorf("import %q: %w", args[0], grpcErr(err))
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s)\n", im.GetRef(), im.GetDigest(), im.GetKind())
-				return nil
+				return printImage(cmd.OutOrStdout(), im)
 			})
 		},
 	}
 	imp.Flags().StringVar(&ref, "ref", "", "name to record (default: the name stored in the archive)")
 	cmd.AddCommand(imp)
-	cmd.AddCommand(&cobra.Command{
-		Use:   "rm REF|DIGEST...",
-		Short: "Remove images (refused while a deployed function uses them)",
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
-				for _, r := range args {
-					if _, err := c.RemoveImage(cmd.Context(), &vhivepb.RemoveImageRequest{Ref: r}); err != nil {
-						return fmt.Errorf("rm %q: %w", r, grpcErr(err))
-					}
-					fmt.Fprintln(cmd.OutOrStdout(), "removed", r)
-				}
-				return nil
-			})
-		},
-	})
+	cmd.AddCommand(newRemoveCmd(g, "rm REF|DIGEST...", "Remove images (refused while a deployed function uses them)",
+		func(ctx context.Context, c vhivepb.ControlClient, ref string) error {
+			_, err := c.RemoveImage(ctx, &vhivepb.RemoveImageRequest{Ref: ref})
+			return err
+		}))
 	return cmd
 }
 
@@ -118,17 +111,13 @@ func newSnapshotsCmd(g *globalOpts) *cobra.Command {
 		Short: "List snapshots and their disk usage",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			fn := ""
-			if len(args) == 1 {
-				fn = args[0]
-			}
+			fn := optionalArg(args)
 			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
 				resp, err := c.ListSnapshots(cmd.Context(), &vhivepb.ListSnapshotsRequest{Function: fn})
 				if err != nil {
 					return grpcErr(err)
 				}
-				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "ID\tFUNCTION\tBACKEND\tRESTORE\tWS\tMODES\tDISK\tCREATED")
+				tw := newTable(cmd.OutOrStdout(), "ID\tFUNCTION\tBACKEND\tRESTORE\tWS\tMODES\tDISK\tCREATED")
 				var total int64
 				for _, s := range resp.GetSnapshots() {
 					total += s.GetDiskBytes()
@@ -164,21 +153,10 @@ func newSnapshotsCmd(g *globalOpts) *cobra.Command {
 			})
 		},
 	})
-	cmd.AddCommand(&cobra.Command{
-		Use:   "rm ID...",
-		Short: "Remove snapshots (the next cold start boots and takes a fresh one)",
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
-				for _, id := range args {
-					if _, err := c.RemoveSnapshot(cmd.Context(), &vhivepb.RemoveSnapshotRequest{Id: id}); err != nil {
-						return fmt.Errorf("rm %q: %w", id, grpcErr(err))
-					}
-					fmt.Fprintln(cmd.OutOrStdout(), "removed", id)
-				}
-				return nil
-			})
-		},
-	})
+	cmd.AddCommand(newRemoveCmd(g, "rm ID...", "Remove snapshots (the next cold start boots and takes a fresh one)",
+		func(ctx context.Context, c vhivepb.ControlClient, id string) error {
+			_, err := c.RemoveSnapshot(ctx, &vhivepb.RemoveSnapshotRequest{Id: id})
+			return err
+		}))
 	return cmd
 }

@@ -40,9 +40,35 @@ func newInvokerCmd(_ *globalOpts) *cobra.Command {
 	}
 }
 
-func runInvoker(cmd *cobra.Command, args []string) error {
-	fs := flag.NewFlagSet("vhive invoker", flag.ContinueOnError)
+// newFlagSet is the flag set of a command that takes vSwarm's single-dash
+// flags (DisableFlagParsing), printing to the command's stderr.
+func newFlagSet(cmd *cobra.Command, name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(cmd.ErrOrStderr())
+	return fs
+}
+
+// parseFlags parses args with fs, whose -h prints long and the flags (help
+// is then true); arguments that are not flags are an error.
+func parseFlags(fs *flag.FlagSet, long string, args []string) (help bool, err error) {
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "%s\n\nUsage: %s [flags]\n\n", long, fs.Name())
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return true, nil
+		}
+		return false, err
+	}
+	if fs.NArg() > 0 {
+		return false, fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
+	}
+	return false, nil
+}
+
+func runInvoker(cmd *cobra.Command, args []string) error {
+	fs := newFlagSet(cmd, "vhive invoker")
 	endpointsFile := fs.String("endpointsFile", "endpoints.json", "file with the endpoints' metadata (vSwarm format)")
 	rps := fs.Float64("rps", 1.0, "target requests per second")
 	runTime := fs.Float64("time", 5, "run the experiment for this many seconds")
@@ -56,18 +82,8 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 	payload := fs.String("payload", invoker.DefaultPayload, "HelloRequest name sent to the functions")
 	debug := fs.Bool("dbg", false, "debug logging")
 	noProgress := fs.Bool("no-progress", false, "no progress bar on stderr")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "%s\n\nUsage: vhive invoker [flags]\n\n", invokerLong)
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
+	if help, err := parseFlags(fs, invokerLong, args); help || err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q (flags only)", fs.Args())
 	}
 	level := slog.LevelInfo
 	if *debug {
