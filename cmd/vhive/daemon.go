@@ -96,6 +96,7 @@ everything they held is released; deployed functions remain.`,
 	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a request waits for an instance at max-instances")
 	f.IntVar(&cfg.WasmPoolSize, "wasm-pool", 1, "ready wasm workers kept per module (0: every cold start spawns and loads the module)")
 	f.IntVar(&cfg.WasmChunkPages, "wasm-chunk-pages", 1, "pages installed per fault in lazy/record wasm restores (1: pure lazy, as REAP's baseline)")
+	f.BoolVar(&cfg.WasmEarlyResume, "wasm-early-resume", false, "REAP wasm restores: run the guest while its working set streams in (a fault on a page not installed yet waits for it) instead of after the whole set is installed")
 	f.StringVar(&cfg.CRI.Socket, "cri-socket", "", "serve the Kubernetes CRI on this unix socket (off by default), e.g. /run/vhive/cri.sock")
 	f.StringVar(&cfg.CRI.Containerd, "cri-containerd", "/run/containerd/containerd.sock", "stock containerd CRI socket for everything vhive does not run")
 	f.StringVar(&cfg.CRI.Handler, "cri-handler", "vhive", "runtime handler (RuntimeClass) whose pods run every container in vhive")

@@ -74,6 +74,10 @@ type Config struct {
 	// WasmChunkPages is how many pages the memory manager installs per
 	// fault in lazy and record restores (1: pure lazy).
 	WasmChunkPages int
+	// WasmEarlyResume resumes a REAP-restored wasm guest as soon as the
+	// memory manager has its handshake, while the working set still
+	// streams in (wasm.Config.EarlyResume).
+	WasmEarlyResume bool
 	// NetPoolSize is how many network namespaces are prepared ahead
 	// (vHive's -netPoolSize). Default 4.
 	NetPoolSize int

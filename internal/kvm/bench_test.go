@@ -21,7 +21,12 @@ import (
 //	lazy:   every page the vCPU touches faults and is served from the memory file
 //	record: lazy, and the faulted pages are written as the working set
 //	reap:   prefetch mode: the WS (recorded once before timing) is read,
-//	        verified and installed before the vCPU runs
+//	        verified and installed before the vCPU runs (vHive's order:
+//	        load, prefetch, then resume)
+//	reap-fc: prefetch as Firecracker runs it: the vCPU resumes right
+//	        after the handshake while the WS streams in
+//	        (RestoreConfig.EarlyResume; a fault on a WS page not installed
+//	        yet waits for its chunk)
 //	floor:  the raw floor of reap (floorServe): one pread of the WS file
 //	        (O_DIRECT when the cache is dropped), one UFFDIO_COPY per run,
 //	        one wake, ack; nothing else
@@ -102,6 +107,7 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 	floorBuf = fx.floorBuffer(b)
 
 	var lazyT, recT, reapT, floorT, lazyReap, reapFloor, fetch, install, reapRun, floorRun []float64
+	var fcT, lazyFC, fcWaits []float64
 	var lazyFaults, reapFaults, mmapT, lazyPF, reapPF, populate []float64
 	ms := func(r vmmResult) float64 { return float64(r.AttachNS+r.RunNS) / 1e6 }
 	touched := 0
@@ -129,6 +135,18 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 		fetch = append(fetch, float64(st.FetchState)/1e6)
 		install = append(install, float64(st.InstallWS)/1e6)
 
+		if drop {
+			dropCache(b, fx.image)
+			dropCache(b, fx.wsPath())
+		}
+		res, st = fx.restoreAsFirecracker(b, cfg)
+		check("reap-fc", res)
+		if st.PrefetchFallback || st.Unique != 0 {
+			b.Fatalf("prefetch with early resume: fallback %v, %d pages served lazily", st.PrefetchFallback, st.Unique)
+		}
+		fcT = append(fcT, ms(res))
+		fcWaits = append(fcWaits, float64(st.WSWaits))
+
 		res = floor()
 		floorT = append(floorT, ms(res))
 		floorRun = append(floorRun, float64(res.RunNS)/1e6)
@@ -141,6 +159,7 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 		i := len(lazyT) - 1
 		lazyReap = append(lazyReap, lazyT[i]/reapT[i])
 		reapFloor = append(reapFloor, reapT[i]/floorT[i])
+		lazyFC = append(lazyFC, lazyT[i]/fcT[i])
 	}
 	b.ReportMetric(float64(touched*PageSize)/(1<<20), "touched-MiB")
 	b.ReportMetric(median(lazyT), "lazy-ms")
@@ -150,6 +169,9 @@ func benchRestore(b *testing.B, fx *fixture, pat Pattern, drop bool) {
 	b.ReportMetric(median(mmapT), "mmap-ms")
 	b.ReportMetric(median(lazyReap), "lazy/reap")
 	b.ReportMetric(median(reapFloor), "reap/floor")
+	b.ReportMetric(median(fcT), "reap-fc-ms")
+	b.ReportMetric(median(lazyFC), "lazy/reap-fc")
+	b.ReportMetric(median(fcWaits), "reap-fc-ws-waits")
 	b.ReportMetric(median(fetch), "fetch-ms")
 	b.ReportMetric(median(install), "install-ms")
 	b.ReportMetric(median(populate), "populate-ms")

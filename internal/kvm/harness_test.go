@@ -387,16 +387,26 @@ func (fx *fixture) wsPath() string { return filepath.Join(fx.dir, "ws") }
 // and the manager measured. go is called right after the manager starts.
 func (fx *fixture) restore(t testing.TB, mode memory.Mode, image string, cfg vmmConfig) (vmmResult, memory.Stats) {
 	t.Helper()
-	return fx.restoreFrom(t, mode, image, fx.wsPath(), cfg)
+	return fx.restoreFrom(t, mode, image, fx.wsPath(), false, cfg)
 }
 
 // restoreWS is restore of the fixture's image with the working set at ws.
 func (fx *fixture) restoreWS(t testing.TB, mode memory.Mode, ws string, cfg vmmConfig) (vmmResult, memory.Stats) {
 	t.Helper()
-	return fx.restoreFrom(t, mode, fx.image, ws, cfg)
+	return fx.restoreFrom(t, mode, fx.image, ws, false, cfg)
 }
 
-func (fx *fixture) restoreFrom(t testing.TB, mode memory.Mode, image, ws string, cfg vmmConfig) (vmmResult, memory.Stats) {
+// restoreAsFirecracker is a prefetch (REAP) restore as Firecracker runs
+// one: the VMM resumes the vCPU right after the handshake, never waiting
+// for an ack, and the manager serves faults while the working set streams
+// in (memory.RestoreConfig.EarlyResume).
+func (fx *fixture) restoreAsFirecracker(t testing.TB, cfg vmmConfig) (vmmResult, memory.Stats) {
+	t.Helper()
+	cfg.Firecracker = true
+	return fx.restoreFrom(t, memory.ModePrefetch, fx.image, fx.wsPath(), true, cfg)
+}
+
+func (fx *fixture) restoreFrom(t testing.TB, mode memory.Mode, image, ws string, early bool, cfg vmmConfig) (vmmResult, memory.Stats) {
 	t.Helper()
 	fx.mu.Lock()
 	fx.n++
@@ -409,7 +419,7 @@ func (fx *fixture) restoreFrom(t testing.TB, mode memory.Mode, image, ws string,
 	}
 	v := startVMM(t, cfg)
 	r, err := fx.mgr.Start(context.Background(), memory.RestoreConfig{
-		ID: id, SocketPath: cfg.Socket, MemoryFile: image, Mode: mode, WorkingSet: ws,
+		ID: id, SocketPath: cfg.Socket, MemoryFile: image, Mode: mode, WorkingSet: ws, EarlyResume: early,
 	})
 	if err != nil {
 		t.Fatal(err)

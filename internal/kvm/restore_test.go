@@ -77,6 +77,13 @@ func TestRecordThenPrefetch(t *testing.T) {
 		if st.PrefetchFallback || st.Unique > int64(res.Touched+systemPages) {
 			t.Errorf("%s prefetch without ack: fallback %v, %d unique", pat, st.PrefetchFallback, st.Unique)
 		}
+		// And with the manager serving while the WS streams in: the
+		// vCPU's faults on pages not installed yet wait for them.
+		res, st = fx.restoreAsFirecracker(t, vmmConfig{Pattern: pat, Seed: 1, Output: OutputCopy})
+		checkVerified(t, string(pat)+" prefetch (Firecracker, early resume)", res)
+		if st.PrefetchFallback || st.Unique != 0 || st.RecPages != int64(res.Touched+systemPages) {
+			t.Errorf("%s prefetch with early resume: fallback %v, %d unique faults served lazily, %d pages installed", pat, st.PrefetchFallback, st.Unique, st.RecPages)
+		}
 	}
 
 	// Recorded with one clustered draw, restored with another: the pages

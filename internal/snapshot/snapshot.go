@@ -15,7 +15,10 @@
 // A snapshot becomes visible only by the atomic rename of its complete,
 // fsynced temporary directory; the manifest records every file's size and
 // SHA-256. Sizes are checked on every use; contents are hashed on the first
-// use by this daemon process (and again whenever a file's mtime changes).
+// use by this daemon process (and again whenever a file's mtime changes),
+// unless this process wrote them: a snapshot it created, and a working set
+// it recorded into a snapshot it had verified, were hashed as they were
+// committed and are not read again before their first restore.
 // A snapshot whose check fails is moved aside and removed; the caller boots
 // and a fresh snapshot is taken.
 //
@@ -286,23 +289,13 @@ func (s *Store) check(m *Manifest, key orchestrator.SnapshotKey) error {
 	if bi, ok := s.backends[m.Backend]; ok && bi.RuntimeVersion != m.RuntimeVersion {
 		return fmt.Errorf("incompatible: taken by %s runtime %q, this daemon runs %q", m.Backend, m.RuntimeVersion, bi.RuntimeVersion)
 	}
-	files := append([]FileSum(nil), m.Files...)
-	if m.WorkingSet != nil {
-		files = append(files, *m.WorkingSet)
-	}
-	var fp strings.Builder
-	for _, f := range files {
-		fi, err := os.Stat(filepath.Join(s.dir(m.ID), f.Name))
-		if err != nil {
-			return fmt.Errorf("incomplete: %w", err)
-		}
-		if fi.Size() != f.Size {
-			return fmt.Errorf("corrupt: %s is %d bytes, manifest says %d", f.Name, fi.Size(), f.Size)
-		}
-		fmt.Fprintf(&fp, "%s:%d:%d;", f.Name, fi.Size(), fi.ModTime().UnixNano())
+	files := m.files()
+	fp, err := fingerprint(s.dir(m.ID), files)
+	if err != nil {
+		return err
 	}
 	s.mu.Lock()
-	ok := s.verified[m.ID] == fp.String()
+	ok := s.verified[m.ID] == fp
 	s.mu.Unlock()
 	if ok {
 		return nil
@@ -317,9 +310,48 @@ func (s *Store) check(m *Manifest, key orchestrator.SnapshotKey) error {
 		}
 	}
 	s.mu.Lock()
-	s.verified[m.ID] = fp.String()
+	s.verified[m.ID] = fp
 	s.mu.Unlock()
 	return nil
+}
+
+// files lists the snapshot's files, the working set last.
+func (m *Manifest) files() []FileSum {
+	files := append([]FileSum(nil), m.Files...)
+	if m.WorkingSet != nil {
+		files = append(files, *m.WorkingSet)
+	}
+	return files
+}
+
+// fingerprint identifies the current version of files in dir by name,
+// size and mtime; a size that differs from the manifest's is an error.
+func fingerprint(dir string, files []FileSum) (string, error) {
+	var fp strings.Builder
+	for _, f := range files {
+		fi, err := os.Stat(filepath.Join(dir, f.Name))
+		if err != nil {
+			return "", fmt.Errorf("incomplete: %w", err)
+		}
+		if fi.Size() != f.Size {
+			return "", fmt.Errorf("corrupt: %s is %d bytes, manifest says %d", f.Name, fi.Size(), f.Size)
+		}
+		fmt.Fprintf(&fp, "%s:%d:%d;", f.Name, fi.Size(), fi.ModTime().UnixNano())
+	}
+	return fp.String(), nil
+}
+
+// markVerified records that the files of snapshot id, as they are now in
+// dir, have just been hashed by this process (it wrote or checked them),
+// so that its next use need not hash them again.
+func (s *Store) markVerified(id, dir string, files []FileSum) {
+	fp, err := fingerprint(dir, files)
+	if err != nil {
+		return // the next use checks, and reports, this
+	}
+	s.mu.Lock()
+	s.verified[id] = fp
+	s.mu.Unlock()
 }
 
 func hashFile(path string) (string, int64, error) {
@@ -425,6 +457,9 @@ func (s *Store) create(ctx context.Context, id string, key orchestrator.Snapshot
 	if err := fsyncPath(s.root); err != nil {
 		return orchestrator.Snapshot{}, err
 	}
+	// The files were hashed above, as written: their first restore by
+	// this process need not read them all again.
+	s.markVerified(id, final, m.files())
 	s.log.Info("snapshot committed", "id", id, "function", key.Function, "files", len(m.Files))
 	return s.toSnapshot(m), nil
 }
@@ -480,8 +515,21 @@ func (s *Store) CommitWorkingSet(ctx context.Context, snap orchestrator.Snapshot
 	if err != nil {
 		return fmt.Errorf("snapshot %q: working set: %w", snap.ID, err)
 	}
+	// Whether the other files were verified is decided before the WS
+	// joins the manifest: a snapshot this process had not checked yet is
+	// still checked, whole, on its next use.
+	s.mu.Lock()
+	prev, had := s.verified[snap.ID]
+	s.mu.Unlock()
+	cur, ferr := fingerprint(dir, m.files())
 	m.WorkingSet = &FileSum{Name: WorkingSetName, Size: n, SHA256: sum}
-	return writeManifest(dir, m)
+	if err := writeManifest(dir, m); err != nil {
+		return err
+	}
+	if had && ferr == nil && prev == cur {
+		s.markVerified(snap.ID, dir, m.files())
+	}
+	return nil
 }
 
 // Invalidate moves an unusable snapshot aside and removes it.

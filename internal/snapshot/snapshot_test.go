@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"vhive.dev/vhive/internal/orchestrator"
 )
@@ -88,8 +89,15 @@ func TestCorruptAndIncompatibleSnapshotsAreRefused(t *testing.T) {
 	if _, err := s.Get(ctx, other); !errors.Is(err, orchestrator.ErrNotFound) {
 		t.Fatalf("Get(other digest) = %v, want ErrNotFound", err)
 	}
-	// Flip a byte: same size, so only the checksum catches it.
-	if err := os.WriteFile(filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1), 0o600); err != nil {
+	// Flip a byte: same size, so only the checksum catches it. (Its
+	// mtime is set a second later: on a kernel whose timestamps are one
+	// tick coarse, a write within the tick of Create could keep the mtime
+	// this process verified, see TestWriterTrustsItsOwnFiles.)
+	flipped := filepath.Join(snap.Dir, "memory")
+	if err := os.WriteFile(flipped, append(make([]byte, 8191), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(flipped, time.Time{}, time.Now().Add(time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Get(ctx, key); err == nil || errors.Is(err, orchestrator.ErrNotFound) {
@@ -239,5 +247,84 @@ func TestPruneRemovesSnapshotsOfRemovedFunctions(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(s.root); len(ents) != 1 {
 		t.Fatalf("snapshot root holds %d entries after Prune, want 1", len(ents))
+	}
+}
+
+// TestWriterTrustsItsOwnFiles: the files of a snapshot this process
+// created, and a working set it committed into a snapshot it had verified,
+// were hashed as they were written, so their first restore does not hash
+// them again: bytes changed behind the store's back with size and mtime
+// kept are noticed only by another process (a daemon restart), which hashes
+// everything on first use. A file whose mtime changed is hashed again.
+func TestWriterTrustsItsOwnFiles(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap, err := s.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(snap.WorkingSet, []byte("ws-bytes"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CommitWorkingSet(ctx, snap); err != nil {
+		t.Fatal(err)
+	}
+	// Rewrite both with other bytes of the same size, keeping the mtimes.
+	for _, f := range []struct {
+		path string
+		data []byte
+	}{{filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1)}, {snap.WorkingSet, []byte("WS-BYTES")}} {
+		fi, err := os.Stat(f.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(f.path, time.Time{}, fi.ModTime()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := s.Get(ctx, key); err != nil || !got.HasWorkingSet {
+		t.Fatalf("the writer's own Get = %+v, %v; want its snapshot, not hashed again", got, err)
+	}
+	restarted, err := New(Options{Root: s.root, Backends: s.backends})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restarted.Get(ctx, key); err == nil || errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get after a restart = %v, want a corruption error", err)
+	}
+
+	// A working set committed into a snapshot this process never checked
+	// leaves the whole snapshot to be hashed on its next use.
+	s2 := newStore(t, "v1")
+	snap2, err := s2.Create(ctx, key, writeFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := filepath.Join(snap2.Dir, "memory")
+	fi, err := os.Stat(mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(mem, append(make([]byte, 8191), 2), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(mem, time.Time{}, fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	other, err := New(Options{Root: s2.root, Backends: s2.backends})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(snap2.WorkingSet, []byte("ws-bytes"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.CommitWorkingSet(ctx, snap2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Get(ctx, key); err == nil || errors.Is(err, orchestrator.ErrNotFound) {
+		t.Fatalf("Get after another process committed the WS = %v, want a corruption error", err)
 	}
 }
