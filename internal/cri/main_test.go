@@ -1,8 +1,6 @@
 package cri
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -18,13 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -32,6 +24,7 @@ import (
 	"vhive.dev/vhive/internal/image"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/sandbox/oci"
+	"vhive.dev/vhive/internal/standin"
 	"vhive.dev/vhive/internal/testutil"
 )
 
@@ -135,103 +128,31 @@ func requireHarness(t testing.TB) {
 	}
 }
 
-type tfile struct {
-	path, body string
-	mode       int64
-	link       string
-}
-
-func tarLayer(files []tfile) (v1.Layer, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, f := range files {
-		hd := &tar.Header{Name: f.path, Mode: f.mode, ModTime: time.Unix(0, 0)}
-		switch {
-		case f.link != "":
-			hd.Typeflag, hd.Linkname, hd.Mode = tar.TypeSymlink, f.link, 0o777
-		case strings.HasSuffix(f.path, "/"):
-			hd.Typeflag = tar.TypeDir
-		default:
-			hd.Typeflag, hd.Size = tar.TypeReg, int64(len(f.body))
-		}
-		if err := tw.WriteHeader(hd); err != nil {
-			return nil, err
-		}
-		if hd.Typeflag == tar.TypeReg {
-			if _, err := io.WriteString(tw, f.body); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	b := buf.Bytes()
-	return tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-}
-
 // pushTestImages pushes:
 //
 //	test/busybox:1        busybox, cmd sh
 //	pause:3.9             containerd's sandbox image (a sleeping shell)
 //	test/fn:1             a "function": busybox httpd on GUEST_PORT serving "fn-ok"
 func pushTestImages(addr string, bb []byte) error {
-	files := []tfile{{path: "bin/", mode: 0o755}, {path: "etc/", mode: 0o755}, {path: "tmp/", mode: 0o1777},
-		{path: "bin/busybox", mode: 0o755, body: string(bb)},
-		{path: "etc/passwd", mode: 0o644, body: "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"},
-		{path: "etc/group", mode: 0o644, body: "root:x:0:\nnogroup:x:65534:\n"}}
+	files := []standin.File{{Path: "bin/", Mode: 0o755}, {Path: "etc/", Mode: 0o755}, {Path: "tmp/", Mode: 0o1777},
+		{Path: "bin/busybox", Mode: 0o755, Body: string(bb)},
+		{Path: "etc/passwd", Mode: 0o644, Body: "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"},
+		{Path: "etc/group", Mode: 0o644, Body: "root:x:0:\nnogroup:x:65534:\n"}}
 	for _, a := range []string{"sh", "echo", "sleep", "cat", "env", "httpd", "id", "hostname", "ls", "wget", "true", "grep", "chmod", "ps", "dmesg", "head", "tail", "tr"} {
-		files = append(files, tfile{path: "bin/" + a, link: "busybox"})
+		files = append(files, standin.File{Path: "bin/" + a, Link: "busybox"})
 	}
-	base, err := tarLayer(files)
+	base, err := standin.Layer(files)
 	if err != nil {
 		return err
 	}
-	type im struct {
-		ref        string
-		extra      []tfile
-		entrypoint []string
-		cmd        []string
-	}
-	for _, i := range []im{
-		{ref: "test/busybox:1", cmd: []string{"sh"}},
-		{ref: "pause:3.9", extra: []tfile{{path: "pause", mode: 0o755, body: "#!/bin/sh\ntrap 'exit 0' TERM INT\nexec tail -f /dev/null\n"}}, entrypoint: []string{"/pause"}},
-		{ref: "test/fn:1", extra: []tfile{{path: "www/", mode: 0o755}, {path: "www/index.html", mode: 0o644, body: "fn-ok\n"}},
-			entrypoint: []string{"sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}},
-	} {
-		img, err := mutate.AppendLayers(empty.Image, base)
-		if err != nil {
-			return err
-		}
-		if len(i.extra) > 0 {
-			l, err := tarLayer(i.extra)
-			if err != nil {
-				return err
-			}
-			if img, err = mutate.AppendLayers(img, l); err != nil {
-				return err
-			}
-		}
-		cf, err := img.ConfigFile()
-		if err != nil {
-			return err
-		}
-		cf = cf.DeepCopy()
-		cf.OS, cf.Architecture = "linux", "amd64"
-		cf.Config.Entrypoint, cf.Config.Cmd = i.entrypoint, i.cmd
-		cf.Config.Env = []string{"PATH=/bin"}
-		if img, err = mutate.ConfigFile(img, cf); err != nil {
-			return err
-		}
-		ref, err := name.ParseReference(addr+"/"+i.ref, name.Insecure)
-		if err != nil {
-			return err
-		}
-		if err := remote.Write(ref, img); err != nil {
-			return fmt.Errorf("push %s: %w", ref, err)
-		}
-	}
-	return nil
+	env := []string{"PATH=/bin"}
+	return standin.Push(context.Background(), addr, base, []standin.Image{
+		{Repos: []string{"test/busybox:1"}, Cmd: []string{"sh"}, Env: env},
+		{Repos: []string{"pause:3.9"}, Files: []standin.File{{Path: "pause", Mode: 0o755, Body: "#!/bin/sh\ntrap 'exit 0' TERM INT\nexec tail -f /dev/null\n"}},
+			Entrypoint: []string{"/pause"}, Env: env},
+		{Repos: []string{"test/fn:1"}, Files: []standin.File{{Path: "www/", Mode: 0o755}, {Path: "www/index.html", Mode: 0o644, Body: "fn-ok\n"}},
+			Entrypoint: []string{"sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}, Env: env},
+	})
 }
 
 // env is one CRI server under test and a client to it.

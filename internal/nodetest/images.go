@@ -1,21 +1,18 @@
 package nodetest
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"vhive.dev/vhive/functions/build"
+	"vhive.dev/vhive/internal/standin"
 )
 
 // ProbeRef is the reference of the image Probe builds.
@@ -98,7 +95,10 @@ func Variant(t testing.TB, base, out, ref string, size int, seed uint64) string 
 			filler[i+j] = byte(v >> (8 * j))
 		}
 	}
-	layer := tarLayer(t, []file{{"marker", []byte(ref)}, {"filler", filler}})
+	layer, err := standin.Layer([]standin.File{{Path: "marker", Mode: 0o644, Body: ref}, {Path: "filler", Mode: 0o644, Body: string(filler)}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	img, err = mutate.AppendLayers(img, layer)
 	if err != nil {
 		t.Fatal(err)
@@ -114,33 +114,4 @@ func Variant(t testing.TB, base, out, ref string, size int, seed uint64) string 
 		t.Fatal(err)
 	}
 	return out
-}
-
-// file is a regular file of a layer.
-type file struct {
-	name string
-	data []byte
-}
-
-// tarLayer makes an image layer of the files (mode 0644).
-func tarLayer(t testing.TB, files []file) v1.Layer {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, f := range files {
-		if err := tw.WriteHeader(&tar.Header{Name: f.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(f.data))}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(f.data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	layer, err := tarball.LayerFromReader(bytes.NewReader(buf.Bytes()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return layer
 }

@@ -14,8 +14,6 @@
 package main
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -29,13 +27,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"vhive.dev/vhive/internal/standin"
 )
 
 func main() {
@@ -86,15 +80,6 @@ func run() error {
 	}
 }
 
-type file struct {
-	path string
-	mode int64
-	body string
-	link string // symlink target
-	uid  int
-	gid  int
-}
-
 const passwd = `root:x:0:0:root:/root:/bin/sh
 daemon:x:1:1:daemon:/usr/sbin:/bin/false
 bin:x:2:2:bin:/bin:/bin/false
@@ -137,61 +122,23 @@ var applets = []string{"sh", "ash", "echo", "sleep", "cat", "ls", "id", "top", "
 	"readlink", "realpath", "timeout", "xargs", "sort", "uniq", "cut", "tr", "basename", "dirname", "yes", "vi",
 	"groups", "su", "setpriv", "nsenter", "unshare", "sysctl", "free", "uptime", "usleep", "pwd"}
 
-func baseFiles(bb []byte) []file {
-	fs := []file{
-		{path: "bin/", mode: 0o755}, {path: "etc/", mode: 0o755}, {path: "tmp/", mode: 0o1777},
-		{path: "root/", mode: 0o700}, {path: "var/", mode: 0o755}, {path: "var/run/", mode: 0o755},
-		{path: "var/www/", mode: 0o755}, {path: "proc/", mode: 0o555}, {path: "sys/", mode: 0o555},
-		{path: "dev/", mode: 0o755}, {path: "usr/", mode: 0o755}, {path: "usr/sbin/", mode: 0o755},
-		{path: "usr/bin/", mode: 0o755}, {path: "home/", mode: 0o755},
-		{path: "bin/busybox", mode: 0o755, body: string(bb)},
-		{path: "etc/passwd", mode: 0o644, body: passwd},
-		{path: "etc/group", mode: 0o644, body: group},
+func baseFiles(bb []byte) []standin.File {
+	fs := []standin.File{
+		{Path: "bin/", Mode: 0o755}, {Path: "etc/", Mode: 0o755}, {Path: "tmp/", Mode: 0o1777},
+		{Path: "root/", Mode: 0o700}, {Path: "var/", Mode: 0o755}, {Path: "var/run/", Mode: 0o755},
+		{Path: "var/www/", Mode: 0o755}, {Path: "proc/", Mode: 0o555}, {Path: "sys/", Mode: 0o555},
+		{Path: "dev/", Mode: 0o755}, {Path: "usr/", Mode: 0o755}, {Path: "usr/sbin/", Mode: 0o755},
+		{Path: "usr/bin/", Mode: 0o755}, {Path: "home/", Mode: 0o755},
+		{Path: "bin/busybox", Mode: 0o755, Body: string(bb)},
+		{Path: "etc/passwd", Mode: 0o644, Body: passwd},
+		{Path: "etc/group", Mode: 0o644, Body: group},
 	}
 	for _, a := range applets {
-		fs = append(fs, file{path: "bin/" + a, link: "busybox"})
+		fs = append(fs, standin.File{Path: "bin/" + a, Link: "busybox"})
 	}
 	// Debian's busybox has no pgrep applet; critest calls it.
-	fs = append(fs, file{path: "bin/pgrep", mode: 0o755, body: pgrepScript})
+	fs = append(fs, standin.File{Path: "bin/pgrep", Mode: 0o755, Body: pgrepScript})
 	return fs
-}
-
-func layer(files []file) (v1.Layer, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, f := range files {
-		h := &tar.Header{Name: f.path, Mode: f.mode, Uid: f.uid, Gid: f.gid, ModTime: time.Unix(0, 0)}
-		switch {
-		case f.link != "":
-			h.Typeflag, h.Linkname, h.Mode = tar.TypeSymlink, f.link, 0o777
-		case f.path[len(f.path)-1] == '/':
-			h.Typeflag = tar.TypeDir
-		default:
-			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			return nil, err
-		}
-		if h.Typeflag == tar.TypeReg {
-			if _, err := io.WriteString(tw, f.body); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	b := buf.Bytes()
-	return tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-}
-
-type spec struct {
-	repos      []string // repository:tag without registry host
-	files      []file   // added in a second layer
-	entrypoint []string
-	cmd        []string
-	user       string
-	ports      []string
 }
 
 const nginxScript = `#!/bin/sh
@@ -224,110 +171,71 @@ trap 'exit 0' TERM INT
 exec tail -f /dev/null
 `
 
-func specs(nnp []byte) []spec {
-	nginx := []file{
-		{path: "usr/sbin/nginx", mode: 0o755, body: nginxScript},
-		{path: "usr/share/", mode: 0o755}, {path: "usr/share/nginx/", mode: 0o755}, {path: "usr/share/nginx/html/", mode: 0o755},
-		{path: "usr/share/nginx/html/index.html", mode: 0o644, body: "<html><body><h1>Welcome to nginx!</h1></body></html>\n"},
+func specs(nnp []byte) []standin.Image {
+	nginx := []standin.File{
+		{Path: "usr/sbin/nginx", Mode: 0o755, Body: nginxScript},
+		{Path: "usr/share/", Mode: 0o755}, {Path: "usr/share/nginx/", Mode: 0o755}, {Path: "usr/share/nginx/html/", Mode: 0o755},
+		{Path: "usr/share/nginx/html/index.html", Mode: 0o644, Body: "<html><body><h1>Welcome to nginx!</h1></body></html>\n"},
 	}
-	hostnet := append(append([]file{}, nginx...), file{path: "etc/nginx-port", mode: 0o644, body: "12003\n"})
-	out := []spec{
-		{repos: []string{"e2e-test-images/busybox:1.29-2", "library/busybox:latest", "library/busybox:1.28"}, cmd: []string{"sh"}},
-		{repos: []string{"e2e-test-images/nginx:1.14-2", "library/nginx:latest"}, files: nginx, cmd: []string{"/usr/sbin/nginx", "-g", "daemon off;"}, ports: []string{"80/tcp"}},
-		{repos: []string{"k8s-staging-cri-tools/hostnet-nginx-amd64:latest"}, files: hostnet, entrypoint: []string{"/bin/sh", "-c", "PORT=12003 exec /usr/sbin/nginx"}, ports: []string{"12003/tcp"}},
-		{repos: []string{"e2e-test-images/httpd:2.4.39-4"}, files: []file{
-			{path: "usr/local/", mode: 0o755}, {path: "usr/local/bin/", mode: 0o755},
-			{path: "usr/local/bin/httpd-foreground", mode: 0o755, body: httpdScript},
-			{path: "usr/local/apache2/", mode: 0o755}, {path: "usr/local/apache2/htdocs/", mode: 0o755},
-			{path: "usr/local/apache2/htdocs/index.html", mode: 0o644, body: "<html><body><h1>It works!</h1></body></html>\n"},
-		}, cmd: []string{"httpd-foreground"}, ports: []string{"80/tcp"}},
+	hostnet := append(append([]standin.File{}, nginx...), standin.File{Path: "etc/nginx-port", Mode: 0o644, Body: "12003\n"})
+	out := []standin.Image{
+		{Repos: []string{"e2e-test-images/busybox:1.29-2", "library/busybox:latest", "library/busybox:1.28"}, Cmd: []string{"sh"}},
+		{Repos: []string{"e2e-test-images/nginx:1.14-2", "library/nginx:latest"}, Files: nginx, Cmd: []string{"/usr/sbin/nginx", "-g", "daemon off;"}, Ports: []string{"80/tcp"}},
+		{Repos: []string{"k8s-staging-cri-tools/hostnet-nginx-amd64:latest"}, Files: hostnet, Entrypoint: []string{"/bin/sh", "-c", "PORT=12003 exec /usr/sbin/nginx"}, Ports: []string{"12003/tcp"}},
+		{Repos: []string{"e2e-test-images/httpd:2.4.39-4"}, Files: []standin.File{
+			{Path: "usr/local/", Mode: 0o755}, {Path: "usr/local/bin/", Mode: 0o755},
+			{Path: "usr/local/bin/httpd-foreground", Mode: 0o755, Body: httpdScript},
+			{Path: "usr/local/apache2/", Mode: 0o755}, {Path: "usr/local/apache2/htdocs/", Mode: 0o755},
+			{Path: "usr/local/apache2/htdocs/index.html", Mode: 0o644, Body: "<html><body><h1>It works!</h1></body></html>\n"},
+		}, Cmd: []string{"httpd-foreground"}, Ports: []string{"80/tcp"}},
 		nonewprivs(nnp),
-		{repos: []string{"pause:3.9", "pause:3.6", "pause:3.10"}, files: []file{{path: "pause", mode: 0o755, body: pauseScript}}, entrypoint: []string{"/pause"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-latest:latest", "k8s-staging-cri-tools/test-image-tag:test", "k8s-staging-cri-tools/test-image-tag:all"},
-			files: []file{{path: "test", mode: 0o644, body: "test\n"}}, cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-tags:1", "k8s-staging-cri-tools/test-image-tags:2", "k8s-staging-cri-tools/test-image-tags:3"},
-			files: []file{{path: "tags", mode: 0o644, body: "tags\n"}}, cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-user-uid:latest"}, user: "1002", cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-user-username:latest"}, user: "www-data", cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-user-uid-group:latest"}, user: "1003:users", cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-user-username-group:latest"}, user: "www-data:users", cmd: []string{"sh"}},
-		{repos: []string{"k8s-staging-cri-tools/test-image-predefined-group:latest"}, user: "1000", cmd: []string{"sh"}, files: []file{
-			{path: "etc/passwd", mode: 0o644, body: passwd + "default-user:x:1000:1000:Linux User,,,:/home/default-user:/bin/sh\n"},
-			{path: "etc/group", mode: 0o644, body: group + "default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"},
-			{path: "home/default-user/", mode: 0o755, uid: 1000, gid: 1000},
+		{Repos: []string{"pause:3.9", "pause:3.6", "pause:3.10"}, Files: []standin.File{{Path: "pause", Mode: 0o755, Body: pauseScript}}, Entrypoint: []string{"/pause"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-latest:latest", "k8s-staging-cri-tools/test-image-tag:test", "k8s-staging-cri-tools/test-image-tag:all"},
+			Files: []standin.File{{Path: "test", Mode: 0o644, Body: "test\n"}}, Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-tags:1", "k8s-staging-cri-tools/test-image-tags:2", "k8s-staging-cri-tools/test-image-tags:3"},
+			Files: []standin.File{{Path: "tags", Mode: 0o644, Body: "tags\n"}}, Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-user-uid:latest"}, User: "1002", Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-user-username:latest"}, User: "www-data", Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-user-uid-group:latest"}, User: "1003:users", Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-user-username-group:latest"}, User: "www-data:users", Cmd: []string{"sh"}},
+		{Repos: []string{"k8s-staging-cri-tools/test-image-predefined-group:latest"}, User: "1000", Cmd: []string{"sh"}, Files: []standin.File{
+			{Path: "etc/passwd", Mode: 0o644, Body: passwd + "default-user:x:1000:1000:Linux User,,,:/home/default-user:/bin/sh\n"},
+			{Path: "etc/group", Mode: 0o644, Body: group + "default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"},
+			{Path: "home/default-user/", Mode: 0o755, UID: 1000, GID: 1000},
 		}},
 	}
 	// The kubelet e2e's function (GUEST_IMAGE): an HTTP server on
 	// GUEST_PORT answering "Hello, vhive!" (a stand-in for helloworld).
-	out = append(out, spec{repos: []string{"vhive-e2e/hello:1"}, files: []file{
-		{path: "www/", mode: 0o755}, {path: "www/index.html", mode: 0o644, body: "Hello, vhive!\n"},
-	}, entrypoint: []string{"/bin/sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}})
+	out = append(out, standin.Image{Repos: []string{"vhive-e2e/hello:1"}, Files: []standin.File{
+		{Path: "www/", Mode: 0o755}, {Path: "www/index.html", Mode: 0o644, Body: "Hello, vhive!\n"},
+	}, Entrypoint: []string{"/bin/sh", "-c", "exec httpd -f -p ${GUEST_PORT:-50051} -h /www"}})
 	for i := 1; i <= 3; i++ {
-		out = append(out, spec{repos: []string{fmt.Sprintf("k8s-staging-cri-tools/test-image-%d:latest", i)},
-			files: []file{{path: fmt.Sprintf("image-%d", i), mode: 0o644, body: fmt.Sprintf("%d\n", i)}}, cmd: []string{"sh"}})
+		out = append(out, standin.Image{Repos: []string{fmt.Sprintf("k8s-staging-cri-tools/test-image-%d:latest", i)},
+			Files: []standin.File{{Path: fmt.Sprintf("image-%d", i), Mode: 0o644, Body: fmt.Sprintf("%d\n", i)}}, Cmd: []string{"sh"}})
 	}
 	return out
 }
 
 // nonewprivs runs a setuid-root program printing its effective uid, when
 // one is given; else a shell printing it (which cannot tell no_new_privs).
-func nonewprivs(nnp []byte) spec {
-	s := spec{repos: []string{"e2e-test-images/nonewprivs:1.3"}, cmd: []string{"sh", "-c", "echo Effective uid: $(id -u)"}}
+func nonewprivs(nnp []byte) standin.Image {
+	s := standin.Image{Repos: []string{"e2e-test-images/nonewprivs:1.3"}, Cmd: []string{"sh", "-c", "echo Effective uid: $(id -u)"}}
 	if nnp != nil {
-		s.files = []file{{path: "usr/local/", mode: 0o755}, {path: "usr/local/bin/", mode: 0o755},
-			{path: "usr/local/bin/nnp", mode: 0o4755, body: string(nnp)}}
-		s.cmd = []string{"/usr/local/bin/nnp"}
+		s.Files = []standin.File{{Path: "usr/local/", Mode: 0o755}, {Path: "usr/local/bin/", Mode: 0o755},
+			{Path: "usr/local/bin/nnp", Mode: 0o4755, Body: string(nnp)}}
+		s.Cmd = []string{"/usr/local/bin/nnp"}
 	}
 	return s
 }
 
 func pushAll(ctx context.Context, addr string, bb, nnp []byte) error {
-	base, err := layer(baseFiles(bb))
+	base, err := standin.Layer(baseFiles(bb))
 	if err != nil {
 		return fmt.Errorf("build base layer: %w", err)
 	}
-	for _, s := range specs(nnp) {
-		img, err := mutate.AppendLayers(empty.Image, base)
-		if err != nil {
-			return err
-		}
-		if len(s.files) > 0 {
-			l, err := layer(s.files)
-			if err != nil {
-				return fmt.Errorf("build layer for %s: %w", s.repos[0], err)
-			}
-			if img, err = mutate.AppendLayers(img, l); err != nil {
-				return err
-			}
-		}
-		cf, err := img.ConfigFile()
-		if err != nil {
-			return err
-		}
-		cf = cf.DeepCopy()
-		cf.Architecture, cf.OS = "amd64", "linux"
-		cf.Config.Entrypoint = s.entrypoint
-		cf.Config.Cmd = s.cmd
-		cf.Config.User = s.user
-		cf.Config.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-		if len(s.ports) > 0 {
-			cf.Config.ExposedPorts = map[string]struct{}{}
-			for _, p := range s.ports {
-				cf.Config.ExposedPorts[p] = struct{}{}
-			}
-		}
-		if img, err = mutate.ConfigFile(img, cf); err != nil {
-			return err
-		}
-		for _, r := range s.repos {
-			ref, err := name.ParseReference(addr+"/"+r, name.Insecure)
-			if err != nil {
-				return fmt.Errorf("reference %q: %w", r, err)
-			}
-			if err := remote.Write(ref, img, remote.WithContext(ctx)); err != nil {
-				return fmt.Errorf("push %s: %w", ref, err)
-			}
-		}
+	images := specs(nnp)
+	for i := range images {
+		images[i].Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	}
-	return nil
+	return standin.Push(ctx, addr, base, images)
 }
