@@ -1,7 +1,6 @@
 package nodetest
 
 import (
-	"bufio"
 	"fmt"
 	"hash/crc32"
 	"os"
@@ -12,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/mountinfo"
 )
 
 // Resources are the machine resources a daemon with one state dir and
@@ -63,16 +64,7 @@ func Snapshot(stateDir, prefix string) Resources {
 		r.Veths[l.Name()] = ix
 	}
 	abs, _ := filepath.Abs(stateDir)
-	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			fs := strings.Fields(sc.Text())
-			if len(fs) > 4 && (fs[4] == abs || strings.HasPrefix(fs[4], abs+"/")) {
-				r.Mounts = append(r.Mounts, fs[4])
-			}
-		}
-		f.Close()
-	}
+	r.Mounts, _ = mountinfo.Under(abs)
 	hier, _ := filepath.Glob("/sys/fs/cgroup/*")
 	hier = append(hier, "/sys/fs/cgroup")
 	for _, h := range hier {

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/sandbox"
 )
@@ -69,7 +70,7 @@ func newRawBundle(b *testing.B, e *env, spec sandbox.Spec) *rawBundle {
 	}
 	b.Cleanup(func() {
 		// runsc leaves a null-netns mount in its state dir.
-		ms, _ := MountsUnder(dir)
+		ms, _ := mountinfo.Under(dir)
 		for i := len(ms) - 1; i >= 0; i-- {
 			_ = unix.Unmount(ms[i], unix.MNT_DETACH)
 		}

@@ -1,7 +1,6 @@
 package oci
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +12,8 @@ import (
 
 	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/mountinfo"
 )
 
 // Cleanup removes what a previous run of this backend (same Root) left
@@ -43,9 +44,9 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("oci: cleanup: delete container %q: %w", c.ID, err))
 		}
 	}
-	mounts, err := mountsUnder(b.cfg.Root)
+	mounts, err := mountinfo.Under(b.cfg.Root)
 	if err != nil {
-		errs = append(errs, err)
+		errs = append(errs, fmt.Errorf("oci: cleanup: %w", err))
 	}
 	// Deepest first.
 	for i := len(mounts) - 1; i >= 0; i-- {
@@ -152,58 +153,6 @@ func (b *Backend) CgroupDirs(id string) []string {
 		}
 	}
 	return out
-}
-
-// MountsUnder lists mount points at or below dir, outermost first.
-func MountsUnder(dir string) ([]string, error) { return mountsUnder(dir) }
-
-func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("oci: read mountinfo: %w", err)
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
-	}
-	return out, sc.Err()
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for space, ...).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v byte
-			ok := true
-			for _, c := range []byte(s[i+1 : i+4]) {
-				if c < '0' || c > '7' {
-					ok = false
-					break
-				}
-				v = v*8 + (c - '0')
-			}
-			if ok {
-				b.WriteByte(v)
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // bundleOf returns the instance ID whose bundle holds path, or "".

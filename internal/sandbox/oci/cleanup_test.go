@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/netpool"
 )
 
@@ -58,7 +59,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 			if err != nil || len(ents) != 0 {
 				t.Errorf("bundles after Cleanup: %v, %v", ents, err)
 			}
-			if ms, _ := MountsUnder(filepath.Join(e.root, "bundles")); len(ms) > 0 {
+			if ms, _ := mountinfo.Under(filepath.Join(e.root, "bundles")); len(ms) > 0 {
 				t.Errorf("mounts after Cleanup: %v", ms)
 			}
 			for _, id := range []string{"crash-running", "crash-created"} {

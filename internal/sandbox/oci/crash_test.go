@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/testutil"
 )
@@ -152,7 +153,7 @@ func TestCleanupAfterDaemonKill(t *testing.T) {
 			if ents, err := os.ReadDir(filepath.Join(root, "bundles")); err != nil || len(ents) != 0 {
 				t.Errorf("bundles after Cleanup: %v, %v", ents, err)
 			}
-			if ms, _ := MountsUnder(filepath.Join(root, "bundles")); len(ms) > 0 {
+			if ms, _ := mountinfo.Under(filepath.Join(root, "bundles")); len(ms) > 0 {
 				t.Errorf("mounts after Cleanup: %v", ms)
 			}
 			if cg := b.cgroupDirs(); len(cg) > 0 {

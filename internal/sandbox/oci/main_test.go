@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/sandbox"
 	"vhive.dev/vhive/internal/testutil"
@@ -165,7 +166,7 @@ func (e *env) assertClean(t testing.TB, id string) {
 	// runsc keeps a "null-netns" mount in its state directory; only the
 	// bundles are ours.
 	bundle := filepath.Join(e.root, "bundles", id)
-	if ms, err := MountsUnder(bundle); err != nil || len(ms) > 0 {
+	if ms, err := mountinfo.Under(bundle); err != nil || len(ms) > 0 {
 		t.Errorf("mounts left under %s: %v %v", bundle, ms, err)
 	}
 	if cg := e.b.CgroupDirs(id); len(cg) > 0 {

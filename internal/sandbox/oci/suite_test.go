@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/sandbox"
 	"vhive.dev/vhive/internal/sandbox/sandboxtest"
 )
@@ -58,7 +59,7 @@ func conformance(t *testing.T, rt string, separate bool) {
 			if _, err := os.Stat(bundle); err == nil {
 				left = append(left, "bundle "+bundle)
 			}
-			ms, _ := MountsUnder(bundle)
+			ms, _ := mountinfo.Under(bundle)
 			left = append(left, ms...)
 			left = append(left, e.b.CgroupDirs(id)...)
 			return left
