@@ -22,6 +22,7 @@ func newDaemonCmd(g *globalOpts) *cobra.Command {
 		subnet    string
 		criArgs   string
 		mirrors   []string
+		wasmEarly bool
 	)
 	cmd := &cobra.Command{
 		Use:   "daemon",
@@ -67,6 +68,7 @@ everything they held is released; deployed functions remain.`,
 			if sandboxes != "" {
 				cfg.Sandboxes = strings.Split(sandboxes, ",")
 			}
+			cfg.WasmWaitForWS = !wasmEarly
 			d, err := daemon.New(cmd.Context(), cfg)
 			if err != nil {
 				return err
@@ -96,7 +98,7 @@ everything they held is released; deployed functions remain.`,
 	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a request waits for an instance at max-instances")
 	f.IntVar(&cfg.WasmPoolSize, "wasm-pool", 1, "ready wasm workers kept per module (0: every cold start spawns and loads the module)")
 	f.IntVar(&cfg.WasmChunkPages, "wasm-chunk-pages", 1, "pages installed per fault in lazy/record wasm restores (1: pure lazy, as REAP's baseline)")
-	f.BoolVar(&cfg.WasmEarlyResume, "wasm-early-resume", false, "REAP wasm restores: run the guest while its working set streams in (a fault on a page not installed yet waits for it) instead of after the whole set is installed")
+	f.BoolVar(&wasmEarly, "wasm-early-resume", true, "REAP wasm restores: run the guest while its working set streams in (a fault on a page not installed yet waits for its chunk); false: install the whole set first, vHive's order")
 	f.StringVar(&cfg.CRI.Socket, "cri-socket", "", "serve the Kubernetes CRI on this unix socket (off by default), e.g. /run/vhive/cri.sock")
 	f.StringVar(&cfg.CRI.Containerd, "cri-containerd", "/run/containerd/containerd.sock", "stock containerd CRI socket for everything vhive does not run")
 	f.StringVar(&cfg.CRI.Handler, "cri-handler", "vhive", "runtime handler (RuntimeClass) whose pods run every container in vhive")

@@ -74,10 +74,12 @@ type Config struct {
 	// WasmChunkPages is how many pages the memory manager installs per
 	// fault in lazy and record restores (1: pure lazy).
 	WasmChunkPages int
-	// WasmEarlyResume resumes a REAP-restored wasm guest as soon as the
-	// memory manager has its handshake, while the working set still
-	// streams in (wasm.Config.EarlyResume).
-	WasmEarlyResume bool
+	// WasmWaitForWS makes REAP wasm restores install the whole working
+	// set before the guest runs (vHive's order: load, prefetch, resume).
+	// By default the guest resumes as soon as the memory manager has its
+	// handshake and runs while the working set streams in
+	// (wasm.Config.EarlyResume), faster here (docs/benchmarks/wasm.md).
+	WasmWaitForWS bool
 	// NetPoolSize is how many network namespaces are prepared ahead
 	// (vHive's -netPoolSize). Default 4.
 	NetPoolSize int

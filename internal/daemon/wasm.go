@@ -36,7 +36,7 @@ func (d *Daemon) setupWasm(ctx context.Context) error {
 		CacheDir:      filepath.Join(d.cfg.StateDir, "wasm-cache"),
 		Memory:        mgr,
 		ChunkPages:    d.cfg.WasmChunkPages,
-		EarlyResume:   d.cfg.WasmEarlyResume,
+		EarlyResume:   !d.cfg.WasmWaitForWS,
 		PoolSize:      d.cfg.WasmPoolSize,
 		Logger:        d.log.With("component", "wasm"),
 	})

@@ -22,6 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhive.dev/vhive/internal/iobuf"
 	"vhive.dev/vhive/internal/memory"
 	"vhive.dev/vhive/internal/uffd"
 )
@@ -480,10 +481,11 @@ func (fx *fixture) floorBuffer(t testing.TB) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf, err := unix.Mmap(-1, 0, int(fi.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	// The same kind of buffer as the manager's pool (iobuf).
+	buf, err := iobuf.Alloc(int(fi.Size()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Munmap(buf) })
+	t.Cleanup(func() { iobuf.Free(buf) })
 	return buf
 }

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhive.dev/vhive/internal/iobuf"
 	"vhive.dev/vhive/internal/testutil"
 	"vhive.dev/vhive/internal/uffd"
 )
@@ -136,11 +137,12 @@ func benchREAP(b *testing.B, dir, memFile string, ops []op, drop bool) {
 	defer m.Close()
 	benchFetchGeometry(b, m)
 	wsPath := filepath.Join(dir, "ws")
-	floorBuf, err := unix.Mmap(-1, 0, 32<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	// The floor reads into the same kind of buffer as the manager's pool.
+	floorBuf, err := iobuf.Alloc(32 << 20)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer unix.Munmap(floorBuf)
+	defer iobuf.Free(floorBuf)
 	cfg := func(id string, mode Mode) RestoreConfig {
 		return RestoreConfig{ID: id, Mode: mode, MemoryFile: memFile, SocketPath: filepath.Join(dir, id+".sock"), WorkingSet: filepath.Join(dir, "ws")}
 	}

@@ -19,6 +19,7 @@ import (
 const (
 	fetchBlock   = 1 << 20
 	fetchReaders = 4
+	verifiers    = 2 // goroutines checking chunk checksums
 )
 
 // fetcher reads one WS file into a page-aligned buffer with several reads
@@ -294,30 +295,80 @@ func (f *fetcher) verify() {
 	f.meta = m
 	f.notifyLocked()
 	f.mu.Unlock()
-	for k := range m.chunks() {
-		_, hi := m.chunkRange(k)
-		if m.version != wsVersion {
-			hi = m.dataLen
-		}
-		f.mu.Lock()
-		ok := f.waitRead(m.dataOff + hi)
-		f.mu.Unlock()
-		if !ok || f.stop.Load() {
-			fail(nil)
-			return
-		}
-		if err := m.checkChunk(b, k); err != nil {
-			fail(err)
-			return
-		}
-		f.mu.Lock()
-		f.verified = k + 1
-		if f.verified == m.chunks() {
-			f.fetchedAt = time.Now()
-		}
-		f.notifyLocked()
-		f.mu.Unlock()
+	// Chunks are checked by several goroutines, each taking the next
+	// chunk whose blocks have all arrived: a checksum reads every byte once
+	// from memory, and one core does that about as fast as the disk
+	// delivers into huge pages, so one verifier fell behind the reads.
+	// verified still advances in order (the installer takes a prefix).
+	chunks := m.chunks()
+	checked := make([]bool, chunks)
+	var next atomic.Int64
+	var vwg sync.WaitGroup
+	for range min(verifiers, chunks) {
+		vwg.Add(1)
+		go func() {
+			defer vwg.Done()
+			for {
+				k := int(next.Add(1) - 1)
+				if k >= chunks {
+					return
+				}
+				lo, hi := m.chunkRange(k)
+				lo, hi = m.dataOff+lo, m.dataOff+hi
+				if m.version != wsVersion {
+					lo, hi = 0, m.dataOff+m.dataLen // one checksum over the whole file
+				}
+				f.mu.Lock()
+				ready := f.waitRange(lo, hi)
+				f.mu.Unlock()
+				if !ready || f.stop.Load() {
+					fail(nil)
+					return
+				}
+				if err := m.checkChunk(b, k); err != nil {
+					fail(err)
+					return
+				}
+				f.mu.Lock()
+				checked[k] = true
+				advanced := false
+				for f.verified < chunks && checked[f.verified] && f.err == nil {
+					f.verified++
+					advanced = true
+				}
+				if f.verified == chunks && f.fetchedAt.IsZero() {
+					f.fetchedAt = time.Now()
+				}
+				if advanced {
+					f.notifyLocked()
+				}
+				f.mu.Unlock()
+			}
+		}()
 	}
+	vwg.Wait()
+}
+
+// waitRange waits until bytes [lo, hi) are read (their blocks may arrive
+// out of order); false if reading failed or stopped first. f.mu is held.
+func (f *fetcher) waitRange(lo, hi uint64) bool {
+	for f.err == nil && !f.stop.Load() {
+		if f.read >= hi {
+			return true
+		}
+		all := true
+		for j := max(lo/f.block, f.read/f.block); j*f.block < hi && j < f.nBlocks; j++ {
+			if !f.done[j] {
+				all = false
+				break
+			}
+		}
+		if all {
+			return true
+		}
+		f.cond.Wait()
+	}
+	return false
 }
 
 func (f *fetcher) errLocked() error {

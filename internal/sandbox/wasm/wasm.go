@@ -74,10 +74,10 @@ type Config struct {
 	// EarlyResume makes prefetch (REAP) restores resume the guest as soon
 	// as the memory manager has the handshake, while the working set is
 	// still being read and installed (memory.RestoreConfig.EarlyResume: a
-	// fault on a page not installed yet waits for its chunk). Off by
-	// default: on this 2-core machine the install then competes with the
-	// guest and took 2–4× longer, so REAP's wait-then-run was faster (see
-	// docs/benchmarks/wasm.md).
+	// fault on a page not installed yet waits for its chunk). The daemon
+	// turns it on (--wasm-early-resume): since the WS is read into huge
+	// pages the read is short and the guest's run hides the install
+	// (docs/benchmarks/wasm.md); false is vHive's order (install, then run).
 	EarlyResume bool
 	// EagerMmap makes MemoryEager restores map the memory file privately
 	// (copy-on-write, pages read by the kernel on first touch: Firecracker's
