@@ -118,9 +118,15 @@ func cgroupPids(dir string) []int {
 
 // killCgroupTree SIGKILLs every process in dir's tree until it is empty.
 func killCgroupTree(ctx context.Context, dir string) error {
+	return killAll(ctx, "processes in cgroup "+dir, func() []int { return cgroupPids(dir) })
+}
+
+// killAll SIGKILLs the processes list names (never this one) until it
+// names none, for 15 s at most; what says which they are in the error.
+func killAll(ctx context.Context, what string, list func() []int) error {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		pids := cgroupPids(dir)
+		pids := list()
 		if len(pids) == 0 {
 			return nil
 		}
@@ -130,7 +136,7 @@ func killCgroupTree(ctx context.Context, dir string) error {
 			}
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("cluster: cgroup %s still holds pids %v", dir, pids)
+			return fmt.Errorf("cluster: %s survive SIGKILL: %v", what, pids)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

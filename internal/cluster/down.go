@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -249,20 +248,7 @@ func removePods(ctx context.Context, sock string) error {
 // killByCmdline SIGKILLs every process whose command line contains sub
 // until none is left.
 func killByCmdline(ctx context.Context, sub string) error {
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		pids := pidsWithCmdline(sub)
-		if len(pids) == 0 {
-			return nil
-		}
-		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("cluster: processes naming %s survive SIGKILL: %v", sub, pids)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return killAll(ctx, "processes naming "+sub, func() []int { return pidsWithCmdline(sub) })
 }
 
 // mountsUnder lists the host's mount points at or below prefix (a
