@@ -2,31 +2,17 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"strings"
 	"testing"
+
+	"vhive.dev/vhive/functions/sdk"
+	"vhive.dev/vhive/functions/sdk/sdktest"
 )
 
 func TestHandle(t *testing.T) {
-	r := mustNew()
-	seen := map[string]bool{}
-	for _, p := range []string{"x", "record", "replay"} {
-		out, err := r.handle(context.Background(), p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		again, _ := mustNew().handle(context.Background(), p)
-		if out != again {
-			t.Errorf("%s: %q vs %q", p, out, again)
-		}
-		seen[out] = true
-		t.Log(out)
-	}
-	if len(seen) != 3 {
-		t.Error("input sets do not differ")
-	}
-	if out, _ := r.handle(context.Background(), "replay"); !strings.HasPrefix(out, "chameleon set=2 rendered 200x25 table, ") {
-		t.Errorf("replay = %q", out)
+	out := sdktest.InputSets(t, func() sdk.Handler { return mustNew().handle })
+	if !strings.HasPrefix(out[2], "chameleon set=2 rendered 200x25 table, ") {
+		t.Errorf("replay = %q", out[2])
 	}
 }
 

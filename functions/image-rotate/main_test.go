@@ -1,11 +1,13 @@
 package main
 
 import (
-	"context"
 	"image"
 	"image/color"
 	"strings"
 	"testing"
+
+	"vhive.dev/vhive/functions/sdk"
+	"vhive.dev/vhive/functions/sdk/sdktest"
 )
 
 func TestRotate(t *testing.T) {
@@ -32,24 +34,8 @@ func TestRotate(t *testing.T) {
 }
 
 func TestHandle(t *testing.T) {
-	a, b := mustNew(), mustNew()
-	seen := map[string]bool{}
-	for _, p := range []string{"x", "record", "replay"} {
-		ra, err := a.handle(context.Background(), p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rb, _ := b.handle(context.Background(), p)
-		if ra != rb {
-			t.Errorf("%s: %q vs %q across instances", p, ra, rb)
-		}
-		seen[ra] = true
-		t.Log(ra)
-	}
-	if len(seen) != 3 {
-		t.Error("input sets do not differ")
-	}
-	if r, _ := a.handle(context.Background(), "record"); !strings.HasPrefix(r, "image-rotate set=1 rotated 1024x768 ") {
-		t.Errorf("record = %q", r)
+	out := sdktest.InputSets(t, func() sdk.Handler { return mustNew().handle })
+	if !strings.HasPrefix(out[1], "image-rotate set=1 rotated 1024x768 ") {
+		t.Errorf("record = %q", out[1])
 	}
 }

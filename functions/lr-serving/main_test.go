@@ -1,9 +1,11 @@
 package main
 
 import (
-	"context"
 	"strings"
 	"testing"
+
+	"vhive.dev/vhive/functions/sdk"
+	"vhive.dev/vhive/functions/sdk/sdktest"
 )
 
 // The model really learns: held-out reviews are classified well.
@@ -23,23 +25,8 @@ func TestModelAccuracy(t *testing.T) {
 }
 
 func TestHandle(t *testing.T) {
-	a, b := newServer(), newServer()
-	seen := map[string]bool{}
-	for _, p := range []string{"x", "record", "replay"} {
-		ra, err := a.handle(context.Background(), p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if rb, _ := b.handle(context.Background(), p); ra != rb {
-			t.Errorf("%s: %q vs %q", p, ra, rb)
-		}
-		seen[ra] = true
-		t.Log(ra)
-	}
-	if len(seen) != 3 {
-		t.Error("input sets do not differ")
-	}
-	if r, _ := a.handle(context.Background(), "record"); !strings.HasPrefix(r, "lr-serving set=1 reviews=200 ") {
-		t.Errorf("record = %q", r)
+	out := sdktest.InputSets(t, func() sdk.Handler { return newServer().handle })
+	if !strings.HasPrefix(out[1], "lr-serving set=1 reviews=200 ") {
+		t.Errorf("record = %q", out[1])
 	}
 }
