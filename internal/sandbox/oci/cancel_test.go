@@ -78,14 +78,7 @@ func TestCreateCancelled(t *testing.T) {
 				}
 			}
 			// The pool still works after all that.
-			sb, err := e.b.Create(context.Background(), e.spec("after-cancel"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, e.spec("after-cancel"))
 			get(t, sb.Endpoint(), "/count")
 		})
 	}

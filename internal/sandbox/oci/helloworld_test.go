@@ -60,14 +60,7 @@ func TestHelloworldFunction(t *testing.T) {
 				ID: "hello-" + rt, Function: "helloworld", Rootfs: rootfs,
 				Process: sandbox.Process{Args: []string{"/bin/helloworld"}}, Port: build.GuestPort,
 			}
-			sb, err := e.b.Create(ctx, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, spec)
 			if got := sayHello(t, sb.Endpoint(), "vhive"); got != "Hello, vhive!" {
 				t.Fatalf("SayHello = %q", got)
 			}

@@ -1,7 +1,6 @@
 package oci
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -19,18 +18,10 @@ func TestResourceLimits(t *testing.T) {
 	for _, rt := range runtimes {
 		t.Run(rt, func(t *testing.T) {
 			e := newEnv(t, rt)
-			ctx := context.Background()
 			spec := e.spec("limits-" + rt)
 			spec.MemoryLimit = 96 << 20
 			spec.CPULimit = 0.5
-			sb, err := e.b.Create(ctx, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, spec)
 			get(t, sb.Endpoint(), "/count")
 
 			dirs := e.b.CgroupDirs(spec.ID)

@@ -124,6 +124,21 @@ func newEnv(t testing.TB, runtime string, mut ...func(*Config)) *env {
 	return e
 }
 
+// start creates and starts a sandbox of spec, stopped when t ends.
+func (e *env) start(t testing.TB, spec sandbox.Spec) sandbox.Sandbox {
+	t.Helper()
+	ctx := context.Background()
+	sb, err := e.b.Create(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sb.Stop(context.Background()) })
+	if err := sb.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return sb
+}
+
 func (e *env) spec(id string) sandbox.Spec {
 	return sandbox.Spec{
 		ID:       id,

@@ -24,14 +24,7 @@ func TestBootServeStop(t *testing.T) {
 			spec.Process.Env = []string{"FOO=bar", "GUEST_PORT=1"}
 			spec.Process.Cwd = "/home/fn"
 			spec.Process.User = "fn:fngroup"
-			sb, err := e.b.Create(ctx, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, spec)
 			ep := sb.Endpoint()
 			if got := get(t, ep, "/count"); got != "1" {
 				t.Fatalf("first /count = %q", got)
@@ -93,14 +86,7 @@ func TestExitAtOnce(t *testing.T) {
 			ctx := context.Background()
 			spec := e.spec("exit-" + rt)
 			spec.Process.Env = []string{"TESTFN_EXIT=3", "TESTFN_STDERR=the-marker-" + rt}
-			sb, err := e.b.Create(ctx, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, spec)
 			select {
 			case <-sb.Done():
 			case <-time.After(20 * time.Second):

@@ -21,14 +21,7 @@ func TestRootfsModes(t *testing.T) {
 			e := newEnv(t, c.rt, func(cfg *Config) { cfg.Rootfs = c.mode })
 			ctx := context.Background()
 			spec := e.spec("rootfs-" + string(c.mode))
-			sb, err := e.b.Create(ctx, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-			if err := sb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			sb := e.start(t, spec)
 			if got := get(t, sb.Endpoint(), "/write?path=/etc/written"); got != "ok" {
 				t.Fatalf("/write = %q", got)
 			}

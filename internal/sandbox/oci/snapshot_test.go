@@ -17,14 +17,7 @@ func TestSnapshotRestore(t *testing.T) {
 	e := newEnv(t, RuntimeGVisor)
 	ctx := context.Background()
 	spec := e.spec("orig")
-	sb, err := e.b.Create(ctx, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sb.Stop(context.Background()) })
-	if err := sb.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	sb := e.start(t, spec)
 	for i := 1; i <= 3; i++ {
 		if got := get(t, sb.Endpoint(), "/count"); got != fmt.Sprint(i) {
 			t.Fatalf("/count = %q, want %d", got, i)
