@@ -261,7 +261,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 		errs = append(errs, fmt.Errorf("netpool: list %s: %w", NetnsDir, err))
 	}
 	for _, e := range ents {
-		if ownName(prefix, e.Name()) {
+		if OwnName(prefix, e.Name()) {
 			if err := deleteNetns(e.Name()); err != nil {
 				errs = append(errs, err)
 			}
@@ -272,7 +272,7 @@ func Cleanup(ctx context.Context, prefix string) error {
 		errs = append(errs, fmt.Errorf("netpool: list links: %w", err))
 	}
 	for _, l := range links {
-		if l.Type() == "veth" && ownName(prefix, l.Attrs().Name) {
+		if l.Type() == "veth" && OwnName(prefix, l.Attrs().Name) {
 			if err := netlink.LinkDel(l); err != nil && !isNotFound(err) {
 				errs = append(errs, fmt.Errorf("netpool: delete veth %q: %w", l.Attrs().Name, err))
 			}
@@ -291,7 +291,7 @@ func Leftovers(prefix string) ([]string, error) {
 		return nil, fmt.Errorf("netpool: list %s: %w", NetnsDir, err)
 	}
 	for _, e := range ents {
-		if ownName(prefix, e.Name()) {
+		if OwnName(prefix, e.Name()) {
 			out = append(out, "netns "+e.Name())
 		}
 	}
@@ -300,7 +300,7 @@ func Leftovers(prefix string) ([]string, error) {
 		return nil, fmt.Errorf("netpool: list links: %w", err)
 	}
 	for _, l := range links {
-		if ownName(prefix, l.Attrs().Name) {
+		if OwnName(prefix, l.Attrs().Name) {
 			out = append(out, "link "+l.Attrs().Name)
 		}
 	}
@@ -324,7 +324,9 @@ func listLinks() ([]netlink.Link, error) {
 	return nil, err
 }
 
-func ownName(prefix, name string) bool {
+// OwnName reports whether name (a network namespace or host-side veth) is
+// one a pool with prefix makes: "<prefix>-<n>".
+func OwnName(prefix, name string) bool {
 	rest, ok := strings.CutPrefix(name, prefix+"-")
 	if !ok || rest == "" {
 		return false

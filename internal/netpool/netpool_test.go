@@ -268,8 +268,8 @@ func TestOptionsValidation(t *testing.T) {
 
 func TestOwnName(t *testing.T) {
 	for name, want := range map[string]bool{"vh-1": true, "vh-": false, "vh-1x": false, "vhx-1": false, "vh-12345": true, "eth0": false} {
-		if got := ownName("vh", name); got != want {
-			t.Errorf("ownName(vh, %q) = %v, want %v", name, got, want)
+		if got := OwnName("vh", name); got != want {
+			t.Errorf("OwnName(vh, %q) = %v, want %v", name, got, want)
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vhive.dev/vhive/internal/mountinfo"
+	"vhive.dev/vhive/internal/netpool"
 )
 
 // Resources are the machine resources a daemon with one state dir and
@@ -30,21 +31,12 @@ type Resources struct {
 	Cgroups []string
 }
 
-func ownName(prefix, name string) bool {
-	rest, ok := strings.CutPrefix(name, prefix+"-")
-	if !ok || rest == "" {
-		return false
-	}
-	_, err := strconv.Atoi(rest)
-	return err == nil
-}
-
 // Snapshot records the resources of the daemon with stateDir and prefix.
 func Snapshot(stateDir, prefix string) Resources {
 	r := Resources{Netns: map[string]uint64{}, Veths: map[string]int{}}
 	ents, _ := os.ReadDir("/var/run/netns")
 	for _, e := range ents {
-		if !ownName(prefix, e.Name()) {
+		if !netpool.OwnName(prefix, e.Name()) {
 			continue
 		}
 		if c, err := netnsCookie(filepath.Join("/var/run/netns", e.Name())); err == nil {
@@ -53,7 +45,7 @@ func Snapshot(stateDir, prefix string) Resources {
 	}
 	links, _ := os.ReadDir("/sys/class/net")
 	for _, l := range links {
-		if !ownName(prefix, l.Name()) {
+		if !netpool.OwnName(prefix, l.Name()) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/sys/class/net", l.Name(), "ifindex"))
