@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -125,17 +126,6 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 				func(ctx context.Context, client vhivepb.ControlClient, common bench.Common) (*bench.ColdstartResult, error) {
 					opts.Common = common
 					return bench.RunColdstart(ctx, client, opts)
-				},
-				func(res *bench.ColdstartResult) ([]string, error) {
-					if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
-						return nil, err
-					}
-					files, err := res.WriteFiles(c.out)
-					if err != nil || c.noPlots {
-						return files, err
-					}
-					plots, err := res.WritePlots(c.out)
-					return append(files, plots...), err
 				})
 		},
 	}
@@ -168,12 +158,6 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 				func(ctx context.Context, client vhivepb.ControlClient, common bench.Common) (*bench.ConcurrencyResult, error) {
 					opts.Common = common
 					return bench.RunConcurrency(ctx, client, opts)
-				},
-				func(res *bench.ConcurrencyResult) ([]string, error) {
-					if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
-						return nil, err
-					}
-					return res.WriteFiles(c.out)
 				})
 		},
 	}
@@ -187,13 +171,27 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	return cmd
 }
 
+// benchResult is what a bench measured.
+type benchResult interface {
+	WriteTable(io.Writer) error
+	WriteFiles(dir string) ([]string, error)
+}
+
+// measured is the result type of a bench run: a pointer, nil when the run
+// measured nothing.
+type measured interface {
+	comparable
+	benchResult
+}
+
 // runBench runs one bench of command with steps invocations: it records the
 // run (run-<command>.json), dials the daemon, calls run with the common
 // options (a progress bar, warnings logged on stderr), then — also after a
-// partial run — has write write the results and lists the files written on
-// stderr.
-func runBench[R any](cmd *cobra.Command, g *globalOpts, c benchCommon, command string, steps int,
-	run func(context.Context, vhivepb.ControlClient, bench.Common) (*R, error), write func(*R) ([]string, error)) error {
+// partial run — prints the result's table, writes its files (and plots
+// when it draws them apart, unless --no-plots) and lists the files written
+// on stderr.
+func runBench[R measured](cmd *cobra.Command, g *globalOpts, c benchCommon, command string, steps int,
+	run func(context.Context, vhivepb.ControlClient, bench.Common) (R, error)) error {
 	ctx := cmd.Context()
 	ri, err := bench.NewRunInfo(ctx, "vhive "+strings.Join(os.Args[1:], " "), flagMap(cmd.Flags()), c.runsc, c.runc)
 	if err != nil {
@@ -210,10 +208,11 @@ func runBench[R any](cmd *cobra.Command, g *globalOpts, c benchCommon, command s
 	common.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	res, runErr := run(ctx, client, common)
 	_ = bar.Finish()
-	if res == nil {
+	var none R
+	if res == none {
 		return runErr
 	}
-	files, err := write(res)
+	files, err := writeResult(cmd.OutOrStdout(), res, c.out, !c.noPlots)
 	ri.Finished = time.Now().UTC()
 	if err == nil {
 		p := filepath.Join(c.out, bench.RunInfoFile(command))
@@ -228,4 +227,21 @@ func runBench[R any](cmd *cobra.Command, g *globalOpts, c benchCommon, command s
 		return fmt.Errorf("bench stopped early (partial results written): %w", runErr)
 	}
 	return err
+}
+
+// writeResult prints res's table on w and writes its files into dir, and
+// its plots if it draws them apart and plots is set.
+func writeResult(w io.Writer, res benchResult, dir string, plots bool) ([]string, error) {
+	if err := res.WriteTable(w); err != nil {
+		return nil, err
+	}
+	files, err := res.WriteFiles(dir)
+	p, ok := res.(interface {
+		WritePlots(string) ([]string, error)
+	})
+	if err != nil || !ok || !plots {
+		return files, err
+	}
+	more, err := p.WritePlots(dir)
+	return append(files, more...), err
 }
