@@ -131,6 +131,14 @@ func PlotLines(base, title, xLabel, yLabel string, series []Series, logX bool) (
 		p.Legend.Add(s.Name, l, sc)
 	}
 	if logX {
+		// The axis is padded around the points: with a single x value
+		// gonum would widen [x, x] to [x-1, x+1], which a log scale
+		// cannot take when x <= 1 (one concurrency level).
+		p.X.Min, p.X.Max = ticks[0].Value, ticks[0].Value
+		for _, t := range ticks {
+			p.X.Min, p.X.Max = min(p.X.Min, t.Value), max(p.X.Max, t.Value)
+		}
+		p.X.Min, p.X.Max = p.X.Min/1.25, p.X.Max*1.25
 		p.X.Scale = plot.LogScale{}
 		slices.SortFunc(ticks, func(a, b plot.Tick) int {
 			switch {

@@ -83,6 +83,12 @@ func TestPlotLines(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkPlotFiles(t, files)
+	// One concurrency level (vhive bench concurrency --levels 1).
+	one, err := PlotLines(filepath.Join(t.TempDir(), "one"), "conc", "N", "ms", []Series{{Name: "reap median", X: []float64{1}, Y: []float64{70}}}, true)
+	if err != nil {
+		t.Fatalf("a single x value on a log axis: %v", err)
+	}
+	checkPlotFiles(t, one)
 	if _, err := PlotLines(base, "x", "", "", []Series{{Name: "bad", X: []float64{0}, Y: []float64{1}}}, true); err == nil {
 		t.Error("x=0 on a log axis: want error")
 	}
