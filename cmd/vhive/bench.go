@@ -51,6 +51,7 @@ func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
 	fs.DurationVar(&b.opts.InvokeTimeout, "invoke-timeout", 5*time.Minute, "bound on each invocation")
 	fs.DurationVar(&b.opts.SnapshotTimeout, "snapshot-timeout", 5*time.Minute, "bound on waiting for a snapshot or REAP working set")
 	fs.BoolVar(&b.opts.KeepFunctions, "keep", false, "leave the bench's functions deployed")
+	fs.DurationVar(&b.opts.Settle, "settle", 0, "pause after stopping the instances before each cold start or burst (e.g. 5s: lets the daemon refill its ready-worker pools and finish tearing instances down, as between requests on a real node)")
 	fs.BoolVar(&b.noProgress, "no-progress", false, "no progress bar on stderr")
 	fs.BoolVar(&b.noPlots, "no-plots", false, "do not draw PNG/SVG plots")
 }
@@ -145,7 +146,6 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 		sandbox  string
 		levels   []int
 		repeats  int
-		settle   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:     "concurrency",
@@ -153,7 +153,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 		Example: `  vhive bench concurrency --function helloworld --sandbox gvisor --modes snapshot,reap --levels 1,2,4,8`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			opts := bench.ConcurrencyOptions{Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats, Settle: settle}
+			opts := bench.ConcurrencyOptions{Function: function, Sandbox: sandbox, Modes: c.modes, Levels: levels, Repeats: repeats}
 			return runBench(cmd, g, c, "concurrency", bench.ConcurrencySteps(opts),
 				func(ctx context.Context, client vhivepb.ControlClient, common bench.Common) (*bench.ConcurrencyResult, error) {
 					opts.Common = common
@@ -166,7 +166,6 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm")
 	fs.IntSliceVar(&levels, "levels", []int{1, 2, 4, 8, 16, 32, 64}, "numbers of simultaneous cold starts")
 	fs.IntVar(&repeats, "repeats", 1, "measurements per level")
-	fs.DurationVar(&settle, "settle", 0, "pause after stopping the instances before each burst (e.g. 5s: lets the daemon refill its ready-worker pools, as between bursts on a real node)")
 	c.register(fs, []string{"boot", "snapshot", "reap"})
 	return cmd
 }

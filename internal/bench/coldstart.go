@@ -137,6 +137,12 @@ type Common struct {
 	// DropCaches replaces DropPageCache (for callers that drop caches by
 	// other means); nil uses DropPageCache.
 	DropCaches func() error
+	// Settle is a pause after stopping a function's instances and before
+	// dropping the caches for the next cold start (or burst), so that the
+	// daemon's background work — refilling its ready-worker pools,
+	// tearing the stopped instances down — is over and does not compete
+	// with the cold start measured (0: none).
+	Settle time.Duration
 }
 
 // setDefaults fills in the defaults.
@@ -185,6 +191,9 @@ func checkList(what string, got, known []string) error {
 func (o *ColdstartOptions) setDefaults() error {
 	if err := checkList("function", o.Functions, nil); err != nil {
 		return err
+	}
+	if o.Settle < 0 {
+		return fmt.Errorf("settle %v: want 0 or more", o.Settle)
 	}
 	for _, f := range o.Functions {
 		if strings.ContainsAny(f, "/: ") {
@@ -378,16 +387,30 @@ const (
 	expectAny                // checked by the caller (concurrent bursts)
 )
 
+// scaleToZero stops the function's instances, waits Settle, and drops the
+// page cache unless WithCache: what precedes every measured cold start.
+func (cr *cellRunner) scaleToZero(ctx context.Context) error {
+	if _, err := cr.c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: cr.name}); err != nil {
+		return fmt.Errorf("stop instances of %q: %w", cr.name, err)
+	}
+	if cr.o.Settle > 0 {
+		select {
+		case <-time.After(cr.o.Settle):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if !cr.o.WithCache {
+		return cr.o.DropCaches()
+	}
+	return nil
+}
+
 func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, stopFirst bool, exp expect, payload, wantStart string) (*Invocation, error) {
 	defer cr.step()
 	if stopFirst {
-		if _, err := cr.c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: cr.name}); err != nil {
-			return nil, fmt.Errorf("stop instances of %q: %w", cr.name, err)
-		}
-		if !cr.o.WithCache {
-			if err := cr.o.DropCaches(); err != nil {
-				return nil, err
-			}
+		if err := cr.scaleToZero(ctx); err != nil {
+			return nil, err
 		}
 	}
 	ictx, cancel := context.WithTimeout(ctx, cr.o.InvokeTimeout)

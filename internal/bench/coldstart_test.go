@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -341,6 +342,7 @@ func TestColdstartOptionErrors(t *testing.T) {
 		"iterations": func(o *ColdstartOptions) { o.Iterations = 0 },
 		"function":   func(o *ColdstartOptions) { o.Functions = []string{"docker.io/x:1"} },
 		"none":       func(o *ColdstartOptions) { o.Functions = nil },
+		"settle":     func(o *ColdstartOptions) { o.Settle = -time.Second },
 	} {
 		o := base
 		mut(&o)

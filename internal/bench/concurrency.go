@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"time"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
 	"vhive.dev/vhive/internal/bench/stats"
@@ -21,10 +20,6 @@ type ConcurrencyOptions struct {
 	Levels   []int    // numbers of simultaneous cold starts
 	// Repeats is how many times each level is measured (default 1).
 	Repeats int
-	// Settle is a pause after stopping the instances and before dropping
-	// the caches and releasing each burst, so that the daemon can refill
-	// its ready-worker pools (0: none).
-	Settle time.Duration
 	Common
 }
 
@@ -52,9 +47,6 @@ func (o *ConcurrencyOptions) setDefaults() error {
 	}
 	if o.Repeats < 0 {
 		return fmt.Errorf("repeats %d: want at least 1", o.Repeats)
-	}
-	if o.Settle < 0 {
-		return fmt.Errorf("settle %v: want 0 or more", o.Settle)
 	}
 	o.Common = co.Common
 	return nil
@@ -211,7 +203,7 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 	}
 	for _, level := range o.Levels {
 		for rep := range o.Repeats {
-			lr, err := cr.burst(ctx, level, rep, want, o.Settle)
+			lr, err := cr.burst(ctx, level, rep, want)
 			cm.Levels = append(cm.Levels, lr)
 			if err != nil {
 				cm.Err = err.Error()
@@ -223,22 +215,10 @@ func runConcurrencyMode(ctx context.Context, c Control, o *ConcurrencyOptions, m
 }
 
 // burst releases n cold invocations at once and collects them.
-func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string, settle time.Duration) (LevelResult, error) {
+func (cr *cellRunner) burst(ctx context.Context, n, rep int, want string) (LevelResult, error) {
 	lr := LevelResult{Mode: cr.cell.Mode, Level: n}
-	if _, err := cr.c.StopInstances(ctx, &vhivepb.StopInstancesRequest{Function: cr.name}); err != nil {
-		return lr, fmt.Errorf("stop instances of %q: %w", cr.name, err)
-	}
-	if settle > 0 {
-		select {
-		case <-time.After(settle):
-		case <-ctx.Done():
-			return lr, ctx.Err()
-		}
-	}
-	if !cr.o.WithCache {
-		if err := cr.o.DropCaches(); err != nil {
-			return lr, err
-		}
+	if err := cr.scaleToZero(ctx); err != nil {
+		return lr, err
 	}
 	type result struct {
 		inv *Invocation
