@@ -47,6 +47,16 @@ func hasStage(r *vhivepb.InvokeResponse, name string) bool {
 	return false
 }
 
+// stageMicros is the named stage's duration, -1 when absent.
+func stageMicros(r *vhivepb.InvokeResponse, name string) int64 {
+	for _, s := range r.Stages {
+		if s.Name == name {
+			return s.GetMicros()
+		}
+	}
+	return -1
+}
+
 func TestGVisorSnapshotStartMode(t *testing.T) {
 	counter := shared.Function(t, "counter", false)
 	probe := shared.Probe(t)

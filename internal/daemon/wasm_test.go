@@ -61,6 +61,11 @@ func TestWasmStartModes(t *testing.T) {
 				if w := td.invoke(t, name, ""); w.ColdStart || !strings.HasPrefix(string(w.Payload), "count=3 ") {
 					t.Fatalf("warm after restore %d = %+v", i+1, w)
 				}
+				// The wasm worker reports the function's own time; it is
+				// part of FuncInvocation.
+				if g, ok := r.MemoryStats["GuestTimeUs"]; !ok || g <= 0 || g > stageMicros(r, "FuncInvocation") {
+					t.Fatalf("restore %d: GuestTimeUs %d (reported %v) not within FuncInvocation %d µs", i+1, g, ok, stageMicros(r, "FuncInvocation"))
+				}
 				if want == "reap-prefetch" && r.MemoryStats["RecPages"] <= 0 {
 					t.Fatalf("prefetch restore reported no working-set pages: %v", r.MemoryStats)
 				}

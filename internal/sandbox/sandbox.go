@@ -17,6 +17,14 @@ import (
 	"time"
 )
 
+// GuestTimeHeader is the gRPC response header in which a sandbox that can
+// tell (the wasm worker) reports how many µs a SayHello spent in the
+// function itself; the orchestrator reports it for a cold start's first
+// call beside the stages (memory statistic GuestTimeUs), so that
+// FuncInvocation can be split into the function's own run and everything
+// around it.
+const GuestTimeHeader = "x-vhive-guest-us"
+
 // Capabilities declares what a backend can do. The orchestrator and the
 // bench never ask a backend for something it does not declare.
 type Capabilities struct {

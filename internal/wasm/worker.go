@@ -28,11 +28,12 @@ import (
 	"google.golang.org/grpc/status"
 
 	"vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/sandbox"
 )
 
 // GuestTimeHeader is the response header in which a worker reports how
-// many µs a SayHello spent in the guest.
-const GuestTimeHeader = "x-vhive-guest-us"
+// many µs a SayHello spent in the guest (sandbox.GuestTimeHeader).
+const GuestTimeHeader = sandbox.GuestTimeHeader
 
 // WorkerReady is the line a worker writes to its stdout once its control
 // socket listens and the preloaded modules are compiled.
