@@ -152,9 +152,10 @@ func TestFailedWriteLeavesNothing(t *testing.T) {
 	}
 }
 
-func TestWorkingSetAndRemoveFunction(t *testing.T) {
+// createWithWS creates key's snapshot in s and commits a working set to it.
+func createWithWS(t *testing.T, s *Store) orchestrator.Snapshot {
+	t.Helper()
 	ctx := context.Background()
-	s := newStore(t, "v1")
 	snap, err := s.Create(ctx, key, writeFiles)
 	if err != nil {
 		t.Fatal(err)
@@ -165,6 +166,29 @@ func TestWorkingSetAndRemoveFunction(t *testing.T) {
 	if err := s.CommitWorkingSet(ctx, snap); err != nil {
 		t.Fatal(err)
 	}
+	return snap
+}
+
+// rewriteKeepingMtime replaces path's bytes and restores its mtime, as
+// bit rot (or a careless tool) would leave it.
+func rewriteKeepingMtime(t *testing.T, path string, data []byte) {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(path, time.Time{}, fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWorkingSetAndRemoveFunction(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap := createWithWS(t, s)
 	got, err := s.Get(ctx, key)
 	if err != nil || !got.HasWorkingSet {
 		t.Fatalf("Get after CommitWorkingSet = %+v, %v", got, err)
@@ -259,32 +283,10 @@ func TestPruneRemovesSnapshotsOfRemovedFunctions(t *testing.T) {
 func TestWriterTrustsItsOwnFiles(t *testing.T) {
 	ctx := context.Background()
 	s := newStore(t, "v1")
-	snap, err := s.Create(ctx, key, writeFiles)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(snap.WorkingSet, []byte("ws-bytes"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.CommitWorkingSet(ctx, snap); err != nil {
-		t.Fatal(err)
-	}
+	snap := createWithWS(t, s)
 	// Rewrite both with other bytes of the same size, keeping the mtimes.
-	for _, f := range []struct {
-		path string
-		data []byte
-	}{{filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1)}, {snap.WorkingSet, []byte("WS-BYTES")}} {
-		fi, err := os.Stat(f.path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chtimes(f.path, time.Time{}, fi.ModTime()); err != nil {
-			t.Fatal(err)
-		}
-	}
+	rewriteKeepingMtime(t, filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1))
+	rewriteKeepingMtime(t, snap.WorkingSet, []byte("WS-BYTES"))
 	if got, err := s.Get(ctx, key); err != nil || !got.HasWorkingSet {
 		t.Fatalf("the writer's own Get = %+v, %v; want its snapshot, not hashed again", got, err)
 	}
@@ -303,17 +305,7 @@ func TestWriterTrustsItsOwnFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mem := filepath.Join(snap2.Dir, "memory")
-	fi, err := os.Stat(mem)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(mem, append(make([]byte, 8191), 2), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chtimes(mem, time.Time{}, fi.ModTime()); err != nil {
-		t.Fatal(err)
-	}
+	rewriteKeepingMtime(t, filepath.Join(snap2.Dir, "memory"), append(make([]byte, 8191), 2))
 	other, err := New(Options{Root: s2.root, Backends: s2.backends})
 	if err != nil {
 		t.Fatal(err)
