@@ -425,16 +425,16 @@ func (p *bufPool) get(n int) ([]byte, error) {
 	p.mu.Lock()
 	best := -1
 	for i, b := range p.free {
-		if len(b) >= n && (best < 0 || len(b) < len(p.free[best])) {
+		if cap(b) >= n && (best < 0 || cap(b) < cap(p.free[best])) {
 			best = i
 		}
 	}
 	if best >= 0 {
 		b := p.free[best]
 		p.free = slices.Delete(p.free, best, best+1)
-		p.idle -= len(b)
+		p.idle -= cap(b)
 		p.mu.Unlock()
-		return b, nil
+		return b[:n], nil
 	}
 	p.mu.Unlock()
 	return iobuf.Alloc(n)
@@ -442,9 +442,9 @@ func (p *bufPool) get(n int) ([]byte, error) {
 
 func (p *bufPool) put(b []byte) {
 	p.mu.Lock()
-	if p.idle+len(b) <= p.maxIdle {
+	if p.idle+cap(b) <= p.maxIdle {
 		p.free = append(p.free, b)
-		p.idle += len(b)
+		p.idle += cap(b)
 		b = nil
 	}
 	p.mu.Unlock()
