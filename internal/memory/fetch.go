@@ -299,9 +299,13 @@ func (f *fetcher) verify() {
 	// chunk whose blocks have all arrived: a checksum reads every byte once
 	// from memory, and one core does that about as fast as the disk
 	// delivers into huge pages, so one verifier fell behind the reads.
-	// verified still advances in order (the installer takes a prefix).
+	// verified still advances in order (the installer takes a prefix), and
+	// a chunk that fails its checksum ends the fetch only once every chunk
+	// before it is settled, so that all the good chunks before a bad one
+	// are installed, as with one verifier.
 	chunks := m.chunks()
 	checked := make([]bool, chunks)
+	firstBad, badErr := chunks, error(nil) // guarded by f.mu
 	var next atomic.Int64
 	var vwg sync.WaitGroup
 	for range min(verifiers, chunks) {
@@ -319,30 +323,46 @@ func (f *fetcher) verify() {
 					lo, hi = 0, m.dataOff+m.dataLen // one checksum over the whole file
 				}
 				f.mu.Lock()
-				ready := f.waitRange(lo, hi)
+				ready := k < firstBad && f.waitRange(lo, hi, func() bool { return k >= firstBad })
 				f.mu.Unlock()
 				if !ready || f.stop.Load() {
-					fail(nil)
-					return
+					if f.stop.Load() || f.failed() {
+						fail(nil)
+					}
+					return // past a bad chunk: nothing more to check
 				}
-				if err := m.checkChunk(b, k); err != nil {
-					fail(err)
-					return
-				}
+				err := m.checkChunk(b, k)
 				f.mu.Lock()
-				checked[k] = true
+				if err != nil {
+					if k < firstBad {
+						firstBad, badErr = k, err
+						f.cond.Broadcast() // verifiers waiting past it give up
+					}
+				} else {
+					checked[k] = true
+				}
 				advanced := false
-				for f.verified < chunks && checked[f.verified] && f.err == nil {
+				for f.verified < firstBad && checked[f.verified] && f.err == nil {
 					f.verified++
 					advanced = true
 				}
-				if f.verified == chunks && f.fetchedAt.IsZero() {
+				switch {
+				case f.verified == chunks && f.fetchedAt.IsZero():
 					f.fetchedAt = time.Now()
+				case firstBad < chunks && f.verified == firstBad && f.err == nil:
+					// Every chunk before the bad one is verified: the
+					// fetch ends with its error.
+					f.stop.Store(true)
+					f.err, f.fetchedAt = badErr, time.Now()
+					advanced = true
 				}
 				if advanced {
 					f.notifyLocked()
 				}
 				f.mu.Unlock()
+				if err != nil {
+					return
+				}
 			}
 		}()
 	}
@@ -350,9 +370,11 @@ func (f *fetcher) verify() {
 }
 
 // waitRange waits until bytes [lo, hi) are read (their blocks may arrive
-// out of order); false if reading failed or stopped first. f.mu is held.
-func (f *fetcher) waitRange(lo, hi uint64) bool {
-	for f.err == nil && !f.stop.Load() {
+// out of order); false if reading failed or stopped first, or giveUp
+// (called with f.mu held) says the bytes are no longer wanted. f.mu is
+// held.
+func (f *fetcher) waitRange(lo, hi uint64, giveUp func() bool) bool {
+	for f.err == nil && !f.stop.Load() && !giveUp() {
 		if f.read >= hi {
 			return true
 		}
