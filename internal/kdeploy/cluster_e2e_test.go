@@ -405,11 +405,8 @@ var (
 func functionEndpoints(t *testing.T, c *cluster.Cluster) map[string]string {
 	t.Helper()
 	out := map[string]string{}
-	for _, p := range c.Status() {
-		if p.Component != cluster.VhiveDaemon || p.Log == "" {
-			continue
-		}
-		b, err := os.ReadFile(p.Log)
+	for _, log := range daemonLogs(c) {
+		b, err := os.ReadFile(log)
 		if err != nil {
 			continue
 		}
@@ -420,16 +417,24 @@ func functionEndpoints(t *testing.T, c *cluster.Cluster) map[string]string {
 	return out
 }
 
+// daemonLogs lists the log files of the cluster's vhive daemons.
+func daemonLogs(c *cluster.Cluster) []string {
+	var logs []string
+	for _, p := range c.Status() {
+		if p.Component == cluster.VhiveDaemon && p.Log != "" {
+			logs = append(logs, p.Log)
+		}
+	}
+	return logs
+}
+
 // nodeStages reads the node-local cold-start stages (µs) of pods from the
 // vhive daemons' logs: pod → [GetImage, CreateSandbox, StartSandbox].
 func nodeStages(t *testing.T, c *cluster.Cluster) map[string][3]int64 {
 	t.Helper()
 	out := map[string][3]int64{}
-	for _, p := range c.Status() {
-		if p.Component != cluster.VhiveDaemon || p.Log == "" {
-			continue
-		}
-		f, err := os.Open(p.Log)
+	for _, log := range daemonLogs(c) {
+		f, err := os.Open(log)
 		if err != nil {
 			continue
 		}
