@@ -66,9 +66,3 @@ func Free(b []byte) error {
 	}
 	return nil
 }
-
-// HugeBytes reports how many bytes of b are backed by transparent huge
-// pages now (from /proc/self/smaps; 0 when the kernel does not say).
-func HugeBytes(b []byte) int64 {
-	return hugeBytes(uintptr(unsafe.Pointer(unsafe.SliceData(b))))
-}

@@ -32,7 +32,7 @@ func TestAllocDirectRead(t *testing.T) {
 		t.Fatalf("buffer at %#x is not %d-aligned", addr, Align)
 	}
 	if thp, _ := os.ReadFile("/sys/kernel/mm/transparent_hugepage/enabled"); len(thp) > 0 && !strings.Contains(string(thp), "[never]") {
-		if h := HugeBytes(b); h == 0 {
+		if h := hugeBytes(b); h == 0 {
 			t.Errorf("THP is %q but no part of the buffer is huge-page backed", strings.TrimSpace(string(thp)))
 		}
 	}

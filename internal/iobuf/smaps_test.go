@@ -5,12 +5,14 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"unsafe"
 )
 
-// hugeBytes is the AnonHugePages of this process's mapping that holds
-// addr (a mapping the kernel merged with a neighbour counts the
-// neighbour's too).
-func hugeBytes(addr uintptr) int64 {
+// hugeBytes is the AnonHugePages of this process's mapping that holds b's
+// first byte, from /proc/self/smaps (a mapping the kernel merged with a
+// neighbour counts the neighbour's too; 0 when the kernel does not say).
+func hugeBytes(b []byte) int64 {
+	addr := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
 	f, err := os.Open("/proc/self/smaps")
 	if err != nil {
 		return 0
