@@ -20,6 +20,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"vhive.dev/vhive/internal/mountinfo"
+	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/sandbox/oci"
 )
 
@@ -150,11 +151,9 @@ func down(ctx context.Context, cfg Config, s *store) error {
 	// netns) and the instance's named netns.
 	note(unmountUnder(cfg.Dir + "/"))
 	netnsNames := slices.Clone(st.Netns)
-	if ents, err := os.ReadDir(netnsDir); err == nil {
-		for _, e := range ents {
-			if cfg.ownNodeName(e.Name()) || cfg.ownFuncNetns(e.Name()) {
-				netnsNames = addUnique(netnsNames, e.Name())
-			}
+	if names, err := netpool.NetnsNames(cfg.ownNetns); err == nil {
+		for _, n := range names {
+			netnsNames = addUnique(netnsNames, n)
 		}
 	}
 	for _, name := range netnsNames {
@@ -307,6 +306,10 @@ func removeLogLinks(prefix string) error {
 	return errors.Join(errs...)
 }
 
+// ownNetns matches the named network namespaces of the instance: its
+// nodes' and their daemons' netpools'.
+func (c Config) ownNetns(name string) bool { return c.ownNodeName(name) || c.ownFuncNetns(name) }
+
 // Leftovers lists what of instance cfg exists on the host now: processes
 // naming cfg.Dir or in its node cgroups, mounts under Dir, named netns and
 // links with the instance's names, cgroups, host routes into its ranges,
@@ -348,18 +351,18 @@ func Leftovers(cfg Config) ([]string, error) {
 	for _, m := range mountsUnder(cfg.Dir + "/") {
 		out = append(out, "mount "+m)
 	}
-	ents, err := os.ReadDir(netnsDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("cluster: list %s: %w", netnsDir, err)
+	// Names from the directory and from the mount table (a mount hidden
+	// under a later mount of /var/run/netns has no entry one sees), each
+	// with what is wrong with it if it is not one nsfs mount.
+	names, err := netpool.NetnsNames(cfg.ownNetns)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: %w", err)
 	}
-	for _, e := range ents {
-		if cfg.ownNodeName(e.Name()) || cfg.ownFuncNetns(e.Name()) {
-			out = append(out, "netns "+e.Name())
-		}
-	}
-	for _, m := range mountsUnder(netnsDir + "/") {
-		if b := filepath.Base(m); cfg.ownNodeName(b) || cfg.ownFuncNetns(b) {
-			out = append(out, "mount "+m)
+	for _, n := range names {
+		if p := netpool.NetnsProblem(n); p != "" {
+			out = append(out, fmt.Sprintf("netns %s (%s)", n, p))
+		} else {
+			out = append(out, "netns "+n)
 		}
 	}
 	ls, err := netlink.LinkList()

@@ -14,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/netpool"
 )
 
 func ipNet(p netip.Prefix) *net.IPNet {
@@ -51,6 +53,11 @@ func makeNetns(name string) error {
 	if _, err := os.Stat(filepath.Join(netnsDir, name)); err == nil {
 		return nil
 	}
+	// A shared mount point of its own first, so that no later `ip netns
+	// add` hides this namespace under a recursive self-bind.
+	if err := netpool.EnsureNetnsDir(); err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -78,15 +85,12 @@ func makeNetns(name string) error {
 	return <-errc
 }
 
-// deleteNetns unmounts and removes a named network namespace; the
+// deleteNetns removes a named network namespace, every mount at its path
+// and those hidden under a later mount of /var/run/netns included; the
 // namespace itself goes when its last process is gone.
 func deleteNetns(name string) error {
-	p := filepath.Join(netnsDir, name)
-	if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("cluster: unmount netns %s: %w", p, err)
-	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("cluster: remove netns %s: %w", p, err)
+	if err := netpool.DeleteNamed(name); err != nil {
+		return fmt.Errorf("cluster: %w", err)
 	}
 	return nil
 }

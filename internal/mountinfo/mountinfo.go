@@ -1,4 +1,5 @@
-// Package mountinfo reads this process's mount table (/proc/self/mountinfo):
+// Package mountinfo reads the mount table of the calling thread's mount
+// namespace (/proc/thread-self/mountinfo):
 // which mount points lie in a directory, for cleanups that must unmount
 // them and tests that check none is left.
 package mountinfo
@@ -15,13 +16,37 @@ import (
 // (a parent before what is mounted on it; a point mounted twice is listed
 // twice). dir should be absolute.
 func Under(dir string) ([]string, error) {
+	ms, err := All()
+	if err != nil {
+		return nil, err
+	}
 	dir = filepath.Clean(dir)
-	f, err := os.Open("/proc/self/mountinfo")
+	var out []string
+	for _, m := range ms {
+		if m.Point == dir || strings.HasPrefix(m.Point, dir+"/") || dir == "/" {
+			out = append(out, m.Point)
+		}
+	}
+	return out, nil
+}
+
+// Mount is one line of the mount table.
+type Mount struct {
+	Point  string // mount point, as the process's root sees it
+	FSType string // e.g. "nsfs", "tmpfs"
+	Root   string // what of its file system is mounted there
+}
+
+// All returns the whole mount table in mount-table order. A mount hidden
+// under a later mount on the same point or on a directory above it is
+// listed too, with its own point.
+func All() ([]Mount, error) {
+	f, err := os.Open("/proc/thread-self/mountinfo")
 	if err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
 	defer f.Close()
-	var out []string
+	var out []Mount
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -29,10 +54,15 @@ func Under(dir string) ([]string, error) {
 		if len(fields) < 5 {
 			continue
 		}
-		mp := Unescape(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") || dir == "/" {
-			out = append(out, mp)
+		m := Mount{Point: Unescape(fields[4]), Root: Unescape(fields[3])}
+		// Optional fields end with "-", then the file system type.
+		for i := 6; i+1 < len(fields); i++ {
+			if fields[i] == "-" {
+				m.FSType = fields[i+1]
+				break
+			}
 		}
+		out = append(out, m)
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)

@@ -30,7 +30,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -250,21 +249,20 @@ func (p *Pool) Close(ctx context.Context) error {
 }
 
 // Cleanup removes every namespace and host veth named "<prefix>-*" — what a
-// previous daemon run left behind. Call it before New.
+// previous daemon run left behind, stacked or hidden mounts included
+// (DeleteNamed). Call it before New.
 func Cleanup(ctx context.Context, prefix string) error {
 	if prefix == "" {
 		prefix = "vh"
 	}
 	var errs []error
-	ents, err := os.ReadDir(NetnsDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("netpool: list %s: %w", NetnsDir, err))
+	names, err := NetnsNames(func(name string) bool { return OwnName(prefix, name) })
+	if err != nil {
+		errs = append(errs, err)
 	}
-	for _, e := range ents {
-		if OwnName(prefix, e.Name()) {
-			if err := deleteNetns(e.Name()); err != nil {
-				errs = append(errs, err)
-			}
+	for _, name := range names {
+		if err := DeleteNamed(name); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	links, err := listLinks()
@@ -283,16 +281,20 @@ func Cleanup(ctx context.Context, prefix string) error {
 }
 
 // Leftovers lists the namespaces and host veths named "<prefix>-*" that
-// exist now. Tests use it to check that nothing leaked.
+// exist now, a namespace with what is wrong with it if it is not a single
+// nsfs mount (NetnsProblem), and one hidden under a later mount of NetnsDir
+// too. Tests use it to check that nothing leaked.
 func Leftovers(prefix string) ([]string, error) {
 	var out []string
-	ents, err := os.ReadDir(NetnsDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("netpool: list %s: %w", NetnsDir, err)
+	names, err := NetnsNames(func(name string) bool { return OwnName(prefix, name) })
+	if err != nil {
+		return nil, err
 	}
-	for _, e := range ents {
-		if OwnName(prefix, e.Name()) {
-			out = append(out, "netns "+e.Name())
+	for _, name := range names {
+		if p := NetnsProblem(name); p != "" {
+			out = append(out, fmt.Sprintf("netns %s (%s)", name, p))
+		} else {
+			out = append(out, "netns "+name)
 		}
 	}
 	links, err := listLinks()
@@ -401,7 +403,7 @@ func (p *Pool) create(ctx context.Context) (n *Net, retErr error) {
 	// not cleaned up) would make creation fail; remove it first.
 	if _, err := os.Stat(n.NsPath); err == nil {
 		p.log.Warn("removing stale netns", "netns", n.Name)
-		if err := deleteNetns(n.Name); err != nil {
+		if err := DeleteNamed(n.Name); err != nil {
 			return nil, err
 		}
 	}
@@ -494,7 +496,7 @@ func (p *Pool) destroy(n *Net) error {
 			errs = append(errs, fmt.Errorf("netpool: delete veth %q: %w", n.HostIf, err))
 		}
 	}
-	if err := deleteNetns(n.Name); err != nil {
+	if err := DeleteNamed(n.Name); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
@@ -507,46 +509,4 @@ func ipNet(a netip.Addr, bits int) *net.IPNet {
 func isNotFound(err error) bool {
 	var lnf netlink.LinkNotFoundError
 	return errors.As(err, &lnf) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT)
-}
-
-// newNamedNetns creates a network namespace bind-mounted at
-// NetnsDir/name without moving the calling goroutine's thread into it for
-// longer than the creation itself.
-func newNamedNetns(name string) (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return netns.None(), fmt.Errorf("netpool: current netns: %w", err)
-	}
-	defer orig.Close()
-	ns, nerr := netns.NewNamed(name)
-	// Whatever happened, go back to the original namespace; if that fails
-	// the thread stays locked so that Go discards it when this goroutine
-	// ends, instead of reusing a thread in the wrong namespace.
-	if err := netns.Set(orig); err != nil {
-		if ns.IsOpen() {
-			ns.Close()
-		}
-		return netns.None(), fmt.Errorf("netpool: return to the original netns after creating %q: %w", name, err)
-	}
-	runtime.UnlockOSThread()
-	if nerr != nil {
-		// netns.NewNamed leaves the mount point file behind when the bind
-		// mount fails.
-		_ = os.Remove(filepath.Join(NetnsDir, name))
-		return netns.None(), fmt.Errorf("netpool: create netns %q: %w", name, nerr)
-	}
-	return ns, nil
-}
-
-func deleteNetns(name string) error {
-	path := filepath.Join(NetnsDir, name)
-	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("netpool: unmount netns %q: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("netpool: remove netns %q: %w", path, err)
-	}
-	return nil
 }

@@ -1,11 +1,14 @@
 package nodetest
 
 import (
+	"errors"
 	"fmt"
 	"hash/crc32"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -19,50 +22,101 @@ import (
 // Resources are the machine resources a daemon with one state dir and
 // network prefix owns at one moment.
 type Resources struct {
-	// Netns maps each named network namespace "<prefix>-<n>" to its
-	// cookie (SO_NETNS_COOKIE: never reused, unlike namespace inode
-	// numbers, so a namespace recreated under the same name has another).
-	Netns map[string]uint64
+	// Netns maps each named network namespace "<prefix>-<n>" — every
+	// entry of /var/run/netns and every mount the mount table has there
+	// with such a name — to its cookie or to what is wrong with it.
+	Netns map[string]NetnsEntry
 	// Veths maps each host-side veth "<prefix>-<n>" to its ifindex.
 	Veths map[string]int
 	// Mounts are mount points under the state dir.
 	Mounts []string
 	// Cgroups are instance cgroup directories of the daemon's OCI backends.
 	Cgroups []string
+	// Problems are what could not be inspected at all (a listing that
+	// failed, a veth whose ifindex cannot be read): each is a leak, since
+	// a check that skips what it cannot read cannot fail.
+	Problems []string
+}
+
+// NetnsEntry is one named network namespace.
+type NetnsEntry struct {
+	// Cookie is SO_NETNS_COOKIE: never reused, unlike namespace inode
+	// numbers, so a namespace recreated under the same name has another.
+	// Zero when Problem is set.
+	Cookie uint64
+	// Problem says why the entry is not a single nsfs mount whose cookie
+	// can be read (a plain file, a mount hidden under another or stacked,
+	// an unreadable cookie): always a leak.
+	Problem string
+}
+
+func (e NetnsEntry) String() string {
+	if e.Problem != "" {
+		return e.Problem
+	}
+	return fmt.Sprintf("cookie %d", e.Cookie)
 }
 
 // Snapshot records the resources of the daemon with stateDir and prefix.
 func Snapshot(stateDir, prefix string) Resources {
-	r := Resources{Netns: map[string]uint64{}, Veths: map[string]int{}}
-	ents, _ := os.ReadDir("/var/run/netns")
-	for _, e := range ents {
-		if !netpool.OwnName(prefix, e.Name()) {
+	r := Resources{Netns: map[string]NetnsEntry{}, Veths: map[string]int{}}
+	names, err := netpool.NetnsNames(func(name string) bool { return netpool.OwnName(prefix, name) })
+	if err != nil {
+		r.Problems = append(r.Problems, err.Error())
+	}
+	for _, name := range names {
+		p := netpool.NetnsProblem(name)
+		var c uint64
+		if p == "" {
+			if c, err = netnsCookie(filepath.Join(netpool.NetnsDir, name)); err != nil {
+				p = fmt.Sprintf("cannot read its cookie: %v", err)
+			}
+		}
+		if p != "" {
+			if netnsGone(name) {
+				continue // deleted while we looked: a running daemon's Put
+			}
+			r.Netns[name] = NetnsEntry{Problem: p}
 			continue
 		}
-		if c, err := netnsCookie(filepath.Join("/var/run/netns", e.Name())); err == nil {
-			r.Netns[e.Name()] = c
-		}
+		r.Netns[name] = NetnsEntry{Cookie: c}
 	}
-	links, _ := os.ReadDir("/sys/class/net")
+	links, err := os.ReadDir("/sys/class/net")
+	if err != nil {
+		r.Problems = append(r.Problems, fmt.Sprintf("list veths: %v", err))
+	}
 	for _, l := range links {
 		if !netpool.OwnName(prefix, l.Name()) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/sys/class/net", l.Name(), "ifindex"))
+		var ix int
+		if err == nil {
+			ix, err = strconv.Atoi(strings.TrimSpace(string(b)))
+		}
 		if err != nil {
+			// Gone between the listing and the read is not a leak.
+			if !errors.Is(err, os.ErrNotExist) {
+				r.Problems = append(r.Problems, fmt.Sprintf("veth %s: cannot read its ifindex: %v", l.Name(), err))
+			}
 			continue
 		}
-		ix, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 		r.Veths[l.Name()] = ix
 	}
 	abs, _ := filepath.Abs(stateDir)
-	r.Mounts, _ = mountinfo.Under(abs)
+	if r.Mounts, err = mountinfo.Under(abs); err != nil {
+		r.Problems = append(r.Problems, fmt.Sprintf("mounts under %s: %v", abs, err))
+	}
 	hier, _ := filepath.Glob("/sys/fs/cgroup/*")
 	hier = append(hier, "/sys/fs/cgroup")
 	for _, h := range hier {
 		for _, p := range CgroupParents(stateDir) {
 			ents, err := os.ReadDir(filepath.Join(h, p))
 			if err != nil {
+				// Not there, or h is a file of the unified hierarchy.
+				if !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTDIR) {
+					r.Problems = append(r.Problems, fmt.Sprintf("cgroups in %s: %v", filepath.Join(h, p), err))
+				}
 				continue
 			}
 			for _, e := range ents {
@@ -77,19 +131,39 @@ func Snapshot(stateDir, prefix string) Resources {
 	return r
 }
 
+// netnsGone reports whether /var/run/netns/name no longer exists, neither
+// as a file nor as a mount.
+func netnsGone(name string) bool {
+	if _, err := os.Lstat(filepath.Join(netpool.NetnsDir, name)); !errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	names, err := netpool.NetnsNames(func(n string) bool { return n == name })
+	return err == nil && len(names) == 0
+}
+
 // Count is the number of resources of every kind.
-func (r Resources) Count() int { return len(r.Netns) + len(r.Veths) + len(r.Mounts) + len(r.Cgroups) }
+func (r Resources) Count() int {
+	return len(r.Netns) + len(r.Veths) + len(r.Mounts) + len(r.Cgroups) + len(r.Problems)
+}
 
 // LeakedFrom lists what of old (taken before the old daemon died) still
 // exists in now, and what now holds beyond a fresh idle daemon's pool of
-// poolSize namespaces and veths with nothing else. Empty means clean.
+// poolSize namespaces and veths with nothing else. A namespace entry with a
+// problem and anything Snapshot could not inspect are always leaks. Empty
+// means clean.
 func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
 	var out []string
-	for n, ino := range old.Netns {
-		if now.Netns[n] == ino {
-			out = append(out, fmt.Sprintf("netns %s (cookie %d) of the dead daemon", n, ino))
+	for n, e := range old.Netns {
+		if ne, ok := now.Netns[n]; ok && e.Problem == "" && ne == e {
+			out = append(out, fmt.Sprintf("netns %s (cookie %d) of the dead daemon", n, e.Cookie))
 		}
 	}
+	for _, n := range slices.Sorted(maps.Keys(now.Netns)) {
+		if p := now.Netns[n].Problem; p != "" {
+			out = append(out, fmt.Sprintf("netns %s: %s", n, p))
+		}
+	}
+	out = append(out, now.Problems...)
 	for n, ix := range old.Veths {
 		if now.Veths[n] == ix {
 			out = append(out, fmt.Sprintf("veth %s (ifindex %d) of the dead daemon", n, ix))
