@@ -25,6 +25,11 @@
 //	<name>[-wasm].tar   docker-archive tarball (go-containerregistry's
 //	                    tarball.WriteToFile), RepoTags [<full reference>]
 //
+// A docker-archive holds no manifest; vhive's image service builds the same
+// one for it every time (image.FromDockerArchive), which for a Linux image is
+// byte for byte the layout's, so both forms import under one digest
+// (Image.Digest == Image.TarballDigest).
+//
 // Every timestamp is fixed (the Unix epoch) and binaries are built with
 // -trimpath, so building the same source twice gives the same digests.
 package build
@@ -135,10 +140,15 @@ type Image struct {
 	// Digest is the manifest digest of the image in the OCI layout ("" unless
 	// FormatLayout).
 	Digest string
-	// TarballDigest is the manifest digest of the image written into the
-	// docker-archive ("" unless FormatTar). A docker-archive stores no
-	// manifest, so an importer recomputes its own; for Linux images it equals
-	// Digest, for wasm images it is the tar-layer variant's.
+	// TarballDigest is the manifest digest vhive's image service records
+	// when it imports the docker-archive ("" unless FormatTar). A
+	// docker-archive stores no manifest; the importer builds one the same way
+	// every time (image.FromDockerArchive: OCI media types, the archive's
+	// config and layer blobs, no annotations). For a Linux image that is
+	// byte for byte the layout's manifest, so TarballDigest equals Digest:
+	// one image, one digest, however it is imported. A wasm image's
+	// docker-archive holds a different image (the module in a tar layer, see
+	// the package doc), so its TarballDigest differs from Digest.
 	TarballDigest string
 	Layout        string // OCI layout directory, "" unless FormatLayout
 	Tarball       string // docker-archive file, "" unless FormatTar
@@ -274,17 +284,17 @@ func buildTarget(ctx context.Context, o Options, t Target) (Image, error) {
 		if err != nil {
 			return Image{}, fmt.Errorf("function %q (%s): package image: %w", o.Function, t, err)
 		}
-		d, err := img.Digest()
+		d, err := formatDigest(img, f)
 		if err != nil {
 			return Image{}, fmt.Errorf("function %q (%s): image digest: %w", o.Function, t, err)
 		}
 		switch f {
 		case FormatLayout:
-			res.Digest = d.String()
+			res.Digest = d
 			res.Layout = filepath.Join(o.OutDir, imageName(o.Function, t))
 			err = writeLayout(res.Layout, res.Ref, img)
 		case FormatTar:
-			res.TarballDigest = d.String()
+			res.TarballDigest = d
 			res.Tarball = filepath.Join(o.OutDir, imageName(o.Function, t)+".tar")
 			err = writeTarball(res.Tarball, res.Ref, img)
 		}

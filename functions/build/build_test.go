@@ -241,6 +241,9 @@ func TestBuildFunctionHelloworld(t *testing.T) {
 	if !bytes.Equal(tfiles["helloworld.wasm"], module) {
 		t.Errorf("wasm tarball's helloworld.wasm (%d bytes) differs from the module (%d bytes)", len(tfiles["helloworld.wasm"]), len(module))
 	}
+	// One Linux image, one digest: its docker-archive imports under the
+	// layout's digest (TestImageServiceImports imports both); the wasm
+	// docker-archive is another image (a tar layer), with its own.
 	if wasm.TarballDigest == "" || wasm.TarballDigest == wasm.Digest || lin.TarballDigest != lin.Digest {
 		t.Errorf("tarball digests: wasm %s (layout %s), linux %s (layout %s)", wasm.TarballDigest, wasm.Digest, lin.TarballDigest, lin.Digest)
 	}

@@ -19,6 +19,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"vhive.dev/vhive/internal/image"
 )
 
 // epoch is every timestamp in an image, for reproducible digests.
@@ -157,18 +159,16 @@ func wasmConfig(function string) *v1.ConfigFile {
 }
 
 // wasmTarImage is the docker-archive variant of a wasm image: a docker-archive
-// keeps no layer media types, so the module is a file in an ordinary tar
-// layer, named by the config label and manifest annotation.
+// keeps no layer media types (nor annotations), so the module is a file in an
+// ordinary tar layer, named by the config label.
 func wasmTarImage(function string, module []byte) (v1.Image, error) {
 	img, err := baseImage(wasmConfig(function))
 	if err != nil {
 		return nil, err
 	}
-	img, err = appendTarLayer(img, wasmPath(function), module, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	return mutate.Annotations(img, map[string]string{WasmModuleAnnotation: wasmPath(function)}).(v1.Image), nil
+	// No manifest annotation: a docker-archive keeps none, and an image
+	// written there exactly as its import rebuilds it has one digest.
+	return appendTarLayer(img, wasmPath(function), module, 0o644)
 }
 
 // writeLayout writes img as a fresh OCI layout at dir (replacing it).
@@ -195,6 +195,25 @@ func writeLayout(dir, ref string, img v1.Image) error {
 		return err
 	}
 	return os.Rename(tmp, dir)
+}
+
+// formatDigest is the manifest digest vhive's image service records for img
+// imported from format f: its own for a layout; for a docker-archive, which
+// keeps no manifest, that of the manifest the importer builds
+// (image.FromDockerArchive), equal to img's own when img has OCI media types
+// and no annotations.
+func formatDigest(img v1.Image, f Format) (string, error) {
+	if f == FormatTar {
+		var err error
+		if img, err = image.FromDockerArchive(img); err != nil {
+			return "", err
+		}
+	}
+	d, err := img.Digest()
+	if err != nil {
+		return "", err
+	}
+	return d.String(), nil
 }
 
 // writeTarball writes img as a docker-archive at path (replacing it).
@@ -231,19 +250,23 @@ func WriteImage(img v1.Image, outDir, name, ref string, formats []Format) (Image
 	if len(formats) == 0 {
 		formats = []Format{FormatLayout, FormatTar}
 	}
-	d, err := img.Digest()
-	if err != nil {
-		return Image{}, fmt.Errorf("image digest: %w", err)
-	}
 	res := Image{Function: name, Target: TargetLinux, Ref: ref}
 	for _, f := range formats {
+		var (
+			d   string
+			err error
+		)
 		switch f {
 		case FormatLayout:
-			res.Digest, res.Layout = d.String(), filepath.Join(outDir, name)
-			err = writeLayout(res.Layout, ref, img)
+			if d, err = formatDigest(img, f); err == nil {
+				res.Digest, res.Layout = d, filepath.Join(outDir, name)
+				err = writeLayout(res.Layout, ref, img)
+			}
 		case FormatTar:
-			res.TarballDigest, res.Tarball = d.String(), filepath.Join(outDir, name+".tar")
-			err = writeTarball(res.Tarball, ref, img)
+			if d, err = formatDigest(img, f); err == nil {
+				res.TarballDigest, res.Tarball = d, filepath.Join(outDir, name+".tar")
+				err = writeTarball(res.Tarball, ref, img)
+			}
 		default:
 			err = fmt.Errorf("format %q is unknown", f)
 		}

@@ -12,7 +12,9 @@ import (
 
 // TestImageServiceImports imports every output form with vhive's image
 // service: both Linux forms give a linux image, both wasm forms a wasm image
-// whose module file is the built module.
+// whose module file is the built module. Each form is recorded under the
+// digest the build reported for it, and a Linux image has one identity: its
+// layout and its docker-archive import under the same manifest digest.
 func TestImageServiceImports(t *testing.T) {
 	ctx := context.Background()
 	out := t.TempDir()
@@ -43,6 +45,13 @@ func TestImageServiceImports(t *testing.T) {
 				t.Errorf("import %s: %v", path, err)
 				continue
 			}
+			want := im.Digest
+			if path == im.Tarball {
+				want = im.TarballDigest
+			}
+			if got.Digest != want {
+				t.Errorf("import %s: digest %s, the build reported %s", path, got.Digest, want)
+			}
 			switch im.Target {
 			case TargetLinux:
 				if got.Kind != image.KindLinux {
@@ -53,6 +62,16 @@ func TestImageServiceImports(t *testing.T) {
 				if got.Kind != image.KindWasm || err != nil || !bytes.Equal(b, module) {
 					t.Errorf("%s imported as %q with module %q (%v): not the built module", path, got.Kind, got.WasmModule, err)
 				}
+			}
+		}
+		if im.Target == TargetLinux && im.TarballDigest != im.Digest {
+			t.Errorf("%s: docker-archive digest %s differs from the layout's %s", im.Ref, im.TarballDigest, im.Digest)
+		}
+		// Every form leaves the one reference on the one digest recorded for it.
+		if im.Target == TargetLinux {
+			got, err := svc.Get(ctx, im.Ref)
+			if err != nil || got.Digest != im.Digest {
+				t.Errorf("Get(%s) after importing both forms = %s, %v; want the layout digest %s", im.Ref, got.Digest, err, im.Digest)
 			}
 		}
 	}

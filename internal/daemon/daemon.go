@@ -172,8 +172,11 @@ func New(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	imgs, err := image.New(ctx, image.Options{
 		Root:   filepath.Join(cfg.StateDir, "images"),
 		Logger: d.log.With("component", "image"),
-		InUse: func(digest string) bool {
-			return orchRef != nil && len(orchRef.FunctionsUsingImage(digest)) > 0
+		InUse: func(digest string) image.Users {
+			if orchRef == nil {
+				return image.Users{}
+			}
+			return image.Users{Functions: orchRef.FunctionsUsingImage(digest)}
 		},
 	})
 	if err != nil {

@@ -107,4 +107,21 @@
 // from its argument, else from the archive: io.containerd.image.name or a full
 // org.opencontainers.image.ref.name annotation (a bare tag such as "latest"
 // names no repository and is not used), or all RepoTags of a docker archive.
+//
+// # Identity
+//
+// An image is its manifest digest. A docker archive keeps no manifest, so
+// Import builds one the same way every time (FromDockerArchive: OCI media
+// types, the archive's config and layer blobs, no annotations); an OCI image
+// without annotations — every Linux image functions/build writes — has the
+// same digest from its layout, a registry or its docker archive.
+//
+// # Removal
+//
+// Remove deletes a reference, or every reference to a digest; the unpacked
+// image goes with its last reference unless Options.InUse reports users
+// (deployed functions, CRI containers): then nothing changes and the
+// *InUseError names them all, e.g. image "localhost/vhive/helloworld:latest"
+// (sha256:…) is used by functions "a", "b": remove them first (vhive rm).
+// The daemon returns it as FailedPrecondition with that message.
 package image

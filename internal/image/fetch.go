@@ -270,7 +270,7 @@ func (s *Service) dropIfUnreferenced(ctx context.Context, dgst string) {
 		return
 	}
 	defer unlock()
-	if s.inUse != nil && s.inUse(dgst) {
+	if s.inUse != nil && !s.inUse(dgst).Empty() {
 		return // kept; Remove(digest) deletes it once unused
 	}
 	drop := false

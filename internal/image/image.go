@@ -59,11 +59,12 @@ type Options struct {
 	// Keychain resolves registry credentials; authn.DefaultKeychain (the
 	// docker config) when nil.
 	Keychain authn.Keychain
-	// InUse reports whether a sandbox uses the image with this manifest
-	// digest; Remove refuses (ErrInUse) to delete such an image. Nil means
-	// nothing is in use. Called without the Service's locks held; it must be
-	// quick and must not call back into the Service.
-	InUse func(digest string) bool
+	// InUse reports what uses the image with this manifest digest (the
+	// deployed functions, the CRI's containers); Remove refuses to delete an
+	// image whose Users are not empty, with an *InUseError naming them. Nil
+	// means nothing is in use. Called without the Service's locks held; it
+	// must be quick and must not call back into the Service.
+	InUse func(digest string) Users
 }
 
 // Config is the part of the image config a sandbox needs.
@@ -110,7 +111,7 @@ type Service struct {
 	maxLayer int64
 	maxEntry int64
 	keychain authn.Keychain
-	inUse    func(string) bool
+	inUse    func(string) Users
 	db       *bolt.DB
 
 	locks keyedMutex
@@ -361,8 +362,8 @@ func (s *Service) List(ctx context.Context) ([]Image, error) {
 
 // Remove deletes a reference, or every reference to a digest. When no
 // reference to the digest remains, its record and unpacked directory are
-// removed too — unless Options.InUse reports it in use: then nothing is
-// changed and the error wraps ErrInUse.
+// removed too — unless Options.InUse reports users: then nothing is
+// changed and the error is an *InUseError (wrapping ErrInUse) naming them.
 func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 	var dgst, refName string
 	if d, ok := normDigest(refOrDigest); ok {
@@ -391,7 +392,10 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 	defer unlock()
 
 	// Asked outside the transaction: the hook may take its own locks.
-	used := s.inUse != nil && s.inUse(dgst)
+	var users Users
+	if s.inUse != nil {
+		users = s.inUse(dgst)
+	}
 	removeDir := false
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		if _, err := getRecord(tx, dgst); err != nil {
@@ -406,8 +410,8 @@ func (s *Service) Remove(ctx context.Context, refOrDigest string) error {
 			drop = []string{refName}
 		}
 		last := len(drop) == len(refs)
-		if last && used {
-			return fmt.Errorf("image: remove %q: digest %s is used by a sandbox: %w", refOrDigest, dgst, ErrInUse)
+		if last && !users.Empty() {
+			return &InUseError{Ref: refName, Digest: dgst, Users: users}
 		}
 		for _, r := range drop {
 			if err := refsB(tx).Delete([]byte(r)); err != nil {

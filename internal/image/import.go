@@ -3,6 +3,7 @@ package image
 import (
 	"archive/tar"
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"encoding/json"
@@ -17,6 +18,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // Annotations naming an image in an OCI layout's index.json.
@@ -366,9 +368,121 @@ func (s *Service) importDocker(ctx context.Context, path, want string) (Image, e
 		}
 		tag = &t
 	}
-	img, err := tarball.Image(func() (io.ReadCloser, error) { return openMaybeGzip(path) }, tag)
+	dimg, err := tarball.Image(func() (io.ReadCloser, error) { return openMaybeGzip(path) }, tag)
+	if err != nil {
+		return Image{}, fmt.Errorf("image: import %q: docker archive: %v: %w", path, err, ErrInvalid)
+	}
+	img, err := FromDockerArchive(dimg)
 	if err != nil {
 		return Image{}, fmt.Errorf("image: import %q: docker archive: %v: %w", path, err, ErrInvalid)
 	}
 	return s.store(ctx, refs, img)
+}
+
+// FromDockerArchive returns img, an image read from a docker archive, as the
+// store records it. A docker archive (manifest.json, the config, the layer
+// blobs) carries no image manifest, so one is built here, always the same
+// way: an OCI image manifest (application/vnd.oci.image.manifest.v1+json)
+// whose config is the archive's config bytes (application/vnd.oci.image.
+// config.v1+json) and whose layers are the archive's layer blobs in order,
+// gzip ones as application/vnd.oci.image.layer.v1.tar+gzip, with no
+// annotations. An image built with OCI media types and no manifest or layer
+// annotations — every Linux image of functions/build — therefore has one
+// digest however it arrives: from its OCI layout, from a registry, or from
+// its docker archive. (go-containerregistry's own reading would call it a
+// Docker schema 2 manifest, a second identity for the same bytes.)
+//
+// A layer stored uncompressed in the archive (`docker save`) keeps the
+// digest go-containerregistry gives it, that of its gzip compression.
+func FromDockerArchive(img v1.Image) (v1.Image, error) {
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, err
+	}
+	out := &v1.Manifest{
+		SchemaVersion: 2,
+		MediaType:     types.OCIManifestSchema1,
+		Config: v1.Descriptor{
+			MediaType: types.OCIConfigJSON,
+			Size:      m.Config.Size,
+			Digest:    m.Config.Digest,
+		},
+	}
+	for _, l := range m.Layers {
+		l.MediaType = ociLayerType(l.MediaType)
+		l.Annotations = nil
+		out.Layers = append(out.Layers, l)
+	}
+	raw, err := json.Marshal(out)
+	if err != nil {
+		return nil, err
+	}
+	return &ociDockerImage{Image: img, manifest: out, raw: raw}, nil
+}
+
+// ociLayerType is the OCI name of a Docker layer media type.
+func ociLayerType(mt types.MediaType) types.MediaType {
+	switch mt {
+	case types.DockerLayer:
+		return types.OCILayer
+	case types.DockerUncompressedLayer:
+		return types.OCIUncompressedLayer
+	case types.DockerForeignLayer:
+		return types.OCIRestrictedLayer
+	}
+	return mt
+}
+
+// ociDockerImage is a docker archive's image under its OCI manifest; config
+// and layer content come from the archive.
+type ociDockerImage struct {
+	v1.Image
+	manifest *v1.Manifest
+	raw      []byte
+}
+
+func (o *ociDockerImage) MediaType() (types.MediaType, error) { return o.manifest.MediaType, nil }
+func (o *ociDockerImage) Manifest() (*v1.Manifest, error)     { return o.manifest.DeepCopy(), nil }
+func (o *ociDockerImage) RawManifest() ([]byte, error)        { return o.raw, nil }
+func (o *ociDockerImage) Size() (int64, error)                { return int64(len(o.raw)), nil }
+
+func (o *ociDockerImage) Digest() (v1.Hash, error) {
+	h, _, err := v1.SHA256(bytes.NewReader(o.raw))
+	return h, err
+}
+
+func (o *ociDockerImage) Layers() ([]v1.Layer, error) {
+	ls, err := o.Image.Layers()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]v1.Layer, len(ls))
+	for i, l := range ls {
+		out[i] = ociLayer{l}
+	}
+	return out, nil
+}
+
+func (o *ociDockerImage) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+	l, err := o.Image.LayerByDigest(h)
+	if err != nil {
+		return nil, err
+	}
+	return ociLayer{l}, nil
+}
+
+func (o *ociDockerImage) LayerByDiffID(h v1.Hash) (v1.Layer, error) {
+	l, err := o.Image.LayerByDiffID(h)
+	if err != nil {
+		return nil, err
+	}
+	return ociLayer{l}, nil
+}
+
+// ociLayer reports a docker archive's layer under its OCI media type.
+type ociLayer struct{ v1.Layer }
+
+func (l ociLayer) MediaType() (types.MediaType, error) {
+	mt, err := l.Layer.MediaType()
+	return ociLayerType(mt), err
 }

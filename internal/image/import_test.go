@@ -145,14 +145,63 @@ func TestImportDockerArchive(t *testing.T) {
 	if s := readFile(t, filepath.Join(got.Rootfs, "server")); s != "docker" {
 		t.Errorf("server = %q", s)
 	}
-	// The digest is docker-archive's (docker media types), so reimporting
-	// under another name shares the unpack.
+	// Reimporting under another name shares the unpack.
 	got2, err := e.svc.Import(ctx, path, "example.com/fn/server:alias")
 	if err != nil || got2.Digest != got.Digest {
 		t.Errorf("reimport = %+v, %v", got2, err)
 	}
 	if n := e.svc.Unpacks(); n != 1 {
 		t.Errorf("Unpacks = %d, want 1", n)
+	}
+}
+
+// TestImportDockerArchiveOneDigest: an OCI image (gzip layers, no
+// annotations) imported from its docker archive is recorded under its own
+// manifest digest — the one its OCI layout and a registry give — not under a
+// second one the archive's Docker reading would make; all three forms share
+// one unpack.
+func TestImportDockerArchiveOneDigest(t *testing.T) {
+	ctx := context.Background()
+	host, _ := startRegistry(t)
+	e := newEnv(t, nil)
+	img := buildImage(t, v1.Config{Entrypoint: []string{"/server"}},
+		layer(t, file("server", "one", 0o755)), layer(t, file("etc/conf", "two", 0o644)))
+	want := imageDigest(t, img)
+
+	tag, err := name.NewTag("example.com/fn/one:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	archive := filepath.Join(t.TempDir(), "one.tar")
+	if err := tarball.WriteToFile(archive, tag, img); err != nil {
+		t.Fatal(err)
+	}
+	fromArchive, err := e.svc.Import(ctx, archive, "")
+	if err != nil {
+		t.Fatalf("Import(docker archive): %v", err)
+	}
+	if fromArchive.Digest != want {
+		t.Errorf("docker archive imported as %s, the image's manifest digest is %s", fromArchive.Digest, want)
+	}
+
+	dir := filepath.Join(t.TempDir(), "layout")
+	writeLayout(t, dir, img, map[string]string{annotationRefName: "example.com/fn/one:layout"})
+	fromLayout, err := e.svc.Import(ctx, dir, "")
+	if err != nil {
+		t.Fatalf("Import(layout): %v", err)
+	}
+	pulled, err := e.svc.Pull(ctx, push(t, host, "fn/one:v1", img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fromLayout.Digest != fromArchive.Digest || pulled.Digest != fromArchive.Digest {
+		t.Errorf("digests: archive %s, layout %s, registry %s; want one", fromArchive.Digest, fromLayout.Digest, pulled.Digest)
+	}
+	if n := e.svc.Unpacks(); n != 1 {
+		t.Errorf("Unpacks = %d, want 1 (one image)", n)
+	}
+	if s := readFile(t, filepath.Join(fromArchive.Rootfs, "etc/conf")); s != "two" {
+		t.Errorf("etc/conf = %q", s)
 	}
 }
 

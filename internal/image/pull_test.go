@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -291,10 +292,10 @@ func TestRetagDropsOldDigest(t *testing.T) {
 func TestRemove(t *testing.T) {
 	ctx := context.Background()
 	host, _ := startRegistry(t)
-	inUse := map[string]bool{}
+	inUse := map[string]Users{}
 	var mu sync.Mutex
 	e := newEnv(t, func(o *Options) {
-		o.InUse = func(d string) bool { mu.Lock(); defer mu.Unlock(); return inUse[d] }
+		o.InUse = func(d string) Users { mu.Lock(); defer mu.Unlock(); return inUse[d] }
 	})
 	img := buildImage(t, v1.Config{}, layer(t, file("f", "x", 0o644)))
 	refA := push(t, host, "fn/a:v1", img)
@@ -318,19 +319,31 @@ func TestRemove(t *testing.T) {
 	}
 
 	mu.Lock()
-	inUse[a.Digest] = true
+	inUse[a.Digest] = Users{Functions: []string{"fa", "fb"}}
 	mu.Unlock()
-	if err := e.svc.Remove(ctx, refB); !errors.Is(err, ErrInUse) {
-		t.Fatalf("Remove(in use) err = %v, want ErrInUse", err)
+	// The refusal names the image and every function using it.
+	err = e.svc.Remove(ctx, refB)
+	var iu *InUseError
+	if !errors.Is(err, ErrInUse) || !errors.As(err, &iu) || iu.Digest != a.Digest {
+		t.Fatalf("Remove(in use) err = %v, want an *InUseError for %s", err, a.Digest)
 	}
-	if err := e.svc.Remove(ctx, a.Digest); !errors.Is(err, ErrInUse) {
-		t.Fatalf("Remove(digest in use) err = %v, want ErrInUse", err)
+	want := fmt.Sprintf(`image %q (%s) is used by functions "fa", "fb": remove them first (vhive rm)`, refB, a.Digest)
+	if err.Error() != want {
+		t.Errorf("Remove(in use) err = %q, want %q", err, want)
+	}
+	mu.Lock()
+	inUse[a.Digest] = Users{Functions: []string{"fa"}, CRI: []string{"c1"}}
+	mu.Unlock()
+	err = e.svc.Remove(ctx, a.Digest)
+	want = fmt.Sprintf(`image %s is used by function "fa" and CRI container "c1": remove them first (vhive rm; delete their pods)`, a.Digest)
+	if !errors.Is(err, ErrInUse) || err.Error() != want {
+		t.Fatalf("Remove(digest in use) err = %v, want %q", err, want)
 	}
 	if g, err := e.svc.Get(ctx, refB); err != nil || g.Digest != a.Digest {
 		t.Errorf("refused Remove changed %s: %+v, %v", refB, g, err)
 	}
 	mu.Lock()
-	inUse[a.Digest] = false
+	inUse[a.Digest] = Users{}
 	mu.Unlock()
 
 	if err := e.svc.Remove(ctx, a.Digest); err != nil {
