@@ -40,6 +40,13 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 	if err := cfg.checkBinaries(); err != nil {
 		return nil, err
 	}
+	lo, hi, err := ephemeralRange(portRangeFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.checkPortsOutside(lo, hi, portRangeFile); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
@@ -88,6 +95,12 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 				return nil, fmt.Errorf("cluster: %w", err)
 			}
 		}
+	}
+
+	// Every process of an earlier cluster in Dir is gone now (down checks
+	// it); a port still taken is someone else's.
+	if err := cfg.checkPortsFree(); err != nil {
+		return nil, err
 	}
 
 	s = &store{path: statePath(cfg.Dir)}
@@ -234,6 +247,13 @@ func (c *Cluster) prepare(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	cp := filepath.Join(pidsH, cfg.controlCgroup())
+	if err := c.st.update(func(st *state) { st.Cgroups = addUnique(st.Cgroups, cp) }); err != nil {
+		return err
+	}
+	if err := os.Mkdir(cp, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("cluster: create cgroup %s: %w", cp, err)
+	}
 	for _, n := range cfg.nodes() {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -271,15 +291,16 @@ func (c *Cluster) prepare(ctx context.Context) error {
 // run starts one component and records it.
 func (c *Cluster) run(component string, n *Node, args []string) (proc, error) {
 	l := launch{component: component, args: args}
+	pidsH, err := pidsHierarchy()
+	if err != nil {
+		return proc{}, err
+	}
 	if n != nil {
-		pidsH, err := pidsHierarchy()
-		if err != nil {
-			return proc{}, err
-		}
 		l.node, l.netns, l.cgroup = n.Name, n.NetnsPath, filepath.Join(pidsH, n.CgroupRoot, "system")
 		l.log = filepath.Join(c.cfg.Dir, "logs", n.Name+"-"+component+".log")
 		l.env = []string{"VHIVE_CACHE=" + filepath.Dir(c.cfg.BinDir)}
 	} else {
+		l.cgroup = filepath.Join(pidsH, c.cfg.controlCgroup())
 		l.log = filepath.Join(c.cfg.Dir, "logs", component+".log")
 	}
 	p, err := start(l)
