@@ -243,7 +243,11 @@ func TestPKI(t *testing.T) {
 }
 
 func TestNodeFiles(t *testing.T) {
-	c := Config{Nodes: 2, Instance: 1, Dir: t.TempDir(), CNIBinDir: "/usr/lib/cni", NodeMonitorGracePeriod: 20 * time.Second}
+	c := Config{Nodes: 2, Instance: 1, Dir: t.TempDir(), CNIBinDir: "/usr/lib/cni", NodeMonitorGracePeriod: 20 * time.Second, NodeMilliCPU: 700, NodeMemory: 1 << 30}
+	m, err := readMachine()
+	if err != nil {
+		t.Fatal(err)
+	}
 	n := c.node(2)
 	if err := writeNodeFiles(c, n); err != nil {
 		t.Fatal(err)
@@ -279,7 +283,8 @@ func TestNodeFiles(t *testing.T) {
 	}
 	kl, _ := os.ReadFile(filepath.Join(n.Dir, "kubelet.yaml"))
 	for _, want := range []string{"failCgroupV1: false", "cgroupDriver: cgroupfs", `cgroupRoot: "` + n.CgroupRoot + `"`,
-		"containerRuntimeEndpoint: unix://" + n.CRISocket, "address: " + n.IP.String(), "nodeStatusUpdateFrequency: 5s", `"0%"`} {
+		"containerRuntimeEndpoint: unix://" + n.CRISocket, "address: " + n.IP.String(), "nodeStatusUpdateFrequency: 5s", `"0%"`,
+		fmt.Sprintf(`systemReserved: {cpu: "%dm", memory: "%d"}`, m.milliCPU-700, m.memory-(1<<30))} {
 		if !strings.Contains(string(kl), want) {
 			t.Errorf("kubelet config lacks %q:\n%s", want, kl)
 		}

@@ -57,6 +57,14 @@ type Config struct {
 	NodeMonitorGracePeriod time.Duration
 	// ReadyTimeout bounds the wait for every node to be Ready (default 4m).
 	ReadyTimeout time.Duration
+	// NodeMilliCPU is each node's allocatable CPU in millicores (what the
+	// scheduler places pods by). Default: the machine's CPUs divided among
+	// the nodes. Kubelet reports it through systemReserved (package doc).
+	NodeMilliCPU int64
+	// NodeMemory is each node's allocatable memory in bytes. Default: the
+	// machine's memory (less pre-allocated huge pages) divided among the
+	// nodes, rounded down to a MiB.
+	NodeMemory int64
 	// KeepLogs keeps Dir/logs after Down (the rest of Dir is removed).
 	KeepLogs bool
 	Logger   *slog.Logger
@@ -118,7 +126,11 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
-	return c, nil
+	m, err := readMachine()
+	if err != nil {
+		return c, err
+	}
+	return c.nodeResources(m)
 }
 
 // checkDir validates Dir: absolute, clean, and not a directory whose removal

@@ -32,6 +32,22 @@
 //	cgroup root         /vhcI-ni in every cgroup hierarchy; the node's own
 //	                    daemons run in /vhcI-ni/system (pids hierarchy)
 //
+// # Node resources
+//
+// Every kubelet sees the whole machine as its capacity. Each node's
+// allocatable CPU and memory is Config.NodeMilliCPU / NodeMemory (default:
+// the machine's CPUs and memory, less pre-allocated huge pages, divided
+// among the nodes): the kubelet config's systemReserved holds back the rest
+// of the machine, since kubelet computes allocatable = capacity -
+// systemReserved - kubeReserved (none) - evictionHard (0% here), and its
+// default enforceNodeAllocatable "pods" also caps the node's kubepods
+// cgroup at that share. systemReserved rather than kubeReserved only because
+// the rest of the machine is the other nodes and the host, not this
+// kubelet; neither is enforced on its own cgroup. Capacity is read as
+// kubelet's cAdvisor does: online CPUs (/sys/devices/system/cpu/online),
+// /proc/meminfo MemTotal. The vhive daemons' function sandboxes run in the
+// daemons' own cgroups, outside kubepods, so the cap does not bound them.
+//
 // Routes: inside node i, the other nodes' pod CIDRs and function subnets go
 // via their node IPs and the default route via the host bridge address; on
 // the host, every node's pod CIDR and function subnet go via its node IP and

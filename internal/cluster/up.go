@@ -68,11 +68,12 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 		switch {
 		case old.Instance != cfg.Instance:
 			return nil, fmt.Errorf("cluster: %s holds instance %d, not %d", cfg.Dir, old.Instance, cfg.Instance)
-		case old.Ready && len(dead) == 0 && old.Nodes == cfg.Nodes:
+		case old.Ready && len(dead) == 0 && old.Nodes == cfg.Nodes && old.NodeMilliCPU == cfg.NodeMilliCPU && old.NodeMemory == cfg.NodeMemory:
 			log.Info("cluster already running", "nodes", old.Nodes, "kubeconfig", c.Kubeconfig())
 			return c, nil
 		case old.Ready && len(dead) == 0:
-			return nil, fmt.Errorf("cluster: a cluster of %d nodes is running in %s; run cluster down first", old.Nodes, cfg.Dir)
+			return nil, fmt.Errorf("cluster: a cluster of %d nodes (%dm CPU, %d bytes memory each) is running in %s; run cluster down first",
+				old.Nodes, old.NodeMilliCPU, old.NodeMemory, cfg.Dir)
 		}
 		log.Info("tearing down an incomplete cluster first", "ready", old.Ready, "dead", dead)
 		if err := down(ctx, cfg, s); err != nil {
@@ -105,7 +106,8 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 
 	s = &store{path: statePath(cfg.Dir)}
 	if err := s.update(func(st *state) {
-		*st = state{Instance: cfg.Instance, Nodes: cfg.Nodes, Created: time.Now().UTC(), Sysctls: map[string]string{}}
+		*st = state{Instance: cfg.Instance, Nodes: cfg.Nodes, NodeMilliCPU: cfg.NodeMilliCPU, NodeMemory: cfg.NodeMemory,
+			Created: time.Now().UTC(), Sysctls: map[string]string{}}
 	}); err != nil {
 		return nil, err
 	}
@@ -174,6 +176,7 @@ func Load(cfg Config) (*Cluster, error) {
 	}
 	st := s.snapshot()
 	cfg.Nodes, cfg.Instance = st.Nodes, st.Instance
+	cfg.NodeMilliCPU, cfg.NodeMemory = st.NodeMilliCPU, st.NodeMemory
 	return &Cluster{cfg: cfg, st: s}, nil
 }
 
