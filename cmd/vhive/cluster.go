@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/api/resource"
 
 	"vhive.dev/vhive/internal/cluster"
 )
@@ -68,6 +69,7 @@ Needs root and the binaries of 'make k8s-tools cluster-tools' in --bin-dir.`,
 	pf.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	pf.DurationVar(&timeout, "timeout", 10*time.Minute, "give up after this long")
 
+	var nodeCPU, nodeMemory string
 	up := &cobra.Command{
 		Use:   "up",
 		Short: "Bring the cluster up (or report the one already running) and print its kubeconfig path",
@@ -79,6 +81,20 @@ bring-up that fails tears down what it made (logs kept in --dir/logs).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := setup(); err != nil {
 				return err
+			}
+			if nodeCPU != "" {
+				q, err := resource.ParseQuantity(nodeCPU)
+				if err != nil || q.Sign() <= 0 {
+					return fmt.Errorf("--node-cpu %q: want a positive CPU quantity such as 1, 1.5 or 500m", nodeCPU)
+				}
+				cfg.NodeMilliCPU = q.MilliValue()
+			}
+			if nodeMemory != "" {
+				q, err := resource.ParseQuantity(nodeMemory)
+				if err != nil || q.Sign() <= 0 {
+					return fmt.Errorf("--node-memory %q: want a positive memory quantity such as 2Gi or 512Mi", nodeMemory)
+				}
+				cfg.NodeMemory = q.Value()
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
@@ -98,6 +114,8 @@ bring-up that fails tears down what it made (logs kept in --dir/logs).`,
 	up.Flags().StringVar(&cfg.FunctionSandbox, "function-sandbox", "gvisor", "sandbox of Knative user-containers: gvisor or runc")
 	up.Flags().StringVar(&cfg.Vhive, "vhive", "", "vhive binary for the node daemons (default: this executable)")
 	up.Flags().DurationVar(&cfg.NodeMonitorGracePeriod, "node-monitor-grace-period", 20*time.Second, "how long a silent node stays Ready")
+	up.Flags().StringVar(&nodeCPU, "node-cpu", "", "each node's allocatable CPU, e.g. 1.5 or 500m (default: the machine's CPUs divided among the nodes)")
+	up.Flags().StringVar(&nodeMemory, "node-memory", "", "each node's allocatable memory, e.g. 4Gi (default: the machine's memory divided among the nodes)")
 
 	down := &cobra.Command{
 		Use:   "down",

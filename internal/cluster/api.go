@@ -72,6 +72,8 @@ type NodeStatus struct {
 	PodCIDR          string
 	ContainerRuntime string // e.g. vhive://containerd-1.6.20~ds1
 	KubeletVersion   string
+	AllocatableCPU   string // status.allocatable.cpu, e.g. "1" or "500m"
+	AllocatableMem   string // status.allocatable.memory, e.g. "12052Mi"
 }
 
 type nodeList struct {
@@ -91,7 +93,8 @@ type nodeList struct {
 				Type    string `json:"type"`
 				Address string `json:"address"`
 			} `json:"addresses"`
-			NodeInfo struct {
+			Allocatable map[string]string `json:"allocatable"`
+			NodeInfo    struct {
 				ContainerRuntimeVersion string `json:"containerRuntimeVersion"`
 				KubeletVersion          string `json:"kubeletVersion"`
 			} `json:"nodeInfo"`
@@ -107,7 +110,8 @@ func (a *apiClient) nodes(ctx context.Context) ([]NodeStatus, error) {
 	out := make([]NodeStatus, 0, len(l.Items))
 	for _, it := range l.Items {
 		s := NodeStatus{Name: it.Metadata.Name, PodCIDR: it.Spec.PodCIDR,
-			ContainerRuntime: it.Status.NodeInfo.ContainerRuntimeVersion, KubeletVersion: it.Status.NodeInfo.KubeletVersion}
+			ContainerRuntime: it.Status.NodeInfo.ContainerRuntimeVersion, KubeletVersion: it.Status.NodeInfo.KubeletVersion,
+			AllocatableCPU: it.Status.Allocatable["cpu"], AllocatableMem: it.Status.Allocatable["memory"]}
 		for _, c := range it.Status.Conditions {
 			if c.Type == "Ready" {
 				s.Ready = c.Status == "True"

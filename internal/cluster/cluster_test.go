@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -29,12 +30,21 @@ func TestLayoutIsDisjoint(t *testing.T) {
 	var owners []string
 	seenName := map[string]string{}
 	seenPort := map[int]string{}
+	lo, hi, err := ephemeralRange(portRangeFile)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for inst := range MaxInstances {
 		c := Config{Instance: inst, Nodes: MaxNodes, Dir: fmt.Sprintf("/var/lib/vc%d", inst)}
 		who := fmt.Sprintf("instance %d", inst)
+		if err := c.checkPortsOutside(lo, hi, portRangeFile); err != nil {
+			t.Errorf("%s: %v", who, err)
+		}
 		for _, p := range []int{c.apiPort(), c.etcdPort(), c.etcdPeerPort(), c.registryPort(), c.schedulerPort(), c.cmPort()} {
-			if p < 43000 || p > 43999 {
-				t.Errorf("%s: port %d outside 43000-43999", who, p)
+			// Below Linux's default ephemeral range and the NodePort range,
+			// whatever this machine's range is.
+			if p < 1024 || p >= 30000 {
+				t.Errorf("%s: port %d outside 1024-29999", who, p)
 			}
 			if o, ok := seenPort[p]; ok {
 				t.Errorf("port %d of %s also used by %s", p, who, o)
@@ -97,6 +107,58 @@ func TestLayoutIsDisjoint(t *testing.T) {
 		if c.ownLink(foreign) || c.ownFuncNetns(foreign) || c.ownNodeName(foreign) {
 			t.Errorf("instance 0 claims %q", foreign)
 		}
+	}
+}
+
+// TestPortsOutsideEphemeralRange: a host port inside the ephemeral range
+// is refused with an error naming the port and the range; the range file
+// is parsed strictly.
+func TestPortsOutsideEphemeralRange(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "ip_local_port_range")
+	c := Config{Instance: 3}
+	for _, tc := range []struct {
+		file    string
+		wantErr string // "" when the ports pass
+	}{
+		{"32768\t60999\n", ""},
+		{"1024 65535\n", fmt.Sprintf("host port %d (%s) lies in this machine's ephemeral port range 1024-65535 (%s)", c.apiPort(), APIServer, f)},
+		{fmt.Sprintf("%d %d\n", c.cmPort(), c.cmPort()), fmt.Sprintf("host port %d (%s) lies in", c.cmPort(), ControllerManager)},
+		{fmt.Sprintf("%d %d\n", c.cmPort()+1, 60999), ""},
+		{"", "is not"},
+		{"60999 32768", "is not"},
+		{"x y", "is not"},
+	} {
+		if err := os.WriteFile(f, []byte(tc.file), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		lo, hi, err := ephemeralRange(f)
+		if err == nil {
+			err = c.checkPortsOutside(lo, hi, f)
+		}
+		switch {
+		case tc.wantErr == "" && err != nil:
+			t.Errorf("range %q: %v", tc.file, err)
+		case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+			t.Errorf("range %q: error %v, want it to contain %q", tc.file, err, tc.wantErr)
+		}
+	}
+}
+
+// TestPortsFree: a port of the instance held by a listener is reported
+// with its number and component before anything is started.
+func TestPortsFree(t *testing.T) {
+	c := Config{Instance: testInstance}
+	if err := c.checkPortsFree(); err != nil {
+		t.Skipf("instance %d's ports are in use (a cluster runs?): %v", testInstance, err)
+	}
+	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", c.registryPort()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	err = c.checkPortsFree()
+	if want := fmt.Sprintf("host port %d (%s) is in use (sockets: LISTEN", c.registryPort(), Registry); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("error %v, want it to contain %q", err, want)
 	}
 }
 
@@ -181,7 +243,11 @@ func TestPKI(t *testing.T) {
 }
 
 func TestNodeFiles(t *testing.T) {
-	c := Config{Nodes: 2, Instance: 1, Dir: t.TempDir(), CNIBinDir: "/usr/lib/cni", NodeMonitorGracePeriod: 20 * time.Second}
+	c := Config{Nodes: 2, Instance: 1, Dir: t.TempDir(), CNIBinDir: "/usr/lib/cni", NodeMonitorGracePeriod: 20 * time.Second, NodeMilliCPU: 700, NodeMemory: 1 << 30}
+	m, err := readMachine()
+	if err != nil {
+		t.Fatal(err)
+	}
 	n := c.node(2)
 	if err := writeNodeFiles(c, n); err != nil {
 		t.Fatal(err)
@@ -217,7 +283,8 @@ func TestNodeFiles(t *testing.T) {
 	}
 	kl, _ := os.ReadFile(filepath.Join(n.Dir, "kubelet.yaml"))
 	for _, want := range []string{"failCgroupV1: false", "cgroupDriver: cgroupfs", `cgroupRoot: "` + n.CgroupRoot + `"`,
-		"containerRuntimeEndpoint: unix://" + n.CRISocket, "address: " + n.IP.String(), "nodeStatusUpdateFrequency: 5s", `"0%"`} {
+		"containerRuntimeEndpoint: unix://" + n.CRISocket, "address: " + n.IP.String(), "nodeStatusUpdateFrequency: 5s", `"0%"`,
+		fmt.Sprintf(`systemReserved: {cpu: "%dm", memory: "%d"}`, m.milliCPU-700, m.memory-(1<<30))} {
 		if !strings.Contains(string(kl), want) {
 			t.Errorf("kubelet config lacks %q:\n%s", want, kl)
 		}

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -55,6 +57,14 @@ type Config struct {
 	NodeMonitorGracePeriod time.Duration
 	// ReadyTimeout bounds the wait for every node to be Ready (default 4m).
 	ReadyTimeout time.Duration
+	// NodeMilliCPU is each node's allocatable CPU in millicores (what the
+	// scheduler places pods by). Default: the machine's CPUs divided among
+	// the nodes. Kubelet reports it through systemReserved (package doc).
+	NodeMilliCPU int64
+	// NodeMemory is each node's allocatable memory in bytes. Default: the
+	// machine's memory (less pre-allocated huge pages) divided among the
+	// nodes, rounded down to a MiB.
+	NodeMemory int64
 	// KeepLogs keeps Dir/logs after Down (the rest of Dir is removed).
 	KeepLogs bool
 	Logger   *slog.Logger
@@ -116,7 +126,11 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
-	return c, nil
+	m, err := readMachine()
+	if err != nil {
+		return c, err
+	}
+	return c.nodeResources(m)
 }
 
 // checkDir validates Dir: absolute, clean, and not a directory whose removal
@@ -172,7 +186,17 @@ func (c Config) bin(name string) string { return filepath.Join(c.BinDir, name) }
 
 // Layout of instance I: addresses, names and ports (package doc).
 
-func (c Config) base() int { return 43000 + 100*c.Instance }
+// portBase is the first host port of instance 0; instance I uses
+// portBase+100I + 1..6. Outside Linux's default ephemeral range
+// (32768-60999), from which connect() picks the local port of every
+// outgoing connection on the machine: a port in there may be held, or sit
+// in TIME_WAIT for a minute, as the local end of anyone's connection to
+// anything (the apiserver's own to etcd, a test's to a 127.0.0.1 server),
+// and the component's bind then fails. Below Kubernetes' NodePort range
+// (30000-32767) and clear of the ports /etc/services names.
+const portBase = 29000
+
+func (c Config) base() int { return portBase + 100*c.Instance }
 
 // APIPort and the other host ports.
 func (c Config) apiPort() int       { return c.base() + 1 }
@@ -181,6 +205,94 @@ func (c Config) etcdPeerPort() int  { return c.base() + 3 }
 func (c Config) registryPort() int  { return c.base() + 4 }
 func (c Config) schedulerPort() int { return c.base() + 5 }
 func (c Config) cmPort() int        { return c.base() + 6 }
+
+// hostPort is one port the control plane binds on the host.
+type hostPort struct {
+	port int
+	what string
+}
+
+func (c Config) hostPorts() []hostPort {
+	return []hostPort{{c.apiPort(), APIServer}, {c.etcdPort(), Etcd}, {c.etcdPeerPort(), Etcd + " peer"},
+		{c.registryPort(), Registry}, {c.schedulerPort(), Scheduler}, {c.cmPort(), ControllerManager}}
+}
+
+// portRangeFile holds the machine's ephemeral port range (of the host's
+// network namespace, where the control plane listens).
+const portRangeFile = "/proc/sys/net/ipv4/ip_local_port_range"
+
+// ephemeralRange reads the ephemeral port range "lo hi" from path.
+func ephemeralRange(path string) (lo, hi int, err error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, 0, fmt.Errorf("cluster: ephemeral port range: %w", err)
+	}
+	if _, err := fmt.Sscan(string(b), &lo, &hi); err != nil || lo < 1 || hi < lo || hi > 65535 {
+		return 0, 0, fmt.Errorf("cluster: ephemeral port range %s: %q is not \"low high\"", path, strings.TrimSpace(string(b)))
+	}
+	return lo, hi, nil
+}
+
+// checkPortsOutside refuses any host port of the instance inside the
+// ephemeral range lo..hi (read from rangeFile): there any outgoing
+// connection may hold it, so a bind would fail at random.
+func (c Config) checkPortsOutside(lo, hi int, rangeFile string) error {
+	for _, p := range c.hostPorts() {
+		if p.port >= lo && p.port <= hi {
+			return fmt.Errorf("cluster: host port %d (%s) lies in this machine's ephemeral port range %d-%d (%s), where any outgoing connection may hold it; the cluster's ports are %d+100*instance+1..6",
+				p.port, p.what, lo, hi, rangeFile, portBase)
+		}
+	}
+	return nil
+}
+
+// checkPortsFree fails, naming the port and what holds it, when a host
+// port of the instance cannot be bound: on 0.0.0.0 with SO_REUSEADDR as
+// the components bind (so a TIME_WAIT of their own accepted connections
+// does not count), which conflicts with any listener or connection on the
+// port on any address.
+func (c Config) checkPortsFree() error {
+	for _, p := range c.hostPorts() {
+		l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", p.port))
+		if err != nil {
+			return fmt.Errorf("cluster: host port %d (%s) is in use%s: %w", p.port, p.what, socketsOnPort(p.port), err)
+		}
+		l.Close()
+	}
+	return nil
+}
+
+// socketsOnPort describes the TCP sockets whose local port is port, from
+// /proc/net/tcp{,6}, for an error message.
+func socketsOnPort(port int) string {
+	states := map[string]string{"01": "ESTABLISHED", "06": "TIME_WAIT", "0A": "LISTEN", "08": "CLOSE_WAIT"}
+	var out []string
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) < 10 {
+				continue
+			}
+			_, hexPort, _ := strings.Cut(fs[1], ":")
+			if pp, err := strconv.ParseUint(hexPort, 16, 16); err != nil || int(pp) != port {
+				continue
+			}
+			st := states[fs[3]]
+			if st == "" {
+				st = "state " + fs[3]
+			}
+			out = append(out, fmt.Sprintf("%s to %s (inode %s)", st, fs[2], fs[9]))
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return " (sockets: " + strings.Join(out, "; ") + ")"
+}
 
 // BridgeName is the host bridge of the instance.
 func (c Config) BridgeName() string { return fmt.Sprintf("vhcbr%d", c.Instance) }
@@ -210,6 +322,12 @@ func (c Config) APIServer() string { return fmt.Sprintf("https://%s:%d", c.HostI
 
 // Registry is the host:port of the image registry the nodes pull from.
 func (c Config) Registry() string { return fmt.Sprintf("%s:%d", c.HostIP(), c.registryPort()) }
+
+// controlCgroup is the pids-hierarchy cgroup (relative to the hierarchy)
+// the control plane runs in, so that Down finds a control-plane process
+// even if Up was killed between starting and recording it (the registry's
+// command line does not name Dir).
+func (c Config) controlCgroup() string { return fmt.Sprintf("/vhc%d-cp", c.Instance) }
 
 // nodePrefix starts every node name of the instance.
 func (c Config) nodePrefix() string { return fmt.Sprintf("vhc%d-n", c.Instance) }

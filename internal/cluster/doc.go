@@ -26,10 +26,27 @@
 //	pod CIDR            10.183.(16I+i).0/24 (CNI bridge cni0 inside the netns)
 //	function subnet     10.185.(16I+i).0/24, net prefix vhcIfi (the daemon's netpool)
 //	service CIDR        10.184.0.(64I)/26
-//	ports (host)        43000+100I + 1 apiserver, 2 etcd, 3 etcd peer,
+//	ports (host)        29000+100I + 1 apiserver, 2 etcd, 3 etcd peer,
 //	                    4 registry, 5 scheduler, 6 controller-manager
+//	control cgroup      /vhcI-cp in the pids hierarchy (the control plane)
 //	cgroup root         /vhcI-ni in every cgroup hierarchy; the node's own
 //	                    daemons run in /vhcI-ni/system (pids hierarchy)
+//
+// # Node resources
+//
+// Every kubelet sees the whole machine as its capacity. Each node's
+// allocatable CPU and memory is Config.NodeMilliCPU / NodeMemory (default:
+// the machine's CPUs and memory, less pre-allocated huge pages, divided
+// among the nodes): the kubelet config's systemReserved holds back the rest
+// of the machine, since kubelet computes allocatable = capacity -
+// systemReserved - kubeReserved (none) - evictionHard (0% here), and its
+// default enforceNodeAllocatable "pods" also caps the node's kubepods
+// cgroup at that share. systemReserved rather than kubeReserved only because
+// the rest of the machine is the other nodes and the host, not this
+// kubelet; neither is enforced on its own cgroup. Capacity is read as
+// kubelet's cAdvisor does: online CPUs (/sys/devices/system/cpu/online),
+// /proc/meminfo MemTotal. The vhive daemons' function sandboxes run in the
+// daemons' own cgroups, outside kubepods, so the cap does not bound them.
 //
 // Routes: inside node i, the other nodes' pod CIDRs and function subnets go
 // via their node IPs and the default route via the host bridge address; on
@@ -43,7 +60,7 @@
 //	c, err := cluster.Up(ctx, cluster.Config{Nodes: 3, Dir: "/var/lib/vhive-cluster"})
 //	c.Kubeconfig()            // admin kubeconfig (client certificate, CA-verified)
 //	c.Nodes()                 // []Node: Name, IP, PodCIDR, CRISocket, ...
-//	c.Registry()              // "10.182.0.1:43004": push images here, nodes pull them
+//	c.Registry()              // "10.182.0.1:29004": push images here, nodes pull them
 //	c.KillNode(ctx, "vhc0-n2")    // SIGKILL the node's kubelet and vhive daemon
 //	c.RestartNode(ctx, "vhc0-n2") // start them again (the daemon cleans up after its predecessor)
 //	c.Kill(ctx, "vhc0-n2", cluster.Containerd) // any one component
@@ -53,6 +70,13 @@
 //	cluster.Load(cfg)         // the running cluster recorded in cfg.Dir
 //	cluster.Down(ctx, cfg)    // remove everything, also after a crash of any part
 //	cluster.Leftovers(cfg)    // what of this instance still exists (tests assert empty)
+//
+// The host ports lie below the ephemeral port range (32768-60999 by
+// default): a port in it may be held by any outgoing connection on the
+// machine, or by one in TIME_WAIT, as its local end. Up refuses to start
+// when a host port lies inside the range read from
+// /proc/sys/net/ipv4/ip_local_port_range, and, once an earlier cluster in
+// Dir is torn down, when one cannot be bound (naming the sockets on it).
 //
 // Up is idempotent: when cfg.Dir records a cluster of the same size whose
 // processes are all alive, Up returns it; a recorded cluster with dead parts
@@ -64,9 +88,10 @@
 // Dir/state.json records, as they are made, the bridge, namespaces, veths,
 // host routes, cgroups, the original values of the kernel sysctls kubelet
 // changes, and every process (pid and start time, so a reused pid is never
-// signalled). Down works from that record and then sweeps by this
-// instance's own names and paths: processes in the node cgroups or whose
-// command line names Dir, mounts under Dir, namespaces and links named
+// signalled; a process is gone only when its last thread is). Down works
+// from that record and then sweeps by this instance's own names and paths:
+// processes in the node cgroups, the control cgroup or whose command line
+// names Dir, mounts under Dir, namespaces and links named
 // vhcI-n*, vhcIf*-*, vhcbrI, the oci backend's cgroups of each node daemon,
 // kubelet's /var/log/containers links into Dir.
 //

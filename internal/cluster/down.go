@@ -133,6 +133,9 @@ func down(ctx context.Context, cfg Config, s *store) error {
 	pidsH, _ := pidsHierarchy()
 	hs, _ := cgroupHierarchies()
 	var cgroupTrees []string
+	if pidsH != "" {
+		cgroupTrees = append(cgroupTrees, filepath.Join(pidsH, cfg.controlCgroup()))
+	}
 	for _, n := range sweep.nodes() {
 		for _, h := range hs {
 			cgroupTrees = append(cgroupTrees, filepath.Join(h, n.CgroupRoot))
@@ -331,6 +334,15 @@ func Leftovers(cfg Config) ([]string, error) {
 	hs, err := cgroupHierarchies()
 	if err != nil {
 		return nil, err
+	}
+	if pidsH, err := pidsHierarchy(); err == nil {
+		d := filepath.Join(pidsH, cfg.controlCgroup())
+		if _, err := os.Stat(d); err == nil {
+			out = append(out, "cgroup "+d)
+			for _, pid := range cgroupPids(d) {
+				out = append(out, fmt.Sprintf("process %d in %s: %s", pid, d, cmdline(pid)))
+			}
+		}
 	}
 	for _, n := range sweep.nodes() {
 		for _, h := range hs {

@@ -14,12 +14,16 @@ var mirroredHosts = []string{"registry.k8s.io", "k8s.gcr.io", "gcr.io", "docker.
 // writeNodeFiles writes node n's containerd config, CNI config, registry
 // hosts, kubelet config and kube-proxy config.
 func writeNodeFiles(c Config, n Node) error {
+	m, err := readMachine()
+	if err != nil {
+		return err
+	}
 	cd := filepath.Join(n.Dir, "containerd")
 	files := map[string]string{
 		filepath.Join(cd, "config.toml"):                         containerdConfig(c, n),
 		filepath.Join(cd, "cni", "10-vhive-cluster.conflist"):    cniConfig(n),
 		filepath.Join(cd, "certs.d", c.Registry(), "hosts.toml"): registryHosts(c),
-		filepath.Join(n.Dir, "kubelet.yaml"):                     kubeletConfig(c, n),
+		filepath.Join(n.Dir, "kubelet.yaml"):                     kubeletConfig(c, n, m),
 		filepath.Join(n.Dir, "kube-proxy.yaml"):                  kubeProxyConfig(c, n),
 	}
 	for _, h := range mirroredHosts {
@@ -87,8 +91,14 @@ func dur(d time.Duration) string { return d.String() }
 
 // kubeletConfig: this machine needs failCgroupV1 false, the cgroupfs driver
 // and swap allowed; eviction and image GC off (the disk is shared).
-func kubeletConfig(c Config, n Node) string {
+//
+// Every kubelet sees the whole machine as its capacity; systemReserved
+// holds back the rest of the machine so that the node's allocatable is its
+// configured share, and enforceNodeAllocatable (default "pods") makes
+// kubelet cap its pods' cgroup (kubepods) at that share.
+func kubeletConfig(c Config, n Node, m machine) string {
 	update := c.NodeMonitorGracePeriod / 4
+	resCPU, resMem := c.systemReserved(m)
 	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
@@ -111,8 +121,9 @@ imageGCHighThresholdPercent: 100
 localStorageCapacityIsolation: false
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
+systemReserved: {cpu: "%dm", memory: "%d"}
 `, n.CgroupRoot, n.CRISocket, n.IP, filepath.Join(n.Dir, "pods"), filepath.Join(c.Dir, "pki", "ca.crt"),
-		dur(update), dur(update))
+		dur(update), dur(update), resCPU, resMem)
 }
 
 // kubeProxyConfig: iptables mode in the node's netns; conntrack sysctls

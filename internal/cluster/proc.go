@@ -175,13 +175,35 @@ func procStartTime(pid int) (uint64, error) {
 }
 
 // alive reports whether p is still the process Up started (not a zombie,
-// not a new process with a reused pid).
+// not a new process with a reused pid). A multi-threaded process whose
+// main thread has exited shows as a zombie while its other threads still
+// run and hold its files and sockets (they do after a SIGKILL, for the
+// moment it takes them to exit, or for good when the main thread alone
+// called exit): it is alive until the last of them is gone.
 func (p proc) alive() bool {
 	s, t, err := procStat(p.PID)
-	if err != nil || s == 'Z' || s == 'X' {
+	if err != nil || (p.StartTime != 0 && t != p.StartTime) {
 		return false
 	}
-	return p.StartTime == 0 || t == p.StartTime
+	if s == 'Z' || s == 'X' {
+		return otherThreads(p.PID)
+	}
+	return true
+}
+
+// otherThreads reports whether a thread other than the main one of pid is
+// still listed.
+func otherThreads(pid int) bool {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if e.Name() != strconv.Itoa(pid) {
+			return true
+		}
+	}
+	return false
 }
 
 // stop signals p with SIGTERM, then SIGKILL after grace; it returns when p

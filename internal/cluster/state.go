@@ -18,6 +18,9 @@ type state struct {
 	Nodes    int       `json:"nodes"`
 	Created  time.Time `json:"created"`
 	Ready    bool      `json:"ready"` // Up finished
+	// NodeMilliCPU and NodeMemory are each node's allocatable share.
+	NodeMilliCPU int64 `json:"node_milli_cpu,omitempty"`
+	NodeMemory   int64 `json:"node_memory,omitempty"`
 	// Links are host links made (bridge, host veths).
 	Links []string `json:"links,omitempty"`
 	// Netns are named network namespaces made.

@@ -40,6 +40,13 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 	if err := cfg.checkBinaries(); err != nil {
 		return nil, err
 	}
+	lo, hi, err := ephemeralRange(portRangeFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.checkPortsOutside(lo, hi, portRangeFile); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
@@ -61,11 +68,12 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 		switch {
 		case old.Instance != cfg.Instance:
 			return nil, fmt.Errorf("cluster: %s holds instance %d, not %d", cfg.Dir, old.Instance, cfg.Instance)
-		case old.Ready && len(dead) == 0 && old.Nodes == cfg.Nodes:
+		case old.Ready && len(dead) == 0 && old.Nodes == cfg.Nodes && old.NodeMilliCPU == cfg.NodeMilliCPU && old.NodeMemory == cfg.NodeMemory:
 			log.Info("cluster already running", "nodes", old.Nodes, "kubeconfig", c.Kubeconfig())
 			return c, nil
 		case old.Ready && len(dead) == 0:
-			return nil, fmt.Errorf("cluster: a cluster of %d nodes is running in %s; run cluster down first", old.Nodes, cfg.Dir)
+			return nil, fmt.Errorf("cluster: a cluster of %d nodes (%dm CPU, %d bytes memory each) is running in %s; run cluster down first",
+				old.Nodes, old.NodeMilliCPU, old.NodeMemory, cfg.Dir)
 		}
 		log.Info("tearing down an incomplete cluster first", "ready", old.Ready, "dead", dead)
 		if err := down(ctx, cfg, s); err != nil {
@@ -90,9 +98,16 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, retErr error) {
 		}
 	}
 
+	// Every process of an earlier cluster in Dir is gone now (down checks
+	// it); a port still taken is someone else's.
+	if err := cfg.checkPortsFree(); err != nil {
+		return nil, err
+	}
+
 	s = &store{path: statePath(cfg.Dir)}
 	if err := s.update(func(st *state) {
-		*st = state{Instance: cfg.Instance, Nodes: cfg.Nodes, Created: time.Now().UTC(), Sysctls: map[string]string{}}
+		*st = state{Instance: cfg.Instance, Nodes: cfg.Nodes, NodeMilliCPU: cfg.NodeMilliCPU, NodeMemory: cfg.NodeMemory,
+			Created: time.Now().UTC(), Sysctls: map[string]string{}}
 	}); err != nil {
 		return nil, err
 	}
@@ -161,6 +176,7 @@ func Load(cfg Config) (*Cluster, error) {
 	}
 	st := s.snapshot()
 	cfg.Nodes, cfg.Instance = st.Nodes, st.Instance
+	cfg.NodeMilliCPU, cfg.NodeMemory = st.NodeMilliCPU, st.NodeMemory
 	return &Cluster{cfg: cfg, st: s}, nil
 }
 
@@ -234,6 +250,13 @@ func (c *Cluster) prepare(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	cp := filepath.Join(pidsH, cfg.controlCgroup())
+	if err := c.st.update(func(st *state) { st.Cgroups = addUnique(st.Cgroups, cp) }); err != nil {
+		return err
+	}
+	if err := os.Mkdir(cp, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("cluster: create cgroup %s: %w", cp, err)
+	}
 	for _, n := range cfg.nodes() {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -271,15 +294,16 @@ func (c *Cluster) prepare(ctx context.Context) error {
 // run starts one component and records it.
 func (c *Cluster) run(component string, n *Node, args []string) (proc, error) {
 	l := launch{component: component, args: args}
+	pidsH, err := pidsHierarchy()
+	if err != nil {
+		return proc{}, err
+	}
 	if n != nil {
-		pidsH, err := pidsHierarchy()
-		if err != nil {
-			return proc{}, err
-		}
 		l.node, l.netns, l.cgroup = n.Name, n.NetnsPath, filepath.Join(pidsH, n.CgroupRoot, "system")
 		l.log = filepath.Join(c.cfg.Dir, "logs", n.Name+"-"+component+".log")
 		l.env = []string{"VHIVE_CACHE=" + filepath.Dir(c.cfg.BinDir)}
 	} else {
+		l.cgroup = filepath.Join(pidsH, c.cfg.controlCgroup())
 		l.log = filepath.Join(c.cfg.Dir, "logs", component+".log")
 	}
 	p, err := start(l)

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"vhive.dev/vhive/internal/testutil"
 )
 
@@ -104,6 +106,7 @@ func TestClusterUpDown(t *testing.T) {
 		}
 	}
 	t.Logf("kubectl get nodes -o wide:\n%s", kubectl(t, c, "", "get", "nodes", "-o", "wide"))
+	checkAllocatable(t, ctx, c) // the default: the machine's share
 
 	// Idempotent: the same processes.
 	before := c.Status()
@@ -273,6 +276,25 @@ func TestClusterUpDown(t *testing.T) {
 	}
 }
 
+// checkAllocatable checks through the API that every node's allocatable
+// CPU and memory is the configured share.
+func checkAllocatable(t *testing.T, ctx context.Context, c *Cluster) {
+	t.Helper()
+	ns, err := c.NodeStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.Config()
+	for _, n := range ns {
+		cpu, err1 := resource.ParseQuantity(n.AllocatableCPU)
+		mem, err2 := resource.ParseQuantity(n.AllocatableMem)
+		if err1 != nil || err2 != nil || cpu.MilliValue() != cfg.NodeMilliCPU || mem.Value() != cfg.NodeMemory {
+			t.Errorf("node %s: allocatable cpu %q memory %q, want %dm and %d bytes", n.Name, n.AllocatableCPU, n.AllocatableMem, cfg.NodeMilliCPU, cfg.NodeMemory)
+		}
+	}
+	t.Logf("each node: allocatable %dm CPU, %d MiB", cfg.NodeMilliCPU, cfg.NodeMemory>>20)
+}
+
 // missing fails in CI (make test installs every tool) and skips elsewhere.
 func missing(t *testing.T, format string, args ...any) {
 	t.Helper()
@@ -329,10 +351,12 @@ func TestUpAfterKilledUp(t *testing.T) {
 	if !containsPrefix(left, "process ") || !containsPrefix(left, "netns ") {
 		t.Fatalf("a killed up left no processes or netns to clean up? %v", left)
 	}
+	cfg.NodeMilliCPU, cfg.NodeMemory = 700, 1536<<20
 	c, err := Up(ctx, cfg)
 	if err != nil {
 		t.Fatalf("up after a killed up: %v", err)
 	}
+	checkAllocatable(t, ctx, c) // explicit
 	ns, err := c.NodeStatus(ctx)
 	if err != nil {
 		t.Fatal(err)

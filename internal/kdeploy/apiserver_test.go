@@ -21,11 +21,16 @@ import (
 	"vhive.dev/vhive/internal/testutil"
 )
 
-// Loopback ports of this package's control plane (issue 12's range).
+// Loopback ports of this package's control plane. Fixed, since they are
+// passed to etcd and the apiserver before these bind them; below the
+// ephemeral range (32768-60999), where any outgoing connection on the
+// machine could hold them, and apart from the other suites' fixed ports
+// (internal/cluster 29000-29306, nodetest.Port 26000-26999, scripts/k8s
+// 16443, 23790, 23800).
 const (
-	etcdClientPort = 44010
-	etcdPeerPort   = 44011
-	apiserverPort  = 44443
+	etcdClientPort = 24010
+	etcdPeerPort   = 24011
+	apiserverPort  = 24443
 	serviceCIDR    = "10.186.0.0/16"
 )
 

@@ -17,7 +17,7 @@ import (
 // to a real registry on loopback (go-containerregistry's, as the
 // cluster's), where they are found under the refs the pods use.
 func TestPublish(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:44501")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,7 +16,8 @@ import (
 	"vhive.dev/vhive/internal/invoker"
 )
 
-const qpImage = "10.186.0.1:44500/vhive/queue-proxy:latest"
+// qpImage is only a reference written into the objects; nothing pulls it.
+const qpImage = "10.186.0.1:24500/vhive/queue-proxy:latest"
 
 func repoFile(t *testing.T, rel string) string {
 	t.Helper()

@@ -31,6 +31,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // Full reports whether the full suite runs (VHIVE_RELIABILITY=full, `make
@@ -122,11 +124,16 @@ func (s *Shared) Bin(t testing.TB) string {
 	})
 }
 
-// Port returns a free 127.0.0.1 port in [46000, 47000), the range of these
-// tests, starting at 46000+offset: each test binary passes its own offset.
+// Port returns a free 127.0.0.1 port in [26000, 27000), the range of these
+// tests, starting at 26000+offset: each test binary passes its own offset.
+// It is for a port handed to a child before the child binds it, so it must
+// be free until then: the range lies below the ephemeral port range
+// (32768-60999), from which connect() and listen on :0 pick ports, so
+// between this probe and the child's bind only another explicit bind can
+// take it, never some process's outgoing connection.
 func Port(t testing.TB, offset int) string {
 	t.Helper()
-	for p := 46000 + offset; p < 47000; p++ {
+	for p := 26000 + offset; p < 27000; p++ {
 		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
 			continue
@@ -134,6 +141,28 @@ func Port(t testing.TB, offset int) string {
 		l.Close()
 		return l.Addr().String()
 	}
-	t.Fatalf("no free port in 127.0.0.1:46000-46999 from %d", 46000+offset)
+	t.Fatalf("no free port in 127.0.0.1:26000-26999 from %d", 26000+offset)
 	return ""
+}
+
+// RefusedAddr returns a 127.0.0.1 address where every connection is refused
+// until release is called: a TCP socket bound there (a kernel-chosen port)
+// that never listens. While it is held nobody else can bind or listen on the
+// port (it has no SO_REUSEADDR) and connect() never picks it as a local
+// port, so unlike a port merely believed free, nothing can answer there.
+func RefusedAddr() (addr string, release func(), err error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "", nil, fmt.Errorf("nodetest: socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		unix.Close(fd)
+		return "", nil, fmt.Errorf("nodetest: bind 127.0.0.1:0: %w", err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		unix.Close(fd)
+		return "", nil, fmt.Errorf("nodetest: getsockname: %w", err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port), func() { unix.Close(fd) }, nil
 }

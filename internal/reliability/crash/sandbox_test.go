@@ -23,9 +23,12 @@ import (
 )
 
 const (
-	killPrefix  = "h13k"
-	killSubnet  = "10.187.2.0/24"
-	killMetrics = "127.0.0.1:45013"
+	killPrefix = "h13k"
+	killSubnet = "10.187.2.0/24"
+	// killMetrics is passed to the daemon before it binds it: a fixed
+	// port, below the ephemeral range (32768-60999) where any outgoing
+	// connection could hold it, and apart from nodetest.Port's 26000-26999.
+	killMetrics = "127.0.0.1:25013"
 )
 
 // TestSandboxKilledMidRequest kills the sandbox side of an instance while a

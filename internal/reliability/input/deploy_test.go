@@ -43,11 +43,15 @@ func daemonNode(t *testing.T) (*nodetest.Node, string) {
 			prefix, subnet = fmt.Sprintf("h3bf%04d", pid%10000), fmt.Sprintf("10.188.%d.0/24", 100+pid%100)
 		}
 		// No image may be pulled from outside: every registry but loopback
-		// goes through a proxy that does not exist.
-		noProxy := "HTTPS_PROXY=http://127.0.0.1:46999"
+		// goes through a proxy that refuses every connection.
+		proxy, err := refusedAddr()
+		if err != nil {
+			nodeFailed = err.Error()
+			return
+		}
 		tb := &keepAlive{T: t}
 		theNode = nodetest.Start(tb, shared.Bin(t), nodetest.Options{NetPrefix: prefix, Subnet: subnet, NoGateway: true,
-			Env: []string{noProxy, "HTTP_PROXY=http://127.0.0.1:46999", "NO_PROXY=", "no_proxy="}})
+			Env: []string{"HTTPS_PROXY=http://" + proxy, "HTTP_PROXY=http://" + proxy, "NO_PROXY=", "no_proxy="}})
 		im, err := theNode.Client.ImportImage(context.Background(), &vhivepb.ImportImageRequest{Path: shared.Helloworld(t)})
 		if err != nil {
 			nodeFailed = err.Error()
@@ -63,6 +67,14 @@ func daemonNode(t *testing.T) (*nodetest.Node, string) {
 	}
 	return theNode, helloDgst
 }
+
+// refusedAddr is a 127.0.0.1 address where every connection is refused
+// (nodetest.RefusedAddr), held for the life of this test binary: the shared
+// daemon uses it until the process ends.
+var refusedAddr = sync.OnceValues(func() (string, error) {
+	addr, _, err := nodetest.RefusedAddr()
+	return addr, err
+})
 
 // keepAlive lets the shared daemon outlive the test that started it: its
 // cleanups run when the process ends (stopShared).
@@ -271,7 +283,12 @@ func checkDeploy(t *testing.T, n *nodetest.Node, digest string, spec *vhivepb.Fu
 
 // seeds are the hand-made bad (and good) deploy requests; they are also the
 // fuzz corpus. Each changes one field of a valid request.
-func seeds() []deployCase {
+func seeds(tb testing.TB) []deployCase {
+	tb.Helper()
+	refused, err := refusedAddr()
+	if err != nil {
+		tb.Fatal(err)
+	}
 	ok := deployCase{Name: "f", Image: helloRef, Sandbox: "runc"}
 	var out []deployCase
 	add := func(mut func(*deployCase)) {
@@ -283,7 +300,7 @@ func seeds() []deployCase {
 	for _, s := range []string{"", "A", "-a", "a-", "a_b", "a.b", "a/b", "../x", "a\x00b", "é", " a", strings.Repeat("a", 64), strings.Repeat("b", 1<<20), "keep"} {
 		add(func(c *deployCase) { c.Name = s })
 	}
-	for _, s := range []string{"", "   ", "a b", "x\x00y", "\n", "UPPER/Case:tag", "localhost/vhive/none:latest", "127.0.0.1:46998/none:1", "sha256:zz", "@@@", strings.Repeat("i", 5000), "localhost/vhive/helloworld"} {
+	for _, s := range []string{"", "   ", "a b", "x\x00y", "\n", "UPPER/Case:tag", "localhost/vhive/none:latest", refused + "/none:1", "sha256:zz", "@@@", strings.Repeat("i", 5000), "localhost/vhive/helloworld"} {
 		add(func(c *deployCase) { c.Image = s })
 	}
 	for _, s := range []string{"wasm", "firecracker", "GVISOR", "runc\x00", "gvisor", ""} {
@@ -323,7 +340,7 @@ func seeds() []deployCase {
 // daemon: every request is judged by an independent oracle (judge) and the
 // daemon's answer, liveness and stored functions are checked.
 func FuzzControlDeploy(f *testing.F) {
-	for _, c := range seeds() {
+	for _, c := range seeds(f) {
 		f.Add(c.Name, c.Image, c.Sandbox, c.Port, c.EnvKey, c.EnvVal, c.EnvCount, c.KeepaliveMs, c.MaxInst, c.Conc, c.Mode, c.MemMiB, c.CPU)
 	}
 	f.Cleanup(stopShared)
