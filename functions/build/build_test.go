@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	pb "vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 func buildHello(t *testing.T, out string) []Image {
@@ -276,12 +276,10 @@ func serveBinary(t *testing.T, bin []byte) {
 	if err := os.WriteFile(path, bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	_, port, err := net.SplitHostPort(testutil.Port(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := strconv.Itoa(lis.Addr().(*net.TCPAddr).Port)
-	lis.Close()
 	cmd := exec.Command(path)
 	cmd.Env = []string{"GUEST_PORT=" + port}
 	if err := cmd.Start(); err != nil {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -58,12 +57,10 @@ func runImage(t *testing.T, runtime string, globalFlags ...string) {
 		t.Fatal(err)
 	}
 
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	_, port, err := net.SplitHostPort(testutil.Port(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := strconv.Itoa(lis.Addr().(*net.TCPAddr).Port)
-	lis.Close()
 	env := []string{}
 	for _, e := range cfg.Config.Env {
 		if strings.HasPrefix(e, "GUEST_PORT=") {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // startServe runs Serve on a loopback port and returns a client; the server
@@ -208,16 +208,14 @@ func buildEcho(t testing.TB, goos, goarch string, extra ...string) string {
 // $GUEST_PORT, and exit 0 on SIGTERM.
 func TestRunProcess(t *testing.T) {
 	bin := buildEcho(t, "linux", "amd64")
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	_, port, err := net.SplitHostPort(testutil.Port(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := lis.Addr().(*net.TCPAddr).Port
-	lis.Close()
 
 	var stderr strings.Builder
 	cmd := exec.Command(bin)
-	cmd.Env = append(os.Environ(), "GUEST_PORT="+strconv.Itoa(port))
+	cmd.Env = append(os.Environ(), "GUEST_PORT="+port)
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -231,7 +229,7 @@ func TestRunProcess(t *testing.T) {
 		}
 	})
 
-	conn, err := grpc.NewClient(net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
+	conn, err := grpc.NewClient(net.JoinHostPort("127.0.0.1", port),
 		grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -39,15 +38,7 @@ func moduleDir(t *testing.T) string {
 	return filepath.Dir(strings.TrimSpace(string(out)))
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+func freeAddr(t *testing.T) string { return testutil.Port(t) }
 
 // run runs the vhive binary and returns its stdout; a failure shows both
 // streams.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -22,14 +21,7 @@ import (
 // shared holds the images this package's tests build (once per test binary).
 var shared nodetest.Shared
 
-func freePort(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+func freePort(t testing.TB) string { return testutil.Port(t) }
 
 // testDaemon is a daemon served in-process for one test.
 type testDaemon struct {

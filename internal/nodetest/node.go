@@ -42,9 +42,8 @@ type Options struct {
 	// file system).
 	Log string
 	// NoGateway turns the data plane off (--gateway off); otherwise the
-	// gateway listens on a Port from PortOffset.
-	NoGateway  bool
-	PortOffset int
+	// gateway listens on an address from Port.
+	NoGateway bool
 	// Metrics, if set, is --metrics (an address from Port).
 	Metrics string
 	// Args are extra daemon flags.
@@ -93,7 +92,7 @@ func Start(t testing.TB, bin string, o Options) *Node {
 	}
 	n := &Node{Opts: o, Bin: bin, StateDir: o.StateDir, Socket: filepath.Join(o.StateDir, "vhive.sock"), Gateway: "off", Log: o.Log}
 	if !o.NoGateway {
-		n.Gateway = Port(t, o.PortOffset)
+		n.Gateway = Port(t)
 	}
 	n.args = []string{"daemon", "--state-dir", n.StateDir, "--socket", n.Socket, "--gateway", n.Gateway,
 		"--runsc", testutil.RunscPath(t), "--runc", testutil.RuncPath(t), "--sandboxes", o.Sandboxes,

@@ -24,7 +24,6 @@ package nodetest
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +32,7 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // Full reports whether the full suite runs (VHIVE_RELIABILITY=full, `make
@@ -124,25 +124,13 @@ func (s *Shared) Bin(t testing.TB) string {
 	})
 }
 
-// Port returns a free 127.0.0.1 port in [26000, 27000), the range of these
-// tests, starting at 26000+offset: each test binary passes its own offset.
-// It is for a port handed to a child before the child binds it, so it must
-// be free until then: the range lies below the ephemeral port range
-// (32768-60999), from which connect() and listen on :0 pick ports, so
-// between this probe and the child's bind only another explicit bind can
-// take it, never some process's outgoing connection.
-func Port(t testing.TB, offset int) string {
+// Port returns a 127.0.0.1 address for a server that is told its address
+// before it binds (a daemon's gateway, metrics or control TCP address): see
+// testutil.Port, which reserves it against every other test on the machine
+// and lies below the ephemeral port range.
+func Port(t testing.TB) string {
 	t.Helper()
-	for p := 26000 + offset; p < 27000; p++ {
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			continue
-		}
-		l.Close()
-		return l.Addr().String()
-	}
-	t.Fatalf("no free port in 127.0.0.1:26000-26999 from %d", 26000+offset)
-	return ""
+	return testutil.Port(t)
 }
 
 // RefusedAddr returns a 127.0.0.1 address where every connection is refused

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hwpb "vhive.dev/vhive/api/proto/helloworld"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // greeter is a function: "slow" sleeps until released.
@@ -117,9 +118,7 @@ func client(t *testing.T, addr string) hwpb.GreeterClient {
 func TestRelayProbeAndCount(t *testing.T) {
 	// Reserve the function's address but serve nothing yet: the pod is not
 	// ready until the function answers.
-	fl := listen(t)
-	upstream := fl.Addr().String()
-	fl.Close()
+	upstream := testutil.Port(t)
 	r := start(t, Config{Upstream: upstream})
 	if c := probe(t, r.addr); c != http.StatusServiceUnavailable {
 		t.Fatalf("probe before the function listens: %d, want 503", c)

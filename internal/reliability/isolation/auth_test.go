@@ -41,7 +41,7 @@ func writeToken(t *testing.T, dir, tok string, mode os.FileMode) string {
 func TestControlTCPToken(t *testing.T) {
 	bin := shared.Bin(t)
 	tokFile := writeToken(t, t.TempDir(), token, 0o600)
-	addr := nodetest.Port(t, 100)
+	addr := nodetest.Port(t)
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bt", Subnet: "10.188.5.0/24", NoGateway: true,
 		Args: []string{"--control-tcp", addr, "--control-token-file", tokFile}})
 	if fi, err := os.Stat(n.Socket); err != nil || fi.Mode().Perm() != 0o600 {
@@ -127,7 +127,7 @@ func TestControlTCPRefusedWithoutToken(t *testing.T) {
 	testutil.RequiresRoot(t)
 	bin := shared.Bin(t)
 	dir := t.TempDir()
-	addr := nodetest.Port(t, 120)
+	addr := nodetest.Port(t)
 	cases := map[string]struct {
 		args []string
 		want string

@@ -20,7 +20,7 @@ import (
 // the metrics count it as oom. The next request starts a fresh instance.
 func TestOverMemoryLimitIsOutOfMemory(t *testing.T) {
 	bin := shared.Bin(t)
-	metrics := nodetest.Port(t, 300)
+	metrics := nodetest.Port(t)
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bm", Subnet: "10.188.3.0/24", NoGateway: true,
 		Metrics: metrics})
 	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe"))

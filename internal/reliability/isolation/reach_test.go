@@ -88,14 +88,14 @@ func TestFunctionCannotReachOut(t *testing.T) {
 	bin := shared.Bin(t)
 	subnet := netip.MustParsePrefix("10.188.2.0/24")
 	tokFile := writeToken(t, t.TempDir(), token, 0o600)
-	ctrlTCP := nodetest.Port(t, 200)
-	metrics := nodetest.Port(t, 210)
-	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bs", Subnet: subnet.String(), PortOffset: 220,
+	ctrlTCP := nodetest.Port(t)
+	metrics := nodetest.Port(t)
+	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bs", Subnet: subnet.String(),
 		Args: []string{"--control-tcp", ctrlTCP, "--control-token-file", tokFile}, Metrics: metrics})
 	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe"))
 
-	loopSvc := listen(t, nodetest.Port(t, 230))
-	allSvc := listen(t, "0.0.0.0:"+strings.Split(nodetest.Port(t, 240), ":")[1])
+	loopSvc := listen(t, nodetest.Port(t))
+	allSvc := listen(t, "0.0.0.0:"+strings.Split(nodetest.Port(t), ":")[1])
 	allPort := allSvc.l.Addr().(*net.TCPAddr).Port
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)

@@ -102,11 +102,11 @@ func loadavg() string {
 	return strings.Join(f[:3], " ")
 }
 
-func setup(t *testing.T, prefix, subnet string, offset int, spec *vhivepb.FunctionSpec, args ...string) (*nodetest.Node, string) {
+func setup(t *testing.T, prefix, subnet string, spec *vhivepb.FunctionSpec, args ...string) (*nodetest.Node, string) {
 	t.Helper()
 	bin := shared.Bin(t)
-	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: prefix, Subnet: subnet, PortOffset: offset,
-		Metrics: nodetest.Port(t, offset+50), Args: append([]string{"--log-level", "info"}, args...)})
+	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: prefix, Subnet: subnet,
+		Metrics: nodetest.Port(t), Args: append([]string{"--log-level", "info"}, args...)})
 	spec.Image = n.Import(t, shared.Helloworld(t))
 	n.Deploy(t, spec)
 	dir := t.TempDir()
@@ -134,7 +134,7 @@ func TestWarmLoad(t *testing.T) {
 	sb := envOr("VHIVE_LOAD_SANDBOX", "gvisor")
 	// One instance serves every request at once: warm means no cold start
 	// after the warm-up.
-	n, dir := setup(t, "h3bl", "10.188.4.0/24", 400,
+	n, dir := setup(t, "h3bl", "10.188.4.0/24",
 		&vhivepb.FunctionSpec{Name: "hello", Sandbox: sb, Concurrency: 1024, MaxInstances: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+120)*time.Second)
 	defer cancel()
@@ -175,7 +175,7 @@ func TestScaleToZeroSoak(t *testing.T) {
 	}
 	sb := envOr("VHIVE_LOAD_SANDBOX", "gvisor")
 	const rps, burst, pause = 200, 8, 5 // seconds of load, seconds idle
-	n, dir := setup(t, "h3bk", "10.188.7.0/24", 500,
+	n, dir := setup(t, "h3bk", "10.188.7.0/24",
 		&vhivepb.FunctionSpec{Name: "soak", Sandbox: sb, Concurrency: 64, MaxInstances: 8, KeepaliveMs: 1000})
 	ctx, cancel := context.WithTimeout(context.Background(), total+5*time.Minute)
 	defer cancel()
