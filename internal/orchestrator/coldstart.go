@@ -53,6 +53,12 @@ type SnapshotStore interface {
 	// CommitWorkingSet records that the working-set file of snap has been
 	// written (REAP record phase finished).
 	CommitWorkingSet(ctx context.Context, snap Snapshot) error
+	// Verify re-reads every file of snap and checks it against its
+	// recorded checksums (whatever was verified before). It returns nil
+	// when they are intact and an error wrapping sandbox.ErrBadSnapshot
+	// when a file is missing or does not match; any other error (ctx
+	// ended) says nothing about the files.
+	Verify(ctx context.Context, snap Snapshot) error
 	// Invalidate removes a snapshot found unusable, so a fresh one is taken.
 	Invalidate(ctx context.Context, key SnapshotKey, why string) error
 	// RemoveFunction removes every snapshot of a function.
@@ -258,16 +264,43 @@ func (f *function) tryRestore(ctx context.Context, cs *coldStart, be sandbox.Bac
 			f.recording = false
 			f.mu.Unlock()
 		}
-		f.fallback(ctx, key, "restore-failed", err)
+		f.restoreFailed(ctx, key, snap, err)
 		return nil, ModeBoot
 	}
 	return sb, mode
 }
 
+// restoreFailed handles a failed Restore: the cold start boots instead. The
+// snapshot is removed only when its files are shown to be bad — the backend
+// said so (sandbox.ErrBadSnapshot), or they fail their checksums now. A
+// fault of the sandbox itself (its process killed mid-restore, the context
+// ended) keeps it: the next cold start restores from it again.
+func (f *function) restoreFailed(ctx context.Context, key SnapshotKey, snap Snapshot, err error) {
+	if errors.Is(err, sandbox.ErrBadSnapshot) {
+		f.fallback(ctx, key, "restore-failed", err)
+		return
+	}
+	// Verified even when the request has ended: whether the files are bad
+	// does not depend on it, and the check is bounded by their size.
+	verr := f.o.cfg.Snapshots.Verify(context.WithoutCancel(ctx), snap)
+	if errors.Is(verr, sandbox.ErrBadSnapshot) {
+		f.fallback(ctx, key, "restore-failed", fmt.Errorf("%w; then its files failed verification: %w", err, verr))
+		return
+	}
+	files := "verified intact"
+	if verr != nil {
+		files = fmt.Sprintf("not verified: %v", verr)
+	}
+	f.o.log.Warn("restore from snapshot failed; booting instead, snapshot kept", "function", f.spec.Name,
+		"reason", "restore-failed", "snapshot", snap.ID, "files", files, "err", err)
+	f.o.cfg.Metrics.fallback(f.spec.Name, "restore-failed")
+}
+
+// fallback removes an unusable snapshot; the cold start boots instead.
 func (f *function) fallback(ctx context.Context, key SnapshotKey, reason string, err error) {
 	f.o.log.Warn("snapshot not usable; booting instead", "function", f.spec.Name, "reason", reason, "err", err)
 	f.o.cfg.Metrics.fallback(f.spec.Name, reason)
-	if ierr := f.o.cfg.Snapshots.Invalidate(ctx, key, fmt.Sprintf("%s: %v", reason, err)); ierr != nil {
+	if ierr := f.o.cfg.Snapshots.Invalidate(context.WithoutCancel(ctx), key, fmt.Sprintf("%s: %v", reason, err)); ierr != nil {
 		f.o.log.Warn("invalidate snapshot", "function", f.spec.Name, "err", ierr)
 	}
 }
