@@ -97,17 +97,23 @@ func (f *function) snapshotKey(img Image) SnapshotKey {
 	return SnapshotKey{Function: f.spec.Name, ImageDigest: img.Digest, Backend: f.spec.Sandbox, Config: hex.EncodeToString(h.Sum(nil))[:16]}
 }
 
-func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
+// processEnv is the environment of spec's instances of img: the image's,
+// overridden by the function's, and GUEST_PORT.
+func processEnv(spec FunctionSpec, img Image) []string {
 	env := append([]string(nil), img.Env...)
-	keys := make([]string, 0, len(f.spec.Env))
-	for k := range f.spec.Env {
+	keys := make([]string, 0, len(spec.Env))
+	for k := range spec.Env {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		env = setEnv(env, k, f.spec.Env[k])
+		env = setEnv(env, k, spec.Env[k])
 	}
-	env = setEnv(env, "GUEST_PORT", fmt.Sprint(f.spec.Port))
+	return setEnv(env, "GUEST_PORT", fmt.Sprint(spec.Port))
+}
+
+func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
+	env := processEnv(f.spec, img)
 	args := append(append([]string(nil), img.Entrypoint...), img.Cmd...)
 	cwd := img.WorkingDir
 	if cwd == "" {
@@ -155,6 +161,10 @@ func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
 	be := f.o.cfg.Backends[f.spec.Sandbox]
 	id := newInstanceID(f.spec.Name)
 	spec := f.sandboxSpec(id, img)
+	// Checked at deploy too; the image may have changed since.
+	if err := checkExecEnv(spec.Process.Env); err != nil {
+		return nil, nil, fmt.Errorf("%w: function %q: image %q: %w", ErrStartFailed, f.spec.Name, f.spec.Image, err)
+	}
 
 	var sb sandbox.Sandbox
 	mode := ModeBoot
