@@ -339,6 +339,9 @@ func (s *Server) createFunction(ctx context.Context, req *runtimeapi.CreateConta
 	if guestImage == "" {
 		return nil, status.Errorf(codes.InvalidArgument, "cri: %s in pod %q: env %s is empty", UserContainer, podID, EnvGuestImage)
 	}
+	if err := checkConfigEnv(cfg); err != nil {
+		return nil, err
+	}
 	port := DefaultGuestPort
 	if v, ok := envValue(cfg.GetEnvs(), EnvGuestPort); ok {
 		n, err := strconv.Atoi(v)
@@ -367,6 +370,10 @@ func (s *Server) createFunction(ctx context.Context, req *runtimeapi.CreateConta
 	if function == "" {
 		function = req.GetSandboxConfig().GetMetadata().GetName()
 	}
+	env := mergeEnv(img.Config.Env, cfg.GetEnvs())
+	if err := checkMergedEnv(env, guestImage); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "cri: %s in pod %q: %v", UserContainer, podID, err)
+	}
 	spec := sandbox.Spec{
 		ID:          "cri-" + id[:16],
 		Function:    function,
@@ -374,7 +381,7 @@ func (s *Server) createFunction(ctx context.Context, req *runtimeapi.CreateConta
 		Rootfs:      img.Rootfs,
 		Process: sandbox.Process{
 			Args: append(append([]string{}, img.Config.Entrypoint...), img.Config.Cmd...),
-			Env:  mergeEnv(img.Config.Env, cfg.GetEnvs()),
+			Env:  env,
 			Cwd:  img.Config.WorkingDir,
 			User: img.Config.User,
 		},

@@ -435,6 +435,22 @@ func TestBadInput(t *testing.T) {
 	if _, err := e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: kp.GetPodSandboxId(), Config: uc, SandboxConfig: kpc}); codeOf(err) != codes.InvalidArgument {
 		t.Errorf("GUEST_PORT=http: %v, want InvalidArgument", err)
 	}
+	// An environment string no exec accepts (MAX_ARG_STRLEN: 128 KiB with
+	// "KEY=" and the NUL) is refused naming the variable and the limit, in
+	// a container and in a function's user container.
+	tooLong := func(what string, err error) {
+		t.Helper()
+		if codeOf(err) != codes.InvalidArgument || !strings.Contains(err.Error(), `"BIG"`) || !strings.Contains(err.Error(), "131072") {
+			t.Errorf("%s: %v, want InvalidArgument naming BIG and the limit of 131072 bytes", what, err)
+		}
+	}
+	big := busybox("bigenv", "true")
+	big.Envs = []*runtimeapi.KeyValue{kv("BIG", strings.Repeat("b", 128<<10-len("BIG")-1))}
+	_, err = e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: podID, Config: big, SandboxConfig: pc})
+	tooLong("container env one byte over the limit", err)
+	uc.Envs = []*runtimeapi.KeyValue{kv(EnvGuestImage, "docker.io/test/fn:1"), kv("BIG", strings.Repeat("b", 128<<10))}
+	_, err = e.rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: kp.GetPodSandboxId(), Config: uc, SandboxConfig: kpc})
+	tooLong("function env of 128 KiB", err)
 	for _, c := range e.srv.mine() {
 		if c.PodID == kp.GetPodSandboxId() {
 			t.Errorf("container %q left after failed creates", c.ID)

@@ -88,14 +88,50 @@ func processArgs(cfg *runtimeapi.ContainerConfig, ic image.Config) []string {
 
 // checkContainerConfig refuses what no runtime can run, naming the field:
 // a relative working directory, an environment variable without a name or
-// with '=' or NUL in it.
+// with '=' or NUL in it, or longer than an exec accepts.
 func checkContainerConfig(cfg *runtimeapi.ContainerConfig) error {
 	if wd := cfg.GetWorkingDir(); wd != "" && !filepath.IsAbs(wd) {
 		return status.Errorf(codes.InvalidArgument, "cri: config.working_dir %q is not an absolute path", wd)
 	}
+	return checkConfigEnv(cfg)
+}
+
+// checkConfigEnv refuses a config.envs variable without a name, with '=' or
+// NUL in it, or whose KEY=VALUE string no exec accepts.
+func checkConfigEnv(cfg *runtimeapi.ContainerConfig) error {
 	for _, kv := range cfg.GetEnvs() {
 		if k := kv.GetKey(); k == "" || strings.ContainsAny(k, "=\x00") || bytes.IndexByte(kv.GetValue(), 0) >= 0 {
 			return status.Errorf(codes.InvalidArgument, "cri: config.envs: variable %.80q: want a name without '=' or NUL and a value without NUL", k)
+		}
+		if n := len(kv.GetKey()) + len(kv.GetValue()) + 2; n > maxEnvString {
+			return status.Errorf(codes.InvalidArgument, "cri: config.envs: variable %.80q: %s", kv.GetKey(), envStringTooLong(n))
+		}
+	}
+	return nil
+}
+
+// maxEnvString is the longest environment string "KEY=VALUE" with its
+// terminating NUL that Linux's execve accepts (MAX_ARG_STRLEN: 32 pages of
+// 4 KiB); a container with a longer one could never start.
+const maxEnvString = 128 << 10
+
+func envStringTooLong(n int) string {
+	return fmt.Sprintf("KEY=VALUE is %d bytes with its terminating NUL, over Linux's limit of %d bytes (128 KiB, MAX_ARG_STRLEN) for one exec string", n, maxEnvString)
+}
+
+// checkMergedEnv refuses a container environment (config.envs over the
+// image's) holding a string no exec accepts. config.envs was checked by
+// checkConfigEnv, so such a string comes from image (or is the pod's
+// HOSTNAME).
+func checkMergedEnv(env []string, image string) error {
+	for _, kv := range env {
+		if n := len(kv) + 1; n > maxEnvString {
+			k, _, _ := strings.Cut(kv, "=")
+			from := fmt.Sprintf("set by image %q", image)
+			if k == "HOSTNAME" {
+				from = "the pod's hostname"
+			}
+			return fmt.Errorf("environment variable %.80q (%s): %s; set a shorter value in config.envs", k, from, envStringTooLong(n))
 		}
 	}
 	return nil
@@ -312,6 +348,9 @@ func buildSpec(p *pod, id string, cfg *runtimeapi.ContainerConfig, img image.Ima
 	hostname := p.Config.GetHostname()
 	// HOSTNAME comes first, as with containerd; image and CRI env override it.
 	env := mergeEnv(append([]string{"HOSTNAME=" + hostname}, img.Config.Env...), cfg.GetEnvs())
+	if err := checkMergedEnv(env, img.Ref); err != nil {
+		return nil, err
+	}
 
 	if sc.GetRunAsGroup() != nil && sc.GetRunAsUser() == nil && sc.GetRunAsUsername() == "" {
 		return nil, errors.New("run_as_group is set without run_as_user or run_as_username")

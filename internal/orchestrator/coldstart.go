@@ -53,6 +53,12 @@ type SnapshotStore interface {
 	// CommitWorkingSet records that the working-set file of snap has been
 	// written (REAP record phase finished).
 	CommitWorkingSet(ctx context.Context, snap Snapshot) error
+	// Verify re-reads every file of snap and checks it against its
+	// recorded checksums (whatever was verified before). It returns nil
+	// when they are intact and an error wrapping sandbox.ErrBadSnapshot
+	// when a file is missing or does not match; any other error (ctx
+	// ended) says nothing about the files.
+	Verify(ctx context.Context, snap Snapshot) error
 	// Invalidate removes a snapshot found unusable, so a fresh one is taken.
 	Invalidate(ctx context.Context, key SnapshotKey, why string) error
 	// RemoveFunction removes every snapshot of a function.
@@ -91,17 +97,23 @@ func (f *function) snapshotKey(img Image) SnapshotKey {
 	return SnapshotKey{Function: f.spec.Name, ImageDigest: img.Digest, Backend: f.spec.Sandbox, Config: hex.EncodeToString(h.Sum(nil))[:16]}
 }
 
-func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
+// processEnv is the environment of spec's instances of img: the image's,
+// overridden by the function's, and GUEST_PORT.
+func processEnv(spec FunctionSpec, img Image) []string {
 	env := append([]string(nil), img.Env...)
-	keys := make([]string, 0, len(f.spec.Env))
-	for k := range f.spec.Env {
+	keys := make([]string, 0, len(spec.Env))
+	for k := range spec.Env {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		env = setEnv(env, k, f.spec.Env[k])
+		env = setEnv(env, k, spec.Env[k])
 	}
-	env = setEnv(env, "GUEST_PORT", fmt.Sprint(f.spec.Port))
+	return setEnv(env, "GUEST_PORT", fmt.Sprint(spec.Port))
+}
+
+func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
+	env := processEnv(f.spec, img)
 	args := append(append([]string(nil), img.Entrypoint...), img.Cmd...)
 	cwd := img.WorkingDir
 	if cwd == "" {
@@ -149,6 +161,10 @@ func (f *function) start(ctx context.Context) (*instance, *coldStart, error) {
 	be := f.o.cfg.Backends[f.spec.Sandbox]
 	id := newInstanceID(f.spec.Name)
 	spec := f.sandboxSpec(id, img)
+	// Checked at deploy too; the image may have changed since.
+	if err := checkExecEnv(spec.Process.Env); err != nil {
+		return nil, nil, fmt.Errorf("%w: function %q: image %q: %w", ErrStartFailed, f.spec.Name, f.spec.Image, err)
+	}
 
 	var sb sandbox.Sandbox
 	mode := ModeBoot
@@ -258,16 +274,43 @@ func (f *function) tryRestore(ctx context.Context, cs *coldStart, be sandbox.Bac
 			f.recording = false
 			f.mu.Unlock()
 		}
-		f.fallback(ctx, key, "restore-failed", err)
+		f.restoreFailed(ctx, key, snap, err)
 		return nil, ModeBoot
 	}
 	return sb, mode
 }
 
+// restoreFailed handles a failed Restore: the cold start boots instead. The
+// snapshot is removed only when its files are shown to be bad — the backend
+// said so (sandbox.ErrBadSnapshot), or they fail their checksums now. A
+// fault of the sandbox itself (its process killed mid-restore, the context
+// ended) keeps it: the next cold start restores from it again.
+func (f *function) restoreFailed(ctx context.Context, key SnapshotKey, snap Snapshot, err error) {
+	if errors.Is(err, sandbox.ErrBadSnapshot) {
+		f.fallback(ctx, key, "restore-failed", err)
+		return
+	}
+	// Verified even when the request has ended: whether the files are bad
+	// does not depend on it, and the check is bounded by their size.
+	verr := f.o.cfg.Snapshots.Verify(context.WithoutCancel(ctx), snap)
+	if errors.Is(verr, sandbox.ErrBadSnapshot) {
+		f.fallback(ctx, key, "restore-failed", fmt.Errorf("%w; then its files failed verification: %w", err, verr))
+		return
+	}
+	files := "verified intact"
+	if verr != nil {
+		files = fmt.Sprintf("not verified: %v", verr)
+	}
+	f.o.log.Warn("restore from snapshot failed; booting instead, snapshot kept", "function", f.spec.Name,
+		"reason", "restore-failed", "snapshot", snap.ID, "files", files, "err", err)
+	f.o.cfg.Metrics.fallback(f.spec.Name, "restore-failed")
+}
+
+// fallback removes an unusable snapshot; the cold start boots instead.
 func (f *function) fallback(ctx context.Context, key SnapshotKey, reason string, err error) {
 	f.o.log.Warn("snapshot not usable; booting instead", "function", f.spec.Name, "reason", reason, "err", err)
 	f.o.cfg.Metrics.fallback(f.spec.Name, reason)
-	if ierr := f.o.cfg.Snapshots.Invalidate(ctx, key, fmt.Sprintf("%s: %v", reason, err)); ierr != nil {
+	if ierr := f.o.cfg.Snapshots.Invalidate(context.WithoutCancel(ctx), key, fmt.Sprintf("%s: %v", reason, err)); ierr != nil {
 		f.o.log.Warn("invalidate snapshot", "function", f.spec.Name, "err", ierr)
 	}
 }
@@ -427,6 +470,9 @@ func (f *function) connect(ctx context.Context, in *instance) error {
 	}
 	conn, err := grpc.NewClient(target,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// The instance is on this node: never through the daemon's
+		// $HTTPS_PROXY, which is for pulling images.
+		grpc.WithNoProxy(),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 5 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 200 * time.Millisecond},
 			MinConnectTimeout: time.Second,

@@ -204,6 +204,10 @@ const (
 	MaxEnvVars      = 1024
 	MaxEnvBytes     = 256 << 10 // sum of len(key)+len(value)+2 over the environment
 	MaxImageRefSize = 4096
+	// MaxEnvString is the longest environment string "KEY=VALUE" with its
+	// terminating NUL that Linux's execve accepts (MAX_ARG_STRLEN: 32 pages
+	// of 4 KiB): a longer one makes every exec of the function fail.
+	MaxEnvString = 128 << 10
 )
 
 // Orchestrator runs function pools.
@@ -339,10 +343,31 @@ func (o *Orchestrator) normalize(spec *FunctionSpec) error {
 		if strings.ContainsRune(v, 0) {
 			return fmt.Errorf("%w: environment variable %.80q: its value holds a NUL byte", ErrInvalid, k)
 		}
+		if n := len(k) + len(v) + 2; n > MaxEnvString {
+			return fmt.Errorf("%w: environment variable %.80q: %s", ErrInvalid, k, envStringTooLong(n))
+		}
 		envBytes += len(k) + len(v) + 2
 	}
 	if envBytes > MaxEnvBytes {
 		return fmt.Errorf("%w: environment of %d bytes exceeds the limit of %d bytes", ErrInvalid, envBytes, MaxEnvBytes)
+	}
+	return nil
+}
+
+// envStringTooLong says why an environment string of n bytes (with its NUL)
+// is refused.
+func envStringTooLong(n int) string {
+	return fmt.Sprintf("KEY=VALUE is %d bytes with its terminating NUL, over Linux's limit of %d bytes (128 KiB, MAX_ARG_STRLEN) for one exec string", n, MaxEnvString)
+}
+
+// checkExecEnv refuses an environment ("KEY=VALUE" strings) holding a string
+// that execve refuses, naming the variable.
+func checkExecEnv(env []string) error {
+	for _, kv := range env {
+		if n := len(kv) + 1; n > MaxEnvString {
+			k, _, _ := strings.Cut(kv, "=")
+			return fmt.Errorf("environment variable %.80q set by the image's config: %s; set a shorter value in the function's env to override it", k, envStringTooLong(n))
+		}
 	}
 	return nil
 }
@@ -376,6 +401,11 @@ func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bo
 	wantWasm := spec.Sandbox == "wasm"
 	if wantWasm != (img.Kind == "wasm") {
 		return FunctionStatus{}, fmt.Errorf("%w: image %q is a %s image; sandbox %q needs a %s image", ErrInvalid, spec.Image, img.Kind, spec.Sandbox, map[bool]string{true: "wasm", false: "linux"}[wantWasm])
+	}
+	// The image's own environment joins the function's: a string of it
+	// that no exec accepts is refused here, not at every cold start.
+	if err := checkExecEnv(processEnv(spec, img)); err != nil {
+		return FunctionStatus{}, fmt.Errorf("%w: function %q: image %q: %w", ErrInvalid, spec.Name, spec.Image, err)
 	}
 	spec.ImageDigest = img.Digest
 	spec.CreatedAt = time.Now().UTC()

@@ -143,12 +143,22 @@ type RestoreResult struct {
 }
 
 // Restorer is implemented by backends that declare Capabilities.Snapshot.
+// A Restore error wraps ErrBadSnapshot when the snapshot's files are what
+// is wrong.
 type Restorer interface {
 	Restore(ctx context.Context, spec Spec, dir string, opts RestoreOptions) (Sandbox, error)
 }
 
 // ErrNotSupported is returned for an operation a backend does not declare.
 var ErrNotSupported = errors.New("not supported by this sandbox backend")
+
+// ErrBadSnapshot is what a Restorer's error wraps when the snapshot's own
+// files are unusable: missing, malformed, failing a checksum, or taken of
+// something else than the spec asks for. Such a snapshot can never be
+// restored, and the caller removes it. Any other Restore error (the
+// sandbox's process died, a resource ran out, the context ended) is a fault
+// of that attempt and says nothing against the snapshot.
+var ErrBadSnapshot = errors.New("snapshot files are unusable")
 
 // ErrOutOfMemory is what a sandbox's Err wraps when the kernel killed it for
 // exceeding its memory limit (as opposed to any other crash).

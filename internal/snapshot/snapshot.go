@@ -49,6 +49,7 @@ import (
 	"time"
 
 	"vhive.dev/vhive/internal/orchestrator"
+	"vhive.dev/vhive/internal/sandbox"
 )
 
 const (
@@ -312,6 +313,44 @@ func (s *Store) check(m *Manifest, key orchestrator.SnapshotKey) error {
 	s.mu.Lock()
 	s.verified[m.ID] = fp
 	s.mu.Unlock()
+	return nil
+}
+
+// Verify re-reads every file of snap and checks its size and SHA-256 against
+// the manifest, whatever this process verified before: the orchestrator
+// asks after a restore failed for a reason the backend did not put on the
+// snapshot's files. It returns nil when they are intact, an error wrapping
+// sandbox.ErrBadSnapshot when the manifest or a file is missing, unreadable
+// or does not match, and ctx's error if ctx ends first.
+func (s *Store) Verify(ctx context.Context, snap orchestrator.Snapshot) error {
+	dir := s.dir(snap.ID)
+	bad := func(err error) error {
+		s.mu.Lock()
+		delete(s.verified, snap.ID) // its next Get hashes, and refuses, it
+		s.mu.Unlock()
+		return fmt.Errorf("snapshot %q: %w: %w", snap.ID, sandbox.ErrBadSnapshot, err)
+	}
+	m, err := readManifest(dir)
+	if err != nil {
+		return bad(err)
+	}
+	files := m.files()
+	if _, err := fingerprint(dir, files); err != nil {
+		return bad(err)
+	}
+	for _, f := range files {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("snapshot %q: verify: %w", snap.ID, err)
+		}
+		sum, _, err := hashFile(filepath.Join(dir, f.Name))
+		if err != nil {
+			return bad(fmt.Errorf("corrupt: %w", err))
+		}
+		if sum != f.SHA256 {
+			return bad(fmt.Errorf("corrupt: checksum of %s does not match its manifest", f.Name))
+		}
+	}
+	s.markVerified(m.ID, dir, files)
 	return nil
 }
 

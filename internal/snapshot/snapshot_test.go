@@ -5,12 +5,14 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"vhive.dev/vhive/internal/orchestrator"
+	"vhive.dev/vhive/internal/sandbox"
 )
 
 func newStore(t *testing.T, version string) *Store {
@@ -318,5 +320,56 @@ func TestWriterTrustsItsOwnFiles(t *testing.T) {
 	}
 	if _, err := other.Get(ctx, key); err == nil || errors.Is(err, orchestrator.ErrNotFound) {
 		t.Fatalf("Get after another process committed the WS = %v, want a corruption error", err)
+	}
+}
+
+// TestVerifyRehashesEveryFile: Verify reads the files again even when this
+// process verified them (or wrote them) and nothing about them looks
+// changed, tells bad files (sandbox.ErrBadSnapshot) from an ended context,
+// and leaves the snapshot in place either way.
+func TestVerifyRehashesEveryFile(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, "v1")
+	snap := createWithWS(t, s)
+	if err := s.Verify(ctx, snap); err != nil {
+		t.Fatalf("Verify of an intact snapshot: %v", err)
+	}
+	done, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := s.Verify(done, snap); !errors.Is(err, context.Canceled) || errors.Is(err, sandbox.ErrBadSnapshot) {
+		t.Fatalf("Verify with an ended context = %v, want context.Canceled and not ErrBadSnapshot", err)
+	}
+
+	// Same size and mtime: Get trusts its earlier check, Verify does not.
+	rewriteKeepingMtime(t, filepath.Join(snap.Dir, "memory"), append(make([]byte, 8191), 1))
+	if _, err := s.Get(ctx, key); err != nil {
+		t.Fatalf("Get after an in-place change: %v (it trusts the files it checked)", err)
+	}
+	err := s.Verify(ctx, snap)
+	if !errors.Is(err, sandbox.ErrBadSnapshot) || !strings.Contains(err.Error(), "checksum of memory") {
+		t.Fatalf("Verify of a changed memory file = %v, want ErrBadSnapshot naming its checksum", err)
+	}
+	// The verdict is remembered: Get now refuses it too.
+	if _, err := s.Get(ctx, key); err == nil {
+		t.Fatal("Get after Verify found the memory file corrupt succeeded")
+	}
+	if _, err := os.Stat(snap.Dir); err != nil {
+		t.Fatalf("Verify removed the snapshot (only Invalidate may): %v", err)
+	}
+
+	// A missing working set, and a missing manifest, are bad files too.
+	s2 := newStore(t, "v1")
+	snap = createWithWS(t, s2)
+	if err := os.Remove(snap.WorkingSet); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Verify(ctx, snap); !errors.Is(err, sandbox.ErrBadSnapshot) {
+		t.Fatalf("Verify without the working set = %v, want ErrBadSnapshot", err)
+	}
+	if err := os.Remove(filepath.Join(snap.Dir, manifestName)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Verify(ctx, snap); !errors.Is(err, sandbox.ErrBadSnapshot) {
+		t.Fatalf("Verify without the manifest = %v, want ErrBadSnapshot", err)
 	}
 }

@@ -204,6 +204,11 @@ func judge(s *vhivepb.FunctionSpec) verdict {
 		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(val, 0) {
 			v.bad["env"] = "environment"
 		}
+		// An exec takes no "KEY=VALUE" string over MAX_ARG_STRLEN
+		// (128 KiB with its NUL).
+		if len(k)+len(val)+2 > 128<<10 {
+			v.bad["env"] = "environment"
+		}
 		total += len(k) + len(val) + 2
 	}
 	if len(s.Env) > 1024 || total > 256<<10 {
@@ -330,7 +335,9 @@ func seeds(tb testing.TB) []deployCase {
 		k, v string
 		n    uint16
 	}{{"", "v", 1}, {"A=B", "v", 1}, {"A\x00", "v", 1}, {"A", "v\x00", 1}, {"OK", "fine", 1}, {"MANY", "v", 1025},
-		{"BIG", strings.Repeat("x", 300), 1000}, {"HUGE", strings.Repeat("y", 300<<10), 1}} {
+		{"BIG", strings.Repeat("x", 300), 1000}, {"HUGE", strings.Repeat("y", 300<<10), 1},
+		{"EDGE", strings.Repeat("z", 128<<10-len("EDGE")-2), 1}, {"EDGE", strings.Repeat("z", 128<<10-len("EDGE")-1), 1},
+		{"V", strings.Repeat("w", 128<<10), 1}, {"TWO", strings.Repeat("t", 100<<10), 2}} {
 		add(func(c *deployCase) { c.EnvKey, c.EnvVal, c.EnvCount = e.k, e.v, e.n })
 	}
 	return out

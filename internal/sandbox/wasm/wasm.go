@@ -340,6 +340,9 @@ func (b *Backend) create(ctx context.Context, spec sandbox.Spec, snapDir *string
 		// Refuse a bad snapshot before taking a worker.
 		t := time.Now()
 		if st, err = b.checkSnapshot(*snapDir, mod); err != nil {
+			if errors.Is(err, wasmrt.ErrCorruptSnapshot) || errors.Is(err, wasmrt.ErrDigestMismatch) {
+				err = fmt.Errorf("%w: %w", sandbox.ErrBadSnapshot, err)
+			}
 			return nil, wrap(err)
 		}
 		checkTime = time.Since(t)
