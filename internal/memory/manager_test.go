@@ -208,7 +208,7 @@ func TestLazyPatterns(t *testing.T) {
 			_, st := e.run(t, e.cfg("lazy-"+tc.name, ModeLazy), tc.ops)
 			want := int64(distinctPages(tc.ops))
 			if st.Unique != want || st.Faults != want {
-				t.Errorf("Unique=%d Faults=%d, want %d each (one fault per distinct page)", st.Unique, st.Faults, want)
+				t.Errorf("Unique=%d Faults=%d (DupFaults=%d), want %d each (one fault per distinct page)", st.Unique, st.Faults, st.DupFaults, want)
 			}
 			if st.ZeroPages == 0 {
 				t.Errorf("no zero pages served, though the pattern touches holes")
