@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -46,10 +47,12 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, "server config:", err)
 			os.Exit(2)
 		}
-		if _, err := ServeOne(context.Background(), rc, nil); err != nil {
+		st, err := ServeOne(context.Background(), rc, nil)
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "server:", err)
 			os.Exit(1)
 		}
+		json.NewEncoder(os.Stdout).Encode(st) // what the restore measured, for the test
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
@@ -57,7 +60,7 @@ func TestMain(m *testing.M) {
 
 // op is one step of the child's access pattern, on pages [Page, Page+N).
 type op struct {
-	Kind string `json:"k"` // read, write, dontneed, notify, waitstdin, exit
+	Kind string `json:"k"` // read, write, writefirst, dontneed, hammer, together, waitgone, notify, waitstdin, exit
 	Page uint64 `json:"p"`
 	N    uint64 `json:"n"`
 }
@@ -243,6 +246,12 @@ func runChild(cfg childConfig) (childResult, error) {
 			if res.First == "" {
 				res.First = first
 			}
+		case "together":
+			// Two OS threads fault on each page of the range at once,
+			// each released by a line on stdin (see together).
+			if err := together(mem, ps, o.Page, n, stdin, verify); err != nil {
+				return res, err
+			}
 		case "waitgone":
 			select {
 			case <-gone:
@@ -408,4 +417,93 @@ func hammer(mem []byte, f *os.File, fileOff func(uint64) uint64, ps, reads uint6
 	close(done)
 	dropper.Wait()
 	return bad, first
+}
+
+// together makes two OS threads fault on each page of [first, first+n)
+// at once. It prints the threads' ids ("TIDS a b"); then, for each page,
+// releases the first thread on a line on stdin and the second on another
+// line (the test checks in between that the first is blocked in the
+// fault), verifies the page once both have read it and prints "DONE".
+//
+// The threads fault inside write(2) (copying a byte of the page into a
+// pipe), not with a load: a goroutine blocked in a system call has given
+// up its P, so the other goroutines still run however many threads are
+// blocked. Each thread has its own pipe: a pipe's writers copy under its
+// lock, one would block on that lock instead of the fault. And the threads
+// block SIGURG, the runtime's preemption signal (sent to a goroutine that
+// ran too long, it may land once the goroutine is in the system call): a
+// pending signal ends the fault's wait at once, and the kernel retries a
+// fault in a system call, queueing and withdrawing an event each time, so
+// the page server would read a varying number of events for the thread.
+func together(mem []byte, ps, first, n uint64, stdin *bufio.Reader, verify func(uint64)) error {
+	type thread struct {
+		tid   int
+		ready chan error
+		page  chan uint64
+		pipe  [2]int
+	}
+	var threads [2]*thread
+	for i := range threads {
+		th := &thread{ready: make(chan error, 1), page: make(chan uint64)}
+		if err := unix.Pipe2(th.pipe[:], unix.O_CLOEXEC); err != nil {
+			return fmt.Errorf("together: pipe: %w", err)
+		}
+		defer unix.Close(th.pipe[0])
+		defer unix.Close(th.pipe[1])
+		threads[i] = th
+	}
+	var urg unix.Sigset_t
+	sig, bits := uint(unix.SIGURG)-1, uint(8*unsafe.Sizeof(urg.Val[0]))
+	urg.Val[sig/bits] |= 1 << (sig % bits)
+	done := make(chan error, len(threads))
+	for _, th := range threads {
+		go func() {
+			runtime.LockOSThread() // the thread the test watches; the goroutine never unlocks it
+			if err := unix.PthreadSigmask(unix.SIG_BLOCK, &urg, nil); err != nil {
+				th.ready <- fmt.Errorf("together: block SIGURG: %w", err)
+				return
+			}
+			th.tid = unix.Gettid()
+			th.ready <- nil
+			var b [1]byte
+			for p := range th.page {
+				if _, err := unix.Write(th.pipe[1], mem[p*ps:p*ps+1]); err != nil {
+					done <- fmt.Errorf("together: write page %d to a pipe: %w", p, err)
+					continue
+				}
+				if _, err := unix.Read(th.pipe[0], b[:]); err != nil {
+					done <- fmt.Errorf("together: read the pipe: %w", err)
+					continue
+				}
+				done <- nil
+			}
+		}()
+	}
+	for _, th := range threads {
+		if err := <-th.ready; err != nil {
+			return err
+		}
+	}
+	defer func() {
+		for _, th := range threads {
+			close(th.page)
+		}
+	}()
+	fmt.Printf("TIDS %d %d\n", threads[0].tid, threads[1].tid)
+	for p := first; p < first+n; p++ {
+		for _, th := range threads {
+			if _, err := stdin.ReadString('\n'); err != nil {
+				return fmt.Errorf("together: stdin: %w", err)
+			}
+			th.page <- p
+		}
+		for range threads {
+			if err := <-done; err != nil {
+				return err
+			}
+		}
+		verify(p)
+		fmt.Println("DONE")
+	}
+	return nil
 }

@@ -229,6 +229,7 @@ func (m *Manager) Start(ctx context.Context, cfg RestoreConfig) (_ *Restore, ret
 		mode := string(cfg.Mode)
 		r.obs = &observers{
 			faults:    m.metrics.faults.WithLabelValues(mode),
+			dupFaults: m.metrics.dupFaults.WithLabelValues(mode),
 			unique:    m.metrics.unique.WithLabelValues(mode),
 			bytesRead: m.metrics.bytesRead.WithLabelValues(mode),
 			faultTime: m.metrics.faultTime.WithLabelValues(mode),
@@ -285,9 +286,9 @@ func (m *Manager) Close() error {
 }
 
 type observers struct {
-	faults, unique, bytesRead prometheus.Counter
-	faultTime                 prometheus.Observer
-	m                         *Metrics
+	faults, dupFaults, unique, bytesRead prometheus.Counter
+	faultTime                            prometheus.Observer
+	m                                    *Metrics
 }
 
 // Restore is one restore served by the Manager.

@@ -208,7 +208,7 @@ func TestLazyPatterns(t *testing.T) {
 			_, st := e.run(t, e.cfg("lazy-"+tc.name, ModeLazy), tc.ops)
 			want := int64(distinctPages(tc.ops))
 			if st.Unique != want || st.Faults != want {
-				t.Errorf("Unique=%d Faults=%d, want %d each (one fault per distinct page)", st.Unique, st.Faults, want)
+				t.Errorf("Unique=%d Faults=%d (DupFaults=%d), want %d each (one fault per distinct page)", st.Unique, st.Faults, st.DupFaults, want)
 			}
 			if st.ZeroPages == 0 {
 				t.Errorf("no zero pages served, though the pattern touches holes")
@@ -975,4 +975,179 @@ func TestManagerProcessDies(t *testing.T) {
 	if r := c.result(t); r.Mismatches != 0 || r.Touched != 50 {
 		t.Fatalf("child: %+v", r)
 	}
+}
+
+// TestConcurrentFaultsOnOnePageCountedOnce: two threads of the peer fault
+// on the same page at once, so the kernel queues two events for the page.
+// The page server process is stopped (SIGSTOP) until both threads are
+// blocked in the fault, so that it reads both events every round; then the
+// page must be counted once as a fault, the second event as a DupFaults,
+// and recorded once into the working set and the trace. (Counting every
+// event as a fault gave TestLazyPatterns one fault too many under -race:
+// a thread whose fault wait a preemption signal ended faults again.)
+func TestConcurrentFaultsOnOnePageCountedOnce(t *testing.T) {
+	testutil.RequiresRoot(t)
+	dir := t.TempDir()
+	memFile := writeMemFile(t, dir, testPages, true)
+	rc := RestoreConfig{ID: "together", Mode: ModeRecord, MemoryFile: memFile,
+		SocketPath: filepath.Join(dir, "together.sock"), WorkingSet: filepath.Join(dir, "ws"),
+		Trace: filepath.Join(dir, "trace.csv")}
+	b, err := json.Marshal(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := exec.Command(os.Args[0], "-test.run=^$")
+	srv.Env = append(os.Environ(), serverEnv+"="+string(b))
+	var srvErr strings.Builder
+	srv.Stderr = &srvErr
+	srvOut, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if srv.ProcessState == nil {
+			srv.Process.Kill() // only the process this test started
+			srv.Wait()
+		}
+	})
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(rc.SocketPath); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("page server did not listen within a minute")
+		}
+	}
+	const first, rounds = 1000, 8 // data pages, no holes among them
+	// After the rounds, one fault of one thread on the next page: the
+	// server handles events in order, so once it is served the last
+	// round's second event has been handled too (the child exiting
+	// earlier would leave that event to a server that finds the peer gone).
+	const pages = rounds + 1
+	c := startChild(t, childConfig{Socket: rc.SocketPath, MemFile: memFile, Size: testPages * 4096,
+		Ops: []op{{Kind: "together", Page: first, N: rounds}, {Kind: "read", Page: first + rounds, N: 1}}})
+	var tids [2]int
+	if l := c.line(t); !scanTIDs(l, &tids) {
+		t.Fatalf("child said %q, want its thread ids; stderr: %s", l, c.stderr.String())
+	}
+	pid := c.cmd.Process.Pid
+	for i := range rounds {
+		// Stopped, the page server reads no event: both threads' events
+		// for the page are queued before it reads either.
+		if err := srv.Process.Signal(unix.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		waitStopped(t, srv.Process.Pid)
+		for _, tid := range tids { // the two threads fault, one after the other
+			if _, err := fmt.Fprintln(c.stdin, "go"); err != nil {
+				t.Fatal(err)
+			}
+			waitInUserfault(t, pid, tid, c)
+		}
+		if err := srv.Process.Signal(unix.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		if l := c.line(t); l != "DONE" {
+			t.Fatalf("round %d: child said %q; stderr: %s", i, l, c.stderr.String())
+		}
+	}
+	if r := c.result(t); r.Mismatches != 0 || r.Touched != pages {
+		t.Fatalf("child: %+v", r)
+	}
+	var st Stats
+	if err := json.NewDecoder(srvOut).Decode(&st); err != nil {
+		t.Fatalf("page server stats: %v; stderr: %s", err, srvErr.String())
+	}
+	if err := srv.Wait(); err != nil {
+		t.Fatalf("page server: %v; stderr: %s", err, srvErr.String())
+	}
+	t.Logf("stats: %v", st)
+	if st.Faults != pages || st.Unique != pages || st.DupFaults != rounds {
+		t.Errorf("Faults=%d Unique=%d DupFaults=%d, want %d, %d, %d: one fault per page, the second thread's event on each page a duplicate",
+			st.Faults, st.Unique, st.DupFaults, pages, pages, rounds)
+	}
+	if len(st.FaultLatency) != int(st.Faults) {
+		t.Errorf("%d latency samples for %d faults", len(st.FaultLatency), st.Faults)
+	}
+	if st.RecPages != pages || st.RecRegions != 1 {
+		t.Errorf("RecPages=%d RecRegions=%d, want %d pages in one run", st.RecPages, st.RecRegions, pages)
+	}
+	trace, err := os.ReadFile(rc.Trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "seq,offset,length\n"
+	for i := range uint64(pages) {
+		want += fmt.Sprintf("%d,%d,4096\n", i, (first+i)*4096)
+	}
+	if string(trace) != want {
+		t.Errorf("trace:\n%s\nwant each page once:\n%s", trace, want)
+	}
+	raw, err := os.ReadFile(rc.WorkingSet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ParseWorkingSet(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws.Pages() != pages || len(ws.Runs) != 1 || ws.Runs[0] != (Run{Offset: first * 4096, Length: pages * 4096}) {
+		t.Errorf("working set: %d pages in runs %+v, want the %d pages from %d in one run", ws.Pages(), ws.Runs, pages, first)
+	}
+}
+
+func scanTIDs(l string, tids *[2]int) bool {
+	_, err := fmt.Sscanf(l, "TIDS %d %d", &tids[0], &tids[1])
+	return err == nil
+}
+
+// waitStopped waits until process pid, a child of the test, is stopped
+// (all its threads), failing the test if it exits instead.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	const cldStopped = 5 // CLD_STOPPED, <asm-generic/siginfo.h>
+	for {
+		// WNOWAIT: the report is left in place; SIGCONT ends the stop,
+		// and an exit stays for exec.Cmd.Wait.
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_PID, pid, &info, unix.WSTOPPED|unix.WEXITED|unix.WNOWAIT, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("wait for process %d to stop: %v", pid, err)
+		}
+		if info.Code != cldStopped {
+			t.Fatalf("process %d did not stop but exited (si_code %d)", pid, info.Code)
+		}
+		return
+	}
+}
+
+// waitInUserfault waits until thread tid of process pid sleeps in a
+// userfaultfd fault (its wchan), failing the test if it does not within a
+// minute (hung, or not faulting).
+func waitInUserfault(t *testing.T, pid, tid int, c *child) {
+	t.Helper()
+	path := fmt.Sprintf("/proc/%d/task/%d/wchan", pid, tid)
+	var last string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatalf("thread %d of the child: %v", tid, err)
+		}
+		if last = string(b); last == "handle_userfault" {
+			return
+		}
+	}
+	var all []string
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, e := range ents {
+		w, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/wchan", pid, e.Name()))
+		all = append(all, e.Name()+":"+string(w))
+	}
+	t.Fatalf("thread %d of the child not blocked in a userfault within a minute (wchan %q); the child's threads: %v; stderr: %s", tid, last, all, c.stderr.String())
 }

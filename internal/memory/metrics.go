@@ -46,9 +46,20 @@ type Stats struct {
 	RecRegions int64
 	// Unique: pages served lazily on a fault (prefetch: outside the WS).
 	Unique int64
-	// Faults: page-fault events handled (including chunked neighbours'
-	// faults that never happen: those are not counted).
+	// Faults: page-fault events that found their page missing and
+	// installed it (with chunks, its neighbours too: their faults never
+	// happen). Lazily, one per distinct page touched (plus one each time
+	// a removed page is touched again).
 	Faults int64
+	// DupFaults: page-fault events for a page already installed when the
+	// event was handled, served with a wake only: the kernel queues one
+	// event per faulting thread and per wait, so two threads faulting on
+	// the same page, or a thread whose wait a signal interrupted (the
+	// Go runtime's preemption) faulting again, give a page two events;
+	// also a chunk neighbour's fault queued before its chunk was
+	// installed. Not counted in Faults, Unique or FaultLatency, and never
+	// recorded into the working set.
+	DupFaults int64
 	// ZeroPages: pages installed with UFFDIO_ZEROPAGE (holes of a sparse
 	// memory file, pages after UFFD_EVENT_REMOVE).
 	ZeroPages int64
@@ -79,9 +90,9 @@ func (s Stats) Percentile(p float64) time.Duration {
 
 // String summarises the stats on one line, latency as p50/p99.
 func (s Stats) String() string {
-	return fmt.Sprintf("FetchState=%v InstallWS=%v ServeUnique=%v RecPages=%d RecRegions=%d Unique=%d Faults=%d "+
+	return fmt.Sprintf("FetchState=%v InstallWS=%v ServeUnique=%v RecPages=%d RecRegions=%d Unique=%d Faults=%d DupFaults=%d "+
 		"ZeroPages=%d Removes=%d BytesRead=%d PrefetchFallback=%v FaultP50=%v FaultP99=%v",
-		s.FetchState, s.InstallWS, s.ServeUnique, s.RecPages, s.RecRegions, s.Unique, s.Faults,
+		s.FetchState, s.InstallWS, s.ServeUnique, s.RecPages, s.RecRegions, s.Unique, s.Faults, s.DupFaults,
 		s.ZeroPages, s.Removes, s.BytesRead, s.PrefetchFallback, s.Percentile(50), s.Percentile(99))
 }
 
@@ -96,7 +107,7 @@ func (s Stats) Stages() map[string]time.Duration {
 func (s Stats) Pages() map[string]int64 {
 	return map[string]int64{
 		"RecPages": s.RecPages, "RecRegions": s.RecRegions, "Unique": s.Unique,
-		"Faults": s.Faults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead, "WSWaits": s.WSWaits,
+		"Faults": s.Faults, "DupFaults": s.DupFaults, "ZeroPages": s.ZeroPages, "BytesRead": s.BytesRead, "WSWaits": s.WSWaits,
 	}
 }
 
@@ -105,6 +116,7 @@ func (s Stats) Pages() map[string]int64 {
 type Metrics struct {
 	restores    *prometheus.CounterVec
 	faults      *prometheus.CounterVec
+	dupFaults   *prometheus.CounterVec
 	unique      *prometheus.CounterVec
 	bytesRead   *prometheus.CounterVec
 	fallbacks   prometheus.Counter
@@ -123,7 +135,11 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}, modes),
 		faults: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "vhive", Subsystem: "memory", Name: "faults_total",
-			Help: "Page-fault events handled.",
+			Help: "Page-fault events that installed their missing page.",
+		}, modes),
+		dupFaults: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vhive", Subsystem: "memory", Name: "dup_faults_total",
+			Help: "Page-fault events for a page already installed (another thread's or a retried fault), served with a wake.",
 		}, modes),
 		unique: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "vhive", Subsystem: "memory", Name: "unique_pages_total",
@@ -152,7 +168,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Restores currently served.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.restores, m.faults, m.unique, m.bytesRead, m.fallbacks, m.faultTime, m.stageTime, m.activeCount} {
+	for _, c := range []prometheus.Collector{m.restores, m.faults, m.dupFaults, m.unique, m.bytesRead, m.fallbacks, m.faultTime, m.stageTime, m.activeCount} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register memory metrics: %w", err)
 		}

@@ -687,11 +687,12 @@ func (s *server) fault(m uffd.Msg) error {
 	if err != nil {
 		return err
 	}
+	dup := false
 	if wasPresent {
-		// Either installed while this fault was queued (prefetch, an
-		// earlier chunk) — then make sure the thread runs — or dropped by
-		// a peer that did not ask for remove events: then it must read
-		// as zero, and without this the thread would fault forever.
+		// Either installed before this event was handled — then make sure
+		// the thread runs — or dropped by a peer that did not ask for
+		// remove events: then it must read as zero, and without this the
+		// thread would fault forever.
 		addr := uintptr(reg.BaseHostVirtAddr + page*ps)
 		got, err := s.uffd.ZeroPage(addr, ps, 0)
 		switch {
@@ -701,34 +702,49 @@ func (s *server) fault(m uffd.Msg) error {
 		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOENT):
 			return errPeerGone
 		default: // EEXIST: really there; EAGAIN: a remove is pending, the thread will fault again
+			dup = true
 			if err := s.uffd.Wake(addr, ps); err != nil {
 				return err
 			}
 		}
 	}
+	// An event for a page already installed (dup) is not a fault of its
+	// own: the kernel queues one event per faulting thread and per wait,
+	// so a second thread faulting on the page, or a thread whose wait a
+	// signal interrupted and that faulted again, leaves one more event
+	// for the page. It is counted apart; whatever its chunk installed
+	// (neighbours removed meanwhile) still counts as pages served.
 	unique := copied + zeros
 	d := time.Since(t0)
 	r := s.r
 	r.mu.Lock()
-	r.stats.Faults++
+	if dup {
+		r.stats.DupFaults++
+	} else {
+		r.stats.Faults++
+		if len(r.stats.FaultLatency) < maxLatencySamples {
+			r.stats.FaultLatency = append(r.stats.FaultLatency, d)
+		}
+	}
 	r.stats.Unique += int64(unique)
 	r.stats.ZeroPages += int64(zeros)
 	r.stats.BytesRead += int64(copied * ps)
 	if unique > 0 {
 		r.stats.ServeUnique += d
 	}
-	if len(r.stats.FaultLatency) < maxLatencySamples {
-		r.stats.FaultLatency = append(r.stats.FaultLatency, d)
-	}
 	if r.recording && len(rec) > 0 {
 		r.spans = append(r.spans, rec...)
 	}
 	r.mu.Unlock()
 	if o := r.obs; o != nil {
-		o.faults.Inc()
+		if dup {
+			o.dupFaults.Inc()
+		} else {
+			o.faults.Inc()
+			o.faultTime.Observe(d.Seconds())
+		}
 		o.unique.Add(float64(unique))
 		o.bytesRead.Add(float64(copied * ps))
-		o.faultTime.Observe(d.Seconds())
 	}
 	return nil
 }
