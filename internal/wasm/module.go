@@ -65,8 +65,13 @@ func Digest(b []byte) string {
 
 // Prepare derives the boot and restore modules from module bytes. It refuses
 // (wrapping ErrUnsupportedModule) modules whose state a snapshot would not
-// capture.
+// capture, and (wrapping ErrModuleTooLarge) modules beyond the limits in
+// bounds.go; every count and length in the module is checked against its
+// size before it is decoded.
 func Prepare(module []byte) (*Prepared, error) {
+	if err := checkBounds(module); err != nil {
+		return nil, fmt.Errorf("decode wasm module: %w", err)
+	}
 	m, err := binary.DecodeModule(module, wasmbin.CoreFeaturesV2)
 	if err != nil {
 		return nil, fmt.Errorf("decode wasm module: %w", err)
