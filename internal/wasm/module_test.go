@@ -75,6 +75,42 @@ func module(body []byte, edit func(m *wasmbin.Module)) []byte {
 	return binary.EncodeModule(m)
 }
 
+// unwritableModules are modules Prepare accepted but could not write back:
+// the encoder panicked on declarative segments and on ref.null elements,
+// wrote a segment of table 1 as another kind of segment, and an export named
+// vhive_global_0 made the prepared modules' exports collide.
+func unwritableModules() []struct {
+	name, want string
+	mod        []byte
+} {
+	// One function of type () -> (), one table of type tab, one memory,
+	// the element section elem, and the function's body.
+	withElems := func(tab byte, tables int, elem ...[]byte) []byte {
+		tbl := [][]byte{u32(uint32(tables))}
+		for i := 0; i < tables; i++ {
+			tbl = append(tbl, []byte{tab, 0, 1})
+		}
+		return rawModule(rawSection(1, u32(1), []byte{0x60, 0, 0}), rawSection(3, u32(1), u32(0)),
+			rawSection(4, tbl...), rawSection(5, u32(1), []byte{0, 1}),
+			rawSection(9, append([][]byte{u32(1)}, elem...)...), rawSection(10, u32(1), u32(2), []byte{0, 0x0B}))
+	}
+	i32Const0 := []byte{0x41, 0, 0x0B}
+	return []struct {
+		name, want string
+		mod        []byte
+	}{
+		{"declarative elements", "declarative", withElems(0x70, 1, u32(3), []byte{0}, u32(1), u32(0))},
+		{"ref.null element", "ref.null", withElems(0x70, 1, u32(4), i32Const0, u32(1), []byte{0xD0, 0x70, 0x0B})},
+		{"elements of table 1", "table 1", withElems(0x70, 2, u32(2), u32(1), i32Const0, []byte{0}, u32(1), u32(0))},
+		{"externref elements", "externref table 0", withElems(0x6F, 1, u32(6), u32(0), i32Const0, []byte{0x6F}, u32(1), []byte{0xD0, 0x6F, 0x0B})},
+		{"export named like a global's", `export "vhive_global_0"`, module([]byte{wasmbin.OpcodeEnd}, func(m *wasmbin.Module) {
+			m.GlobalSection = []*wasmbin.Global{{Type: &wasmbin.GlobalType{ValType: wasmbin.ValueTypeI32},
+				Init: &wasmbin.ConstantExpression{Opcode: wasmbin.OpcodeI32Const, Data: []byte{0}}}}
+			m.ExportSection = []*wasmbin.Export{{Type: wasmbin.ExternTypeFunc, Name: wasm.GlobalExportPrefix + "0"}}
+		})},
+	}
+}
+
 func TestPrepareRefuses(t *testing.T) {
 	end := []byte{wasmbin.OpcodeEnd}
 	cases := []struct {
@@ -95,6 +131,7 @@ func TestPrepareRefuses(t *testing.T) {
 		// v128.const (SIMD)
 		{"simd", "not understood", module([]byte{0xFD, 12, 0x0B}, nil)},
 	}
+	cases = append(cases, unwritableModules()...)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := wasm.Prepare(c.mod)
