@@ -16,9 +16,9 @@ RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
 APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables nftables
-FUZZTIME     ?= 15s
+FUZZTIME     ?= 60s
 
-.PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz vet proto clean bench \
+.PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz fuzz vet proto clean bench \
 	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
 	cluster-tools cluster cluster-down cluster-e2e
 
@@ -75,9 +75,10 @@ vet:
 	$(GO) vet -tags e2e ./internal/bench/ ./internal/kdeploy/
 
 ## test: every suite, with the real tools (what CI runs): Go tests (real
-## runsc, runc, netns, userfaultfd, containerd, loopback registry), fuzzing,
-## critest against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke test-fuzz critest k8s-e2e cluster-e2e
+## runsc, runc, netns, userfaultfd, containerd, loopback registry; they include
+## every fuzz target's seeds and saved findings, see test-fuzz), critest
+## against containerd and vhive, and the kubelet end-to-end test
+test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke critest k8s-e2e cluster-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}
@@ -87,22 +88,41 @@ test-unit:
 bench-smoke: runsc
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -tags e2e -count=1 -timeout 30m -run TestBenchSmoke ./internal/bench/
 
-## test-fuzz: each fuzz target for a short bounded time
-test-fuzz:
-	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' internal functions 2>/dev/null); do \
-		pkg=./$$(dirname $$f); \
-		for t in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
-			echo "fuzz $$pkg $$t ($(FUZZTIME))"; \
-			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
-		done; \
-	done
+# Every fuzz target as <package dir>:<FuzzName>.
+FUZZ_TARGETS = $(shell grep -r --include='*_test.go' -o '^func Fuzz[A-Za-z0-9_]*' internal functions 2>/dev/null | sed 's|/[^/]*:func |:|' | sort)
+FUZZ_PKGS    = $(sort $(foreach t,$(FUZZ_TARGETS),./$(firstword $(subst :, ,$(t)))))
+FUZZ_NAMES   = $(sort $(foreach t,$(FUZZ_TARGETS),$(lastword $(subst :, ,$(t)))))
+FUZZ_EMPTY   :=
+FUZZ_SPACE   := $(FUZZ_EMPTY) $(FUZZ_EMPTY)
+
+## test-fuzz: every fuzz target's seeds and saved findings
+## (testdata/fuzz/<FuzzName>/) as regression tests, no new inputs, so the
+## result is deterministic. test-unit runs them too (go test runs each fuzz
+## target's corpus), so make test does not run this again.
+test-fuzz: runsc
+	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 20m -run '^($(subst $(FUZZ_SPACE),|,$(FUZZ_NAMES)))$$' $(FUZZ_PKGS)
+
+## fuzz: exploratory fuzzing of every fuzz target for FUZZTIME (60s) each,
+## with fresh random inputs; run by make reliability, not by make test (a new
+## finding must not block unrelated changes). A failing input is written to
+## the package's testdata/fuzz/<FuzzName>/: docs/reliability.md says how to
+## keep it with its fix. Every target runs even after a failure.
+fuzz: runsc
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		pkg=./$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+		CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg || failed="$$failed $$pkg:$$name"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzzing found failures in:$$failed"; exit 1; fi
 
 ## reliability: the full reliability and security suite (docs/reliability.md):
 ## the tests under internal/reliability with VHIVE_RELIABILITY=full (more crash
-## trials, longer fuzzing and load). Its fast subset runs in make test as part
-## of test-unit (the same tests with the default VHIVE_RELIABILITY=fast).
+## trials, longer fuzzing and load), then make fuzz (exploratory fuzzing of
+## every fuzz target). Its fast subset runs in make test as part of test-unit
+## (the same tests with the default VHIVE_RELIABILITY=fast).
 reliability: deps runsc
-	CI=$${CI:-true} VHIVE_RELIABILITY=full VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m -v ./internal/reliability/... 2>&1 | tee /tmp/vhive-reliability.log; exit $${PIPESTATUS[0]}
+	CI=$${CI:-true} VHIVE_RELIABILITY=full VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m -v ./internal/reliability/... 2>&1 | tee /tmp/vhive-reliability.log; rc=$${PIPESTATUS[0]}; \
+	$(MAKE) --no-print-directory fuzz || rc=1; exit $$rc
 
 ## cri-tools: crictl and critest (cri-tools v1.37.0), cached
 cri-tools:

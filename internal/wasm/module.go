@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/tetratelabs/wabin/binary"
 	wasmbin "github.com/tetratelabs/wabin/wasm"
@@ -65,8 +66,13 @@ func Digest(b []byte) string {
 
 // Prepare derives the boot and restore modules from module bytes. It refuses
 // (wrapping ErrUnsupportedModule) modules whose state a snapshot would not
-// capture.
+// capture, and (wrapping ErrModuleTooLarge) modules beyond the limits in
+// bounds.go; every count and length in the module is checked against its
+// size before it is decoded.
 func Prepare(module []byte) (*Prepared, error) {
+	if err := checkBounds(module); err != nil {
+		return nil, fmt.Errorf("decode wasm module: %w", err)
+	}
 	m, err := binary.DecodeModule(module, wasmbin.CoreFeaturesV2)
 	if err != nil {
 		return nil, fmt.Errorf("decode wasm module: %w", err)
@@ -118,7 +124,9 @@ func valueTypeName(t wasmbin.ValueType) (string, error) {
 // checkSnapshotable refuses modules with state outside linear memory and
 // globals: imports other than functions, more than one memory, passive data
 // or element segments, and code that changes a table or uses data segments
-// at run time.
+// at run time. It also refuses what Prepare could not write back into a
+// valid module: element segments other than active ones of function indices
+// into table 0, and exports named like the ones Prepare adds.
 func checkSnapshotable(m *wasmbin.Module) error {
 	for _, im := range m.ImportSection {
 		if im.Type != wasmbin.ExternTypeFunc {
@@ -137,6 +145,26 @@ func checkSnapshotable(m *wasmbin.Module) error {
 	for i, e := range m.ElementSection {
 		if e.Mode == wasmbin.ElementModePassive {
 			return fmt.Errorf("%w: element segment %d is passive", ErrUnsupportedModule, i)
+		}
+		// The encoder that writes the prepared modules (wabin) writes only
+		// active segments of function indices into table 0; it panics on
+		// the others or writes a different module.
+		if e.Mode != wasmbin.ElementModeActive {
+			return fmt.Errorf("%w: element segment %d is declarative (only active segments are supported)", ErrUnsupportedModule, i)
+		}
+		if e.TableIndex != 0 || e.Type != wasmbin.RefTypeFuncref {
+			return fmt.Errorf("%w: element segment %d initializes %s table %d (only funcref table 0 is supported)",
+				ErrUnsupportedModule, i, wasmbin.RefTypeName(e.Type), e.TableIndex)
+		}
+		for j, idx := range e.Init {
+			if idx == nil {
+				return fmt.Errorf("%w: element segment %d: element %d is ref.null (only function indices are supported)", ErrUnsupportedModule, i, j)
+			}
+		}
+	}
+	for _, e := range m.ExportSection {
+		if strings.HasPrefix(e.Name, GlobalExportPrefix) {
+			return fmt.Errorf("%w: export %q uses the prefix %q of the exports Prepare adds", ErrUnsupportedModule, e.Name, GlobalExportPrefix)
 		}
 	}
 	for i, c := range m.CodeSection {

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/tetratelabs/wabin/binary"
+	"github.com/tetratelabs/wabin/leb128"
 	wasmbin "github.com/tetratelabs/wabin/wasm"
 
 	"vhive.dev/vhive/internal/wasm"
@@ -73,6 +75,42 @@ func module(body []byte, edit func(m *wasmbin.Module)) []byte {
 	return binary.EncodeModule(m)
 }
 
+// unwritableModules are modules Prepare accepted but could not write back:
+// the encoder panicked on declarative segments and on ref.null elements,
+// wrote a segment of table 1 as another kind of segment, and an export named
+// vhive_global_0 made the prepared modules' exports collide.
+func unwritableModules() []struct {
+	name, want string
+	mod        []byte
+} {
+	// One function of type () -> (), one table of type tab, one memory,
+	// the element section elem, and the function's body.
+	withElems := func(tab byte, tables int, elem ...[]byte) []byte {
+		tbl := [][]byte{u32(uint32(tables))}
+		for i := 0; i < tables; i++ {
+			tbl = append(tbl, []byte{tab, 0, 1})
+		}
+		return rawModule(rawSection(1, u32(1), []byte{0x60, 0, 0}), rawSection(3, u32(1), u32(0)),
+			rawSection(4, tbl...), rawSection(5, u32(1), []byte{0, 1}),
+			rawSection(9, append([][]byte{u32(1)}, elem...)...), rawSection(10, u32(1), u32(2), []byte{0, 0x0B}))
+	}
+	i32Const0 := []byte{0x41, 0, 0x0B}
+	return []struct {
+		name, want string
+		mod        []byte
+	}{
+		{"declarative elements", "declarative", withElems(0x70, 1, u32(3), []byte{0}, u32(1), u32(0))},
+		{"ref.null element", "ref.null", withElems(0x70, 1, u32(4), i32Const0, u32(1), []byte{0xD0, 0x70, 0x0B})},
+		{"elements of table 1", "table 1", withElems(0x70, 2, u32(2), u32(1), i32Const0, []byte{0}, u32(1), u32(0))},
+		{"externref elements", "externref table 0", withElems(0x6F, 1, u32(6), u32(0), i32Const0, []byte{0x6F}, u32(1), []byte{0xD0, 0x6F, 0x0B})},
+		{"export named like a global's", `export "vhive_global_0"`, module([]byte{wasmbin.OpcodeEnd}, func(m *wasmbin.Module) {
+			m.GlobalSection = []*wasmbin.Global{{Type: &wasmbin.GlobalType{ValType: wasmbin.ValueTypeI32},
+				Init: &wasmbin.ConstantExpression{Opcode: wasmbin.OpcodeI32Const, Data: []byte{0}}}}
+			m.ExportSection = []*wasmbin.Export{{Type: wasmbin.ExternTypeFunc, Name: wasm.GlobalExportPrefix + "0"}}
+		})},
+	}
+}
+
 func TestPrepareRefuses(t *testing.T) {
 	end := []byte{wasmbin.OpcodeEnd}
 	cases := []struct {
@@ -93,6 +131,7 @@ func TestPrepareRefuses(t *testing.T) {
 		// v128.const (SIMD)
 		{"simd", "not understood", module([]byte{0xFD, 12, 0x0B}, nil)},
 	}
+	cases = append(cases, unwritableModules()...)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := wasm.Prepare(c.mod)
@@ -107,6 +146,98 @@ func TestPrepareRefuses(t *testing.T) {
 	}
 	if _, err := wasm.Prepare([]byte("not wasm")); err == nil || !strings.Contains(err.Error(), "decode wasm module") {
 		t.Fatalf("Prepare of garbage = %v", err)
+	}
+}
+
+// rawSection encodes a section with the given id and content.
+func rawSection(id byte, content ...[]byte) []byte {
+	var c []byte
+	for _, x := range content {
+		c = append(c, x...)
+	}
+	return append(append([]byte{id}, leb128.EncodeUint32(uint32(len(c)))...), c...)
+}
+
+// rawModule is the wasm header followed by sections.
+func rawModule(sections ...[]byte) []byte {
+	b := []byte{0, 'a', 's', 'm', 1, 0, 0, 0}
+	for _, s := range sections {
+		b = append(b, s...)
+	}
+	return b
+}
+
+func u32(n uint32) []byte { return leb128.EncodeUint32(n) }
+
+// hostileModules are modules of a few bytes whose declared counts or lengths
+// made the decoder allocate in proportion to the count (n) rather than to
+// the module, or expand locals one by one. FuzzPrepare's worker died of one
+// such module; testdata/fuzz/FuzzPrepare holds them with n = 2³²−1.
+func hostileModules(n uint32) []struct {
+	name, want string
+	mod        []byte
+} {
+	name := []byte("name")
+	localsBody := append(append(u32(1), u32(n)...), 0x7F, 0x0B) // one declaration of n i32 locals
+	var manyLocals [][]byte                                     // 200 functions of 49,999 locals: more than MaxModuleLocals together
+	body := append(append(u32(1), u32(49_999)...), 0x7F, 0x0B)
+	manyLocals = append(manyLocals, u32(200))
+	for i := 0; i < 200; i++ {
+		manyLocals = append(manyLocals, u32(uint32(len(body))), body)
+	}
+	return []struct {
+		name, want string
+		mod        []byte
+	}{
+		{"type count", "types", rawModule(rawSection(1, u32(n)))},
+		{"type parameters", "type 0 parameters", rawModule(rawSection(1, u32(1), []byte{0x60}, u32(n)))},
+		{"import name", "import 0 module", rawModule(rawSection(2, u32(1), u32(n)))},
+		{"function count", "section function", rawModule(rawSection(3, u32(n)))},
+		{"table count", "section table", rawModule(rawSection(4, u32(n)))},
+		{"global count", "section global", rawModule(rawSection(6, u32(n)))},
+		{"export count", "exports", rawModule(rawSection(7, u32(n)))},
+		{"export name", "export 0 name", rawModule(rawSection(7, u32(1), u32(n)))},
+		{"element count", "element segments", rawModule(rawSection(9, u32(n)))},
+		{"element indexes", "element segment 0 elements", rawModule(rawSection(9, u32(1), u32(0), []byte{0x41, 0, 0x0B}, u32(n)))},
+		{"code count", "function bodies", rawModule(rawSection(10, u32(n)))},
+		{"code size", "function body 0", rawModule(rawSection(10, u32(1), u32(n), u32(0)))},
+		{"function locals", "more than 50000 locals", rawModule(rawSection(10, u32(1), u32(uint32(len(localsBody))), localsBody))},
+		{"module locals", "locals together", rawModule(rawSection(10, manyLocals...))},
+		{"data count", "data segments", rawModule(rawSection(11, u32(n)))},
+		{"data content", "data segment 0 content", rawModule(rawSection(11, u32(1), u32(1), u32(n)))},
+		{"custom section name", "section custom: name", rawModule(rawSection(0, u32(n)))},
+		{"custom section size", "section custom: size", rawModule(append(append([]byte{0}, u32(n)...), 1, 'x'))},
+		{"function names", "function names", rawModule(rawSection(0, u32(4), name, rawSection(1, u32(n))))},
+		{"local names", "local names 0", rawModule(rawSection(0, u32(4), name, rawSection(2, u32(1), u32(0), u32(n))))},
+	}
+}
+
+// TestPrepareHostileCounts: a module declaring huge counts is refused with
+// an error naming the field, having allocated about as much as the module's
+// size — before the bounds check each allocated 16 MiB to 1 GiB here (n =
+// 2²⁴), and FuzzPrepare's worker was killed by one with n = 2³²−1.
+func TestPrepareHostileCounts(t *testing.T) {
+	const n = 1 << 24
+	const maxAlloc = 1 << 20
+	for _, c := range hostileModules(n) {
+		t.Run(c.name, func(t *testing.T) {
+			var err error
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err = wasm.Prepare(c.mod)
+			runtime.ReadMemStats(&after)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("Prepare = %v, want an error naming %q", err, c.want)
+			}
+			if a := after.TotalAlloc - before.TotalAlloc; a > maxAlloc {
+				t.Errorf("Prepare of a %d-byte module allocated %d bytes (at most %d allowed)", len(c.mod), a, maxAlloc)
+			}
+		})
+	}
+	for _, c := range hostileModules(n) {
+		if _, err := wasm.Prepare(c.mod); strings.HasSuffix(c.name, " locals") && !errors.Is(err, wasm.ErrModuleTooLarge) {
+			t.Errorf("%s: Prepare = %v, want ErrModuleTooLarge", c.name, err)
+		}
 	}
 }
 
