@@ -264,7 +264,7 @@ func (s *Sandbox) launch(ctx context.Context) error {
 	a := s.b.cfg.Assets
 	var args []string
 	if s.restore == nil {
-		args = s.qemuArgs("mem-path="+filepath.Join(s.dir, "mem")+",share=on", a.Vmlinuz, a.Initramfs, false)
+		args = s.qemuArgs("mem-path="+s.b.MemoryFile(s.id)+",share=on", a.Vmlinuz, a.Initramfs, false)
 	} else {
 		args = s.qemuArgs(s.restore.memProps(s.b), s.restore.meta.Vmlinuz, s.restore.meta.Initramfs, true)
 	}
@@ -491,7 +491,7 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 		}
 	}
-	for _, p := range []string{s.qmpSock, s.agentSck} {
+	for _, p := range []string{s.qmpSock, s.agentSck, s.b.MemoryFile(s.id)} {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

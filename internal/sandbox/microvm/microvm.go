@@ -8,14 +8,17 @@
 // On-disk layout under Config.Root:
 //
 //	instances/<id>/     one directory per instance
-//	    mem             guest RAM (memory-backend-file, share=on); for a
-//	                    restored instance the RAM is the snapshot's file
-//	                    mapped privately and this file does not exist
 //	    console.log     the serial console (kernel, agent, the function's
 //	                    stdout and stderr); its tail is in error messages
 //	    qemu.log        QEMU's own stdout and stderr
 //	    qemu.pid        for Cleanup after a daemon crash
 //	sock/<hash of id>.qmp, .agent   QMP and agent sockets (short paths)
+//
+// A booted instance's guest RAM is a file (memory-backend-file, share=on,
+// so that a snapshot can skip it in the migration stream and copy it) in
+// Config.MemoryDir: <MemoryDir>/vhive-microvm-<hash of Root>-<hash of id>.mem,
+// by default on /dev/shm so that guest writes never go to a disk. A
+// restored instance maps the snapshot's RAM file privately instead.
 //
 // Network: every instance takes a Net from the netpool. Inside its netns
 // the veth eth0 loses its address and joins a bridge with a tap device whose
@@ -91,6 +94,9 @@ type Config struct {
 	// TSC ticks at the host's rate; without it a loaded host makes the
 	// guest's TSC calibration hang). Default: the host's "cpu MHz".
 	TSCkHz int
+	// MemoryDir holds booted instances' RAM files. Default /dev/shm (when
+	// it is a directory), else <Root>/mem.
+	MemoryDir string
 	// BootTimeout bounds Start (boot to the function listening) and a
 	// restore's resume handshake. Default 2 minutes.
 	BootTimeout time.Duration
@@ -173,6 +179,15 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.MemoryDir == "" {
+		cfg.MemoryDir = filepath.Join(root, "mem")
+		if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+			cfg.MemoryDir = "/dev/shm"
+		}
+	}
+	if strings.ContainsAny(cfg.MemoryDir, ",") {
+		return nil, fmt.Errorf("microvm: MemoryDir %q contains ',' (QEMU option syntax)", cfg.MemoryDir)
+	}
 	for _, p := range []string{cfg.Assets.QEMU, cfg.Assets.Vmlinuz, cfg.Assets.Initramfs} {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("microvm: asset: %w", err)
@@ -196,7 +211,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	}
 	b.qemuMajor, _ = strconv.Atoi(mm[1])
 	b.qemuMinor, _ = strconv.Atoi(mm[2])
-	for _, d := range []string{b.instances, b.socks} {
+	for _, d := range []string{b.instances, b.socks, cfg.MemoryDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("microvm: create %q: %w", d, err)
 		}
@@ -300,6 +315,18 @@ func (b *Backend) sockBase(id string) string {
 	return filepath.Join(b.socks, hex.EncodeToString(sum[:8]))
 }
 
+// memPrefix names the RAM files of this backend's instances in MemoryDir.
+func (b *Backend) memPrefix() string {
+	sum := sha256.Sum256([]byte(b.cfg.Root))
+	return "vhive-microvm-" + hex.EncodeToString(sum[:4]) + "-"
+}
+
+// MemoryFile is the RAM file of booted instance id.
+func (b *Backend) MemoryFile(id string) string {
+	sum := sha256.Sum256([]byte(id))
+	return filepath.Join(b.cfg.MemoryDir, b.memPrefix()+hex.EncodeToString(sum[:8])+".mem")
+}
+
 // InstanceDir is the directory of instance id (tests check it is gone).
 func (b *Backend) InstanceDir(id string) string { return filepath.Join(b.instances, id) }
 
@@ -337,6 +364,14 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	socks, _ := os.ReadDir(b.socks)
 	for _, e := range socks {
 		_ = os.Remove(filepath.Join(b.socks, e.Name()))
+	}
+	mems, _ := os.ReadDir(b.cfg.MemoryDir)
+	for _, e := range mems {
+		if strings.HasPrefix(e.Name(), b.memPrefix()) && strings.HasSuffix(e.Name(), ".mem") {
+			if err := os.Remove(filepath.Join(b.cfg.MemoryDir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("microvm: cleanup: %w", err))
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -83,7 +83,7 @@ func (s *Sandbox) Snapshot(ctx context.Context, dir string) error {
 	if err := migrateTo(ctx, c, state); err != nil {
 		return errors.Join(fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err), resume())
 	}
-	if err := copySparse(filepath.Join(s.dir, "mem"), filepath.Join(dir, SnapshotMemory)); err != nil {
+	if err := copySparse(s.b.MemoryFile(s.id), filepath.Join(dir, SnapshotMemory)); err != nil {
 		return errors.Join(fmt.Errorf("microvm: snapshot of sandbox %q: copy RAM: %w", s.id, err), resume())
 	}
 	if err := resume(); err != nil {

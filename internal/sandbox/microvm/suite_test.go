@@ -44,9 +44,9 @@ func TestConformance(t *testing.T) {
 				left = append(left, "instance dir "+e.b.InstanceDir(id))
 			}
 			base := e.b.sockBase(id)
-			for _, p := range []string{base + ".qmp", base + ".agent"} {
+			for _, p := range []string{base + ".qmp", base + ".agent", e.b.MemoryFile(id)} {
 				if _, err := os.Stat(p); err == nil {
-					left = append(left, "socket "+p)
+					left = append(left, p)
 				}
 			}
 			return left
