@@ -59,6 +59,7 @@ type Sandbox struct {
 	qmp     *qmp.Client
 	agent   net.Conn
 	ready   chan error // the agent's answer to start/resume
+	stages  map[string]time.Duration
 	waited  chan struct{}
 }
 

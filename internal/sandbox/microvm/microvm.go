@@ -125,6 +125,8 @@ var (
 	_ sandbox.Restorer    = (*Backend)(nil)
 	_ sandbox.Sandbox     = (*Sandbox)(nil)
 	_ sandbox.Snapshotter = (*Sandbox)(nil)
+
+	_ sandbox.RestoreReporter = (*Sandbox)(nil)
 )
 
 var qemuVerRE = regexp.MustCompile(`version (\d+)\.(\d+)`)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -250,21 +251,29 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 			_ = s.Stop(context.WithoutCancel(ctx))
 		}
 	}()
+	stages := map[string]time.Duration{}
+	t := time.Now()
 	if mode == sandbox.MemoryEager {
 		if err := readAll(filepath.Join(dir, SnapshotMemory)); err != nil {
 			return nil, fmt.Errorf("microvm: restore of %q: read the RAM file: %w", spec.ID, err)
 		}
+		stages["ReadMemory"] = time.Since(t)
+		t = time.Now()
 	}
 	s.mu.Lock()
 	s.started = true
 	err = s.launch(ctx)
 	if err == nil {
+		stages["LaunchVMM"] = time.Since(t)
+		t = time.Now()
 		err = s.incoming(ctx)
+		stages["LoadState"] = time.Since(t)
 	}
 	s.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
+	t = time.Now()
 	e, err := entropy()
 	if err != nil {
 		return nil, err
@@ -273,7 +282,21 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 	if err := s.handshake(ctx, agentproto.Message{Type: agentproto.TypeResume, Resume: res}); err != nil {
 		return nil, err
 	}
+	stages["ResumeAgent"] = time.Since(t)
+	s.mu.Lock()
+	s.stages = stages
+	s.mu.Unlock()
 	return s, nil
+}
+
+// RestoreStats implements sandbox.RestoreReporter: the restore's stages
+// (ReadMemory for eager restores, LaunchVMM, LoadState — migrate-incoming
+// until the guest is paused, cont included — and ResumeAgent, the clock,
+// entropy and address handshake).
+func (s *Sandbox) RestoreStats() sandbox.RestoreResult {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return sandbox.RestoreResult{Stages: maps.Clone(s.stages), Pages: map[string]int64{}}
 }
 
 // incoming loads the device state and resumes the guest (s.mu held).

@@ -58,7 +58,10 @@ func TestSnapshotRestore(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Restore(%s): %v", mode, err)
 		}
-		t.Logf("restore %s: to resumed %s", mode, time.Since(t0).Round(time.Millisecond))
+		t.Logf("restore %s: to resumed %s, stages %v", mode, time.Since(t0).Round(time.Millisecond), rs.(sandbox.RestoreReporter).RestoreStats().Stages)
+		if st := rs.(sandbox.RestoreReporter).RestoreStats().Stages; st["LoadState"] <= 0 || st["ResumeAgent"] <= 0 || (mode == sandbox.MemoryEager) != (st["ReadMemory"] > 0) {
+			t.Errorf("restore %s: stages %v, want LoadState, ResumeAgent and ReadMemory only when eager", mode, st)
+		}
 		got := get(t, rs.Endpoint(), "/count")
 		t.Logf("restore %s: to first reply %s", mode, time.Since(t0).Round(time.Millisecond))
 		if got != "4" {
