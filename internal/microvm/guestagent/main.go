@@ -315,6 +315,7 @@ func mountRoot() error {
 		{"sysfs", "sys", "sysfs", ""},
 		{"devtmpfs", "dev", "devtmpfs", ""},
 		{"tmpfs", "tmp", "tmpfs", "mode=1777"},
+		{"tmpfs", "dev/shm", "tmpfs", "mode=1777"},
 	} {
 		dst := filepath.Join(newRoot, m.dst)
 		if err := os.MkdirAll(dst, 0o755); err != nil {
@@ -376,12 +377,19 @@ func (a *agent) start(s *agentproto.Start) error {
 		return err
 	}
 	console := os.Stderr
+	null, err := os.Open("/dev/null")
+	if err != nil {
+		pr.Close()
+		pw.Close()
+		return err
+	}
+	defer null.Close()
 	groups := make([]uint32, len(s.Groups))
 	copy(groups, s.Groups)
 	proc, err := os.StartProcess(prog, s.Args, &os.ProcAttr{
 		Dir:   cwd,
 		Env:   s.Env,
-		Files: []*os.File{nil, console, pw},
+		Files: []*os.File{null, console, pw},
 		Sys: &syscall.SysProcAttr{
 			Chroot:     newRoot,
 			Setsid:     true,

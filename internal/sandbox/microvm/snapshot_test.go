@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -47,6 +48,13 @@ func TestSnapshotRestore(t *testing.T) {
 		t.Fatalf("source /count after the snapshot = %q, want 4", got)
 	}
 	memSum := fileSum(t, filepath.Join(dir, SnapshotMemory))
+	for _, f := range []string{SnapshotState, SnapshotMemory} {
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(dir, f), &st); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("snapshot file %s: %d bytes, %d allocated", f, st.Size, st.Blocks*512)
+	}
 	// Let the snapshot's clock fall behind: a clone that kept it would
 	// answer a time before the restore.
 	time.Sleep(3 * time.Second)
