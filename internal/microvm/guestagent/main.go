@@ -89,11 +89,17 @@ func boot() (*os.File, error) {
 	if err := loadModules(); err != nil {
 		return nil, err
 	}
+	logf("modules loaded")
 	path, err := waitPort(10 * time.Second)
 	if err != nil {
 		return nil, err
 	}
-	return os.OpenFile(path, os.O_RDWR, 0)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	logf("agent port %s open", path)
+	return f, nil
 }
 
 func loadModules() error {
@@ -159,6 +165,7 @@ func (a *agent) run() error {
 		}
 		switch m.Type {
 		case agentproto.TypeStart:
+			logf("start received")
 			if m.Start == nil {
 				a.send(agentproto.Message{Type: agentproto.TypeError, Error: "start without a configuration"})
 				continue

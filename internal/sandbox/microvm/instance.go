@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -363,25 +364,68 @@ func (s *Sandbox) wait() {
 
 // handshake sends m to the agent and waits for its answer (ready or
 // resumed), the VM's end, the boot timeout or ctx.
+//
+// While it waits it asks QMP for the VM's status every nudgeEvery: besides
+// noticing a guest that panicked or shut down, each command makes QEMU's
+// main loop run, which re-checks whether the agent port takes input. Input
+// the host sent before the guest opened the port otherwise stayed in the
+// socket while the guest idled (seen once in about twenty boots: the agent
+// waited for its start message until the boot timeout).
 func (s *Sandbox) handshake(ctx context.Context, m agentproto.Message) error {
 	if err := agentproto.Write(s.agent, m); err != nil {
 		return s.failure("send "+m.Type, err)
 	}
 	t := time.NewTimer(s.b.cfg.BootTimeout)
 	defer t.Stop()
-	select {
-	case err := <-s.ready:
-		if err != nil {
-			return s.failure("agent", err)
+	nudge := time.NewTicker(nudgeEvery)
+	defer nudge.Stop()
+	for {
+		select {
+		case err := <-s.ready:
+			if err != nil {
+				return s.failure("agent", err)
+			}
+			return nil
+		case <-s.waited:
+			return s.failure("wait for the agent", errors.New("the VM ended"))
+		case <-t.C:
+			return s.failure("wait for the agent", fmt.Errorf("no answer after %s", s.b.cfg.BootTimeout))
+		case <-ctx.Done():
+			return s.failure("wait for the agent", ctx.Err())
+		case <-nudge.C:
+			if err := s.checkStatus(ctx); err != nil {
+				return s.failure("wait for the agent", err)
+			}
 		}
-		return nil
-	case <-s.waited:
-		return s.failure("wait for the agent", errors.New("the VM ended"))
-	case <-t.C:
-		return s.failure("wait for the agent", fmt.Errorf("no answer after %s", s.b.cfg.BootTimeout))
-	case <-ctx.Done():
-		return s.failure("wait for the agent", ctx.Err())
 	}
+}
+
+// nudgeEvery is how often handshake polls the VM's status.
+const nudgeEvery = 250 * time.Millisecond
+
+// checkStatus fails when the VM is no longer running (guest panic,
+// shutdown, internal error).
+func (s *Sandbox) checkStatus(ctx context.Context) error {
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	raw, err := s.qmp.Execute(qctx, "query-status", nil)
+	if err != nil {
+		if s.exited() {
+			return errors.New("the VM ended")
+		}
+		return err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return fmt.Errorf("query-status: %w", err)
+	}
+	switch st.Status {
+	case "running", "inmigrate", "postmigrate", "prelaunch", "finish-migrate", "paused", "suspended", "save-vm", "restore-vm", "colo":
+		return nil
+	}
+	return fmt.Errorf("VM status %q", st.Status)
 }
 
 // readAgent handles the agent's messages until the channel closes.
