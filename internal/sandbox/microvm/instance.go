@@ -365,12 +365,14 @@ func (s *Sandbox) wait() {
 // handshake sends m to the agent and waits for its answer (ready or
 // resumed), the VM's end, the boot timeout or ctx.
 //
-// While it waits it asks QMP for the VM's status every nudgeEvery: besides
-// noticing a guest that panicked or shut down, each command makes QEMU's
-// main loop run, which re-checks whether the agent port takes input. Input
-// the host sent before the guest opened the port otherwise stayed in the
-// socket while the guest idled (seen once in about twenty boots: the agent
-// waited for its start message until the boot timeout).
+// While it waits it asks QMP for the VM's status every nudgeEvery: a guest
+// that panicked or shut down ends the wait at once, and each command makes
+// QEMU's main loop run, which re-checks whether the agent port takes input
+// (QEMU stops reading the socket while the guest has not opened the port).
+// One boot at load ~40 hung with the agent's last console line "guest
+// agent starting" until the boot timeout; whether input stuck in the socket
+// was the cause is not confirmed (12 boots at load ~10 without the polling
+// did not reproduce it), the agent now logs each boot step to tell.
 func (s *Sandbox) handshake(ctx context.Context, m agentproto.Message) error {
 	if err := agentproto.Write(s.agent, m); err != nil {
 		return s.failure("send "+m.Type, err)
