@@ -30,6 +30,11 @@
 // internal/microvm/agentproto. Start sends the function's configuration and
 // waits until the agent reports that the function listens.
 //
+// Resources: Spec.MemoryLimit is the guest's RAM size (Config.MemoryMiB
+// when 0); Config.CPUs is the number of vCPUs; Spec.CPULimit is not applied
+// (no cgroup for QEMU yet). Stats are QEMU's RSS and PSS (guest RAM, TCG
+// code cache and QEMU itself).
+//
 // Snapshots (see snapshot.go): QMP migrate with x-ignore-shared to a state
 // file, the RAM file copied beside it (the source keeps running on its own
 // file); restore starts a new QEMU with -incoming defer on a private mapping
