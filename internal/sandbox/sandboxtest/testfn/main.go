@@ -4,11 +4,16 @@
 // that Spec.Process was applied.
 //
 // Endpoints: /count (increments and returns the counter), /info (JSON with
-// env, cwd, uid, gid), /alloc?mb=N (allocates and touches N MiB, kept).
+// env, cwd, uid, gid), /alloc?mb=N (allocates and touches N MiB, kept),
+// /random (16 bytes from the kernel's RNG, hex), /clock (the wall clock in
+// Unix nanoseconds): clones of one snapshot must differ in the first and
+// tell the current time in the second.
 // With TESTFN_EXIT=<code> it writes TESTFN_STDERR to stderr and exits at once.
 package main
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -16,6 +21,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"time"
 )
 
 func main() {
@@ -66,6 +72,17 @@ func main() {
 		keep = append(keep, b)
 		mu.Unlock()
 		fmt.Fprintf(w, "%d", mb)
+	})
+	mux.HandleFunc("/random", func(w http.ResponseWriter, r *http.Request) {
+		b := make([]byte, 16)
+		if _, err := rand.Read(b); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprint(w, hex.EncodeToString(b))
+	})
+	mux.HandleFunc("/clock", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%d", time.Now().UnixNano())
 	})
 	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
 		p := r.URL.Query().Get("path")

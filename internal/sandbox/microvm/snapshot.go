@@ -1,0 +1,389 @@
+package microvm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"vhive.dev/vhive/internal/microvm/agentproto"
+	"vhive.dev/vhive/internal/sandbox"
+)
+
+// Files of a snapshot directory (the snapshot store lists and hashes them).
+const (
+	// SnapshotMeta is what a restore needs besides the state: the QEMU
+	// version, kernel, initramfs, disk and memory size of the source.
+	SnapshotMeta = "microvm.json"
+	// SnapshotState is QEMU's device state (migration stream; the RAM is
+	// not in it: x-ignore-shared).
+	SnapshotState = "state"
+	// SnapshotMemory is the guest RAM, copied from the source's
+	// memory-backend-file.
+	SnapshotMemory = "mem"
+)
+
+// snapshotMeta is SnapshotMeta's content.
+type snapshotMeta struct {
+	QEMUVersion string `json:"qemu_version"`
+	Accel       string `json:"accel"`
+	MemoryMiB   int    `json:"memory_mib"`
+	CPUs        int    `json:"cpus"`
+	Vmlinuz     string `json:"vmlinuz"`
+	Initramfs   string `json:"initramfs"`
+	Disk        string `json:"disk"`
+	ImageDigest string `json:"image_digest"`
+	Port        int    `json:"port"`
+}
+
+// Snapshot writes the VM's state into dir and leaves the instance running:
+// QMP stop, migrate (x-ignore-shared) into dir/state, copy of the RAM file
+// into dir/mem (sparse, or a reflink where the file system has them), cont.
+// The source keeps running on its own RAM file; the snapshot's copy is
+// never written again, so any number of restores can map it.
+func (s *Sandbox) Snapshot(ctx context.Context, dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: %q is not a directory", s.id, dir)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || s.qmp == nil || s.exited() {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: not running", s.id)
+	}
+	if s.restore != nil {
+		// Its RAM is a private mapping of another snapshot's file plus
+		// anonymous copies: no file holds it.
+		return fmt.Errorf("microvm: snapshot of restored sandbox %q: %w", s.id, sandbox.ErrNotSupported)
+	}
+	c := s.qmp
+	if _, err := c.Execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
+	}); err != nil {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err)
+	}
+	if _, err := c.Execute(ctx, "stop", nil); err != nil {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err)
+	}
+	resume := func() error {
+		_, err := c.Execute(context.WithoutCancel(ctx), "cont", nil)
+		return err
+	}
+	state := filepath.Join(dir, SnapshotState)
+	if err := migrateTo(ctx, c, state); err != nil {
+		return errors.Join(fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err), resume())
+	}
+	if err := copySparse(s.b.MemoryFile(s.id), filepath.Join(dir, SnapshotMemory)); err != nil {
+		return errors.Join(fmt.Errorf("microvm: snapshot of sandbox %q: copy RAM: %w", s.id, err), resume())
+	}
+	if err := resume(); err != nil {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: resume: %w", s.id, err)
+	}
+	a := s.b.cfg.Assets
+	meta := snapshotMeta{
+		QEMUVersion: a.QEMUVersion, Accel: s.b.cfg.Accel, MemoryMiB: s.memMiB, CPUs: s.b.cfg.CPUs,
+		Vmlinuz: a.Vmlinuz, Initramfs: a.Initramfs, Disk: s.disk, ImageDigest: s.spec.ImageDigest, Port: s.spec.Port,
+	}
+	data, err := json.MarshalIndent(meta, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, SnapshotMeta), data, 0o644); err != nil {
+		return fmt.Errorf("microvm: snapshot of sandbox %q: %w", s.id, err)
+	}
+	return nil
+}
+
+// shellQuote quotes p for QEMU's exec: migration URI (run by /bin/sh).
+func shellQuote(p string) string {
+	return "'" + strings.ReplaceAll(p, "'", `'\''`) + "'"
+}
+
+// migrateTo runs an outgoing migration into file and waits for its end.
+// (QEMU 7.2 has no file: URI; exec:cat works on every version.)
+func migrateTo(ctx context.Context, c qmpClient, file string) error {
+	if _, err := c.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(file)}); err != nil {
+		return err
+	}
+	return waitMigration(ctx, c, "query-migrate")
+}
+
+type qmpClient interface {
+	Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error)
+}
+
+func waitMigration(ctx context.Context, c qmpClient, query string) error {
+	for {
+		raw, err := c.Execute(ctx, query, nil)
+		if err != nil {
+			return err
+		}
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return fmt.Errorf("%s: %w", query, err)
+		}
+		switch st.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// copySparse copies src to dst: a reflink (FICLONE) if the file system can,
+// else the data extents only (SEEK_DATA/SEEK_HOLE), so that the untouched
+// part of guest RAM stays a hole.
+func copySparse(src, dst string) (retErr error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := out.Close(); retErr == nil {
+			retErr = err
+		}
+		if retErr != nil {
+			os.Remove(dst)
+		}
+	}()
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err == nil {
+		return nil
+	}
+	size := fi.Size()
+	var off int64
+	for off < size {
+		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
+		if err != nil {
+			if errors.Is(err, unix.ENXIO) {
+				break // only a hole is left
+			}
+			return fmt.Errorf("seek data in %s: %w", src, err)
+		}
+		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			return fmt.Errorf("seek hole in %s: %w", src, err)
+		}
+		if _, err := io.Copy(io.NewOffsetWriter(out, data), io.NewSectionReader(in, data, hole-data)); err != nil {
+			return fmt.Errorf("copy %s: %w", src, err)
+		}
+		off = hole
+	}
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	return out.Sync()
+}
+
+// restoreParams is what a restore resumes from.
+type restoreParams struct {
+	dir  string
+	meta snapshotMeta
+	mode sandbox.MemoryMode
+}
+
+// memProps maps the snapshot's RAM file privately: writes go to anonymous
+// copies and the file is never changed. QEMU ≥ 8.2 opens it read-only
+// (readonly=on,rom=off); 7.2 has no rom= and opens it read-write, but
+// still maps it MAP_PRIVATE (share=off).
+func (rp *restoreParams) memProps(b *Backend) string {
+	p := "mem-path=" + filepath.Join(rp.dir, SnapshotMemory) + ",share=off"
+	if b.qemuMajor > 8 || (b.qemuMajor == 8 && b.qemuMinor >= 2) {
+		p += ",readonly=on,rom=off"
+	}
+	return p
+}
+
+// Restore starts a new VM from a snapshot taken by Snapshot, in its own
+// netns: QEMU with -incoming defer on a private mapping of the snapshot's
+// RAM, migrate-incoming from the state file, cont, then the resume
+// handshake (the agent sets the clock, reseeds the RNG and takes the new
+// address). MemoryEager reads the whole RAM file into the page cache first;
+// MemoryLazy lets guest accesses fault pages in. The returned sandbox is
+// running; Start is a no-op.
+func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, opts sandbox.RestoreOptions) (_ sandbox.Sandbox, retErr error) {
+	mode := opts.Mode
+	if mode == "" {
+		mode = sandbox.MemoryEager
+	}
+	if mode != sandbox.MemoryEager && mode != sandbox.MemoryLazy {
+		return nil, fmt.Errorf("microvm: restore of %q in memory mode %q (eager and lazy only): %w", spec.ID, mode, sandbox.ErrNotSupported)
+	}
+	meta, err := b.readMeta(dir, spec)
+	if err != nil {
+		return nil, err
+	}
+	rp := &restoreParams{dir: dir, meta: meta, mode: mode}
+	s, err := b.prepare(ctx, spec, rp)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			_ = s.Stop(context.WithoutCancel(ctx))
+		}
+	}()
+	stages := map[string]time.Duration{}
+	t := time.Now()
+	if mode == sandbox.MemoryEager {
+		if err := readAll(filepath.Join(dir, SnapshotMemory)); err != nil {
+			return nil, fmt.Errorf("microvm: restore of %q: read the RAM file: %w", spec.ID, err)
+		}
+		stages["ReadMemory"] = time.Since(t)
+		t = time.Now()
+	}
+	s.mu.Lock()
+	s.started = true
+	err = s.launch(ctx)
+	if err == nil {
+		stages["LaunchVMM"] = time.Since(t)
+		t = time.Now()
+		err = s.incoming(ctx)
+		stages["LoadState"] = time.Since(t)
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	t = time.Now()
+	e, err := entropy()
+	if err != nil {
+		return nil, err
+	}
+	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e, Net: s.start.Net}
+	if err := s.handshake(ctx, agentproto.Message{Type: agentproto.TypeResume, Resume: res}); err != nil {
+		return nil, err
+	}
+	stages["ResumeAgent"] = time.Since(t)
+	s.mu.Lock()
+	s.stages = stages
+	s.mu.Unlock()
+	return s, nil
+}
+
+// RestoreStats implements sandbox.RestoreReporter: the restore's stages
+// (ReadMemory for eager restores, LaunchVMM, LoadState — migrate-incoming
+// until the guest is paused, cont included — and ResumeAgent, the clock,
+// entropy and address handshake).
+func (s *Sandbox) RestoreStats() sandbox.RestoreResult {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return sandbox.RestoreResult{Stages: maps.Clone(s.stages), Pages: map[string]int64{}}
+}
+
+// incoming loads the device state and resumes the guest (s.mu held).
+func (s *Sandbox) incoming(ctx context.Context) error {
+	c := s.qmp
+	if _, err := c.Execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
+	}); err != nil {
+		return s.failure("restore", err)
+	}
+	uri := "exec:cat " + shellQuote(filepath.Join(s.restore.dir, SnapshotState))
+	if _, err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}); err != nil {
+		return s.failure("restore", err)
+	}
+	// The source was stopped when it was saved, so the guest stays paused
+	// once the state is in; wait for that, then run it.
+	for {
+		raw, err := c.Execute(ctx, "query-status", nil)
+		if err != nil {
+			return s.failure("restore", err)
+		}
+		var st struct {
+			Status string `json:"status"`
+		}
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return s.failure("restore", err)
+		}
+		if st.Status != "inmigrate" {
+			if st.Status != "paused" && st.Status != "running" {
+				return s.failure("restore", fmt.Errorf("VM status %q after the incoming migration", st.Status))
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return s.failure("restore", ctx.Err())
+		case <-s.waited:
+			return s.failure("restore", errors.New("QEMU exited during the incoming migration"))
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	if _, err := c.Execute(ctx, "cont", nil); err != nil {
+		return s.failure("restore", err)
+	}
+	return nil
+}
+
+// readMeta loads and checks a snapshot's metadata against this backend.
+func (b *Backend) readMeta(dir string, spec sandbox.Spec) (snapshotMeta, error) {
+	var m snapshotMeta
+	data, err := os.ReadFile(filepath.Join(dir, SnapshotMeta))
+	if err != nil {
+		return m, fmt.Errorf("microvm: restore of %q: %q holds no microVM snapshot: %w", spec.ID, dir, err)
+	}
+	if err := json.Unmarshal(data, &m); err != nil {
+		return m, fmt.Errorf("microvm: restore of %q: %s: %w", spec.ID, filepath.Join(dir, SnapshotMeta), err)
+	}
+	if m.QEMUVersion != b.cfg.Assets.QEMUVersion || m.Accel != b.cfg.Accel || m.CPUs != b.cfg.CPUs {
+		return m, fmt.Errorf("microvm: restore of %q: snapshot taken with %q/%s/%d vCPUs, this backend runs %q/%s/%d", spec.ID,
+			m.QEMUVersion, m.Accel, m.CPUs, b.cfg.Assets.QEMUVersion, b.cfg.Accel, b.cfg.CPUs)
+	}
+	if spec.ImageDigest != "" && spec.ImageDigest != m.ImageDigest {
+		return m, fmt.Errorf("microvm: restore of %q: snapshot of image %s, spec has %s", spec.ID, m.ImageDigest, spec.ImageDigest)
+	}
+	for _, p := range []string{m.Vmlinuz, m.Initramfs, m.Disk, filepath.Join(dir, SnapshotState), filepath.Join(dir, SnapshotMemory)} {
+		if _, err := os.Stat(p); err != nil {
+			return m, fmt.Errorf("microvm: restore of %q: %w", spec.ID, err)
+		}
+	}
+	fi, err := os.Stat(filepath.Join(dir, SnapshotMemory))
+	if err != nil {
+		return m, err
+	}
+	if fi.Size() != int64(m.MemoryMiB)<<20 {
+		return m, fmt.Errorf("microvm: restore of %q: RAM file is %d bytes, want %d MiB", spec.ID, fi.Size(), m.MemoryMiB)
+	}
+	return m, nil
+}
+
+// readAll reads the data extents of path (into the page cache).
+func readAll(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL)
+	_, err = io.CopyBuffer(io.Discard, f, make([]byte, 1<<20))
+	return err
+}
