@@ -15,10 +15,11 @@ RUNSC        := $(VHIVE_CACHE)/bin/runsc
 RUNSC_STAMP  := $(VHIVE_CACHE)/bin/.runsc-$(RUNSC_VERSION)
 BIN          := bin/vhive
 IMAGES       := out/images
-APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables nftables
+APT_PKGS     := runc iproute2 ca-certificates containerd containernetworking-plugins busybox-static openssl mmdebstrap iptables nftables \
+                qemu-system-x86 e2fsprogs xz-utils
 FUZZTIME     ?= 60s
 
-.PHONY: all build deps runsc images images-go images-python images-full demo test test-unit test-fuzz fuzz vet proto clean bench \
+.PHONY: all build deps runsc microvm images images-go images-python images-full demo test test-unit test-fuzz fuzz vet proto clean bench \
 	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
 	cluster-tools cluster cluster-down cluster-e2e
 
@@ -43,6 +44,12 @@ $(RUNSC_STAMP): tools/runsc/go.mod tools/runsc/go.sum
 		-o $(RUNSC).tmp gvisor.dev/gvisor/runsc
 	mv $(RUNSC).tmp $(RUNSC)
 	touch $@
+
+## microvm: the microvm sandbox's guest assets in $(VHIVE_CACHE)/microvm —
+## QEMU (apt), Debian's cloud kernel (unpacked from its package, never
+## installed), an initramfs with vhive's guest agent (docs/microvm.md)
+microvm: deps
+	$(GO) run ./tools/microvm -cache $(VHIVE_CACHE)
 
 ## build: the vhive binary
 build:
@@ -78,7 +85,7 @@ vet:
 ## runsc, runc, netns, userfaultfd, containerd, loopback registry; they include
 ## every fuzz target's seeds and saved findings, see test-fuzz), critest
 ## against containerd and vhive, and the kubelet end-to-end test
-test: deps runsc cri-tools k8s-tools cluster-tools vet test-unit bench-smoke critest k8s-e2e cluster-e2e
+test: deps runsc microvm cri-tools k8s-tools cluster-tools vet test-unit bench-smoke critest k8s-e2e cluster-e2e
 
 test-unit:
 	CI=$${CI:-true} VHIVE_RUNSC=$(RUNSC) $(GO) test -count=1 -timeout 40m ./... 2>&1 | tee /tmp/vhive-test.log; exit $${PIPESTATUS[0]}

@@ -133,7 +133,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 	fs := cmd.Flags()
 	fs.StringSliceVar(&functions, "functions", []string{"helloworld"}, "functions to measure (images localhost/vhive/<fn>:latest, <fn>-wasm for wasm)")
 	fs.StringVar(&suite, "suite", "", "measure the function suite instead of --functions: ci (make images) or full (make images-full): the Python functions py-<fn> on gvisor/runc, their Go twins everywhere (docs/functions.md)")
-	fs.StringSliceVar(&c.sandboxes, "sandbox", []string{"gvisor"}, "sandboxes: gvisor, runc, wasm")
+	fs.StringSliceVar(&c.sandboxes, "sandbox", []string{"gvisor"}, "sandboxes: gvisor, runc, wasm, microvm")
 	fs.IntVar(&iterations, "iterations", 10, "measured cold starts per cell")
 	c.register(fs, []string{"boot", "snapshot", "reap", "warm"})
 	return cmd
@@ -163,7 +163,7 @@ func newBenchConcurrencyCmd(g *globalOpts) *cobra.Command {
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&function, "function", "helloworld", "function to measure")
-	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm")
+	fs.StringVar(&sandbox, "sandbox", "gvisor", "sandbox: gvisor, runc, wasm, microvm")
 	fs.IntSliceVar(&levels, "levels", []int{1, 2, 4, 8, 16, 32, 64}, "numbers of simultaneous cold starts")
 	fs.IntVar(&repeats, "repeats", 1, "measurements per level")
 	c.register(fs, []string{"boot", "snapshot", "reap"})

@@ -43,7 +43,7 @@ func newDeployerCmd(g *globalOpts) *cobra.Command {
 			funcPath := fs.String("funcPath", ".", "directory relative image paths in -jsonFile are resolved in")
 			endpointsFile := fs.String("endpointsFile", "endpoints.json", "endpoints file to write")
 			concurrency := fs.Int("deploymentConcurrency", 1, "deployments at once")
-			sandbox := fs.String("sandbox", "", "sandbox of every function: gvisor, runc, wasm (\"\": daemon default)")
+			sandbox := fs.String("sandbox", "", "sandbox of every function: gvisor, runc, wasm, microvm (\"\": daemon default)")
 			startMode := fs.String("startMode", "", "start mode: boot, snapshot, lazy, reap (\"\": daemon default)")
 			domain := fs.String("domain", "default.127.0.0.1.nip.io", "hostname suffix of the endpoints (\"\" for bare function names)")
 			replace := fs.Bool("replace", false, "redeploy functions that already exist")

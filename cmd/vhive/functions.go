@@ -64,7 +64,7 @@ refused.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&spec.Image, "image", "", "function image reference (required)")
-	f.StringVar(&spec.Sandbox, "sandbox", "", "gvisor, runc or wasm (default: the daemon's default sandbox)")
+	f.StringVar(&spec.Sandbox, "sandbox", "", "gvisor, runc, wasm or microvm (default: the daemon's default sandbox)")
 	f.Uint32Var(&port, "port", 50051, "port the function's gRPC server listens on (GUEST_PORT)")
 	f.StringArrayVar(&env, "env", nil, "environment variable KEY=VALUE for the function (repeatable)")
 	f.DurationVar(&keepalive, "keepalive", 0, "idle time before an instance stops (default: the daemon's, 10m)")

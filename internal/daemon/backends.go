@@ -18,7 +18,7 @@ import (
 
 // defaultSandboxes are enabled when Config.Sandboxes is empty, in order of
 // preference for the default.
-func defaultSandboxes() []string { return []string{"gvisor", "runc", "wasm"} }
+func defaultSandboxes() []string { return []string{"gvisor", "runc", "wasm", "microvm"} }
 
 func cacheDir() string {
 	if d := os.Getenv("VHIVE_CACHE"); d != "" {
@@ -67,10 +67,10 @@ func (d *Daemon) setupBackends(ctx context.Context) error {
 	want := map[string]bool{}
 	for _, n := range names {
 		switch n {
-		case "gvisor", "runc", "wasm":
+		case "gvisor", "runc", "wasm", "microvm":
 			want[n] = true
 		default:
-			return fmt.Errorf("unknown sandbox %q (gvisor, runc, wasm)", n)
+			return fmt.Errorf("unknown sandbox %q (gvisor, runc, wasm, microvm)", n)
 		}
 	}
 	skip := func(name string, err error) error {
@@ -81,7 +81,7 @@ func (d *Daemon) setupBackends(ctx context.Context) error {
 		return nil
 	}
 
-	if want["gvisor"] || want["runc"] {
+	if want["gvisor"] || want["runc"] || want["microvm"] {
 		prefix := d.cfg.NetPrefix
 		if err := netpool.Cleanup(ctx, prefix); err != nil {
 			return fmt.Errorf("clean up network namespaces of a previous run: %w", err)
@@ -131,6 +131,13 @@ func (d *Daemon) setupBackends(ctx context.Context) error {
 	if want["wasm"] {
 		if err := d.setupWasm(ctx); err != nil {
 			if err := skip("wasm", err); err != nil {
+				return err
+			}
+		}
+	}
+	if want["microvm"] {
+		if err := d.setupMicroVM(ctx); err != nil {
+			if err := skip("microvm", err); err != nil {
 				return err
 			}
 		}

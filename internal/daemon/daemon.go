@@ -58,7 +58,7 @@ type Config struct {
 	// Metrics serves Prometheus /metrics over HTTP; off when empty.
 	Metrics string
 
-	// Sandboxes to enable; default gvisor, runc, wasm (those whose tools
+	// Sandboxes to enable; default gvisor, runc, wasm, microvm (those whose tools
 	// are present). The first is the default sandbox unless DefaultSandbox
 	// is set.
 	Sandboxes      []string
@@ -68,6 +68,9 @@ type Config struct {
 	// WasmWorker is the argv prefix that starts a wasm sandbox worker.
 	// Default: this executable with "internal wasm-worker".
 	WasmWorker []string
+	// MicroVMAccel is the microvm sandbox's accelerator: auto (default: kvm
+	// where /dev/kvm runs Linux guests, else tcg), kvm or tcg.
+	MicroVMAccel string
 	// WasmPoolSize is how many ready wasm workers are kept per module
 	// (compiled module loaded, waiting for an instance). 0: none.
 	WasmPoolSize int
