@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -179,19 +178,46 @@ func (f *function) release(in *instance, ok bool) {
 	f.mu.Unlock()
 }
 
+// call sends one request to an instance and reads its reply. It reports
+// whether the function answered — response headers arrived — so that an
+// error after an answer is classified as the function's own, at once, and
+// one without an answer as the instance's. guest holds the response
+// headers, where the sandbox may report the function's own time.
+type call func(ctx context.Context, in *instance) (answered bool, guest metadata.MD, err error)
+
+// greeterCall invokes vHive's helloworld.Greeter/SayHello with payload as
+// the name, storing the reply's message in *reply.
+func greeterCall(payload []byte, reply *[]byte) call {
+	return func(ctx context.Context, in *instance) (bool, metadata.MD, error) {
+		ctx, answered := withAnswer(ctx)
+		var hdr metadata.MD
+		r, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)}, grpc.Header(&hdr))
+		if err != nil {
+			return answered.Load(), hdr, err
+		}
+		*reply = []byte(r.GetMessage())
+		return true, hdr, nil
+	}
+}
+
 func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
+	var reply []byte
+	res, err := f.do(ctx, greeterCall(payload, &reply))
+	res.Payload = reply
+	return res, err
+}
+
+// do runs c on an instance (started cold if none is free) and reports the
+// cold start's stages. A status the function returned comes back as a
+// *FunctionError; the instance stays in the pool.
+func (f *function) do(ctx context.Context, c call) (Result, error) {
 	in, cs, err := f.acquire(ctx)
 	if err != nil {
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
 		return Result{}, err
 	}
-	var opts []grpc.CallOption
-	var hdr metadata.MD
-	if cs != nil {
-		opts = append(opts, grpc.Header(&hdr)) // GuestTime, where the sandbox reports it
-	}
 	t0 := time.Now()
-	reply, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)}, opts...)
+	answered, hdr, err := c(ctx, in)
 	invokeDur := time.Since(t0)
 	if cs != nil && in.persisted != nil {
 		// A cold start's reply leaves only once the instance's record
@@ -200,12 +226,21 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 		<-in.persisted
 	}
 	if err != nil {
-		err = f.invocationError(in, err)
+		err = f.invocationError(ctx, in, answered, err)
 		f.release(in, false)
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
+		if errors.Is(err, ErrFunction) {
+			f.mu.Lock()
+			first := in.served == 0
+			f.mu.Unlock()
+			if first && in.startMode == ModeBoot && f.spec.StartMode != ModeBoot {
+				f.o.log.Warn("first invocation failed with the function's own error; the snapshot waits for a successful one",
+					"function", f.spec.Name, "instance", in.id, "err", err)
+			}
+		}
 		return Result{}, err
 	}
-	res := Result{Payload: []byte(reply.GetMessage()), InstanceID: in.id, StartMode: in.startMode}
+	res := Result{InstanceID: in.id, StartMode: in.startMode}
 	f.mu.Lock()
 	first := in.served == 0
 	if cs != nil {
@@ -257,34 +292,60 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 	return res, nil
 }
 
-// errorKind is the invocations_total kind of a failed invocation.
+// errorKind is the invocations_total kind of a failed invocation: the
+// function's own error, an instance that failed (died, hung up, could not
+// start), one killed at its memory limit, or anything else (queue timeout,
+// cancelled, not deployed).
 func errorKind(err error) string {
-	if errors.Is(err, ErrOutOfMemory) {
+	switch {
+	case errors.Is(err, ErrFunction):
+		return "function_error"
+	case errors.Is(err, ErrOutOfMemory):
 		return "oom"
+	case errors.Is(err, ErrInstanceFailed), errors.Is(err, ErrStartFailed):
+		return "instance_failure"
 	}
 	return "error"
 }
 
-// invocationError classifies an invocation failure. If the sandbox died, the
-// error says so with its exit reason.
-func (f *function) invocationError(in *instance, err error) error {
+// instanceDeathGrace is how long a request that got no answer waits for its
+// sandbox to be reported dead before the error is classified: a killed
+// sandbox takes a moment to be reaped under load. Errors the function
+// answered with never wait.
+const instanceDeathGrace = 250 * time.Millisecond
+
+// invocationError classifies an invocation failure. A status the function
+// answered with is its own: returned as a *FunctionError at once, whatever
+// its code. Without an answer, the caller's own deadline or cancellation
+// is reported as such; otherwise the instance failed, and if its sandbox
+// died the error says so with its exit reason.
+func (f *function) invocationError(ctx context.Context, in *instance, answered bool, err error) error {
+	if answered && !in.sandboxDone() {
+		if st, ok := status.FromError(err); ok {
+			return &FunctionError{Function: f.spec.Name, Instance: in.id, Status: st}
+		}
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, ctx.Err())
+	}
 	select {
 	case <-in.sb.Done():
 		if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
 			return fmt.Errorf("%w: instance %q of %q was killed at its memory limit of %d MiB during the request: %v", ErrOutOfMemory, in.id, f.spec.Name, f.spec.MemoryMiB, in.sb.Err())
 		}
 		return fmt.Errorf("%w: instance %q of %q exited during the request: %v (invocation error: %v)", ErrInstanceFailed, in.id, f.spec.Name, in.sb.Err(), err)
-	case <-time.After(250 * time.Millisecond): // a killed sandbox takes a moment to be reaped under load
+	case <-time.After(instanceDeathGrace):
 	}
-	if s, ok := status.FromError(err); ok {
-		switch s.Code() {
-		case codes.Canceled, codes.DeadlineExceeded:
-			return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, err)
-		case codes.Unavailable:
-			return fmt.Errorf("%w: instance %q of %q is unreachable: %v", ErrInstanceFailed, in.id, f.spec.Name, err)
-		}
+	return fmt.Errorf("%w: instance %q of %q did not answer: %v", ErrInstanceFailed, in.id, f.spec.Name, err)
+}
+
+func (in *instance) sandboxDone() bool {
+	select {
+	case <-in.sb.Done():
+		return true
+	default:
+		return false
 	}
-	return fmt.Errorf("%w: function %q (instance %q) returned an error: %v", ErrInstanceFailed, f.spec.Name, in.id, err)
 }
 
 // watch removes an instance from the pool when its sandbox exits on its own.
