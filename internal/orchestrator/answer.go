@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"context"
+	"net/http/httptrace"
 	"sync/atomic"
 
 	"google.golang.org/grpc/stats"
@@ -14,8 +15,11 @@ type answerKey struct{}
 // answers the RPC made with it: headers, a trailers-only status or a message
 // arrived from the server. A status that arrived is the function's; one
 // made up by the client (connection refused, reset, closed) is not.
+//
+// For HTTP functions, the first byte of a response is the answer.
 func withAnswer(ctx context.Context) (context.Context, *atomic.Bool) {
 	a := new(atomic.Bool)
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotFirstResponseByte: func() { a.Store(true) }})
 	return context.WithValue(ctx, answerKey{}, a), a
 }
 

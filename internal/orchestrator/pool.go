@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -11,6 +13,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	"vhive.dev/vhive/internal/sandbox"
@@ -36,16 +40,21 @@ type function struct {
 	// snapshotting is set while a snapshot of this function is being
 	// taken, so that only one instance is snapshotted at a time.
 	snapshotting bool
+	// methods caches the methods resolved by server reflection.
+	methods map[string]protoreflect.MethodDescriptor
 	// recording is set while an instance restored in record mode has not
 	// finished its recording.
 	recording bool
 }
 
 type instance struct {
-	id        string
-	sb        sandbox.Sandbox
-	conn      *grpc.ClientConn
-	client    helloworld.GreeterClient
+	id     string
+	sb     sandbox.Sandbox
+	conn   *grpc.ClientConn
+	client helloworld.GreeterClient
+	// An HTTP function's base URL and transport (nil for gRPC ones).
+	url       *url.URL
+	transport *http.Transport
 	startMode string
 	started   time.Time
 	// persisted is closed once the instance's record is in the store (it
@@ -178,47 +187,64 @@ func (f *function) release(in *instance, ok bool) {
 	f.mu.Unlock()
 }
 
-// call sends one request to an instance and reads its reply. It reports
-// whether the function answered — response headers arrived — so that an
-// error after an answer is classified as the function's own, at once, and
-// one without an answer as the instance's. guest holds the response
-// headers, where the sandbox may report the function's own time.
-type call func(ctx context.Context, in *instance) (answered bool, guest metadata.MD, err error)
+// call sends one request to an instance and reads its reply; cold is set
+// when the request started the instance. It makes its requests with ctx,
+// through which do learns whether the function answered. guest holds the
+// response headers, where the sandbox may report the function's own time.
+// untimed is the part of the call's time that is not the function's (a
+// method's types resolved by reflection): FuncInvocation leaves it out.
+type call func(ctx context.Context, in *instance, cold bool) (guest metadata.MD, untimed time.Duration, err error)
+
+// callFor makes the call of req, checking it against the function's protocol.
+func (f *function) callFor(req Request, res *Result) (call, error) {
+	switch {
+	case f.spec.Protocol == ProtocolHTTP:
+		if req.Method != "" {
+			return nil, fmt.Errorf("%w: function %q is an HTTP function: a gRPC method (%q) cannot be called on it", ErrInvalid, f.spec.Name, req.Method)
+		}
+		hr := req.HTTP
+		if hr == nil {
+			hr = &HTTPRequest{}
+		}
+		return httpCall(hr, req.Payload, res)
+	case req.HTTP != nil:
+		return nil, fmt.Errorf("%w: function %q is a gRPC function: call a method instead of sending an HTTP request", ErrInvalid, f.spec.Name)
+	case req.Method == "":
+		if req.JSON {
+			return nil, fmt.Errorf("%w: a JSON request needs a method", ErrInvalid)
+		}
+		return greeterCall(req.Payload, &res.Payload), nil
+	}
+	return f.methodCall(req.Method, req.Payload, req.JSON, &res.Payload)
+}
 
 // greeterCall invokes vHive's helloworld.Greeter/SayHello with payload as
 // the name, storing the reply's message in *reply.
 func greeterCall(payload []byte, reply *[]byte) call {
-	return func(ctx context.Context, in *instance) (bool, metadata.MD, error) {
-		ctx, answered := withAnswer(ctx)
+	return func(ctx context.Context, in *instance, _ bool) (metadata.MD, time.Duration, error) {
 		var hdr metadata.MD
 		r, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)}, grpc.Header(&hdr))
 		if err != nil {
-			return answered.Load(), hdr, err
+			return hdr, 0, err
 		}
 		*reply = []byte(r.GetMessage())
-		return true, hdr, nil
+		return hdr, 0, nil
 	}
-}
-
-func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
-	var reply []byte
-	res, err := f.do(ctx, greeterCall(payload, &reply))
-	res.Payload = reply
-	return res, err
 }
 
 // do runs c on an instance (started cold if none is free) and reports the
 // cold start's stages. A status the function returned comes back as a
 // *FunctionError; the instance stays in the pool.
-func (f *function) do(ctx context.Context, c call) (Result, error) {
+func (f *function) do(ctx context.Context, c call, res *Result) error {
 	in, cs, err := f.acquire(ctx)
 	if err != nil {
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
-		return Result{}, err
+		return err
 	}
+	callCtx, answered := withAnswer(ctx)
 	t0 := time.Now()
-	answered, hdr, err := c(ctx, in)
-	invokeDur := time.Since(t0)
+	hdr, untimed, err := c(callCtx, in, cs != nil)
+	invokeDur := time.Since(t0) - untimed
 	if cs != nil && in.persisted != nil {
 		// A cold start's reply leaves only once the instance's record
 		// is stored (written while connecting and invoking; a wait here
@@ -226,7 +252,7 @@ func (f *function) do(ctx context.Context, c call) (Result, error) {
 		<-in.persisted
 	}
 	if err != nil {
-		err = f.invocationError(ctx, in, answered, err)
+		err = f.invocationError(ctx, in, answered.Load(), err)
 		f.release(in, false)
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
 		if errors.Is(err, ErrFunction) {
@@ -238,9 +264,9 @@ func (f *function) do(ctx context.Context, c call) (Result, error) {
 					"function", f.spec.Name, "instance", in.id, "err", err)
 			}
 		}
-		return Result{}, err
+		return err
 	}
-	res := Result{InstanceID: in.id, StartMode: in.startMode}
+	res.InstanceID, res.StartMode = in.id, in.startMode
 	f.mu.Lock()
 	first := in.served == 0
 	if cs != nil {
@@ -289,7 +315,7 @@ func (f *function) do(ctx context.Context, c call) (Result, error) {
 	if first {
 		f.afterFirstInvocation(in)
 	}
-	return res, nil
+	return nil
 }
 
 // errorKind is the invocations_total kind of a failed invocation: the
@@ -321,9 +347,14 @@ const instanceDeathGrace = 250 * time.Millisecond
 // died the error says so with its exit reason.
 func (f *function) invocationError(ctx context.Context, in *instance, answered bool, err error) error {
 	if answered && !in.sandboxDone() {
+		var fe *FunctionError
+		if errors.As(err, &fe) {
+			return fe
+		}
 		if st, ok := status.FromError(err); ok {
 			return &FunctionError{Function: f.spec.Name, Instance: in.id, Status: st}
 		}
+		return fmt.Errorf("%w: function %q (instance %q): %w", ErrFunction, f.spec.Name, in.id, err)
 	}
 	if ctx.Err() != nil {
 		return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, ctx.Err())
@@ -407,6 +438,9 @@ func (f *function) finalize(ctx context.Context, in *instance) {
 	f.mu.Unlock()
 	if in.conn != nil {
 		in.conn.Close()
+	}
+	if in.transport != nil {
+		in.transport.CloseIdleConnections()
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
