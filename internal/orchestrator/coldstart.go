@@ -285,8 +285,10 @@ func (f *function) fallback(ctx context.Context, key SnapshotKey, reason string,
 }
 
 // afterFirstInvocation implements vHive's snapshot policy: after the first
-// successful invocation of a booted instance, pause it, snapshot it and let
-// it continue; after the first invocation of a recording instance, write the
+// successful invocation of a booted instance (a failed one is logged at WARN
+// and leaves the snapshot to the next success), pause it, snapshot it and let
+// it continue; requests arriving meanwhile wait for it up to a bound
+// (snapshotWaitLocked); after the first invocation of a recording instance, write the
 // working set. Neither delays the reply that triggered it.
 func (f *function) afterFirstInvocation(in *instance) {
 	if f.spec.StartMode == ModeBoot || f.o.cfg.Snapshots == nil {
@@ -309,6 +311,7 @@ func (f *function) afterFirstInvocation(in *instance) {
 		return
 	}
 	f.snapshotting = true
+	f.snapshotStart = time.Now()
 	in.held = true
 	f.mu.Unlock()
 	go f.takeSnapshot(in, snapper)

@@ -108,6 +108,11 @@ type Config struct {
 	// DrainTimeout bounds how long Remove waits for in-flight requests.
 	// Default 30s.
 	DrainTimeout time.Duration
+	// SnapshotWait bounds how long a request that finds every instance
+	// busy waits for one being snapshotted rather than start another
+	// (further bounded by the function's last cold start). Default 2s;
+	// negative: never wait.
+	SnapshotWait time.Duration
 }
 
 func (c *Config) setDefaults() error {
@@ -156,6 +161,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.DrainTimeout == 0 {
 		c.DrainTimeout = 30 * time.Second
+	}
+	if c.SnapshotWait == 0 {
+		c.SnapshotWait = 2 * time.Second
 	}
 	return nil
 }

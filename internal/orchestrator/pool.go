@@ -40,6 +40,12 @@ type function struct {
 	// snapshotting is set while a snapshot of this function is being
 	// taken, so that only one instance is snapshotted at a time.
 	snapshotting bool
+	// snapshotStart is when the snapshot under way began.
+	snapshotStart time.Time
+	// lastCold is the Total of the function's latest cold start: how long
+	// another instance would take to start, against which a request
+	// weighs waiting for a snapshot under way.
+	lastCold time.Duration
 	// methods caches the methods resolved by server reflection.
 	methods map[string]protoreflect.MethodDescriptor
 	// recording is set while an instance restored in record mode has not
@@ -129,7 +135,10 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 		// use; wait for one of those rather than start another instance.
 		spare := f.starting * (f.spec.Concurrency - 1)
 		total := len(f.instances) + f.starting
-		if spare <= f.waiting && total < f.spec.MaxInstances {
+		// An instance being snapshotted is back within the snapshot's
+		// time: wait for it rather than start another, up to the bound.
+		snapWait := f.snapshotWaitLocked(time.Now())
+		if snapWait <= 0 && spare <= f.waiting && total < f.spec.MaxInstances {
 			f.starting++
 			f.mu.Unlock()
 			in, cs, err := f.start(ctx)
@@ -154,11 +163,17 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 			go f.watch(in)
 			return in, cs, nil
 		}
-		// Wait for a slot, a new instance or a failed start.
+		// Wait for a slot, a new instance or a failed start (or, while a
+		// snapshot is taken, for the snapshot's bound to pass).
 		ch := f.changed
 		f.waiting++
 		f.mu.Unlock()
+		var snapTimer <-chan time.Time
+		if snapWait > 0 {
+			snapTimer = time.After(snapWait)
+		}
 		select {
+		case <-snapTimer:
 		case <-ch:
 		case <-ctx.Done():
 			f.mu.Lock()
@@ -174,6 +189,32 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 		f.mu.Lock()
 		f.waiting--
 	}
+}
+
+// snapshotWaitLocked is how much longer a request that finds no free
+// instance waits for the instance being snapshotted instead of starting
+// another: until the snapshot has run for SnapshotWait or for the function's
+// last cold start, whichever is shorter (waiting longer would be slower than
+// starting an instance). Caller holds f.mu.
+func (f *function) snapshotWaitLocked(now time.Time) time.Duration {
+	if !f.snapshotting || f.o.cfg.SnapshotWait < 0 {
+		return 0
+	}
+	held := false
+	for _, in := range f.instances {
+		if in.held && !in.stopping {
+			held = true
+			break
+		}
+	}
+	if !held {
+		return 0
+	}
+	bound := f.o.cfg.SnapshotWait
+	if f.lastCold > 0 && f.lastCold < bound {
+		bound = f.lastCold
+	}
+	return f.snapshotStart.Add(bound).Sub(now)
 }
 
 func (f *function) release(in *instance, ok bool) {
@@ -271,6 +312,7 @@ func (f *function) do(ctx context.Context, c call, res *Result) error {
 	first := in.served == 0
 	if cs != nil {
 		f.cold++
+		f.lastCold = time.Since(cs.begin)
 	} else {
 		f.warm++
 	}
