@@ -1,17 +1,27 @@
 package main
 
 import (
+	"cmp"
+	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	reflectpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/internal/invoker"
 	"vhive.dev/vhive/internal/orchestrator"
 )
 
@@ -118,4 +128,93 @@ func (o *requestOpts) request(payload string, payloadSet bool) (req *vhivepb.Inv
 		return protojson.Marshal(out)
 	}
 	return req, decode, nil
+}
+
+// invokerRequestFlags are the invoker's request flags (vSwarm-style).
+type invokerRequestFlags struct {
+	method, data, dataFile, protoset string
+	http                             bool
+	httpMethod, path                 string
+	headers                          []string
+}
+
+// invokerRequest sets the invoker's request from its flags: a gRPC method's
+// serialized request (JSON converted with -protoset or the first endpoint's
+// server reflection) or an HTTP request.
+func invokerRequest(ctx context.Context, cfg *invoker.Config, f invokerRequestFlags) error {
+	if f.data != "" && f.dataFile != "" {
+		return fmt.Errorf("-data and -data-file: give one")
+	}
+	body := []byte(f.data)
+	if f.dataFile != "" {
+		var err error
+		if body, err = os.ReadFile(f.dataFile); err != nil {
+			return fmt.Errorf("-data-file: %w", err)
+		}
+	}
+	if f.http {
+		if f.method != "" {
+			return fmt.Errorf("-method is for gRPC functions, -http for HTTP ones: give one")
+		}
+		hr := &invoker.HTTPRequest{Method: strings.ToUpper(f.httpMethod), Path: f.path, Header: http.Header{}, Body: body}
+		for _, h := range f.headers {
+			k, v, ok := strings.Cut(h, ":")
+			if !ok || strings.TrimSpace(k) == "" {
+				return fmt.Errorf("-H %q: want 'Name: value'", h)
+			}
+			hr.Header.Add(strings.TrimSpace(k), strings.TrimSpace(v))
+		}
+		cfg.HTTP = hr
+		return nil
+	}
+	if f.method == "" {
+		if len(body) > 0 || len(f.headers) > 0 || f.httpMethod != "" {
+			return fmt.Errorf("-data, -data-file, -H and -http-method need -method or -http")
+		}
+		return nil
+	}
+	m, err := orchestrator.NormalizeMethod(f.method)
+	if err != nil {
+		return fmt.Errorf("-method: %w", err)
+	}
+	cfg.Method, cfg.Request = m, body
+	if f.data == "" {
+		return nil
+	}
+	var md protoreflect.MethodDescriptor
+	if f.protoset != "" {
+		raw, err := os.ReadFile(f.protoset)
+		if err != nil {
+			return fmt.Errorf("-protoset: %w", err)
+		}
+		set := &descriptorpb.FileDescriptorSet{}
+		if err := proto.Unmarshal(raw, set); err != nil {
+			return fmt.Errorf("-protoset %s: not a FileDescriptorSet: %w", f.protoset, err)
+		}
+		if md, err = orchestrator.MethodFromSet(set, m); err != nil {
+			return fmt.Errorf("-protoset %s: %w", f.protoset, err)
+		}
+	} else {
+		if len(cfg.Endpoints) == 0 {
+			return fmt.Errorf("-data: no endpoint to ask for the types of %s", m)
+		}
+		ep := cfg.Endpoints[0]
+		target := cmp.Or(cfg.Addr, ep.Address, net.JoinHostPort(ep.Hostname, strconv.Itoa(cfg.Port)))
+		conn, err := grpc.NewClient("passthrough:///"+target, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithAuthority(ep.Hostname))
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		rctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+		defer cancel()
+		if md, err = orchestrator.ReflectMethod(rctx, reflectpb.NewServerReflectionClient(conn), m); err != nil {
+			return fmt.Errorf("-data: the types of %s from %s's server reflection: %w", m, ep.Hostname, err)
+		}
+	}
+	msg := dynamicpb.NewMessage(md.Input())
+	if err := protojson.Unmarshal(body, msg); err != nil {
+		return fmt.Errorf("-data is not a %s in protobuf JSON: %w", md.Input().FullName(), err)
+	}
+	cfg.Request, err = proto.Marshal(msg)
+	return err
 }
