@@ -31,6 +31,7 @@ type benchCommon struct {
 	runc       string
 	noProgress bool
 	noPlots    bool
+	request    requestOpts
 }
 
 func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
@@ -54,6 +55,7 @@ func (b *benchCommon) register(fs *pflag.FlagSet, defModes []string) {
 	fs.DurationVar(&b.opts.Settle, "settle", 0, "pause after stopping the instances before each cold start or burst (e.g. 5s: lets the daemon refill its ready-worker pools and finish tearing instances down, as between requests on a real node)")
 	fs.BoolVar(&b.noProgress, "no-progress", false, "no progress bar on stderr")
 	fs.BoolVar(&b.noPlots, "no-plots", false, "do not draw PNG/SVG plots")
+	b.request.addFlags(fs)
 }
 
 func fileExists(p string) bool {
@@ -203,6 +205,13 @@ func runBench[R measured](cmd *cobra.Command, g *globalOpts, c benchCommon, comm
 	defer conn.Close()
 	bar := newProgress(steps, c.noProgress, command)
 	common := c.opts
+	if r := c.request; r.method != "" || r.data != "" || r.dataFile != "" || r.httpMethod != "" || r.path != "" || len(r.headers) > 0 {
+		req, _, err := r.request("", false)
+		if err != nil {
+			return err
+		}
+		common.Request = req
+	}
 	common.Progress = bar
 	common.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	res, runErr := run(ctx, client, common)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -33,8 +34,16 @@ Start modes: boot (every cold start boots), snapshot (after the first
 invocation the instance is snapshotted; later cold starts restore), lazy
 (restore with memory served on demand), reap (record the working set on the
 first restore, prefetch it on later ones). A mode the sandbox cannot do is
-refused.`,
+refused.
+
+Protocols: grpc (any gRPC service; an instance is ready when it answers the
+standard gRPC health service with SERVING, or, if it serves none, when its port
+accepts connections) and http (an HTTP/1.1 server listening on $PORT, Knative's
+contract; ready when its port accepts connections or, with --readiness-path,
+when a GET of that path answers 2xx/3xx).`,
 		Example: `  vhive deploy helloworld --image localhost/vhive/helloworld:latest
+  vhive deploy aes --image localhost/vhive/aes:latest     # any gRPC service: invoke --method
+  vhive deploy hello-http --image localhost/vhive/hello-http:latest --protocol http --port 8080 --readiness-path /healthz
   vhive deploy hello-runc --image localhost/vhive/helloworld:latest --sandbox runc
   vhive deploy hello-wasm --image localhost/vhive/helloworld-wasm:latest --sandbox wasm --start-mode reap`,
 		Args: cobra.ExactArgs(1),
@@ -56,8 +65,9 @@ refused.`,
 					return fmt.Errorf("deploy %q: %w", spec.Name, grpcErr(err))
 				}
 				fs := resp.GetFunction()
-				fmt.Fprintf(cmd.OutOrStdout(), "deployed %s: image %s (%s), sandbox %s, start mode %s\n",
-					fs.GetSpec().GetName(), fs.GetSpec().GetImage(), shortDigest(fs.GetImageDigest()), fs.GetSpec().GetSandbox(), fs.GetSpec().GetStartMode())
+				fmt.Fprintf(cmd.OutOrStdout(), "deployed %s: image %s (%s), sandbox %s, start mode %s, %s on port %d\n",
+					fs.GetSpec().GetName(), fs.GetSpec().GetImage(), shortDigest(fs.GetImageDigest()), fs.GetSpec().GetSandbox(), fs.GetSpec().GetStartMode(),
+					fs.GetSpec().GetProtocol(), fs.GetSpec().GetPort())
 				return nil
 			})
 		},
@@ -65,7 +75,9 @@ refused.`,
 	f := cmd.Flags()
 	f.StringVar(&spec.Image, "image", "", "function image reference (required)")
 	f.StringVar(&spec.Sandbox, "sandbox", "", "gvisor, runc, wasm or microvm (default: the daemon's default sandbox)")
-	f.Uint32Var(&port, "port", 50051, "port the function's gRPC server listens on (GUEST_PORT)")
+	f.Uint32Var(&port, "port", 0, "port the function listens on, told in GUEST_PORT (and PORT for http) (default 50051 for grpc, 8080 for http)")
+	f.StringVar(&spec.Protocol, "protocol", "", "grpc (any gRPC service, the default) or http (an HTTP server on $PORT)")
+	f.StringVar(&spec.ReadinessPath, "readiness-path", "", "http: the path a GET of which answers 2xx/3xx once the function is ready (default: the port accepting connections)")
 	f.StringArrayVar(&env, "env", nil, "environment variable KEY=VALUE for the function (repeatable)")
 	f.DurationVar(&keepalive, "keepalive", 0, "idle time before an instance stops (default: the daemon's, 10m)")
 	f.Uint32Var(&spec.MaxInstances, "max-instances", 0, "cap on instances (default: the daemon's, 16)")
@@ -83,23 +95,56 @@ func newInvokeCmd(g *globalOpts) *cobra.Command {
 		payload string
 		timeout time.Duration
 		quiet   bool
+		ro      requestOpts
 	)
 	cmd := &cobra.Command{
 		Use:   "invoke NAME",
 		Short: "Invoke a function and print its reply and cold-start stages",
-		Args:  cobra.ExactArgs(1),
+		Long: `Invoke a function once and print its reply, whether the call was cold or warm, and
+a cold start's stages.
+
+Without --method a gRPC function is called as vHive's helloworld.Greeter/SayHello
+with --payload as the name. --method pkg.Service/Method calls any unary method:
+--data takes the request as protobuf JSON, converted with the function's gRPC
+server reflection (or with the descriptors of --protoset FILE, from protoc
+--descriptor_set_out --include_imports), and the reply is printed as JSON;
+--data-file takes the serialized request as it is, and the reply is printed as
+its raw bytes. An HTTP function (deploy --protocol http) gets --http-method (GET,
+or POST with a body), --path, -H headers and the body from --data or --data-file.`,
+		Args: cobra.ExactArgs(1),
 		Example: `  vhive invoke helloworld --payload world
-  vhive invoke aes --payload record`,
+  vhive invoke aes --payload record
+  vhive invoke aes --method aes.Aes/ShowEncryption --data '{"plaintext_message":"hi"}'
+  vhive invoke echo --method echo.Echo/Say --data-file req.bin
+  vhive invoke hello-http --path '/hello?name=x' -H 'Accept: text/plain'`,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			req, decode, err := ro.request(payload, cmd.Flags().Changed("payload"))
+			if err != nil {
+				return err
+			}
+			req.Function, req.TimeoutMs = args[0], timeout.Milliseconds()
 			return g.call(cmd.Context(), func(c vhivepb.ControlClient) error {
 				t0 := time.Now()
-				resp, err := c.Invoke(cmd.Context(), &vhivepb.InvokeRequest{Function: args[0], Payload: []byte(payload), TimeoutMs: timeout.Milliseconds()})
+				resp, err := c.Invoke(cmd.Context(), req)
 				if err != nil {
 					return fmt.Errorf("invoke %q: %w", args[0], grpcErr(err))
 				}
 				rtt := time.Since(t0)
 				out := cmd.OutOrStdout()
-				fmt.Fprintln(out, string(resp.GetPayload()))
+				reply := resp.GetPayload()
+				if decode != nil {
+					if reply, err = decode(reply); err != nil {
+						return fmt.Errorf("invoke %q: %w", args[0], err)
+					}
+				}
+				if h := resp.GetHttp(); h != nil && !quiet {
+					fmt.Fprintf(out, "HTTP %d %s\n", h.GetStatus(), http.StatusText(int(h.GetStatus())))
+					for _, kv := range h.GetHeaders() {
+						fmt.Fprintf(out, "%s: %s\n", kv.GetName(), kv.GetValue())
+					}
+					fmt.Fprintln(out)
+				}
+				fmt.Fprintln(out, string(reply))
 				if quiet {
 					return nil
 				}
@@ -131,9 +176,10 @@ func newInvokeCmd(g *globalOpts) *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVar(&payload, "payload", "", `payload (vHive: "record"/"replay" select the functions' input sets)`)
+	cmd.Flags().StringVar(&payload, "payload", "", `SayHello's name (vHive: "record"/"replay" select the functions' input sets)`)
 	cmd.Flags().DurationVar(&timeout, "timeout", 0, "give up after this long (default: no limit beyond the daemon's)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only the reply")
+	ro.addFlags(cmd.Flags())
 	return cmd
 }
 
@@ -148,11 +194,15 @@ func newLsCmd(g *globalOpts) *cobra.Command {
 				if err != nil {
 					return grpcErr(err)
 				}
-				tw := newTable(cmd.OutOrStdout(), "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
+				tw := newTable(cmd.OutOrStdout(), "NAME\tIMAGE\tDIGEST\tSANDBOX\tMODE\tPROTOCOL\tINSTANCES\tBUSY\tCOLD\tWARM\tKEEPALIVE")
 				for _, f := range resp.GetFunctions() {
 					s := f.GetSpec()
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
-						s.GetSandbox(), s.GetStartMode(), f.GetInstances(), f.GetBusy(), f.GetColdStarts(), f.GetWarmInvocations(),
+					proto := fmt.Sprintf("%s:%d", s.GetProtocol(), s.GetPort())
+					if s.GetReadinessPath() != "" {
+						proto += s.GetReadinessPath()
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", s.GetName(), s.GetImage(), shortDigest(f.GetImageDigest()),
+						s.GetSandbox(), s.GetStartMode(), proto, f.GetInstances(), f.GetBusy(), f.GetColdStarts(), f.GetWarmInvocations(),
 						time.Duration(s.GetKeepaliveMs())*time.Millisecond)
 				}
 				return tw.Flush()

@@ -80,6 +80,15 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 	warmup := fs.Float64("warmup", 0, "seconds of load before the measured phase, excluded from the figures")
 	reqf := fs.String("reqf", "requests.csv", "per-request CSV (timestamp, latency, code, cold start); \"\" to skip")
 	payload := fs.String("payload", invoker.DefaultPayload, "HelloRequest name sent to the functions")
+	method := fs.String("method", "", "gRPC method to call instead of SayHello, pkg.Service/Method")
+	data := fs.String("data", "", "with -method: the request in protobuf JSON (types from -protoset or the first endpoint's server reflection); for -http: the body")
+	dataFile := fs.String("data-file", "", "the request's bytes as they are: the serialized message (-method) or the HTTP body")
+	protoset := fs.String("protoset", "", "with -method and -data: a FileDescriptorSet instead of server reflection")
+	useHTTP := fs.Bool("http", false, "send HTTP requests (to HTTP functions) instead of gRPC")
+	httpMethod := fs.String("http-method", "", "with -http: request method (default GET, or POST with a body)")
+	path := fs.String("path", "/", "with -http: path and query")
+	var headers []string
+	fs.Func("H", "with -http: request header 'Name: value' (repeatable)", func(v string) error { headers = append(headers, v); return nil })
 	debug := fs.Bool("dbg", false, "debug logging")
 	noProgress := fs.Bool("no-progress", false, "no progress bar on stderr")
 	if help, err := parseFlags(fs, invokerLong, args); help || err != nil {
@@ -105,6 +114,10 @@ func runInvoker(cmd *cobra.Command, args []string) error {
 		Timeout:        time.Duration(*grpcTimeout) * time.Second,
 		Payload:        *payload,
 		Logger:         log,
+	}
+	if err := invokerRequest(cmd.Context(), &cfg, invokerRequestFlags{method: *method, data: *data, dataFile: *dataFile, protoset: *protoset,
+		http: *useHTTP, httpMethod: *httpMethod, path: *path, headers: headers}); err != nil {
+		return err
 	}
 	total := int(*rps*(*runTime+*warmup)) + 1
 	bar := newProgress(total, *noProgress, "invoking")

@@ -87,6 +87,24 @@ func Names() []string {
 	return []string{"helloworld", "aes", "fibonacci", "json-serdes", "counter", "lookup", "heavyinit", "image-rotate", "chameleon", "lr-serving"}
 }
 
+// ServerNames returns the example functions that serve a protocol of their
+// own rather than the sdk's (Linux only): a gRPC service with reflection and
+// health, and a Knative-style HTTP server. Their images carry the labels
+// that tell vhive deploy how to call them.
+func ServerNames() []string { return []string{"echo-grpc", "hello-http"} }
+
+// serverConfig is how a ServerNames function is called.
+type serverConfig struct {
+	protocol      string
+	port          int
+	readinessPath string
+}
+
+var serverFunctions = map[string]serverConfig{
+	"echo-grpc":  {protocol: "grpc", port: GuestPort},
+	"hello-http": {protocol: "http", port: 8080, readinessPath: "/healthz"},
+}
+
 // Ref returns the image reference of a function built for target, e.g.
 // localhost/vhive/helloworld:latest or localhost/vhive/helloworld-wasm:latest.
 func Ref(function string, target Target) string {
@@ -180,6 +198,9 @@ func (o Options) withDefaults(ctx context.Context) (Options, error) {
 		if t != TargetLinux && t != TargetWasm {
 			return o, fmt.Errorf("target %q is unknown (want %q or %q)", t, TargetLinux, TargetWasm)
 		}
+		if _, ok := serverFunctions[o.Function]; ok && t == TargetWasm {
+			return o, fmt.Errorf("function %q serves its own protocol and builds for %q only", o.Function, TargetLinux)
+		}
 	}
 	if len(o.Formats) == 0 {
 		o.Formats = []Format{FormatLayout, FormatTar}
@@ -210,7 +231,7 @@ func (o Options) withDefaults(ctx context.Context) (Options, error) {
 	}
 	src := filepath.Join(o.ModuleDir, filepath.FromSlash(o.Package))
 	if matches, _ := filepath.Glob(filepath.Join(src, "*.go")); len(matches) == 0 {
-		return o, fmt.Errorf("function %q: no Go files in %s (known: %s)", o.Function, src, strings.Join(Names(), ", "))
+		return o, fmt.Errorf("function %q: no Go files in %s (known: %s)", o.Function, src, strings.Join(append(Names(), ServerNames()...), ", "))
 	}
 	if o.OutDir == "" {
 		o.OutDir = filepath.Join(o.ModuleDir, "out", "images")

@@ -52,15 +52,30 @@ func baseImage(cfg *v1.ConfigFile) (v1.Image, error) {
 func linuxImage(function, arch string, binary []byte) (v1.Image, error) {
 	entry := "/usr/local/bin/" + function
 	port := strconv.Itoa(GuestPort) + "/tcp"
+	env := []string{"GUEST_PORT=" + strconv.Itoa(GuestPort), defaultPath}
+	var labels map[string]string
+	if sc, ok := serverFunctions[function]; ok {
+		// The deploy defaults of a function serving its own protocol
+		// (the orchestrator's Label* names).
+		port = strconv.Itoa(sc.port) + "/tcp"
+		labels = map[string]string{"dev.vhive.protocol": sc.protocol, "dev.vhive.port": strconv.Itoa(sc.port)}
+		if sc.readinessPath != "" {
+			labels["dev.vhive.readiness-path"] = sc.readinessPath
+		}
+		if sc.protocol == "http" {
+			env = []string{"PORT=" + strconv.Itoa(sc.port), defaultPath}
+		}
+	}
 	img, err := baseImage(&v1.ConfigFile{
 		Architecture: arch,
 		OS:           "linux",
 		Created:      v1.Time{Time: epoch},
 		Config: v1.Config{
 			Entrypoint:   []string{entry},
-			Env:          []string{"GUEST_PORT=" + strconv.Itoa(GuestPort), defaultPath},
+			Env:          env,
 			ExposedPorts: map[string]struct{}{port: {}},
 			WorkingDir:   "/",
+			Labels:       labels,
 		},
 	})
 	if err != nil {

@@ -147,6 +147,9 @@ func (g *greeter) SayHello(ctx context.Context, req *pb.HelloRequest) (reply *pb
 		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 			return nil, status.FromContextError(err).Err()
 		}
+		if st, ok := status.FromError(err); ok {
+			return nil, st.Err() // a status the handler chose, as it is
+		}
 		return nil, status.Error(codes.Unknown, err.Error())
 	}
 	return &pb.HelloReply{Message: out}, nil

@@ -8,8 +8,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"sort"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
 	"google.golang.org/grpc"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
@@ -70,6 +73,7 @@ func specFromProto(p *vhivepb.FunctionSpec) (orchestrator.FunctionSpec, error) {
 		Name: p.GetName(), Image: p.GetImage(), Sandbox: p.GetSandbox(), Port: int(p.GetPort()), Env: p.GetEnv(),
 		Keepalive: time.Duration(p.GetKeepaliveMs()) * time.Millisecond, MaxInstances: int(p.GetMaxInstances()),
 		Concurrency: int(p.GetConcurrency()), StartMode: p.GetStartMode(), MemoryMiB: p.GetMemoryLimitMib(), CPU: p.GetCpuLimit(),
+		Protocol: p.GetProtocol(), ReadinessPath: p.GetReadinessPath(),
 	}, nil
 }
 
@@ -80,6 +84,7 @@ func statusToProto(st orchestrator.FunctionStatus) *vhivepb.FunctionStatus {
 			Name: sp.Name, Image: sp.Image, Sandbox: sp.Sandbox, Port: uint32(sp.Port), Env: sp.Env,
 			KeepaliveMs: sp.Keepalive.Milliseconds(), MaxInstances: uint32(sp.MaxInstances), Concurrency: uint32(sp.Concurrency),
 			StartMode: sp.StartMode, MemoryLimitMib: sp.MemoryMiB, CpuLimit: sp.CPU,
+			Protocol: sp.Protocol, ReadinessPath: sp.ReadinessPath,
 		},
 		ImageDigest: sp.ImageDigest, Instances: uint32(st.Instances), Busy: uint32(st.Busy),
 		CreatedUnixMs: sp.CreatedAt.UnixMilli(), ColdStarts: st.Cold, WarmInvocations: st.Warm,
@@ -110,12 +115,31 @@ func (s *Server) Invoke(ctx context.Context, req *vhivepb.InvokeRequest) (*vhive
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.GetTimeoutMs())*time.Millisecond)
 		defer cancel()
 	}
-	res, err := s.orch.Invoke(ctx, req.GetFunction(), req.GetPayload())
+	call := orchestrator.Request{Payload: req.GetPayload(), Method: req.GetMethod(), JSON: req.GetJson()}
+	if h := req.GetHttp(); h != nil {
+		call.HTTP = &orchestrator.HTTPRequest{Method: h.GetMethod(), Path: h.GetPath(), Header: http.Header{}}
+		for _, kv := range h.GetHeaders() {
+			if !httpguts.ValidHeaderFieldName(kv.GetName()) || !httpguts.ValidHeaderFieldValue(kv.GetValue()) {
+				return nil, toStatus(fmt.Errorf("%w: HTTP header %.80q: not a valid header name and value", orchestrator.ErrInvalid, kv.GetName()+": "+kv.GetValue()))
+			}
+			call.HTTP.Header.Add(kv.GetName(), kv.GetValue())
+		}
+	}
+	res, err := s.orch.Call(ctx, req.GetFunction(), call)
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	out := &vhivepb.InvokeResponse{Payload: res.Payload, ColdStart: res.Cold, InstanceId: res.InstanceID,
 		StartMode: res.StartMode, MemoryStats: res.Memory}
+	if res.HTTPStatus != 0 {
+		out.Http = &vhivepb.HTTPResponse{Status: int32(res.HTTPStatus)}
+		for k, vs := range res.HTTPHeader {
+			for _, v := range vs {
+				out.Http.Headers = append(out.Http.Headers, &vhivepb.Header{Name: k, Value: v})
+			}
+		}
+		sort.Slice(out.Http.Headers, func(i, j int) bool { return out.Http.Headers[i].Name < out.Http.Headers[j].Name })
+	}
 	for _, st := range res.Stages {
 		out.Stages = append(out.Stages, &vhivepb.Stage{Name: st.Name, Micros: st.Duration.Microseconds()})
 	}

@@ -19,6 +19,11 @@ func toStatus(err error) error {
 	if err == nil {
 		return nil
 	}
+	// The function's own status reaches the caller unchanged.
+	var fe *orchestrator.FunctionError
+	if errors.As(err, &fe) {
+		return fe.Status.Err()
+	}
 	if _, ok := status.FromError(err); ok {
 		return err
 	}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
 )
 
@@ -125,6 +127,10 @@ type Common struct {
 	// record runs use "record", set 1; "record" measures REAP on the same
 	// input it recorded).
 	Payload string
+	// Request, when set, is every invocation's request instead of the
+	// payloads: a gRPC method and its request, or an HTTP request (its
+	// Function and TimeoutMs are the bench's). The CSVs are the same.
+	Request *vhivepb.InvokeRequest
 	// InvokeTimeout bounds each invocation (default 5m).
 	InvokeTimeout time.Duration
 	// SnapshotTimeout bounds the wait for a snapshot or a REAP working set
@@ -416,11 +422,12 @@ func (cr *cellRunner) invoke(ctx context.Context, phase string, index int, stopF
 	ictx, cancel := context.WithTimeout(ctx, cr.o.InvokeTimeout)
 	defer cancel()
 	t0 := time.Now()
-	resp, err := cr.c.Invoke(ictx, &vhivepb.InvokeRequest{
-		Function:  cr.name,
-		Payload:   []byte(payload),
-		TimeoutMs: cr.o.InvokeTimeout.Milliseconds(),
-	})
+	req := &vhivepb.InvokeRequest{Payload: []byte(payload)}
+	if cr.o.Request != nil {
+		req = proto.Clone(cr.o.Request).(*vhivepb.InvokeRequest)
+	}
+	req.Function, req.TimeoutMs = cr.name, cr.o.InvokeTimeout.Milliseconds()
+	resp, err := cr.c.Invoke(ictx, req)
 	client := time.Since(t0)
 	if err != nil {
 		return nil, fmt.Errorf("%s invocation %d of %q: %w", phase, index, cr.name, err)

@@ -58,6 +58,24 @@ func (s *Server) lookup(id string) *container {
 	return s.containers[id]
 }
 
+// guestPort is the port a user-container's function listens on: vHive's
+// GUEST_PORT, else Knative's PORT (what Knative tells an HTTP or h2c
+// container from its declared port), else DefaultGuestPort.
+func guestPort(envs []*runtimeapi.KeyValue) (int, error) {
+	for _, key := range []string{EnvGuestPort, EnvPort} {
+		v, ok := envValue(envs, key)
+		if !ok {
+			continue
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 || n > 65535 {
+			return 0, fmt.Errorf("%s=%q is not a port number", key, v)
+		}
+		return n, nil
+	}
+	return DefaultGuestPort, nil
+}
+
 func envValue(kvs []*runtimeapi.KeyValue, key string) (string, bool) {
 	v, ok := "", false
 	for _, kv := range kvs {
@@ -342,13 +360,9 @@ func (s *Server) createFunction(ctx context.Context, req *runtimeapi.CreateConta
 	if err := checkConfigEnv(cfg); err != nil {
 		return nil, err
 	}
-	port := DefaultGuestPort
-	if v, ok := envValue(cfg.GetEnvs(), EnvGuestPort); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 || n > 65535 {
-			return nil, status.Errorf(codes.InvalidArgument, "cri: %s in pod %q: %s=%q is not a port number", UserContainer, podID, EnvGuestPort, v)
-		}
-		port = n
+	port, err := guestPort(cfg.GetEnvs())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "cri: %s in pod %q: %v", UserContainer, podID, err)
 	}
 	id := newID()
 	key, err := s.reserve(podID, cfg.GetMetadata(), id)

@@ -25,10 +25,12 @@ import (
 
 // Container names and env keys of vHive's Knative convention.
 const (
-	UserContainer  = "user-container"
-	QueueProxy     = "queue-proxy"
-	EnvGuestImage  = "GUEST_IMAGE"
-	EnvGuestPort   = "GUEST_PORT"
+	UserContainer = "user-container"
+	QueueProxy    = "queue-proxy"
+	EnvGuestImage = "GUEST_IMAGE"
+	EnvGuestPort  = "GUEST_PORT"
+	// EnvPort is Knative's port variable, used when GUEST_PORT is unset.
+	EnvPort        = "PORT"
 	EnvGuestAddr   = "GUEST_ADDR"
 	EnvRevision    = "K_REVISION"
 	DefaultHandler = "vhive"

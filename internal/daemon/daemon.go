@@ -52,7 +52,8 @@ type Config struct {
 	// ControlTCPInsecure allows ControlTCP without a token: anyone who can
 	// reach the address drives the daemon (root on this node).
 	ControlTCPInsecure bool
-	// Gateway serves the data plane (FwdGreeter, Greeter by :authority).
+	// Gateway serves the data plane (FwdGreeter; any gRPC method or HTTP
+	// request relayed to the function named by :authority / Host).
 	// Default 127.0.0.1:3334 (vHive's FwdGreeter port). "off" disables it.
 	Gateway string
 	// Metrics serves Prometheus /metrics over HTTP; off when empty.
@@ -316,8 +317,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer d.close(context.Background())
 	ctrl := grpc.NewServer()
 	d.api.RegisterControl(ctrl)
-	gw := grpc.NewServer()
-	d.api.RegisterGateway(gw)
+	gw := d.api.NewGateway()
 
 	if err := os.MkdirAll(filepath.Dir(d.cfg.Socket), 0o755); err != nil {
 		return fmt.Errorf("control socket dir: %w", err)
@@ -386,7 +386,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			return fmt.Errorf("listen on gateway %s: %w", d.cfg.Gateway, err)
 		}
 		serve("gateway", func() error { return gw.Serve(gl) })
-		d.log.Info("data plane listening (FwdGreeter, Greeter by :authority)", "addr", gl.Addr().String())
+		d.log.Info("data plane listening (FwdGreeter; any gRPC method or HTTP request relayed by :authority/Host)", "addr", gl.Addr().String())
 	}
 	if d.cri != nil {
 		cl, err := cri.Listen(d.cfg.CRI.Socket)
@@ -480,5 +480,6 @@ func (r imageResolver) Resolve(ctx context.Context, ref string) (orchestrator.Im
 		return orchestrator.Image{}, err
 	}
 	return orchestrator.Image{Ref: img.Ref, Digest: img.Digest, Rootfs: img.Rootfs, Kind: img.Kind, WasmModule: img.WasmModule,
-		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd, Env: img.Config.Env, WorkingDir: img.Config.WorkingDir, User: img.Config.User}, nil
+		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd, Env: img.Config.Env, WorkingDir: img.Config.WorkingDir, User: img.Config.User,
+		Labels: img.Config.Labels}, nil
 }

@@ -36,11 +36,17 @@ type testDaemon struct {
 }
 
 func daemonConfig(t testing.TB, stateDir string) Config {
+	cfg := baseConfig(t, stateDir)
+	cfg.RunscPath = testutil.RunscPath(t)
+	return cfg
+}
+
+// baseConfig is daemonConfig without runsc.
+func baseConfig(t testing.TB, stateDir string) Config {
 	return Config{
 		StateDir:    stateDir,
 		Socket:      filepath.Join(stateDir, "vhive.sock"),
 		Gateway:     freePort(t),
-		RunscPath:   testutil.RunscPath(t),
 		RuncPath:    testutil.RuncPath(t),
 		Sandboxes:   []string{"gvisor", "runc"},
 		NetPoolSize: 1,

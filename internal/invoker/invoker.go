@@ -1,12 +1,15 @@
 package invoker
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,6 +24,7 @@ import (
 
 	hwpb "vhive.dev/vhive/api/proto/helloworld"
 	"vhive.dev/vhive/internal/bench/stats"
+	"vhive.dev/vhive/internal/orchestrator"
 )
 
 // ColdStartHeader is the response header or trailer the vhive gateway sets
@@ -55,10 +59,26 @@ type Config struct {
 	Timeout time.Duration
 	// Payload is the HelloRequest name (default DefaultPayload).
 	Payload string
+	// Method, when set, is the gRPC method called instead of SayHello
+	// ("/pkg.Service/Method"), with Request, the serialized request
+	// message, sent as it is.
+	Method  string
+	Request []byte
+	// HTTP, when set, makes every request this HTTP request (to HTTP
+	// functions; the endpoint's hostname is the Host header).
+	HTTP *HTTPRequest
 	// OnIssue, if set, is called by the issuing goroutine after each request
 	// is issued (e.g. to advance a progress bar). It must not block.
 	OnIssue func()
 	Logger  *slog.Logger
+}
+
+// HTTPRequest is the request sent to HTTP functions.
+type HTTPRequest struct {
+	Method string // default GET, or POST with a body
+	Path   string // default "/"
+	Header http.Header
+	Body   []byte
 }
 
 func (c *Config) setDefaults() error {
@@ -91,6 +111,30 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Payload == "" {
 		c.Payload = DefaultPayload
+	}
+	if c.Method != "" && c.HTTP != nil {
+		return errors.New("a gRPC method and an HTTP request: give one")
+	}
+	if c.Method != "" {
+		m, err := orchestrator.NormalizeMethod(c.Method)
+		if err != nil {
+			return err
+		}
+		c.Method = m
+	}
+	if c.HTTP != nil {
+		if c.HTTP.Path == "" {
+			c.HTTP.Path = "/"
+		}
+		if !strings.HasPrefix(c.HTTP.Path, "/") {
+			return fmt.Errorf("HTTP path %q: want an absolute path", c.HTTP.Path)
+		}
+		if c.HTTP.Method == "" {
+			c.HTTP.Method = http.MethodGet
+			if len(c.HTTP.Body) > 0 {
+				c.HTTP.Method = http.MethodPost
+			}
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -160,7 +204,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			c.Close()
 		}
 	}()
-	clients := make([]hwpb.GreeterClient, len(cfg.Endpoints))
+	clients := make([]*grpc.ClientConn, len(cfg.Endpoints))
 	for i, ep := range cfg.Endpoints {
 		t := targets[i]
 		key := t.target + "|" + ep.Hostname
@@ -176,8 +220,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 				conns[key] = conn
 			}
 		}
-		clients[i] = hwpb.NewGreeterClient(conn)
+		clients[i] = conn
 	}
+	httpClient := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableKeepAlives: cfg.ConnPerRequest}}
+	defer httpClient.CloseIdleConnections()
 
 	res := &Result{Target: cfg.RPS}
 	var (
@@ -189,12 +235,21 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		client := clients[seq%len(cfg.Endpoints)]
 		t := targets[seq%len(cfg.Endpoints)]
 		wg.Go(func() {
+			if cfg.HTTP != nil {
+				rec := callHTTP(ctx, httpClient, cfg, seq, ep.Hostname, t.target)
+				rec.Warmup = warm
+				rec.Scheduled = sched
+				mu.Lock()
+				res.Records = append(res.Records, rec)
+				mu.Unlock()
+				return
+			}
 			c := client
 			var conn *grpc.ClientConn
 			if cfg.ConnPerRequest {
 				var err error
 				if conn, err = grpc.NewClient("passthrough:///"+t.target, t.opts...); err == nil {
-					c = hwpb.NewGreeterClient(conn)
+					c = conn
 				}
 			}
 			rec := call(ctx, c, cfg, seq, ep.Hostname)
@@ -254,12 +309,18 @@ loop:
 	return res, err
 }
 
-func call(ctx context.Context, client hwpb.GreeterClient, cfg Config, seq int, host string) Record {
+func call(ctx context.Context, conn *grpc.ClientConn, cfg Config, seq int, host string) Record {
 	rec := Record{Seq: seq, Endpoint: host, Start: time.Now()}
 	cctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	var header, trailer metadata.MD
-	_, err := client.SayHello(cctx, &hwpb.HelloRequest{Name: cfg.Payload}, grpc.Header(&header), grpc.Trailer(&trailer))
+	var err error
+	if cfg.Method != "" {
+		req, reply := orchestrator.Frame(cfg.Request), orchestrator.Frame(nil)
+		err = conn.Invoke(cctx, cfg.Method, &req, &reply, grpc.ForceCodecV2(orchestrator.RawCodec{}), grpc.Header(&header), grpc.Trailer(&trailer))
+	} else {
+		_, err = hwpb.NewGreeterClient(conn).SayHello(cctx, &hwpb.HelloRequest{Name: cfg.Payload}, grpc.Header(&header), grpc.Trailer(&trailer))
+	}
 	rec.Latency = time.Since(rec.Start)
 	rec.Code = status.Code(err)
 	if err != nil {
@@ -273,6 +334,59 @@ func call(ctx context.Context, client hwpb.GreeterClient, cfg Config, seq int, h
 		}
 	}
 	return rec
+}
+
+// callHTTP sends cfg.HTTP to an HTTP function at target (host:port), with
+// host as the Host header. A status of 400 and above counts as failed, with
+// the gRPC code an HTTP status maps to.
+func callHTTP(ctx context.Context, client *http.Client, cfg Config, seq int, host, target string) Record {
+	rec := Record{Seq: seq, Endpoint: host, Start: time.Now()}
+	cctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(cctx, cfg.HTTP.Method, "http://"+target+cfg.HTTP.Path, bytes.NewReader(cfg.HTTP.Body))
+	if err == nil {
+		req.Host = host
+		for k, vs := range cfg.HTTP.Header {
+			req.Header[k] = vs
+		}
+		var resp *http.Response
+		if resp, err = client.Do(req); err == nil {
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			rec.Cold = strings.EqualFold(resp.Header.Get(ColdStartHeader), "true")
+			if err == nil && resp.StatusCode >= 400 {
+				rec.Code = httpCode(resp.StatusCode)
+				rec.Error = "HTTP " + resp.Status
+			}
+		}
+	}
+	rec.Latency = time.Since(rec.Start)
+	if err != nil {
+		rec.Code = status.Code(status.FromContextError(err).Err())
+		if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+			rec.Code = codes.Unavailable
+		}
+		rec.Error = err.Error()
+	}
+	return rec
+}
+
+// httpCode is the gRPC code of an HTTP error status (as gRPC's own HTTP
+// mapping does).
+func httpCode(s int) codes.Code {
+	switch s {
+	case http.StatusBadRequest:
+		return codes.Internal
+	case http.StatusUnauthorized:
+		return codes.Unauthenticated
+	case http.StatusForbidden:
+		return codes.PermissionDenied
+	case http.StatusNotFound:
+		return codes.Unimplemented
+	case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		return codes.Unavailable
+	}
+	return codes.Unknown
 }
 
 func sortRecords(rs []Record) {

@@ -6,15 +6,21 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"sort"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	"vhive.dev/vhive/internal/sandbox"
@@ -86,6 +92,9 @@ func (cs *coldStart) time(name string, fn func() error) error {
 func (f *function) snapshotKey(img Image) SnapshotKey {
 	h := sha256.New()
 	fmt.Fprintf(h, "port=%d\nmem=%d\ncpu=%g\n", f.spec.Port, f.spec.MemoryMiB, f.spec.CPU)
+	if f.spec.Protocol == ProtocolHTTP { // gRPC functions keep the keys they had before protocols
+		fmt.Fprintf(h, "protocol=http\n")
+	}
 	keys := make([]string, 0, len(f.spec.Env))
 	for k := range f.spec.Env {
 		keys = append(keys, k)
@@ -109,7 +118,11 @@ func processEnv(spec FunctionSpec, img Image) []string {
 	for _, k := range keys {
 		env = setEnv(env, k, spec.Env[k])
 	}
-	return setEnv(env, "GUEST_PORT", fmt.Sprint(spec.Port))
+	env = setEnv(env, "GUEST_PORT", fmt.Sprint(spec.Port))
+	if spec.Protocol == ProtocolHTTP {
+		env = setEnv(env, "PORT", fmt.Sprint(spec.Port)) // Knative's contract
+	}
+	return env
 }
 
 func (f *function) sandboxSpec(id string, img Image) sandbox.Spec {
@@ -316,8 +329,10 @@ func (f *function) fallback(ctx context.Context, key SnapshotKey, reason string,
 }
 
 // afterFirstInvocation implements vHive's snapshot policy: after the first
-// successful invocation of a booted instance, pause it, snapshot it and let
-// it continue; after the first invocation of a recording instance, write the
+// successful invocation of a booted instance (a failed one is logged at WARN
+// and leaves the snapshot to the next success), pause it, snapshot it and let
+// it continue; requests arriving meanwhile wait for it up to a bound
+// (snapshotWaitLocked); after the first invocation of a recording instance, write the
 // working set. Neither delays the reply that triggered it.
 func (f *function) afterFirstInvocation(in *instance) {
 	if f.spec.StartMode == ModeBoot || f.o.cfg.Snapshots == nil {
@@ -340,6 +355,7 @@ func (f *function) afterFirstInvocation(in *instance) {
 		return
 	}
 	f.snapshotting = true
+	f.snapshotStart = time.Now()
 	in.held = true
 	f.mu.Unlock()
 	go f.takeSnapshot(in, snapper)
@@ -468,11 +484,15 @@ func (f *function) connect(ctx context.Context, in *instance) error {
 		case <-time.After(time.Millisecond):
 		}
 	}
+	if f.spec.Protocol == ProtocolHTTP {
+		return f.connectHTTP(ctx, in, network, addr)
+	}
 	conn, err := grpc.NewClient(target,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// The instance is on this node: never through the daemon's
 		// $HTTPS_PROXY, which is for pulling images.
 		grpc.WithNoProxy(),
+		grpc.WithStatsHandler(answerTracker{}),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 5 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 200 * time.Millisecond},
 			MinConnectTimeout: time.Second,
@@ -487,7 +507,85 @@ func (f *function) connect(ctx context.Context, in *instance) error {
 			return fmt.Errorf("instance %q: gRPC connection to %s not ready within %s (state %s)", in.id, ep, f.o.cfg.ReadyTimeout, st)
 		}
 	}
+	if err := f.waitHealthy(ctx, in, conn); err != nil {
+		conn.Close()
+		return err
+	}
 	in.conn = conn
 	in.client = helloworld.NewGreeterClient(conn)
 	return nil
+}
+
+// waitHealthy waits until a gRPC function reports SERVING on the standard
+// health service (grpc.health.v1, the server as a whole); a function that
+// serves no health service is ready once it accepts connections.
+func (f *function) waitHealthy(ctx context.Context, in *instance, conn *grpc.ClientConn) error {
+	hc := healthpb.NewHealthClient(conn)
+	for {
+		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		switch {
+		case status.Code(err) == codes.Unimplemented:
+			return nil
+		case err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING:
+			return nil
+		}
+		select {
+		case <-in.sb.Done():
+			return fmt.Errorf("instance %q exited before it reported healthy: %v", in.id, in.sb.Err())
+		case <-ctx.Done():
+			return fmt.Errorf("instance %q: not SERVING on the gRPC health service within %s (last: %v, %v)", in.id, f.o.cfg.ReadyTimeout, resp.GetStatus(), err)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// connectHTTP makes the HTTP client of an HTTP function and, with a
+// readiness path, waits until a GET of it answers 2xx or 3xx.
+func (f *function) connectHTTP(ctx context.Context, in *instance, network, addr string) error {
+	var d net.Dialer
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, network, addr)
+		},
+		MaxIdleConnsPerHost: f.spec.Concurrency,
+		IdleConnTimeout:     f.spec.Keepalive,
+	}
+	host := addr
+	if network == "unix" {
+		host = "localhost"
+	}
+	in.url = &url.URL{Scheme: "http", Host: host}
+	in.transport = tr
+	if f.spec.ReadinessPath == "" {
+		return nil
+	}
+	probe := in.url.JoinPath()
+	probe.Path, probe.RawQuery, _ = strings.Cut(f.spec.ReadinessPath, "?")
+	var last string
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, probe.String(), nil)
+		if err != nil {
+			return fmt.Errorf("%w: readiness path %q: %v", ErrInvalid, f.spec.ReadinessPath, err)
+		}
+		resp, err := tr.RoundTrip(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+			if resp.StatusCode >= 200 && resp.StatusCode < 400 {
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-in.sb.Done():
+			tr.CloseIdleConnections()
+			return fmt.Errorf("instance %q exited before GET %s answered: %v", in.id, f.spec.ReadinessPath, in.sb.Err())
+		case <-ctx.Done():
+			tr.CloseIdleConnections()
+			return fmt.Errorf("instance %q: GET %s did not answer 2xx/3xx within %s (last: %s)", in.id, f.spec.ReadinessPath, f.o.cfg.ReadyTimeout, last)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }

@@ -29,7 +29,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		invocations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "vhive",
 			Name:      "invocations_total",
-			Help:      "Invocations by function and kind (cold, warm, error, oom: the instance was killed at its memory limit).",
+			Help:      "Invocations by function and kind: cold, warm; function_error (the function answered with an error status; its instance stays), instance_failure (the instance died, did not answer or could not start), oom (killed at its memory limit), error (anything else: queue timeout, cancelled, not deployed).",
 		}, []string{"function", "kind"}),
 		instances: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "vhive",

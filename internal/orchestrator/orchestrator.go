@@ -16,11 +16,17 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"net/http"
+	"net/url"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 
 	"vhive.dev/vhive/internal/sandbox"
 	"vhive.dev/vhive/internal/store"
@@ -38,7 +44,18 @@ type Image struct {
 	Env        []string
 	WorkingDir string
 	User       string
+	// Labels are the image config's labels; LabelProtocol, LabelPort and
+	// LabelReadinessPath give a function's defaults.
+	Labels map[string]string
 }
+
+// Image labels that say how a function is called, used where the deploy
+// request leaves the setting out.
+const (
+	LabelProtocol      = "dev.vhive.protocol"       // grpc or http
+	LabelPort          = "dev.vhive.port"           // the port it listens on
+	LabelReadinessPath = "dev.vhive.readiness-path" // http: the readiness GET path
+)
 
 // Images resolves image references; the daemon adapts the image service.
 type Images interface {
@@ -91,6 +108,11 @@ type Config struct {
 	// DrainTimeout bounds how long Remove waits for in-flight requests.
 	// Default 30s.
 	DrainTimeout time.Duration
+	// SnapshotWait bounds how long a request that finds every instance
+	// busy waits for one being snapshotted rather than start another
+	// (further bounded by the function's last cold start). Default 2s;
+	// negative: never wait.
+	SnapshotWait time.Duration
 }
 
 func (c *Config) setDefaults() error {
@@ -140,6 +162,9 @@ func (c *Config) setDefaults() error {
 	if c.DrainTimeout == 0 {
 		c.DrainTimeout = 30 * time.Second
 	}
+	if c.SnapshotWait == 0 {
+		c.SnapshotWait = 2 * time.Second
+	}
 	return nil
 }
 
@@ -156,9 +181,22 @@ type FunctionSpec struct {
 	StartMode    string
 	MemoryMiB    int64
 	CPU          float64
-	CreatedAt    time.Time
-	ImageDigest  string // filled in by Deploy
+	// Protocol is how the function is called: ProtocolGRPC (any gRPC
+	// service) or ProtocolHTTP (an HTTP/1.1 server on Port, told in $PORT).
+	Protocol string
+	// ReadinessPath, for HTTP functions, is the GET path that answers
+	// 2xx/3xx once the function is ready; empty: the port accepting
+	// connections is enough.
+	ReadinessPath string
+	CreatedAt     time.Time
+	ImageDigest   string // filled in by Deploy
 }
+
+// Protocols.
+const (
+	ProtocolGRPC = "grpc"
+	ProtocolHTTP = "http"
+)
 
 // FunctionStatus reports a function and its pool.
 type FunctionStatus struct {
@@ -183,7 +221,11 @@ type InstanceInfo struct {
 
 // Result is the outcome of one invocation.
 type Result struct {
+	// Payload is SayHello's message, the method's serialized reply, or the
+	// HTTP response body.
 	Payload    []byte
+	HTTPStatus int         // HTTP functions
+	HTTPHeader http.Header // HTTP functions
 	Cold       bool
 	InstanceID string
 	StartMode  string
@@ -248,13 +290,22 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 func specFromRecord(r store.FunctionRecord) FunctionSpec {
 	return FunctionSpec{Name: r.Name, Image: r.Image, ImageDigest: r.ImageDigest, Sandbox: r.Sandbox, Port: r.Port,
 		Env: r.Env, Keepalive: r.Keepalive, MaxInstances: r.MaxInst, Concurrency: r.Concurrency,
-		StartMode: r.StartMode, MemoryMiB: r.MemoryMiB, CPU: r.CPU, CreatedAt: r.Created}
+		StartMode: r.StartMode, MemoryMiB: r.MemoryMiB, CPU: r.CPU, CreatedAt: r.Created,
+		Protocol: cmpOr(r.Protocol, ProtocolGRPC), ReadinessPath: r.ReadinessPath}
+}
+
+func cmpOr(v, def string) string {
+	if v == "" {
+		return def
+	}
+	return v
 }
 
 func recordFromSpec(s FunctionSpec) store.FunctionRecord {
 	return store.FunctionRecord{Name: s.Name, Image: s.Image, ImageDigest: s.ImageDigest, Sandbox: s.Sandbox, Port: s.Port,
 		Env: s.Env, Keepalive: s.Keepalive, MaxInst: s.MaxInstances, Concurrency: s.Concurrency,
-		StartMode: s.StartMode, MemoryMiB: s.MemoryMiB, CPU: s.CPU, Created: s.CreatedAt}
+		StartMode: s.StartMode, MemoryMiB: s.MemoryMiB, CPU: s.CPU, Created: s.CreatedAt,
+		Protocol: s.Protocol, ReadinessPath: s.ReadinessPath}
 }
 
 // normalize validates spec and fills in defaults.
@@ -275,8 +326,30 @@ func (o *Orchestrator) normalize(spec *FunctionSpec) error {
 	if !ok {
 		return fmt.Errorf("%w: sandbox %q is not available on this node (have: %s)", ErrInvalid, spec.Sandbox, strings.Join(o.backendNames(), ", "))
 	}
+	switch spec.Protocol {
+	case "":
+		spec.Protocol = ProtocolGRPC
+	case ProtocolGRPC, ProtocolHTTP:
+	default:
+		return fmt.Errorf("%w: protocol %q: want grpc or http", ErrInvalid, spec.Protocol)
+	}
+	if spec.ReadinessPath != "" {
+		if spec.Protocol != ProtocolHTTP {
+			return fmt.Errorf("%w: a readiness path is for HTTP functions; gRPC functions are probed with the gRPC health service", ErrInvalid)
+		}
+		if !strings.HasPrefix(spec.ReadinessPath, "/") || len(spec.ReadinessPath) > 1024 ||
+			strings.ContainsFunc(spec.ReadinessPath, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
+			return fmt.Errorf("%w: readiness path %.80q: want an absolute path without spaces or control characters, at most 1024 bytes", ErrInvalid, spec.ReadinessPath)
+		}
+	}
+	if spec.Protocol == ProtocolHTTP && spec.Sandbox == "wasm" {
+		return fmt.Errorf("%w: sandbox wasm serves gRPC functions only", ErrUnsupported)
+	}
 	if spec.Port == 0 {
 		spec.Port = 50051
+		if spec.Protocol == ProtocolHTTP {
+			spec.Port = 8080 // Knative's default $PORT
+		}
 	}
 	if spec.Port < 1 || spec.Port > 65535 {
 		return fmt.Errorf("%w: port %d out of range", ErrInvalid, spec.Port)
@@ -385,6 +458,7 @@ func (o *Orchestrator) backendNames() []string {
 // is resolved (pulled if needed) so that a bad reference fails here, not at
 // the first invocation.
 func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bool) (FunctionStatus, error) {
+	asked := spec
 	if err := o.normalize(&spec); err != nil {
 		return FunctionStatus{}, err
 	}
@@ -401,6 +475,14 @@ func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bo
 	wantWasm := spec.Sandbox == "wasm"
 	if wantWasm != (img.Kind == "wasm") {
 		return FunctionStatus{}, fmt.Errorf("%w: image %q is a %s image; sandbox %q needs a %s image", ErrInvalid, spec.Image, img.Kind, spec.Sandbox, map[bool]string{true: "wasm", false: "linux"}[wantWasm])
+	}
+	if labelled, ok, err := withImageLabels(asked, img.Labels); err != nil {
+		return FunctionStatus{}, fmt.Errorf("function %q: image %q: %w", spec.Name, spec.Image, err)
+	} else if ok {
+		if err := o.normalize(&labelled); err != nil {
+			return FunctionStatus{}, fmt.Errorf("function %q with the labels of image %q: %w", spec.Name, spec.Image, err)
+		}
+		spec = labelled
 	}
 	// The image's own environment joins the function's: a string of it
 	// that no exec accepts is refused here, not at every cold start.
@@ -429,6 +511,26 @@ func (o *Orchestrator) Deploy(ctx context.Context, spec FunctionSpec, replace bo
 	o.functions[spec.Name] = f
 	o.log.Info("function deployed", "function", spec.Name, "image", spec.Image, "digest", img.Digest, "sandbox", spec.Sandbox, "mode", spec.StartMode)
 	return f.status(), nil
+}
+
+// withImageLabels fills the protocol, port and readiness path the deploy
+// request left out from the image's labels; ok reports whether any was.
+func withImageLabels(spec FunctionSpec, labels map[string]string) (FunctionSpec, bool, error) {
+	used := false
+	if v := labels[LabelProtocol]; v != "" && spec.Protocol == "" {
+		spec.Protocol, used = v, true
+	}
+	if v := labels[LabelPort]; v != "" && spec.Port == 0 {
+		p, err := strconv.ParseUint(v, 10, 16)
+		if err != nil || p == 0 {
+			return spec, false, fmt.Errorf("%w: label %s=%q is not a port", ErrInvalid, LabelPort, v)
+		}
+		spec.Port, used = int(p), true
+	}
+	if v := labels[LabelReadinessPath]; v != "" && spec.ReadinessPath == "" && (spec.Protocol == ProtocolHTTP) {
+		spec.ReadinessPath, used = v, true
+	}
+	return spec, used, nil
 }
 
 func (o *Orchestrator) get(name string) (*function, error) {
@@ -515,16 +617,80 @@ func (o *Orchestrator) FunctionsUsingImage(digest string) []string {
 	return names
 }
 
-// Invoke runs one request on function name.
+// Invoke runs one request on function name: SayHello with payload as the
+// name (vHive's functions; an HTTP function gets payload as the body of a
+// POST to /, or a GET of / when it is empty).
 func (o *Orchestrator) Invoke(ctx context.Context, name string, payload []byte) (Result, error) {
-	if len(payload) > o.cfg.MaxPayload {
-		return Result{}, fmt.Errorf("%w: payload of %d bytes exceeds the limit of %d bytes (daemon flag --max-payload)", ErrInvalid, len(payload), o.cfg.MaxPayload)
+	return o.Call(ctx, name, Request{Payload: payload})
+}
+
+// Request is one invocation's request.
+type Request struct {
+	// Payload is SayHello's name, the method's serialized request message
+	// (or its protobuf JSON, with JSON), or the HTTP request body.
+	Payload []byte
+	// Method is a gRPC function's unary method, "/pkg.Service/Method";
+	// empty: helloworld.Greeter/SayHello.
+	Method string
+	// JSON: Payload and the reply are protobuf JSON, converted with the
+	// function's server reflection.
+	JSON bool
+	// HTTP is an HTTP function's request line and headers.
+	HTTP *HTTPRequest
+}
+
+// HTTPRequest is an HTTP function's request without its body.
+type HTTPRequest struct {
+	Method string // default GET, or POST with a payload
+	Path   string // path and query, default "/"
+	Header http.Header
+}
+
+// Call runs one request on function name.
+func (o *Orchestrator) Call(ctx context.Context, name string, req Request) (Result, error) {
+	if len(req.Payload) > o.cfg.MaxPayload {
+		return Result{}, fmt.Errorf("%w: payload of %d bytes exceeds the limit of %d bytes (daemon flag --max-payload)", ErrInvalid, len(req.Payload), o.cfg.MaxPayload)
 	}
 	f, err := o.get(name)
 	if err != nil {
 		return Result{}, err
 	}
-	return f.invoke(ctx, payload)
+	var res Result
+	c, err := f.callFor(req, &res)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := f.do(ctx, c, &res); err != nil {
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// Target is an instance as a relay reaches it: the gRPC connection of a gRPC
+// function, or the base URL and transport of an HTTP one. Cold is set when
+// the relay's request started it.
+type Target struct {
+	Cold      bool
+	Conn      *grpc.ClientConn
+	URL       *url.URL
+	Transport http.RoundTripper
+}
+
+// Relay runs fn on an instance of function name, started cold if none is
+// free: the gateway's transparent relay of any gRPC method or HTTP request.
+// fn must make its requests with the context it is given: the error of a
+// request the function answered is the function's (a FunctionError for a
+// gRPC status), one without an answer is the instance's.
+func (o *Orchestrator) Relay(ctx context.Context, name string, fn func(ctx context.Context, t Target) error) (Result, error) {
+	f, err := o.get(name)
+	if err != nil {
+		return Result{}, err
+	}
+	var res Result
+	err = f.do(ctx, func(ctx context.Context, in *instance, cold bool) (metadata.MD, time.Duration, error) {
+		return nil, 0, fn(ctx, Target{Cold: cold, Conn: in.conn, URL: in.url, Transport: in.transport})
+	}, &res)
+	return res, err
 }
 
 // StopInstances stops every idle and busy instance of function name (all

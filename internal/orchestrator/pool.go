@@ -4,14 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"vhive.dev/vhive/api/proto/helloworld"
 	"vhive.dev/vhive/internal/sandbox"
@@ -37,16 +40,27 @@ type function struct {
 	// snapshotting is set while a snapshot of this function is being
 	// taken, so that only one instance is snapshotted at a time.
 	snapshotting bool
+	// snapshotStart is when the snapshot under way began.
+	snapshotStart time.Time
+	// lastCold is the Total of the function's latest cold start: how long
+	// another instance would take to start, against which a request
+	// weighs waiting for a snapshot under way.
+	lastCold time.Duration
+	// methods caches the methods resolved by server reflection.
+	methods map[string]protoreflect.MethodDescriptor
 	// recording is set while an instance restored in record mode has not
 	// finished its recording.
 	recording bool
 }
 
 type instance struct {
-	id        string
-	sb        sandbox.Sandbox
-	conn      *grpc.ClientConn
-	client    helloworld.GreeterClient
+	id     string
+	sb     sandbox.Sandbox
+	conn   *grpc.ClientConn
+	client helloworld.GreeterClient
+	// An HTTP function's base URL and transport (nil for gRPC ones).
+	url       *url.URL
+	transport *http.Transport
 	startMode string
 	started   time.Time
 	// persisted is closed once the instance's record is in the store (it
@@ -121,7 +135,10 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 		// use; wait for one of those rather than start another instance.
 		spare := f.starting * (f.spec.Concurrency - 1)
 		total := len(f.instances) + f.starting
-		if spare <= f.waiting && total < f.spec.MaxInstances {
+		// An instance being snapshotted is back within the snapshot's
+		// time: wait for it rather than start another, up to the bound.
+		snapWait := f.snapshotWaitLocked(time.Now())
+		if snapWait <= 0 && spare <= f.waiting && total < f.spec.MaxInstances {
 			f.starting++
 			f.mu.Unlock()
 			in, cs, err := f.start(ctx)
@@ -146,11 +163,17 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 			go f.watch(in)
 			return in, cs, nil
 		}
-		// Wait for a slot, a new instance or a failed start.
+		// Wait for a slot, a new instance or a failed start (or, while a
+		// snapshot is taken, for the snapshot's bound to pass).
 		ch := f.changed
 		f.waiting++
 		f.mu.Unlock()
+		var snapTimer <-chan time.Time
+		if snapWait > 0 {
+			snapTimer = time.After(snapWait)
+		}
 		select {
+		case <-snapTimer:
 		case <-ch:
 		case <-ctx.Done():
 			f.mu.Lock()
@@ -168,6 +191,32 @@ func (f *function) acquire(ctx context.Context) (in *instance, cs *coldStart, er
 	}
 }
 
+// snapshotWaitLocked is how much longer a request that finds no free
+// instance waits for the instance being snapshotted instead of starting
+// another: until the snapshot has run for SnapshotWait or for the function's
+// last cold start, whichever is shorter (waiting longer would be slower than
+// starting an instance). Caller holds f.mu.
+func (f *function) snapshotWaitLocked(now time.Time) time.Duration {
+	if !f.snapshotting || f.o.cfg.SnapshotWait < 0 {
+		return 0
+	}
+	held := false
+	for _, in := range f.instances {
+		if in.held && !in.stopping {
+			held = true
+			break
+		}
+	}
+	if !held {
+		return 0
+	}
+	bound := f.o.cfg.SnapshotWait
+	if f.lastCold > 0 && f.lastCold < bound {
+		bound = f.lastCold
+	}
+	return f.snapshotStart.Add(bound).Sub(now)
+}
+
 func (f *function) release(in *instance, ok bool) {
 	f.mu.Lock()
 	in.inflight--
@@ -179,20 +228,64 @@ func (f *function) release(in *instance, ok bool) {
 	f.mu.Unlock()
 }
 
-func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
+// call sends one request to an instance and reads its reply; cold is set
+// when the request started the instance. It makes its requests with ctx,
+// through which do learns whether the function answered. guest holds the
+// response headers, where the sandbox may report the function's own time.
+// untimed is the part of the call's time that is not the function's (a
+// method's types resolved by reflection): FuncInvocation leaves it out.
+type call func(ctx context.Context, in *instance, cold bool) (guest metadata.MD, untimed time.Duration, err error)
+
+// callFor makes the call of req, checking it against the function's protocol.
+func (f *function) callFor(req Request, res *Result) (call, error) {
+	switch {
+	case f.spec.Protocol == ProtocolHTTP:
+		if req.Method != "" {
+			return nil, fmt.Errorf("%w: function %q is an HTTP function: a gRPC method (%q) cannot be called on it", ErrInvalid, f.spec.Name, req.Method)
+		}
+		hr := req.HTTP
+		if hr == nil {
+			hr = &HTTPRequest{}
+		}
+		return httpCall(hr, req.Payload, res)
+	case req.HTTP != nil:
+		return nil, fmt.Errorf("%w: function %q is a gRPC function: call a method instead of sending an HTTP request", ErrInvalid, f.spec.Name)
+	case req.Method == "":
+		if req.JSON {
+			return nil, fmt.Errorf("%w: a JSON request needs a method", ErrInvalid)
+		}
+		return greeterCall(req.Payload, &res.Payload), nil
+	}
+	return f.methodCall(req.Method, req.Payload, req.JSON, &res.Payload)
+}
+
+// greeterCall invokes vHive's helloworld.Greeter/SayHello with payload as
+// the name, storing the reply's message in *reply.
+func greeterCall(payload []byte, reply *[]byte) call {
+	return func(ctx context.Context, in *instance, _ bool) (metadata.MD, time.Duration, error) {
+		var hdr metadata.MD
+		r, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)}, grpc.Header(&hdr))
+		if err != nil {
+			return hdr, 0, err
+		}
+		*reply = []byte(r.GetMessage())
+		return hdr, 0, nil
+	}
+}
+
+// do runs c on an instance (started cold if none is free) and reports the
+// cold start's stages. A status the function returned comes back as a
+// *FunctionError; the instance stays in the pool.
+func (f *function) do(ctx context.Context, c call, res *Result) error {
 	in, cs, err := f.acquire(ctx)
 	if err != nil {
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
-		return Result{}, err
+		return err
 	}
-	var opts []grpc.CallOption
-	var hdr metadata.MD
-	if cs != nil {
-		opts = append(opts, grpc.Header(&hdr)) // GuestTime, where the sandbox reports it
-	}
+	callCtx, answered := withAnswer(ctx)
 	t0 := time.Now()
-	reply, err := in.client.SayHello(ctx, &helloworld.HelloRequest{Name: string(payload)}, opts...)
-	invokeDur := time.Since(t0)
+	hdr, untimed, err := c(callCtx, in, cs != nil)
+	invokeDur := time.Since(t0) - untimed
 	if cs != nil && in.persisted != nil {
 		// A cold start's reply leaves only once the instance's record
 		// is stored (written while connecting and invoking; a wait here
@@ -200,16 +293,26 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 		<-in.persisted
 	}
 	if err != nil {
-		err = f.invocationError(in, err)
+		err = f.invocationError(ctx, in, answered.Load(), err)
 		f.release(in, false)
 		f.o.cfg.Metrics.invocation(f.spec.Name, errorKind(err))
-		return Result{}, err
+		if errors.Is(err, ErrFunction) {
+			f.mu.Lock()
+			first := in.served == 0
+			f.mu.Unlock()
+			if first && in.startMode == ModeBoot && f.spec.StartMode != ModeBoot {
+				f.o.log.Warn("first invocation failed with the function's own error; the snapshot waits for a successful one",
+					"function", f.spec.Name, "instance", in.id, "err", err)
+			}
+		}
+		return err
 	}
-	res := Result{Payload: []byte(reply.GetMessage()), InstanceID: in.id, StartMode: in.startMode}
+	res.InstanceID, res.StartMode = in.id, in.startMode
 	f.mu.Lock()
 	first := in.served == 0
 	if cs != nil {
 		f.cold++
+		f.lastCold = time.Since(cs.begin)
 	} else {
 		f.warm++
 	}
@@ -254,37 +357,68 @@ func (f *function) invoke(ctx context.Context, payload []byte) (Result, error) {
 	if first {
 		f.afterFirstInvocation(in)
 	}
-	return res, nil
+	return nil
 }
 
-// errorKind is the invocations_total kind of a failed invocation.
+// errorKind is the invocations_total kind of a failed invocation: the
+// function's own error, an instance that failed (died, hung up, could not
+// start), one killed at its memory limit, or anything else (queue timeout,
+// cancelled, not deployed).
 func errorKind(err error) string {
-	if errors.Is(err, ErrOutOfMemory) {
+	switch {
+	case errors.Is(err, ErrFunction):
+		return "function_error"
+	case errors.Is(err, ErrOutOfMemory):
 		return "oom"
+	case errors.Is(err, ErrInstanceFailed), errors.Is(err, ErrStartFailed):
+		return "instance_failure"
 	}
 	return "error"
 }
 
-// invocationError classifies an invocation failure. If the sandbox died, the
-// error says so with its exit reason.
-func (f *function) invocationError(in *instance, err error) error {
+// instanceDeathGrace is how long a request that got no answer waits for its
+// sandbox to be reported dead before the error is classified: a killed
+// sandbox takes a moment to be reaped under load. Errors the function
+// answered with never wait.
+const instanceDeathGrace = 250 * time.Millisecond
+
+// invocationError classifies an invocation failure. A status the function
+// answered with is its own: returned as a *FunctionError at once, whatever
+// its code. Without an answer, the caller's own deadline or cancellation
+// is reported as such; otherwise the instance failed, and if its sandbox
+// died the error says so with its exit reason.
+func (f *function) invocationError(ctx context.Context, in *instance, answered bool, err error) error {
+	if answered && !in.sandboxDone() {
+		var fe *FunctionError
+		if errors.As(err, &fe) {
+			return fe
+		}
+		if st, ok := status.FromError(err); ok {
+			return &FunctionError{Function: f.spec.Name, Instance: in.id, Status: st}
+		}
+		return fmt.Errorf("%w: function %q (instance %q): %w", ErrFunction, f.spec.Name, in.id, err)
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, ctx.Err())
+	}
 	select {
 	case <-in.sb.Done():
 		if errors.Is(in.sb.Err(), sandbox.ErrOutOfMemory) {
 			return fmt.Errorf("%w: instance %q of %q was killed at its memory limit of %d MiB during the request: %v", ErrOutOfMemory, in.id, f.spec.Name, f.spec.MemoryMiB, in.sb.Err())
 		}
 		return fmt.Errorf("%w: instance %q of %q exited during the request: %v (invocation error: %v)", ErrInstanceFailed, in.id, f.spec.Name, in.sb.Err(), err)
-	case <-time.After(250 * time.Millisecond): // a killed sandbox takes a moment to be reaped under load
+	case <-time.After(instanceDeathGrace):
 	}
-	if s, ok := status.FromError(err); ok {
-		switch s.Code() {
-		case codes.Canceled, codes.DeadlineExceeded:
-			return fmt.Errorf("invoke %q on instance %q: %w", f.spec.Name, in.id, err)
-		case codes.Unavailable:
-			return fmt.Errorf("%w: instance %q of %q is unreachable: %v", ErrInstanceFailed, in.id, f.spec.Name, err)
-		}
+	return fmt.Errorf("%w: instance %q of %q did not answer: %v", ErrInstanceFailed, in.id, f.spec.Name, err)
+}
+
+func (in *instance) sandboxDone() bool {
+	select {
+	case <-in.sb.Done():
+		return true
+	default:
+		return false
 	}
-	return fmt.Errorf("%w: function %q (instance %q) returned an error: %v", ErrInstanceFailed, f.spec.Name, in.id, err)
 }
 
 // watch removes an instance from the pool when its sandbox exits on its own.
@@ -346,6 +480,9 @@ func (f *function) finalize(ctx context.Context, in *instance) {
 	f.mu.Unlock()
 	if in.conn != nil {
 		in.conn.Close()
+	}
+	if in.transport != nil {
+		in.transport.CloseIdleConnections()
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()

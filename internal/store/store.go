@@ -49,6 +49,10 @@ type FunctionRecord struct {
 	MemoryMiB   int64             `json:"memory_mib,omitempty"`
 	CPU         float64           `json:"cpu,omitempty"`
 	Created     time.Time         `json:"created"`
+	// Protocol is "grpc" or "http"; records written before it existed
+	// have none and are gRPC functions.
+	Protocol      string `json:"protocol,omitempty"`
+	ReadinessPath string `json:"readiness_path,omitempty"`
 }
 
 // InstanceRecord is a running instance as persisted, so that a daemon that

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -86,8 +87,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	for _, f := range functions {
+		ts := targets
+		if slices.Contains(build.ServerNames(), f) {
+			ts = []build.Target{build.TargetLinux} // their own servers: Linux only
+		}
 		imgs, err := build.BuildFunction(ctx, build.Options{
-			Function: f, Targets: targets, Formats: formats, OutDir: c.out,
+			Function: f, Targets: ts, Formats: formats, OutDir: c.out,
 		})
 		if err != nil {
 			return err
@@ -111,7 +116,7 @@ func selectFunctions(c config) ([]string, error) {
 	case c.all && c.function != "":
 		return nil, errors.New("give -function NAME or -all, not both")
 	case c.all:
-		return build.Names(), nil
+		return append(build.Names(), build.ServerNames()...), nil
 	case c.function == "":
 		return nil, errors.New("give -function NAME or -all")
 	}

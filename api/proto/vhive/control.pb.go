@@ -38,8 +38,16 @@ type FunctionSpec struct {
 	StartMode      string                 `protobuf:"bytes,9,opt,name=start_mode,json=startMode,proto3" json:"start_mode,omitempty"`                    // boot (default), snapshot, lazy, reap
 	MemoryLimitMib int64                  `protobuf:"varint,10,opt,name=memory_limit_mib,json=memoryLimitMib,proto3" json:"memory_limit_mib,omitempty"` // 0: the daemon's default
 	CpuLimit       float64                `protobuf:"fixed64,11,opt,name=cpu_limit,json=cpuLimit,proto3" json:"cpu_limit,omitempty"`                    // cores; 0: the daemon's default
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How the function is called: "grpc" (the default: any gRPC service;
+	// ready when it answers the standard gRPC health service, or, where it
+	// serves none, when its port accepts connections) or "http" (an HTTP/1.1
+	// server on port, told in $PORT as Knative's samples expect).
+	Protocol string `protobuf:"bytes,12,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// http only: the GET path that answers 2xx/3xx once the function is
+	// ready; empty: ready when the port accepts connections.
+	ReadinessPath string `protobuf:"bytes,13,opt,name=readiness_path,json=readinessPath,proto3" json:"readiness_path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FunctionSpec) Reset() {
@@ -147,6 +155,20 @@ func (x *FunctionSpec) GetCpuLimit() float64 {
 		return x.CpuLimit
 	}
 	return 0
+}
+
+func (x *FunctionSpec) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *FunctionSpec) GetReadinessPath() string {
+	if x != nil {
+		return x.ReadinessPath
+	}
+	return ""
 }
 
 type FunctionStatus struct {
@@ -390,10 +412,20 @@ func (x *Stage) GetMicros() int64 {
 }
 
 type InvokeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Function      string                 `protobuf:"bytes,1,opt,name=function,proto3" json:"function,omitempty"`
-	Payload       []byte                 `protobuf:"bytes,2,opt,name=payload,proto3" json:"payload,omitempty"`
-	TimeoutMs     int64                  `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Function string                 `protobuf:"bytes,1,opt,name=function,proto3" json:"function,omitempty"`
+	// The request: SayHello's name (no method, no http), the method's
+	// serialized request message (method), or the HTTP request body (http).
+	Payload   []byte `protobuf:"bytes,2,opt,name=payload,proto3" json:"payload,omitempty"`
+	TimeoutMs int64  `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// A gRPC function's unary method, "pkg.Service/Method" (a leading '/' is
+	// allowed). Empty: vHive's helloworld.Greeter/SayHello.
+	Method string `protobuf:"bytes,4,opt,name=method,proto3" json:"method,omitempty"`
+	// With method: payload and the reply's payload are protobuf JSON, which
+	// the daemon converts using the function's gRPC server reflection.
+	Json bool `protobuf:"varint,5,opt,name=json,proto3" json:"json,omitempty"`
+	// An HTTP function's request (its body is payload).
+	Http          *HTTPRequest `protobuf:"bytes,6,opt,name=http,proto3" json:"http,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -449,6 +481,191 @@ func (x *InvokeRequest) GetTimeoutMs() int64 {
 	return 0
 }
 
+func (x *InvokeRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *InvokeRequest) GetJson() bool {
+	if x != nil {
+		return x.Json
+	}
+	return false
+}
+
+func (x *InvokeRequest) GetHttp() *HTTPRequest {
+	if x != nil {
+		return x.Http
+	}
+	return nil
+}
+
+type HTTPRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Method        string                 `protobuf:"bytes,1,opt,name=method,proto3" json:"method,omitempty"` // default GET, or POST with a payload
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`     // path and query, default "/"
+	Headers       []*Header              `protobuf:"bytes,3,rep,name=headers,proto3" json:"headers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HTTPRequest) Reset() {
+	*x = HTTPRequest{}
+	mi := &file_vhive_control_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HTTPRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HTTPRequest) ProtoMessage() {}
+
+func (x *HTTPRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vhive_control_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HTTPRequest.ProtoReflect.Descriptor instead.
+func (*HTTPRequest) Descriptor() ([]byte, []int) {
+	return file_vhive_control_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *HTTPRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *HTTPRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *HTTPRequest) GetHeaders() []*Header {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+type HTTPResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Status        int32                  `protobuf:"varint,1,opt,name=status,proto3" json:"status,omitempty"`
+	Headers       []*Header              `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HTTPResponse) Reset() {
+	*x = HTTPResponse{}
+	mi := &file_vhive_control_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HTTPResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HTTPResponse) ProtoMessage() {}
+
+func (x *HTTPResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vhive_control_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HTTPResponse.ProtoReflect.Descriptor instead.
+func (*HTTPResponse) Descriptor() ([]byte, []int) {
+	return file_vhive_control_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *HTTPResponse) GetStatus() int32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *HTTPResponse) GetHeaders() []*Header {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+type Header struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Header) Reset() {
+	*x = Header{}
+	mi := &file_vhive_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Header) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Header) ProtoMessage() {}
+
+func (x *Header) ProtoReflect() protoreflect.Message {
+	mi := &file_vhive_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Header.ProtoReflect.Descriptor instead.
+func (*Header) Descriptor() ([]byte, []int) {
+	return file_vhive_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Header) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Header) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
 type InvokeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Payload       []byte                 `protobuf:"bytes,1,opt,name=payload,proto3" json:"payload,omitempty"`
@@ -457,13 +674,14 @@ type InvokeResponse struct {
 	StartMode     string                 `protobuf:"bytes,4,opt,name=start_mode,json=startMode,proto3" json:"start_mode,omitempty"` // how the instance started: boot, snapshot, lazy, reap-record, reap-prefetch
 	Stages        []*Stage               `protobuf:"bytes,5,rep,name=stages,proto3" json:"stages,omitempty"`
 	MemoryStats   map[string]int64       `protobuf:"bytes,6,rep,name=memory_stats,json=memoryStats,proto3" json:"memory_stats,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // page stats of a restore: RecPages, Unique, ...
+	Http          *HTTPResponse          `protobuf:"bytes,7,opt,name=http,proto3" json:"http,omitempty"`                                                                                                             // an HTTP function's response status and headers (its body is payload)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InvokeResponse) Reset() {
 	*x = InvokeResponse{}
-	mi := &file_vhive_control_proto_msgTypes[6]
+	mi := &file_vhive_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -475,7 +693,7 @@ func (x *InvokeResponse) String() string {
 func (*InvokeResponse) ProtoMessage() {}
 
 func (x *InvokeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[6]
+	mi := &file_vhive_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -488,7 +706,7 @@ func (x *InvokeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InvokeResponse.ProtoReflect.Descriptor instead.
 func (*InvokeResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{6}
+	return file_vhive_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *InvokeResponse) GetPayload() []byte {
@@ -533,6 +751,13 @@ func (x *InvokeResponse) GetMemoryStats() map[string]int64 {
 	return nil
 }
 
+func (x *InvokeResponse) GetHttp() *HTTPResponse {
+	if x != nil {
+		return x.Http
+	}
+	return nil
+}
+
 type ListFunctionsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -541,7 +766,7 @@ type ListFunctionsRequest struct {
 
 func (x *ListFunctionsRequest) Reset() {
 	*x = ListFunctionsRequest{}
-	mi := &file_vhive_control_proto_msgTypes[7]
+	mi := &file_vhive_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +778,7 @@ func (x *ListFunctionsRequest) String() string {
 func (*ListFunctionsRequest) ProtoMessage() {}
 
 func (x *ListFunctionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[7]
+	mi := &file_vhive_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +791,7 @@ func (x *ListFunctionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFunctionsRequest.ProtoReflect.Descriptor instead.
 func (*ListFunctionsRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{7}
+	return file_vhive_control_proto_rawDescGZIP(), []int{10}
 }
 
 type ListFunctionsResponse struct {
@@ -578,7 +803,7 @@ type ListFunctionsResponse struct {
 
 func (x *ListFunctionsResponse) Reset() {
 	*x = ListFunctionsResponse{}
-	mi := &file_vhive_control_proto_msgTypes[8]
+	mi := &file_vhive_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -590,7 +815,7 @@ func (x *ListFunctionsResponse) String() string {
 func (*ListFunctionsResponse) ProtoMessage() {}
 
 func (x *ListFunctionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[8]
+	mi := &file_vhive_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -603,7 +828,7 @@ func (x *ListFunctionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFunctionsResponse.ProtoReflect.Descriptor instead.
 func (*ListFunctionsResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{8}
+	return file_vhive_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListFunctionsResponse) GetFunctions() []*FunctionStatus {
@@ -622,7 +847,7 @@ type RemoveFunctionRequest struct {
 
 func (x *RemoveFunctionRequest) Reset() {
 	*x = RemoveFunctionRequest{}
-	mi := &file_vhive_control_proto_msgTypes[9]
+	mi := &file_vhive_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +859,7 @@ func (x *RemoveFunctionRequest) String() string {
 func (*RemoveFunctionRequest) ProtoMessage() {}
 
 func (x *RemoveFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[9]
+	mi := &file_vhive_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +872,7 @@ func (x *RemoveFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFunctionRequest.ProtoReflect.Descriptor instead.
 func (*RemoveFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{9}
+	return file_vhive_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RemoveFunctionRequest) GetName() string {
@@ -665,7 +890,7 @@ type RemoveFunctionResponse struct {
 
 func (x *RemoveFunctionResponse) Reset() {
 	*x = RemoveFunctionResponse{}
-	mi := &file_vhive_control_proto_msgTypes[10]
+	mi := &file_vhive_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +902,7 @@ func (x *RemoveFunctionResponse) String() string {
 func (*RemoveFunctionResponse) ProtoMessage() {}
 
 func (x *RemoveFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[10]
+	mi := &file_vhive_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +915,7 @@ func (x *RemoveFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFunctionResponse.ProtoReflect.Descriptor instead.
 func (*RemoveFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{10}
+	return file_vhive_control_proto_rawDescGZIP(), []int{13}
 }
 
 type ImageInfo struct {
@@ -707,7 +932,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_vhive_control_proto_msgTypes[11]
+	mi := &file_vhive_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +944,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[11]
+	mi := &file_vhive_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +957,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{11}
+	return file_vhive_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ImageInfo) GetRef() string {
@@ -786,7 +1011,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_vhive_control_proto_msgTypes[12]
+	mi := &file_vhive_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +1023,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[12]
+	mi := &file_vhive_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +1036,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{12}
+	return file_vhive_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -831,7 +1056,7 @@ type ImportImageRequest struct {
 
 func (x *ImportImageRequest) Reset() {
 	*x = ImportImageRequest{}
-	mi := &file_vhive_control_proto_msgTypes[13]
+	mi := &file_vhive_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +1068,7 @@ func (x *ImportImageRequest) String() string {
 func (*ImportImageRequest) ProtoMessage() {}
 
 func (x *ImportImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[13]
+	mi := &file_vhive_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +1081,7 @@ func (x *ImportImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportImageRequest.ProtoReflect.Descriptor instead.
 func (*ImportImageRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{13}
+	return file_vhive_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ImportImageRequest) GetPath() string {
@@ -881,7 +1106,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_vhive_control_proto_msgTypes[14]
+	mi := &file_vhive_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +1118,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[14]
+	mi := &file_vhive_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1131,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{14}
+	return file_vhive_control_proto_rawDescGZIP(), []int{17}
 }
 
 type ListImagesResponse struct {
@@ -918,7 +1143,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_vhive_control_proto_msgTypes[15]
+	mi := &file_vhive_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1155,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[15]
+	mi := &file_vhive_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1168,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{15}
+	return file_vhive_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListImagesResponse) GetImages() []*ImageInfo {
@@ -962,7 +1187,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_vhive_control_proto_msgTypes[16]
+	mi := &file_vhive_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1199,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[16]
+	mi := &file_vhive_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1212,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{16}
+	return file_vhive_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -1005,7 +1230,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_vhive_control_proto_msgTypes[17]
+	mi := &file_vhive_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1242,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[17]
+	mi := &file_vhive_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1255,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{17}
+	return file_vhive_control_proto_rawDescGZIP(), []int{20}
 }
 
 type SnapshotInfo struct {
@@ -1052,7 +1277,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_vhive_control_proto_msgTypes[18]
+	mi := &file_vhive_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1289,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[18]
+	mi := &file_vhive_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1302,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{18}
+	return file_vhive_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SnapshotInfo) GetId() string {
@@ -1166,7 +1391,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_vhive_control_proto_msgTypes[19]
+	mi := &file_vhive_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1178,7 +1403,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[19]
+	mi := &file_vhive_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +1416,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{19}
+	return file_vhive_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListSnapshotsRequest) GetFunction() string {
@@ -1210,7 +1435,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_vhive_control_proto_msgTypes[20]
+	mi := &file_vhive_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1447,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[20]
+	mi := &file_vhive_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1460,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{20}
+	return file_vhive_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*SnapshotInfo {
@@ -1254,7 +1479,7 @@ type InspectSnapshotRequest struct {
 
 func (x *InspectSnapshotRequest) Reset() {
 	*x = InspectSnapshotRequest{}
-	mi := &file_vhive_control_proto_msgTypes[21]
+	mi := &file_vhive_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1266,7 +1491,7 @@ func (x *InspectSnapshotRequest) String() string {
 func (*InspectSnapshotRequest) ProtoMessage() {}
 
 func (x *InspectSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[21]
+	mi := &file_vhive_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1279,7 +1504,7 @@ func (x *InspectSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*InspectSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{21}
+	return file_vhive_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *InspectSnapshotRequest) GetId() string {
@@ -1298,7 +1523,7 @@ type RemoveSnapshotRequest struct {
 
 func (x *RemoveSnapshotRequest) Reset() {
 	*x = RemoveSnapshotRequest{}
-	mi := &file_vhive_control_proto_msgTypes[22]
+	mi := &file_vhive_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1310,7 +1535,7 @@ func (x *RemoveSnapshotRequest) String() string {
 func (*RemoveSnapshotRequest) ProtoMessage() {}
 
 func (x *RemoveSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[22]
+	mi := &file_vhive_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1323,7 +1548,7 @@ func (x *RemoveSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{22}
+	return file_vhive_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RemoveSnapshotRequest) GetId() string {
@@ -1341,7 +1566,7 @@ type RemoveSnapshotResponse struct {
 
 func (x *RemoveSnapshotResponse) Reset() {
 	*x = RemoveSnapshotResponse{}
-	mi := &file_vhive_control_proto_msgTypes[23]
+	mi := &file_vhive_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1578,7 @@ func (x *RemoveSnapshotResponse) String() string {
 func (*RemoveSnapshotResponse) ProtoMessage() {}
 
 func (x *RemoveSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[23]
+	mi := &file_vhive_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1591,7 @@ func (x *RemoveSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{23}
+	return file_vhive_control_proto_rawDescGZIP(), []int{26}
 }
 
 type StopInstancesRequest struct {
@@ -1378,7 +1603,7 @@ type StopInstancesRequest struct {
 
 func (x *StopInstancesRequest) Reset() {
 	*x = StopInstancesRequest{}
-	mi := &file_vhive_control_proto_msgTypes[24]
+	mi := &file_vhive_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1615,7 @@ func (x *StopInstancesRequest) String() string {
 func (*StopInstancesRequest) ProtoMessage() {}
 
 func (x *StopInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[24]
+	mi := &file_vhive_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1628,7 @@ func (x *StopInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopInstancesRequest.ProtoReflect.Descriptor instead.
 func (*StopInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{24}
+	return file_vhive_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StopInstancesRequest) GetFunction() string {
@@ -1422,7 +1647,7 @@ type StopInstancesResponse struct {
 
 func (x *StopInstancesResponse) Reset() {
 	*x = StopInstancesResponse{}
-	mi := &file_vhive_control_proto_msgTypes[25]
+	mi := &file_vhive_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1659,7 @@ func (x *StopInstancesResponse) String() string {
 func (*StopInstancesResponse) ProtoMessage() {}
 
 func (x *StopInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[25]
+	mi := &file_vhive_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1672,7 @@ func (x *StopInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopInstancesResponse.ProtoReflect.Descriptor instead.
 func (*StopInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{25}
+	return file_vhive_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StopInstancesResponse) GetStopped() uint32 {
@@ -1474,7 +1699,7 @@ type InstanceInfo struct {
 
 func (x *InstanceInfo) Reset() {
 	*x = InstanceInfo{}
-	mi := &file_vhive_control_proto_msgTypes[26]
+	mi := &file_vhive_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1711,7 @@ func (x *InstanceInfo) String() string {
 func (*InstanceInfo) ProtoMessage() {}
 
 func (x *InstanceInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[26]
+	mi := &file_vhive_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1724,7 @@ func (x *InstanceInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InstanceInfo.ProtoReflect.Descriptor instead.
 func (*InstanceInfo) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{26}
+	return file_vhive_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *InstanceInfo) GetId() string {
@@ -1575,7 +1800,7 @@ type ListInstancesRequest struct {
 
 func (x *ListInstancesRequest) Reset() {
 	*x = ListInstancesRequest{}
-	mi := &file_vhive_control_proto_msgTypes[27]
+	mi := &file_vhive_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1587,7 +1812,7 @@ func (x *ListInstancesRequest) String() string {
 func (*ListInstancesRequest) ProtoMessage() {}
 
 func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[27]
+	mi := &file_vhive_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1600,7 +1825,7 @@ func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesRequest.ProtoReflect.Descriptor instead.
 func (*ListInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{27}
+	return file_vhive_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListInstancesRequest) GetFunction() string {
@@ -1626,7 +1851,7 @@ type ListInstancesResponse struct {
 
 func (x *ListInstancesResponse) Reset() {
 	*x = ListInstancesResponse{}
-	mi := &file_vhive_control_proto_msgTypes[28]
+	mi := &file_vhive_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +1863,7 @@ func (x *ListInstancesResponse) String() string {
 func (*ListInstancesResponse) ProtoMessage() {}
 
 func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vhive_control_proto_msgTypes[28]
+	mi := &file_vhive_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +1876,7 @@ func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesResponse.ProtoReflect.Descriptor instead.
 func (*ListInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_vhive_control_proto_rawDescGZIP(), []int{28}
+	return file_vhive_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListInstancesResponse) GetInstances() []*InstanceInfo {
@@ -1665,7 +1890,7 @@ var File_vhive_control_proto protoreflect.FileDescriptor
 
 const file_vhive_control_proto_rawDesc = "" +
 	"\n" +
-	"\x13vhive/control.proto\x12\bvhive.v1\"\xa1\x03\n" +
+	"\x13vhive/control.proto\x12\bvhive.v1\"\xe4\x03\n" +
 	"\fFunctionSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05image\x18\x02 \x01(\tR\x05image\x12\x18\n" +
@@ -1679,7 +1904,9 @@ const file_vhive_control_proto_rawDesc = "" +
 	"start_mode\x18\t \x01(\tR\tstartMode\x12(\n" +
 	"\x10memory_limit_mib\x18\n" +
 	" \x01(\x03R\x0ememoryLimitMib\x12\x1b\n" +
-	"\tcpu_limit\x18\v \x01(\x01R\bcpuLimit\x1a6\n" +
+	"\tcpu_limit\x18\v \x01(\x01R\bcpuLimit\x12\x1a\n" +
+	"\bprotocol\x18\f \x01(\tR\bprotocol\x12%\n" +
+	"\x0ereadiness_path\x18\r \x01(\tR\rreadinessPath\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x85\x02\n" +
@@ -1699,12 +1926,25 @@ const file_vhive_control_proto_rawDesc = "" +
 	"\bfunction\x18\x01 \x01(\v2\x18.vhive.v1.FunctionStatusR\bfunction\"3\n" +
 	"\x05Stage\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
-	"\x06micros\x18\x02 \x01(\x03R\x06micros\"d\n" +
+	"\x06micros\x18\x02 \x01(\x03R\x06micros\"\xbb\x01\n" +
 	"\rInvokeRequest\x12\x1a\n" +
 	"\bfunction\x18\x01 \x01(\tR\bfunction\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x03 \x01(\x03R\ttimeoutMs\"\xc0\x02\n" +
+	"timeout_ms\x18\x03 \x01(\x03R\ttimeoutMs\x12\x16\n" +
+	"\x06method\x18\x04 \x01(\tR\x06method\x12\x12\n" +
+	"\x04json\x18\x05 \x01(\bR\x04json\x12)\n" +
+	"\x04http\x18\x06 \x01(\v2\x15.vhive.v1.HTTPRequestR\x04http\"e\n" +
+	"\vHTTPRequest\x12\x16\n" +
+	"\x06method\x18\x01 \x01(\tR\x06method\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12*\n" +
+	"\aheaders\x18\x03 \x03(\v2\x10.vhive.v1.HeaderR\aheaders\"R\n" +
+	"\fHTTPResponse\x12\x16\n" +
+	"\x06status\x18\x01 \x01(\x05R\x06status\x12*\n" +
+	"\aheaders\x18\x02 \x03(\v2\x10.vhive.v1.HeaderR\aheaders\"2\n" +
+	"\x06Header\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\xec\x02\n" +
 	"\x0eInvokeResponse\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12\x1d\n" +
 	"\n" +
@@ -1714,7 +1954,8 @@ const file_vhive_control_proto_rawDesc = "" +
 	"\n" +
 	"start_mode\x18\x04 \x01(\tR\tstartMode\x12'\n" +
 	"\x06stages\x18\x05 \x03(\v2\x0f.vhive.v1.StageR\x06stages\x12L\n" +
-	"\fmemory_stats\x18\x06 \x03(\v2).vhive.v1.InvokeResponse.MemoryStatsEntryR\vmemoryStats\x1a>\n" +
+	"\fmemory_stats\x18\x06 \x03(\v2).vhive.v1.InvokeResponse.MemoryStatsEntryR\vmemoryStats\x12*\n" +
+	"\x04http\x18\a \x01(\v2\x16.vhive.v1.HTTPResponseR\x04http\x1a>\n" +
 	"\x10MemoryStatsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x16\n" +
@@ -1817,7 +2058,7 @@ func file_vhive_control_proto_rawDescGZIP() []byte {
 	return file_vhive_control_proto_rawDescData
 }
 
-var file_vhive_control_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_vhive_control_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_vhive_control_proto_goTypes = []any{
 	(*FunctionSpec)(nil),           // 0: vhive.v1.FunctionSpec
 	(*FunctionStatus)(nil),         // 1: vhive.v1.FunctionStatus
@@ -1825,76 +2066,83 @@ var file_vhive_control_proto_goTypes = []any{
 	(*DeployResponse)(nil),         // 3: vhive.v1.DeployResponse
 	(*Stage)(nil),                  // 4: vhive.v1.Stage
 	(*InvokeRequest)(nil),          // 5: vhive.v1.InvokeRequest
-	(*InvokeResponse)(nil),         // 6: vhive.v1.InvokeResponse
-	(*ListFunctionsRequest)(nil),   // 7: vhive.v1.ListFunctionsRequest
-	(*ListFunctionsResponse)(nil),  // 8: vhive.v1.ListFunctionsResponse
-	(*RemoveFunctionRequest)(nil),  // 9: vhive.v1.RemoveFunctionRequest
-	(*RemoveFunctionResponse)(nil), // 10: vhive.v1.RemoveFunctionResponse
-	(*ImageInfo)(nil),              // 11: vhive.v1.ImageInfo
-	(*PullImageRequest)(nil),       // 12: vhive.v1.PullImageRequest
-	(*ImportImageRequest)(nil),     // 13: vhive.v1.ImportImageRequest
-	(*ListImagesRequest)(nil),      // 14: vhive.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),     // 15: vhive.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),     // 16: vhive.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),    // 17: vhive.v1.RemoveImageResponse
-	(*SnapshotInfo)(nil),           // 18: vhive.v1.SnapshotInfo
-	(*ListSnapshotsRequest)(nil),   // 19: vhive.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),  // 20: vhive.v1.ListSnapshotsResponse
-	(*InspectSnapshotRequest)(nil), // 21: vhive.v1.InspectSnapshotRequest
-	(*RemoveSnapshotRequest)(nil),  // 22: vhive.v1.RemoveSnapshotRequest
-	(*RemoveSnapshotResponse)(nil), // 23: vhive.v1.RemoveSnapshotResponse
-	(*StopInstancesRequest)(nil),   // 24: vhive.v1.StopInstancesRequest
-	(*StopInstancesResponse)(nil),  // 25: vhive.v1.StopInstancesResponse
-	(*InstanceInfo)(nil),           // 26: vhive.v1.InstanceInfo
-	(*ListInstancesRequest)(nil),   // 27: vhive.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil),  // 28: vhive.v1.ListInstancesResponse
-	nil,                            // 29: vhive.v1.FunctionSpec.EnvEntry
-	nil,                            // 30: vhive.v1.InvokeResponse.MemoryStatsEntry
-	nil,                            // 31: vhive.v1.SnapshotInfo.DetailsEntry
+	(*HTTPRequest)(nil),            // 6: vhive.v1.HTTPRequest
+	(*HTTPResponse)(nil),           // 7: vhive.v1.HTTPResponse
+	(*Header)(nil),                 // 8: vhive.v1.Header
+	(*InvokeResponse)(nil),         // 9: vhive.v1.InvokeResponse
+	(*ListFunctionsRequest)(nil),   // 10: vhive.v1.ListFunctionsRequest
+	(*ListFunctionsResponse)(nil),  // 11: vhive.v1.ListFunctionsResponse
+	(*RemoveFunctionRequest)(nil),  // 12: vhive.v1.RemoveFunctionRequest
+	(*RemoveFunctionResponse)(nil), // 13: vhive.v1.RemoveFunctionResponse
+	(*ImageInfo)(nil),              // 14: vhive.v1.ImageInfo
+	(*PullImageRequest)(nil),       // 15: vhive.v1.PullImageRequest
+	(*ImportImageRequest)(nil),     // 16: vhive.v1.ImportImageRequest
+	(*ListImagesRequest)(nil),      // 17: vhive.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 18: vhive.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),     // 19: vhive.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),    // 20: vhive.v1.RemoveImageResponse
+	(*SnapshotInfo)(nil),           // 21: vhive.v1.SnapshotInfo
+	(*ListSnapshotsRequest)(nil),   // 22: vhive.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),  // 23: vhive.v1.ListSnapshotsResponse
+	(*InspectSnapshotRequest)(nil), // 24: vhive.v1.InspectSnapshotRequest
+	(*RemoveSnapshotRequest)(nil),  // 25: vhive.v1.RemoveSnapshotRequest
+	(*RemoveSnapshotResponse)(nil), // 26: vhive.v1.RemoveSnapshotResponse
+	(*StopInstancesRequest)(nil),   // 27: vhive.v1.StopInstancesRequest
+	(*StopInstancesResponse)(nil),  // 28: vhive.v1.StopInstancesResponse
+	(*InstanceInfo)(nil),           // 29: vhive.v1.InstanceInfo
+	(*ListInstancesRequest)(nil),   // 30: vhive.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),  // 31: vhive.v1.ListInstancesResponse
+	nil,                            // 32: vhive.v1.FunctionSpec.EnvEntry
+	nil,                            // 33: vhive.v1.InvokeResponse.MemoryStatsEntry
+	nil,                            // 34: vhive.v1.SnapshotInfo.DetailsEntry
 }
 var file_vhive_control_proto_depIdxs = []int32{
-	29, // 0: vhive.v1.FunctionSpec.env:type_name -> vhive.v1.FunctionSpec.EnvEntry
+	32, // 0: vhive.v1.FunctionSpec.env:type_name -> vhive.v1.FunctionSpec.EnvEntry
 	0,  // 1: vhive.v1.FunctionStatus.spec:type_name -> vhive.v1.FunctionSpec
 	0,  // 2: vhive.v1.DeployRequest.spec:type_name -> vhive.v1.FunctionSpec
 	1,  // 3: vhive.v1.DeployResponse.function:type_name -> vhive.v1.FunctionStatus
-	4,  // 4: vhive.v1.InvokeResponse.stages:type_name -> vhive.v1.Stage
-	30, // 5: vhive.v1.InvokeResponse.memory_stats:type_name -> vhive.v1.InvokeResponse.MemoryStatsEntry
-	1,  // 6: vhive.v1.ListFunctionsResponse.functions:type_name -> vhive.v1.FunctionStatus
-	11, // 7: vhive.v1.ListImagesResponse.images:type_name -> vhive.v1.ImageInfo
-	31, // 8: vhive.v1.SnapshotInfo.details:type_name -> vhive.v1.SnapshotInfo.DetailsEntry
-	18, // 9: vhive.v1.ListSnapshotsResponse.snapshots:type_name -> vhive.v1.SnapshotInfo
-	26, // 10: vhive.v1.ListInstancesResponse.instances:type_name -> vhive.v1.InstanceInfo
-	2,  // 11: vhive.v1.Control.Deploy:input_type -> vhive.v1.DeployRequest
-	5,  // 12: vhive.v1.Control.Invoke:input_type -> vhive.v1.InvokeRequest
-	7,  // 13: vhive.v1.Control.ListFunctions:input_type -> vhive.v1.ListFunctionsRequest
-	9,  // 14: vhive.v1.Control.RemoveFunction:input_type -> vhive.v1.RemoveFunctionRequest
-	24, // 15: vhive.v1.Control.StopInstances:input_type -> vhive.v1.StopInstancesRequest
-	27, // 16: vhive.v1.Control.ListInstances:input_type -> vhive.v1.ListInstancesRequest
-	12, // 17: vhive.v1.Control.PullImage:input_type -> vhive.v1.PullImageRequest
-	13, // 18: vhive.v1.Control.ImportImage:input_type -> vhive.v1.ImportImageRequest
-	14, // 19: vhive.v1.Control.ListImages:input_type -> vhive.v1.ListImagesRequest
-	16, // 20: vhive.v1.Control.RemoveImage:input_type -> vhive.v1.RemoveImageRequest
-	19, // 21: vhive.v1.Control.ListSnapshots:input_type -> vhive.v1.ListSnapshotsRequest
-	21, // 22: vhive.v1.Control.InspectSnapshot:input_type -> vhive.v1.InspectSnapshotRequest
-	22, // 23: vhive.v1.Control.RemoveSnapshot:input_type -> vhive.v1.RemoveSnapshotRequest
-	3,  // 24: vhive.v1.Control.Deploy:output_type -> vhive.v1.DeployResponse
-	6,  // 25: vhive.v1.Control.Invoke:output_type -> vhive.v1.InvokeResponse
-	8,  // 26: vhive.v1.Control.ListFunctions:output_type -> vhive.v1.ListFunctionsResponse
-	10, // 27: vhive.v1.Control.RemoveFunction:output_type -> vhive.v1.RemoveFunctionResponse
-	25, // 28: vhive.v1.Control.StopInstances:output_type -> vhive.v1.StopInstancesResponse
-	28, // 29: vhive.v1.Control.ListInstances:output_type -> vhive.v1.ListInstancesResponse
-	11, // 30: vhive.v1.Control.PullImage:output_type -> vhive.v1.ImageInfo
-	11, // 31: vhive.v1.Control.ImportImage:output_type -> vhive.v1.ImageInfo
-	15, // 32: vhive.v1.Control.ListImages:output_type -> vhive.v1.ListImagesResponse
-	17, // 33: vhive.v1.Control.RemoveImage:output_type -> vhive.v1.RemoveImageResponse
-	20, // 34: vhive.v1.Control.ListSnapshots:output_type -> vhive.v1.ListSnapshotsResponse
-	18, // 35: vhive.v1.Control.InspectSnapshot:output_type -> vhive.v1.SnapshotInfo
-	23, // 36: vhive.v1.Control.RemoveSnapshot:output_type -> vhive.v1.RemoveSnapshotResponse
-	24, // [24:37] is the sub-list for method output_type
-	11, // [11:24] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	6,  // 4: vhive.v1.InvokeRequest.http:type_name -> vhive.v1.HTTPRequest
+	8,  // 5: vhive.v1.HTTPRequest.headers:type_name -> vhive.v1.Header
+	8,  // 6: vhive.v1.HTTPResponse.headers:type_name -> vhive.v1.Header
+	4,  // 7: vhive.v1.InvokeResponse.stages:type_name -> vhive.v1.Stage
+	33, // 8: vhive.v1.InvokeResponse.memory_stats:type_name -> vhive.v1.InvokeResponse.MemoryStatsEntry
+	7,  // 9: vhive.v1.InvokeResponse.http:type_name -> vhive.v1.HTTPResponse
+	1,  // 10: vhive.v1.ListFunctionsResponse.functions:type_name -> vhive.v1.FunctionStatus
+	14, // 11: vhive.v1.ListImagesResponse.images:type_name -> vhive.v1.ImageInfo
+	34, // 12: vhive.v1.SnapshotInfo.details:type_name -> vhive.v1.SnapshotInfo.DetailsEntry
+	21, // 13: vhive.v1.ListSnapshotsResponse.snapshots:type_name -> vhive.v1.SnapshotInfo
+	29, // 14: vhive.v1.ListInstancesResponse.instances:type_name -> vhive.v1.InstanceInfo
+	2,  // 15: vhive.v1.Control.Deploy:input_type -> vhive.v1.DeployRequest
+	5,  // 16: vhive.v1.Control.Invoke:input_type -> vhive.v1.InvokeRequest
+	10, // 17: vhive.v1.Control.ListFunctions:input_type -> vhive.v1.ListFunctionsRequest
+	12, // 18: vhive.v1.Control.RemoveFunction:input_type -> vhive.v1.RemoveFunctionRequest
+	27, // 19: vhive.v1.Control.StopInstances:input_type -> vhive.v1.StopInstancesRequest
+	30, // 20: vhive.v1.Control.ListInstances:input_type -> vhive.v1.ListInstancesRequest
+	15, // 21: vhive.v1.Control.PullImage:input_type -> vhive.v1.PullImageRequest
+	16, // 22: vhive.v1.Control.ImportImage:input_type -> vhive.v1.ImportImageRequest
+	17, // 23: vhive.v1.Control.ListImages:input_type -> vhive.v1.ListImagesRequest
+	19, // 24: vhive.v1.Control.RemoveImage:input_type -> vhive.v1.RemoveImageRequest
+	22, // 25: vhive.v1.Control.ListSnapshots:input_type -> vhive.v1.ListSnapshotsRequest
+	24, // 26: vhive.v1.Control.InspectSnapshot:input_type -> vhive.v1.InspectSnapshotRequest
+	25, // 27: vhive.v1.Control.RemoveSnapshot:input_type -> vhive.v1.RemoveSnapshotRequest
+	3,  // 28: vhive.v1.Control.Deploy:output_type -> vhive.v1.DeployResponse
+	9,  // 29: vhive.v1.Control.Invoke:output_type -> vhive.v1.InvokeResponse
+	11, // 30: vhive.v1.Control.ListFunctions:output_type -> vhive.v1.ListFunctionsResponse
+	13, // 31: vhive.v1.Control.RemoveFunction:output_type -> vhive.v1.RemoveFunctionResponse
+	28, // 32: vhive.v1.Control.StopInstances:output_type -> vhive.v1.StopInstancesResponse
+	31, // 33: vhive.v1.Control.ListInstances:output_type -> vhive.v1.ListInstancesResponse
+	14, // 34: vhive.v1.Control.PullImage:output_type -> vhive.v1.ImageInfo
+	14, // 35: vhive.v1.Control.ImportImage:output_type -> vhive.v1.ImageInfo
+	18, // 36: vhive.v1.Control.ListImages:output_type -> vhive.v1.ListImagesResponse
+	20, // 37: vhive.v1.Control.RemoveImage:output_type -> vhive.v1.RemoveImageResponse
+	23, // 38: vhive.v1.Control.ListSnapshots:output_type -> vhive.v1.ListSnapshotsResponse
+	21, // 39: vhive.v1.Control.InspectSnapshot:output_type -> vhive.v1.SnapshotInfo
+	26, // 40: vhive.v1.Control.RemoveSnapshot:output_type -> vhive.v1.RemoveSnapshotResponse
+	28, // [28:41] is the sub-list for method output_type
+	15, // [15:28] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_vhive_control_proto_init() }
@@ -1908,7 +2156,7 @@ func file_vhive_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vhive_control_proto_rawDesc), len(file_vhive_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   32,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

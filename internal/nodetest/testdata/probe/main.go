@@ -1,7 +1,10 @@
 // Command probe is a test function whose misbehaviour is chosen by env:
 // PROBE_MODE=crash writes to stderr and exits 3 at start; PROBE_MODE=nolisten
 // never listens; otherwise it serves Greeter: payload "sleep:<ms>" sleeps
-// that long, "counter" returns a per-instance counter, anything else echoes.
+// that long, "counter" returns a per-instance counter, "status:<code>:<msg>"
+// returns that gRPC status (the code as a number), "fail-first" fails with
+// FailedPrecondition on an instance's first such call and succeeds after;
+// anything else echoes.
 package main
 
 import (
@@ -12,6 +15,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"vhive.dev/vhive/functions/sdk"
 )
@@ -27,6 +33,7 @@ func main() {
 		}
 	}
 	var n atomic.Int64
+	var failed atomic.Bool
 	sdk.Run(func(ctx context.Context, payload string) (string, error) {
 		if ms, ok := strings.CutPrefix(payload, "sleep:"); ok {
 			d, err := strconv.Atoi(ms)
@@ -39,6 +46,20 @@ func main() {
 				return "", ctx.Err()
 			}
 			return "slept " + ms, nil
+		}
+		if rest, ok := strings.CutPrefix(payload, "status:"); ok {
+			c, msg, _ := strings.Cut(rest, ":")
+			n, err := strconv.ParseUint(c, 10, 32)
+			if err != nil {
+				return "", err
+			}
+			return "", status.Error(codes.Code(n), msg)
+		}
+		if payload == "fail-first" {
+			if failed.CompareAndSwap(false, true) {
+				return "", status.Error(codes.FailedPrecondition, "probe: the first fail-first call fails")
+			}
+			return "ok after a failure", nil
 		}
 		if payload == "counter" {
 			return strconv.FormatInt(n.Add(1), 10), nil
