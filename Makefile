@@ -193,6 +193,8 @@ bench: runsc
 proto:
 	protoc -I api/proto --go_out=. --go_opt=module=vhive.dev/vhive --go-grpc_out=. --go-grpc_opt=module=vhive.dev/vhive \
 		api/proto/helloworld/helloworld.proto api/proto/vhive/control.proto
+	protoc -I functions/echo-grpc --go_out=. --go_opt=module=vhive.dev/vhive --go-grpc_out=. --go-grpc_opt=module=vhive.dev/vhive \
+		functions/echo-grpc/echopb/echo.proto
 
 clean:
 	rm -rf bin out
