@@ -252,9 +252,10 @@ func (b *Backend) Name() string { return Name }
 
 // Capabilities: snapshots, restored eagerly (the memory file read before the
 // guest resumes) or lazily (pages faulted in from the privately mapped file
-// by the host kernel). No REAP yet.
+// by the host kernel), and REAP (record and prefetch of the working set
+// through the page cache, reap.go).
 func (b *Backend) Capabilities() sandbox.Capabilities {
-	return sandbox.Capabilities{Snapshot: true, LazyMemory: true}
+	return sandbox.Capabilities{Snapshot: true, LazyMemory: true, REAP: true}
 }
 
 // RuntimeVersion names everything a snapshot depends on: QEMU's version,
