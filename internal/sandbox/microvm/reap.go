@@ -66,6 +66,7 @@ type reapState struct {
 	pfWait      time.Duration
 	resumed     bool
 	maj0, min0  int64 // QEMU's fault counters at cont
+	read0       int64 // QEMU's storage read bytes at cont
 	recPages    int64
 	recRuns     int64
 	recDevPages int64 // pages in the record device's page cache at FinishRecord
@@ -117,11 +118,12 @@ func (r *reapState) waitPrefetch() time.Duration {
 func (r *reapState) beforeCont(pid int) {
 	w := r.waitPrefetch()
 	maj, mnr, err := procFaults(pid)
+	rd, rerr := procReadBytes(pid)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.pfWait = w
-	if err == nil {
-		r.resumed, r.maj0, r.min0 = true, maj, mnr
+	if err == nil && rerr == nil {
+		r.resumed, r.maj0, r.min0, r.read0 = true, maj, mnr, rd
 	}
 }
 
@@ -144,6 +146,9 @@ func (r *reapState) stats(pid int) (map[string]time.Duration, map[string]int64) 
 			pg["MajorFaults"], pg["MinorFaults"] = maj-r.maj0, mnr-r.min0
 			// vHive's Unique: pages read at fault time, not prefetched.
 			pg["Unique"] = maj - r.maj0
+		}
+		if rd, err := procReadBytes(pid); err == nil {
+			pg["VMMReadBytes"] = rd - r.read0
 		}
 	}
 	switch {
@@ -295,6 +300,21 @@ func procFaults(pid int) (maj, mnr int64, err error) {
 	mnr, err1 := strconv.ParseInt(fs[7], 10, 64)
 	maj, err2 := strconv.ParseInt(fs[9], 10, 64)
 	return maj, mnr, errors.Join(err1, err2)
+}
+
+// procReadBytes reads the bytes a process caused to be read from storage
+// (/proc/PID/io read_bytes: page-cache misses of its faults included).
+func procReadBytes(pid int) (int64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "read_bytes: "); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no read_bytes in /proc/%d/io", pid)
 }
 
 // qemuCommand is QEMU's command: under the no-hugepage launcher for a

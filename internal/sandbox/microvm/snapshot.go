@@ -326,7 +326,8 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 // entropy and address handshake; for a prefetch, FetchState — reading the
 // WS into the page cache, from the restore's start — and PrefetchWait, how
 // long cont waited for it) and page statistics: QEMU's MajorFaults and
-// MinorFaults since cont (live; Unique = MajorFaults), and for REAP
+// MinorFaults since cont (live; Unique = MajorFaults) and VMMReadBytes
+// (what its faults read from storage since cont), and for REAP
 // RecPages and RecRegions (pages and runs of the WS: recorded, once
 // FinishRecord ran, or prefetched), BytesRead (prefetched), and
 // PrefetchFallback (1 when the WS was not usable).
