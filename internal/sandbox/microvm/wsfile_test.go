@@ -47,3 +47,17 @@ func TestWSFileRoundTripAndCorruption(t *testing.T) {
 	binary.LittleEndian.PutUint32(v2[8:], 2)
 	bad("version", v2, mem, "version 2")
 }
+
+func TestPadRuns(t *testing.T) {
+	const k = 1024
+	got := padRuns([]wsRun{{4 * k, 4 * k}, {60 * k, 8 * k}, {200 * k, 4 * k}, {1020 * k, 4 * k}}, 64*k, 1024*k)
+	want := []wsRun{{0, 128 * k}, {192 * k, 64 * k}, {960 * k, 64 * k}}
+	if len(got) != len(want) {
+		t.Fatalf("padRuns = %v, want %v", got, want)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("padRuns = %v, want %v", got, want)
+		}
+	}
+}
