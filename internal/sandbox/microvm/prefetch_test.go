@@ -13,7 +13,8 @@ import (
 
 // benchWS returns a memory file and WS runs for BenchmarkPrefetchMethods:
 // VHIVE_REAP_MEM and VHIVE_REAP_WS (a snapshot's mem and a recorded WS
-// file) if set, else a 256 MiB file of random bytes with ≈2,000 pages in
+// file, e.g. kept by BenchmarkReapRestore with VHIVE_REAP_KEEP=<dir>; the
+// runs widened as a restore reads them) if set, else a 256 MiB file of random bytes with ≈2,000 pages in
 // ≈1,000 runs scattered over it (the shape of the recorded WS of a Python
 // gRPC guest, see docs/bench-reap-microvm-draft.md).
 func benchWS(b *testing.B) (string, []wsRun) {
@@ -22,7 +23,7 @@ func benchWS(b *testing.B) (string, []wsRun) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		return mem, w.Runs
+		return mem, padRuns(w.Runs, prefetchPad, w.MemSize)
 	}
 	const size = 256 << 20
 	mem := filepath.Join(b.TempDir(), "mem")

@@ -357,9 +357,10 @@ func mincorePages(path string, size int64) (int64, error) {
 // deterministic); each such miss is a major fault that reads 4 MiB
 // around it (QEMU's hugepage advice, kept outside record restores). Runs
 // widened to 64 KiB (the kernel's fault-around window) cost ≈3× the bytes,
-// read while QEMU starts, and removed half of the misses in
-// BenchmarkReapRestore (testfn: 5.2 → 2.4 major faults; 256 KiB: 0, at
-// ≈5× the bytes). The WS file keeps the exact 4 KiB set.
+// read while QEMU starts (≈45 ms, all hidden), and cut the misses from
+// 9–12 to 2.4 per restore in BenchmarkReapRestore (256 KiB: 0.2–0.4, but
+// ≈5× the bytes, 75–100 ms, no longer hidden). The WS file keeps the exact
+// 4 KiB set.
 const prefetchPad = 64 << 10
 
 // padRuns widens runs to pad-aligned windows within size, merging those

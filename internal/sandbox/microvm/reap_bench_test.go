@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -94,6 +95,18 @@ func reapSnapshot(b *testing.B, e *env, f reapFunc) (spec sandbox.Spec, dir, ws,
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 	mem := filepath.Join(dir, SnapshotMemory)
 	ws = filepath.Join(dir, "ws")
+	defer func() {
+		// VHIVE_REAP_KEEP=<dir> keeps <dir>/<function>.{mem,ws} for
+		// BenchmarkPrefetchMethods.
+		if keep := os.Getenv("VHIVE_REAP_KEEP"); keep != "" {
+			for _, c := range [][2]string{{mem, ".mem"}, {ws, ".ws"}} {
+				_ = os.Remove(filepath.Join(keep, f.name+c[1]))
+				if err := copySparse(c[0], filepath.Join(keep, f.name+c[1])); err != nil {
+					b.Error(err)
+				}
+			}
+		}
+	}()
 	restore := func(id string, mode sandbox.MemoryMode) sandbox.Sandbox {
 		if err := evict(mem); err != nil {
 			b.Fatal(err)
@@ -164,6 +177,7 @@ func BenchmarkReapRestore(b *testing.B) {
 				b.Run(c.name, func(b *testing.B) {
 					ctx := context.Background()
 					var maj, rd, pf, n int64
+					var fetch, wait time.Duration
 					for b.Loop() {
 						b.StopTimer()
 						if err := c.prep(mem); err != nil {
@@ -180,7 +194,10 @@ func BenchmarkReapRestore(b *testing.B) {
 						if got != want {
 							b.Fatalf("reply %q, want %q", got, want)
 						}
-						p := rs.(sandbox.RestoreReporter).RestoreStats().Pages
+						rst := rs.(sandbox.RestoreReporter).RestoreStats()
+						p := rst.Pages
+						fetch += rst.Stages["FetchState"]
+						wait += rst.Stages["PrefetchWait"]
 						if c.mode == sandbox.MemoryPrefetch && p["PrefetchFallback"] != 0 {
 							b.Fatalf("prefetch fell back: %v", p)
 						}
@@ -195,6 +212,10 @@ func BenchmarkReapRestore(b *testing.B) {
 					b.ReportMetric(float64(maj)/float64(n), "majflt/op")
 					b.ReportMetric(float64(rd)/float64(n)/(1<<20), "readMiB/op")
 					b.ReportMetric(float64(pf)/float64(n)/(1<<20), "prefetchMiB/op")
+					if c.mode == sandbox.MemoryPrefetch {
+						b.ReportMetric(float64(fetch.Microseconds())/float64(n)/1000, "fetch-ms/op")
+						b.ReportMetric(float64(wait.Microseconds())/float64(n)/1000, "pfwait-ms/op")
+					}
 				})
 			}
 		})
