@@ -24,7 +24,7 @@ const (
 
 // prefetchDefault is the method restores use (the fastest measured; see
 // docs/bench-reap-microvm-draft.md).
-const prefetchDefault = prefetchFadvise
+const prefetchDefault = prefetchReadahead
 
 // prefetchWorkers is the parallel method's number of reads in flight.
 const prefetchWorkers = 8
@@ -33,13 +33,18 @@ const prefetchWorkers = 8
 // every worker's buffer stays small.
 const prefetchChunk = 1 << 20
 
-// prefetch reads runs of mem into the page cache with method m and returns
-// the bytes read. The readahead and fadvise methods only start the reads;
+// prefetch reads runs of mem (opened for it alone) into the page cache
+// with method m and returns the bytes read. The readahead and fadvise methods only start the reads;
 // they then pread every run again (served from the cache once the pages
 // are in, waiting for those still being read), so that each method ends
 // with the whole set cached.
 func prefetch(ctx context.Context, mem *os.File, runs []wsRun, m prefetchMethod, workers int) (int64, error) {
 	fd := int(mem.Fd())
+	// No read-ahead for this file descriptor's reads: they read exactly
+	// the runs (readahead(2) and WILLNEED are not affected).
+	if err := unix.Fadvise(fd, 0, 0, unix.FADV_RANDOM); err != nil {
+		return 0, fmt.Errorf("fadvise %s: %w", mem.Name(), err)
+	}
 	switch m {
 	case prefetchPread:
 		return preadRuns(ctx, mem, runs, 1)

@@ -3,6 +3,7 @@ package microvm
 import (
 	"context"
 	crand "crypto/rand"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -17,13 +18,13 @@ import (
 // runs widened as a restore reads them) if set, else a 256 MiB file of random bytes with ≈2,000 pages in
 // ≈1,000 runs scattered over it (the shape of the recorded WS of a Python
 // gRPC guest, see docs/bench-reap-microvm-draft.md).
-func benchWS(b *testing.B) (string, []wsRun) {
+func benchWS(b *testing.B) (string, map[string][]wsRun) {
 	if mem, ws := os.Getenv("VHIVE_REAP_MEM"), os.Getenv("VHIVE_REAP_WS"); mem != "" && ws != "" {
 		w, err := readWS(ws, mem)
 		if err != nil {
 			b.Fatal(err)
 		}
-		return mem, padRuns(w.Runs, prefetchPad, w.MemSize)
+		return mem, map[string][]wsRun{"exact": w.Runs, "padded": padRuns(w.Runs, prefetchPad, w.MemSize)}
 	}
 	const size = 256 << 20
 	mem := filepath.Join(b.TempDir(), "mem")
@@ -49,7 +50,7 @@ func benchWS(b *testing.B) (string, []wsRun) {
 		}
 	}
 	slices.Sort(pages)
-	return mem, runsOfPages(slices.Compact(pages))
+	return mem, map[string][]wsRun{"synthetic": runsOfPages(slices.Compact(pages))}
 }
 
 // BenchmarkPrefetchMethods reads the same WS from an evicted memory file
@@ -57,7 +58,13 @@ func benchWS(b *testing.B) (string, []wsRun) {
 // Each iteration evicts the file first (fadvise DONTNEED on it, not
 // drop_caches) and checks that nothing of it stayed cached.
 func BenchmarkPrefetchMethods(b *testing.B) {
-	mem, runs := benchWS(b)
+	mem, sets := benchWS(b)
+	for _, name := range slices.Sorted(maps.Keys(sets)) {
+		b.Run(name, func(b *testing.B) { benchPrefetch(b, mem, sets[name]) })
+	}
+}
+
+func benchPrefetch(b *testing.B, mem string, runs []wsRun) {
 	var bytes int64
 	for _, r := range runs {
 		bytes += int64(r.Len)

@@ -37,9 +37,10 @@ import (
 //
 // Prefetch (sandbox.MemoryPrefetch): the WS file is read and validated
 // first; then, while the netns, the tap and QEMU start and the device state
-// loads, its runs of the memory file are read into the page cache
-// (posix_fadvise WILLNEED per run, then a pread pass that waits for them:
-// the fastest of the methods BenchmarkPrefetchMethods compares). The guest
+// loads, its runs — widened to 64 KiB windows (prefetchPad) — are read
+// into the memory file's page cache (readahead(2) per run, then a pread
+// pass that waits for them: the fastest of the methods
+// BenchmarkPrefetchMethods compares, with fadvise WILLNEED). The guest
 // resumes ("cont") once the set is cached; everything else faults in
 // lazily. A WS file that is missing, corrupt, or recorded against a memory
 // file of another size is not used: the restore logs why and runs lazily
