@@ -107,10 +107,12 @@ func reapSnapshot(b *testing.B, e *env, f reapFunc) (spec sandbox.Spec, dir, ws,
 			}
 		}
 	}()
+	took := map[string]time.Duration{}
 	restore := func(id string, mode sandbox.MemoryMode) sandbox.Sandbox {
 		if err := evict(mem); err != nil {
 			b.Fatal(err)
 		}
+		t0 := time.Now()
 		rs, err := e.b.Restore(ctx, withID(spec, id), dir, sandbox.RestoreOptions{Mode: mode, WorkingSet: ws})
 		if err != nil {
 			b.Fatal(err)
@@ -118,6 +120,7 @@ func reapSnapshot(b *testing.B, e *env, f reapFunc) (spec sandbox.Spec, dir, ws,
 		if got := f.call(b, rs.Endpoint()); got != want {
 			b.Fatalf("%s: %q, want %q", id, got, want)
 		}
+		took[id] = time.Since(t0)
 		return rs
 	}
 	rs := restore("rec", sandbox.MemoryRecord)
@@ -141,6 +144,8 @@ func reapSnapshot(b *testing.B, e *env, f reapFunc) (spec sandbox.Spec, dir, ws,
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 	mib := func(p int64) float64 { return float64(p) / 256 }
 	t := float64(rec["RecPages"])
+	b.Logf("%s: one record restore → first reply %s (FinishRecord after it), one lazy %s", f.name,
+		took["rec"].Round(time.Millisecond), took["lazy"].Round(time.Millisecond))
 	b.Logf("%s: recorded WS %d pages (%.1f MiB) in %d runs; record device cache %d pages (true 4 KiB WS); "+
 		"stock lazy restore: mem file cached %d pages (%.1f MiB, %.1f×), mapping present %d pages (%.1f MiB, %.1f×)",
 		f.name, rec["RecPages"], mib(rec["RecPages"]), rec["RecRegions"], rec["RecDevicePages"],
