@@ -120,6 +120,9 @@ type Backend struct {
 	rootfs    *rootfs.Cache
 	qemuMajor int
 	qemuMinor int
+	// reapPad is the window REAP prefetches widen runs to (prefetchPad;
+	// benchmarks compare others).
+	reapPad uint64
 
 	mu  sync.Mutex
 	all map[string]*Sandbox
@@ -215,6 +218,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		socks:     filepath.Join(root, "sock"),
 		rootfs:    rc,
 		all:       map[string]*Sandbox{},
+		reapPad:   prefetchPad,
 	}
 	b.qemuMajor, _ = strconv.Atoi(mm[1])
 	b.qemuMinor, _ = strconv.Atoi(mm[2])

@@ -78,7 +78,7 @@ type reapState struct {
 
 // startPrefetch reads and validates the WS and starts reading its runs
 // into the page cache; a bad WS sets fallback instead.
-func (r *reapState) startPrefetch(ctx context.Context, log *slog.Logger, id string) {
+func (r *reapState) startPrefetch(ctx context.Context, log *slog.Logger, id string, pad uint64) {
 	t := time.Now()
 	ws, err := readWS(r.wsPath, r.memPath)
 	if err != nil {
@@ -96,7 +96,7 @@ func (r *reapState) startPrefetch(ctx context.Context, log *slog.Logger, id stri
 			return
 		}
 		defer f.Close()
-		r.pfBytes, r.pfErr = prefetch(ctx, f, padRuns(ws.Runs, prefetchPad, ws.MemSize), prefetchDefault, prefetchWorkers)
+		r.pfBytes, r.pfErr = prefetch(ctx, f, padRuns(ws.Runs, pad, ws.MemSize), prefetchDefault, prefetchWorkers)
 		r.pfDur = time.Since(t)
 		if r.pfErr != nil {
 			log.Warn("REAP prefetch failed; the rest is faulted in lazily", "id", id, "err", r.pfErr)

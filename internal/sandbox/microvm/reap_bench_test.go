@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -158,70 +159,86 @@ func withID(s sandbox.Spec, id string) sandbox.Spec {
 	return s
 }
 
-// BenchmarkReapRestore: restore → first reply of a snapshot of f, with the
-// memory file evicted (fadvise DONTNEED on it) and served lazily, evicted
-// and REAP-prefetched, and fully cached (read whole, lazy restore); and
-// QEMU's major faults and storage reads from cont to the reply.
+// BenchmarkReapRestore: restore → first reply of a snapshot of f, in
+// rounds that take each case in turn (so that load changes hit all of them
+// alike): the memory file evicted (fadvise DONTNEED on it) and served
+// lazily; evicted and REAP-prefetched with runs widened to 4, 64 (the
+// default) and 256 KiB; fully cached (read whole, lazy restore). Per case:
+// the median time, and the means of QEMU's major faults and storage reads
+// from cont to the reply, of the bytes prefetched and of the prefetch's
+// time and of cont's wait for it.
 //
-//	go test -run XXX -bench ReapRestore -benchtime 5x -timeout 60m ./internal/sandbox/microvm/
+//	go test -run XXX -bench ReapRestore -benchtime 10x -timeout 60m ./internal/sandbox/microvm/
 func BenchmarkReapRestore(b *testing.B) {
+	type acc struct {
+		times       []time.Duration
+		maj, rd, pf int64
+		fetch, wait time.Duration
+	}
 	for _, f := range reapFuncs {
 		b.Run(f.name, func(b *testing.B) {
 			e := newEnv(b)
 			spec, dir, ws, want := reapSnapshot(b, e, f)
 			mem := filepath.Join(dir, SnapshotMemory)
-			for _, c := range []struct {
+			cases := []struct {
 				name string
 				mode sandbox.MemoryMode
+				pad  uint64
 				prep func(string) error
 			}{
-				{"lazy-evicted", sandbox.MemoryLazy, evict},
-				{"reap-evicted", sandbox.MemoryPrefetch, evict},
-				{"cached", sandbox.MemoryLazy, readAll},
-			} {
-				b.Run(c.name, func(b *testing.B) {
-					ctx := context.Background()
-					var maj, rd, pf, n int64
-					var fetch, wait time.Duration
-					for b.Loop() {
-						b.StopTimer()
-						if err := c.prep(mem); err != nil {
-							b.Fatal(err)
-						}
-						rspec := withID(spec, "bench")
-						b.StartTimer()
-						rs, err := e.b.Restore(ctx, rspec, dir, sandbox.RestoreOptions{Mode: c.mode, WorkingSet: ws})
-						if err != nil {
-							b.Fatal(err)
-						}
-						got := f.call(b, rs.Endpoint())
-						b.StopTimer()
-						if got != want {
-							b.Fatalf("reply %q, want %q", got, want)
-						}
-						rst := rs.(sandbox.RestoreReporter).RestoreStats()
-						p := rst.Pages
-						fetch += rst.Stages["FetchState"]
-						wait += rst.Stages["PrefetchWait"]
-						if c.mode == sandbox.MemoryPrefetch && p["PrefetchFallback"] != 0 {
-							b.Fatalf("prefetch fell back: %v", p)
-						}
-						maj += p["MajorFaults"]
-						rd += p["VMMReadBytes"]
-						pf += p["BytesRead"]
-						n++
-						_ = rs.Stop(ctx)
-						http.DefaultTransport.(*http.Transport).CloseIdleConnections()
-						b.StartTimer()
+				{"lazy-evicted", sandbox.MemoryLazy, 0, evict},
+				{"reap4k-evicted", sandbox.MemoryPrefetch, 4 << 10, evict},
+				{"reap64k-evicted", sandbox.MemoryPrefetch, 64 << 10, evict},
+				{"reap256k-evicted", sandbox.MemoryPrefetch, 256 << 10, evict},
+				{"cached", sandbox.MemoryLazy, 0, readAll},
+			}
+			accs := make([]acc, len(cases))
+			ctx := context.Background()
+			for b.Loop() {
+				for i, c := range cases {
+					if err := c.prep(mem); err != nil {
+						b.Fatal(err)
 					}
-					b.ReportMetric(float64(maj)/float64(n), "majflt/op")
-					b.ReportMetric(float64(rd)/float64(n)/(1<<20), "readMiB/op")
-					b.ReportMetric(float64(pf)/float64(n)/(1<<20), "prefetchMiB/op")
-					if c.mode == sandbox.MemoryPrefetch {
-						b.ReportMetric(float64(fetch.Microseconds())/float64(n)/1000, "fetch-ms/op")
-						b.ReportMetric(float64(wait.Microseconds())/float64(n)/1000, "pfwait-ms/op")
+					e.b.reapPad = max(c.pad, wsfPage)
+					t0 := time.Now()
+					rs, err := e.b.Restore(ctx, withID(spec, "bench"), dir, sandbox.RestoreOptions{Mode: c.mode, WorkingSet: ws})
+					if err != nil {
+						b.Fatal(err)
 					}
-				})
+					got := f.call(b, rs.Endpoint())
+					took := time.Since(t0)
+					if got != want {
+						b.Fatalf("%s: reply %q, want %q", c.name, got, want)
+					}
+					st := rs.(sandbox.RestoreReporter).RestoreStats()
+					if c.mode == sandbox.MemoryPrefetch && st.Pages["PrefetchFallback"] != 0 {
+						b.Fatalf("prefetch fell back: %v", st.Pages)
+					}
+					a := &accs[i]
+					a.times = append(a.times, took)
+					a.maj += st.Pages["MajorFaults"]
+					a.rd += st.Pages["VMMReadBytes"]
+					a.pf += st.Pages["BytesRead"]
+					a.fetch += st.Stages["FetchState"]
+					a.wait += st.Stages["PrefetchWait"]
+					_ = rs.Stop(ctx)
+					http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+				}
+			}
+			e.b.reapPad = prefetchPad
+			med := func(ts []time.Duration) float64 {
+				s := slices.Clone(ts)
+				slices.Sort(s)
+				return float64(s[len(s)/2].Microseconds()) / 1000
+			}
+			cached := med(accs[len(accs)-1].times)
+			for i, c := range cases {
+				a := accs[i]
+				n := float64(len(a.times))
+				b.ReportMetric(med(a.times), c.name+"-ms")
+				b.Logf("%-17s median %7.1f ms (%.2f× cached), majflt %5.1f, read %5.1f MiB, prefetched %5.1f MiB in %5.1f ms, cont waited %.2f ms (n=%d)",
+					c.name, med(a.times), med(a.times)/cached, float64(a.maj)/n, float64(a.rd)/n/(1<<20), float64(a.pf)/n/(1<<20),
+					float64(a.fetch.Microseconds())/n/1000, float64(a.wait.Microseconds())/n/1000, len(a.times))
 			}
 		})
 	}

@@ -270,7 +270,7 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 		}
 		rp.reap.dev = dev
 	case sandbox.MemoryPrefetch:
-		rp.reap.startPrefetch(ctx, b.log, spec.ID)
+		rp.reap.startPrefetch(ctx, b.log, spec.ID, b.reapPad)
 	}
 	s, err := b.prepare(ctx, spec, rp)
 	if err != nil {
