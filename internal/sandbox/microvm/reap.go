@@ -37,7 +37,7 @@ import (
 //
 // Prefetch (sandbox.MemoryPrefetch): the WS file is read and validated
 // first; then, while the netns, the tap and QEMU start and the device state
-// loads, its runs — widened to 64 KiB windows (prefetchPad) — are read
+// loads, its runs — widened to 256 KiB windows (prefetchPad) — are read
 // into the memory file's page cache (readahead(2) per run, then a pread
 // pass that waits for them: the fastest of the methods
 // BenchmarkPrefetchMethods compares, with fadvise WILLNEED). The guest
@@ -356,13 +356,14 @@ func mincorePages(path string, size int64) (int64, error) {
 // prefetchPad is the alignment a prefetch widens every run to. A restore
 // touches a few pages its record did not (the guest is not
 // deterministic); each such miss is a major fault that reads 4 MiB
-// around it (QEMU's hugepage advice, kept outside record restores). Runs
-// widened to 64 KiB (the kernel's fault-around window) cost ≈3× the bytes,
-// read while QEMU starts (≈45 ms, all hidden), and cut the misses from
-// 9–12 to 2.4 per restore in BenchmarkReapRestore (256 KiB: 0.2–0.4, but
-// ≈5× the bytes, 75–100 ms, no longer hidden). The WS file keeps the exact
-// 4 KiB set.
-const prefetchPad = 64 << 10
+// around it (QEMU's hugepage advice, kept outside record restores). In
+// BenchmarkReapRestore (two interleaved runs, testfn / helloworld) the
+// exact WS (9–11 MiB) left 8.2–8.6 / 9.7–14.2 major faults per restore,
+// 64 KiB windows (30–35 MiB) 0.9–1.5 / 2.2–3.5, 256 KiB windows (44–49
+// MiB, read in 73–106 ms, still hidden behind QEMU's start) 0.1–0.2 /
+// 0.8; restore → first reply did not differ beyond the noise. The WS file
+// keeps the exact 4 KiB set.
+const prefetchPad = 256 << 10
 
 // padRuns widens runs to pad-aligned windows within size, merging those
 // that meet.

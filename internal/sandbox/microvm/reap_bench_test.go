@@ -162,8 +162,8 @@ func withID(s sandbox.Spec, id string) sandbox.Spec {
 // BenchmarkReapRestore: restore → first reply of a snapshot of f, in
 // rounds that take each case in turn (so that load changes hit all of them
 // alike): the memory file evicted (fadvise DONTNEED on it) and served
-// lazily; evicted and REAP-prefetched with runs widened to 4, 64 (the
-// default) and 256 KiB; fully cached (read whole, lazy restore). Per case:
+// lazily; evicted and REAP-prefetched with runs widened to 4, 64 and 256
+// KiB (the default); fully cached (read whole, lazy restore). Per case:
 // the median time, and the means of QEMU's major faults and storage reads
 // from cont to the reply, of the bytes prefetched and of the prefetch's
 // time and of cont's wait for it.
