@@ -31,9 +31,13 @@
 // waits until the agent reports that the function listens.
 //
 // Resources: Spec.MemoryLimit is the guest's RAM size (Config.MemoryMiB
-// when 0); Config.CPUs is the number of vCPUs; Spec.CPULimit is not applied
-// (no cgroup for QEMU yet). Stats are QEMU's RSS and PSS (guest RAM, TCG
-// code cache and QEMU itself).
+// when 0, rounded up to whole MiB); Spec.CPULimit is the number of vCPUs,
+// rounded up (1.5 cores → -smp 2; Config.CPUs when 0): a fractional limit is
+// not a share of a host core, there is no cgroup around QEMU yet. A function
+// that the guest kernel's OOM killer ends is reported as
+// sandbox.ErrOutOfMemory (the agent sees it killed by SIGKILL while the
+// guest's oom_kill counter rose). Stats are QEMU's RSS and PSS (guest RAM,
+// TCG code cache and QEMU itself).
 //
 // Snapshots (see snapshot.go): QMP migrate with x-ignore-shared to a state
 // file, the RAM file copied beside it (the source keeps running on its own
@@ -49,7 +53,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -105,6 +111,30 @@ type Config struct {
 	// BootTimeout bounds Start (boot to the function listening) and a
 	// restore's resume handshake. Default 2 minutes.
 	BootTimeout time.Duration
+
+	// kernelArgs are appended to the guest kernel's command line (tests
+	// use it to make the guest panic).
+	kernelArgs string
+}
+
+// maxCPUs bounds Config.CPUs and Spec.CPULimit.
+const maxCPUs = 64
+
+// vcpus is the number of vCPUs of an instance of spec: CPULimit rounded up
+// (a fractional limit gets a whole vCPU), Config.CPUs when it is 0.
+func (b *Backend) vcpus(spec sandbox.Spec) int {
+	if spec.CPULimit > 0 {
+		return max(1, int(math.Ceil(spec.CPULimit)))
+	}
+	return b.cfg.CPUs
+}
+
+// memMiB is the guest RAM of an instance of spec in MiB.
+func (b *Backend) memMiB(spec sandbox.Spec) int {
+	if spec.MemoryLimit > 0 {
+		return int((spec.MemoryLimit + 1<<20 - 1) >> 20)
+	}
+	return b.cfg.MemoryMiB
 }
 
 // maxRootLen keeps <Root>/sock/<16 hex>.agent below the 107-byte limit of
@@ -120,6 +150,10 @@ type Backend struct {
 	rootfs    *rootfs.Cache
 	qemuMajor int
 	qemuMinor int
+	// kernelSHA256 and initramfsSHA256 are the digests of the files in
+	// use, read once by New (a snapshot records them).
+	kernelSHA256    string
+	initramfsSHA256 string
 
 	mu  sync.Mutex
 	all map[string]*Sandbox
@@ -171,8 +205,8 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.CPUs == 0 {
 		cfg.CPUs = 1
 	}
-	if cfg.CPUs < 0 || cfg.CPUs > 64 {
-		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-64", cfg.CPUs)
+	if cfg.CPUs < 0 || cfg.CPUs > maxCPUs {
+		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-%d", cfg.CPUs, maxCPUs)
 	}
 	if cfg.TSCkHz == 0 {
 		cfg.TSCkHz = hostTSCkHz()
@@ -195,10 +229,16 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if strings.ContainsAny(cfg.MemoryDir, ",") {
 		return nil, fmt.Errorf("microvm: MemoryDir %q contains ',' (QEMU option syntax)", cfg.MemoryDir)
 	}
-	for _, p := range []string{cfg.Assets.QEMU, cfg.Assets.Vmlinuz, cfg.Assets.Initramfs} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("microvm: asset: %w", err)
-		}
+	if _, err := os.Stat(cfg.Assets.QEMU); err != nil {
+		return nil, fmt.Errorf("microvm: QEMU: %w", err)
+	}
+	kernelSum, err := checkAsset("kernel", cfg.Assets.Vmlinuz, cfg.Assets.VmlinuzSHA256)
+	if err != nil {
+		return nil, err
+	}
+	initrdSum, err := checkAsset("initramfs", cfg.Assets.Initramfs, cfg.Assets.InitramfsSHA256)
+	if err != nil {
+		return nil, err
 	}
 	mm := qemuVerRE.FindStringSubmatch(cfg.Assets.QEMUVersion)
 	if mm == nil {
@@ -215,6 +255,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		socks:     filepath.Join(root, "sock"),
 		rootfs:    rc,
 		all:       map[string]*Sandbox{},
+
+		kernelSHA256:    kernelSum,
+		initramfsSHA256: initrdSum,
 	}
 	b.qemuMajor, _ = strconv.Atoi(mm[1])
 	b.qemuMinor, _ = strconv.Atoi(mm[2])
@@ -224,6 +267,27 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		}
 	}
 	return b, nil
+}
+
+// checkAsset hashes the kernel or initramfs at path and compares the digest
+// with the one the manifest recorded (when it has one): a missing, truncated
+// or altered file is refused here rather than by a guest that does not boot.
+func checkAsset(what, path, want string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s: %w (rebuild the assets: make microvm)", what, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s %s: %w", what, path, err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	if want != "" && sum != want {
+		return "", fmt.Errorf("microvm: %s %s is corrupt: %d bytes with sha256 %s, the assets manifest says %s (rebuild the assets: make microvm)", what, path, n, sum, want)
+	}
+	return sum, nil
 }
 
 // hostTSCkHz reads the host's clock rate from /proc/cpuinfo (0 if unknown:
@@ -295,6 +359,9 @@ func validateSpec(spec sandbox.Spec) error {
 	}
 	if spec.CPULimit < 0 {
 		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is negative", spec.ID, spec.CPULimit)
+	}
+	if spec.CPULimit > maxCPUs {
+		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is above %d vCPUs", spec.ID, spec.CPULimit, maxCPUs)
 	}
 	return nil
 }
