@@ -127,21 +127,25 @@ func TestOutOfMemory(t *testing.T) {
 	spec.MemoryLimit = 128 << 20
 	sb := e.start(t, spec)
 	pid := e.qemuPid(t, spec.ID)
-	c := &http.Client{Timeout: 60 * time.Second}
-	for i := 0; i < 40; i++ {
-		resp, err := c.Get("http://" + sb.Endpoint() + "/alloc?mb=16")
-		if err != nil {
-			t.Logf("allocation %d (%d MiB so far): %v", i+1, i*16, err)
-			break
-		}
-		resp.Body.Close()
+	// Under the RAM size an allocation works; one allocation of twice the
+	// RAM is not refused (which would end a Go function with "out of
+	// memory" and status 2) but gets the function OOM-killed.
+	if got := get(t, sb.Endpoint(), "/alloc?mb=16"); got != "16" {
+		t.Fatalf("/alloc?mb=16 = %q", got)
 	}
+	c := &http.Client{Timeout: 2 * time.Minute}
+	resp, err := c.Get("http://" + sb.Endpoint() + "/alloc?mb=256")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("allocating 256 MiB in a 128 MiB guest answered %s", resp.Status)
+	}
+	t.Logf("/alloc?mb=256: %v", err)
 	select {
 	case <-sb.Done():
 	case <-time.After(2 * time.Minute):
-		t.Fatal("the instance still runs after allocating 640 MiB in a 128 MiB guest")
+		t.Fatal("the instance still runs after allocating 256 MiB in a 128 MiB guest")
 	}
-	err := sb.Err()
+	err = sb.Err()
 	t.Logf("Err: %v", err)
 	if !errors.Is(err, sandbox.ErrOutOfMemory) {
 		t.Errorf("Err = %v, want it to wrap sandbox.ErrOutOfMemory", err)

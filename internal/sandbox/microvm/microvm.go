@@ -450,6 +450,54 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// Leftovers lists what the instances of a backend with state directory
+// root (its Config.Root) hold on the machine: QEMU processes, instance
+// directories, sockets and RAM files in memDir ("" for the default). It is
+// empty once every instance is stopped or Cleanup ran; leak checks of tests
+// use it.
+func Leftovers(root, memDir string) []string {
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	if memDir == "" {
+		memDir = filepath.Join(root, "mem")
+		if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+			memDir = "/dev/shm"
+		}
+	}
+	var out []string
+	procs, _ := os.ReadDir("/proc")
+	for _, e := range procs {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmd), filepath.Join(root, "instances")+"/") {
+			continue
+		}
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || strings.Contains(string(st), ") Z ") {
+			continue // gone, or exited and waiting to be reaped
+		}
+		out = append(out, fmt.Sprintf("QEMU pid %d", pid))
+	}
+	for _, d := range []string{"instances", "sock"} {
+		ents, _ := os.ReadDir(filepath.Join(root, d))
+		for _, e := range ents {
+			out = append(out, filepath.Join(root, d, e.Name()))
+		}
+	}
+	prefix := (&Backend{cfg: Config{Root: root}}).memPrefix()
+	mems, _ := os.ReadDir(memDir)
+	for _, e := range mems {
+		if strings.HasPrefix(e.Name(), prefix) {
+			out = append(out, filepath.Join(memDir, e.Name()))
+		}
+	}
+	return out
+}
+
 // killStale kills pid if it is still a QEMU of instance dir.
 func killStale(pid int, dir string) {
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
