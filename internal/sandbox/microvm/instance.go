@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -60,7 +61,8 @@ type Sandbox struct {
 	cmd     *exec.Cmd
 	qmp     *qmp.Client
 	agent   net.Conn
-	ready   chan error // the agent's answer to start/resume
+	ready   chan error  // the agent's answer to start/resume
+	killed  atomic.Bool // kill sent QEMU its SIGKILL
 	stages  map[string]time.Duration
 	waited  chan struct{}
 }
@@ -217,6 +219,7 @@ func (s *Sandbox) Start(ctx context.Context) error {
 		}
 	}
 	if err != nil {
+		s.setExit(err)
 		_ = s.kill()
 		return err
 	}
@@ -396,6 +399,8 @@ func (s *Sandbox) endCause(pid int, ps *os.ProcessState, werr error) error {
 	}
 	ws, _ := ps.Sys().(syscall.WaitStatus)
 	switch {
+	case ws.Signaled() && s.killed.Load():
+		return fmt.Errorf("QEMU pid %d stopped by vhive; console: %s", pid, console)
 	case ws.Signaled():
 		return fmt.Errorf("%w: QEMU pid %d was killed by signal %d (%s); console: %s; qemu: %s", ErrQEMUDied, pid, int(ws.Signal()), ws.Signal(), console, qlog)
 	case ps.ExitCode() != 0:
@@ -549,6 +554,7 @@ func (s *Sandbox) kill() error {
 	if cmd == nil {
 		return nil
 	}
+	s.killed.Store(true)
 	_ = cmd.Process.Signal(syscall.SIGKILL)
 	select {
 	case <-waited:

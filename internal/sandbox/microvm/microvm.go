@@ -390,8 +390,10 @@ func (b *Backend) sockBase(id string) string {
 }
 
 // memPrefix names the RAM files of this backend's instances in MemoryDir.
-func (b *Backend) memPrefix() string {
-	sum := sha256.Sum256([]byte(b.cfg.Root))
+func (b *Backend) memPrefix() string { return memPrefix(b.cfg.Root) }
+
+func memPrefix(root string) string {
+	sum := sha256.Sum256([]byte(root))
 	return "vhive-microvm-" + hex.EncodeToString(sum[:4]) + "-"
 }
 
@@ -488,7 +490,7 @@ func Leftovers(root, memDir string) []string {
 			out = append(out, filepath.Join(root, d, e.Name()))
 		}
 	}
-	prefix := (&Backend{cfg: Config{Root: root}}).memPrefix()
+	prefix := memPrefix(root)
 	mems, _ := os.ReadDir(memDir)
 	for _, e := range mems {
 		if strings.HasPrefix(e.Name(), prefix) {
