@@ -97,7 +97,8 @@ type Config struct {
 	// MemoryMiB is the guest RAM when the Spec sets no MemoryLimit.
 	// Default 256.
 	MemoryMiB int
-	// CPUs is the number of vCPUs (default 1).
+	// CPUs is the number of vCPUs when the Spec sets no CPULimit (default
+	// 1).
 	CPUs int
 	// Accel is AccelTCG (default) or AccelKVM.
 	Accel string
