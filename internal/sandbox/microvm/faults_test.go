@@ -222,7 +222,7 @@ func copyAssets(t *testing.T) *assets.Manifest {
 
 // TestBadAssets: a missing, truncated or altered kernel or initramfs is
 // refused by New with an error naming the file and the digest mismatch;
-// a corrupt rootfs disk fails Start naming the disk's mount, with the
+// one that cannot be checked fails Start naming it; a corrupt rootfs disk fails Start naming the disk's mount, with the
 // console's tail, and leaves nothing behind.
 func TestBadAssets(t *testing.T) {
 	for _, tc := range []struct {
@@ -257,6 +257,27 @@ func TestBadAssets(t *testing.T) {
 			}
 		})
 	}
+	// A kernel the manifest has no digest for (New cannot check it) that
+	// does not start: Start names it.
+	t.Run("truncated-kernel-unchecked", func(t *testing.T) {
+		m := copyAssets(t)
+		if err := os.Truncate(m.Vmlinuz, 4<<20); err != nil {
+			t.Fatal(err)
+		}
+		m.VmlinuzSHA256 = ""
+		e := newEnv(t, func(c *Config) { c.Assets = m })
+		ctx := context.Background()
+		sb, err := e.b.Create(ctx, e.spec("badkernel"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = sb.Start(ctx)
+		t.Logf("Start: %v", err)
+		if err == nil || !strings.Contains(err.Error(), "the kernel did not start") || !strings.Contains(err.Error(), m.Vmlinuz) {
+			t.Errorf("Start = %v, want it to say that the kernel %s did not start", err, m.Vmlinuz)
+		}
+		e.stopClean(t, sb, 0)
+	})
 	t.Run("corrupt-rootfs", func(t *testing.T) {
 		e := newEnv(t)
 		ctx := context.Background()

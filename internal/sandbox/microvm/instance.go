@@ -409,8 +409,17 @@ func (s *Sandbox) endCause(pid int, ps *os.ProcessState, werr error) error {
 	if line := panicLine(console); line != "" {
 		return fmt.Errorf("%w (%s); console: %s", ErrGuestPanic, line, console)
 	}
-	return fmt.Errorf("the guest powered off (QEMU exited); console: %s", console)
+	switch {
+	case console == "":
+		return fmt.Errorf("the guest reset or powered off before it printed anything: the kernel did not start (is %s a kernel?); qemu: %s", s.kernelPath(), qlog)
+	case strings.Contains(console, "boot failed"):
+		return fmt.Errorf("the guest agent could not boot and powered the VM off; console: %s", console)
+	}
+	return fmt.Errorf("the guest shut down or reset (QEMU exited with status 0); console: %s", console)
 }
+
+// kernelPath is the kernel QEMU was given.
+func (s *Sandbox) kernelPath() string { return s.b.cfg.Assets.Vmlinuz }
 
 // panicLine returns the guest kernel's "Kernel panic - not syncing: …"
 // line from a console tail, or "".
