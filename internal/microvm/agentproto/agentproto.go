@@ -8,7 +8,7 @@
 //
 //	host → guest  start   (config of the function; once, after boot)
 //	guest → host  ready   (the function listens on its port)
-//	guest → host  exit    (the function ended: status, stderr tail)
+//	guest → host  exit    (the function ended: status, stderr tail, OOM kill)
 //	guest → host  error   (the agent could not start the function)
 //	host → guest  resume  (after a restore: clock, entropy, network)
 //	guest → host  resumed (clock set, RNG reseeded, address changed)
@@ -74,6 +74,9 @@ type Exit struct {
 	Status int    `json:"status"`
 	Signal string `json:"signal,omitempty"`
 	Stderr string `json:"stderr,omitempty"`
+	// OOMKilled: the guest kernel's OOM killer ended the function (it died
+	// of SIGKILL while the guest's oom_kill count in /proc/vmstat rose).
+	OOMKilled bool `json:"oom_killed,omitempty"`
 }
 
 // Message is one line of the protocol. Exactly the field of its Type is

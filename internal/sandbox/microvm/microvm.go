@@ -31,9 +31,13 @@
 // waits until the agent reports that the function listens.
 //
 // Resources: Spec.MemoryLimit is the guest's RAM size (Config.MemoryMiB
-// when 0); Config.CPUs is the number of vCPUs; Spec.CPULimit is not applied
-// (no cgroup for QEMU yet). Stats are QEMU's RSS and PSS (guest RAM, TCG
-// code cache and QEMU itself).
+// when 0, rounded up to whole MiB); Spec.CPULimit is the number of vCPUs,
+// rounded up (1.5 cores → -smp 2; Config.CPUs when 0): a fractional limit is
+// not a share of a host core, there is no cgroup around QEMU yet. A function
+// that the guest kernel's OOM killer ends is reported as
+// sandbox.ErrOutOfMemory (the agent sees it killed by SIGKILL while the
+// guest's oom_kill counter rose). Stats are QEMU's RSS and PSS (guest RAM,
+// TCG code cache and QEMU itself).
 //
 // Snapshots (see snapshot.go): QMP migrate with x-ignore-shared to a state
 // file, the RAM file copied beside it (the source keeps running on its own
@@ -49,7 +53,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -91,7 +97,8 @@ type Config struct {
 	// MemoryMiB is the guest RAM when the Spec sets no MemoryLimit.
 	// Default 256.
 	MemoryMiB int
-	// CPUs is the number of vCPUs (default 1).
+	// CPUs is the number of vCPUs when the Spec sets no CPULimit (default
+	// 1).
 	CPUs int
 	// Accel is AccelTCG (default) or AccelKVM.
 	Accel string
@@ -105,6 +112,30 @@ type Config struct {
 	// BootTimeout bounds Start (boot to the function listening) and a
 	// restore's resume handshake. Default 2 minutes.
 	BootTimeout time.Duration
+
+	// kernelArgs are appended to the guest kernel's command line (tests
+	// use it to make the guest panic).
+	kernelArgs string
+}
+
+// maxCPUs bounds Config.CPUs and Spec.CPULimit.
+const maxCPUs = 64
+
+// vcpus is the number of vCPUs of an instance of spec: CPULimit rounded up
+// (a fractional limit gets a whole vCPU), Config.CPUs when it is 0.
+func (b *Backend) vcpus(spec sandbox.Spec) int {
+	if spec.CPULimit > 0 {
+		return max(1, int(math.Ceil(spec.CPULimit)))
+	}
+	return b.cfg.CPUs
+}
+
+// memMiB is the guest RAM of an instance of spec in MiB.
+func (b *Backend) memMiB(spec sandbox.Spec) int {
+	if spec.MemoryLimit > 0 {
+		return int((spec.MemoryLimit + 1<<20 - 1) >> 20)
+	}
+	return b.cfg.MemoryMiB
 }
 
 // maxRootLen keeps <Root>/sock/<16 hex>.agent below the 107-byte limit of
@@ -120,6 +151,10 @@ type Backend struct {
 	rootfs    *rootfs.Cache
 	qemuMajor int
 	qemuMinor int
+	// kernelSHA256 and initramfsSHA256 are the digests of the files in
+	// use, read once by New (a snapshot records them).
+	kernelSHA256    string
+	initramfsSHA256 string
 
 	mu  sync.Mutex
 	all map[string]*Sandbox
@@ -171,8 +206,8 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.CPUs == 0 {
 		cfg.CPUs = 1
 	}
-	if cfg.CPUs < 0 || cfg.CPUs > 64 {
-		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-64", cfg.CPUs)
+	if cfg.CPUs < 0 || cfg.CPUs > maxCPUs {
+		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-%d", cfg.CPUs, maxCPUs)
 	}
 	if cfg.TSCkHz == 0 {
 		cfg.TSCkHz = hostTSCkHz()
@@ -195,10 +230,16 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if strings.ContainsAny(cfg.MemoryDir, ",") {
 		return nil, fmt.Errorf("microvm: MemoryDir %q contains ',' (QEMU option syntax)", cfg.MemoryDir)
 	}
-	for _, p := range []string{cfg.Assets.QEMU, cfg.Assets.Vmlinuz, cfg.Assets.Initramfs} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("microvm: asset: %w", err)
-		}
+	if _, err := os.Stat(cfg.Assets.QEMU); err != nil {
+		return nil, fmt.Errorf("microvm: QEMU: %w", err)
+	}
+	kernelSum, err := checkAsset("kernel", cfg.Assets.Vmlinuz, cfg.Assets.VmlinuzSHA256)
+	if err != nil {
+		return nil, err
+	}
+	initrdSum, err := checkAsset("initramfs", cfg.Assets.Initramfs, cfg.Assets.InitramfsSHA256)
+	if err != nil {
+		return nil, err
 	}
 	mm := qemuVerRE.FindStringSubmatch(cfg.Assets.QEMUVersion)
 	if mm == nil {
@@ -215,6 +256,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		socks:     filepath.Join(root, "sock"),
 		rootfs:    rc,
 		all:       map[string]*Sandbox{},
+
+		kernelSHA256:    kernelSum,
+		initramfsSHA256: initrdSum,
 	}
 	b.qemuMajor, _ = strconv.Atoi(mm[1])
 	b.qemuMinor, _ = strconv.Atoi(mm[2])
@@ -224,6 +268,27 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		}
 	}
 	return b, nil
+}
+
+// checkAsset hashes the kernel or initramfs at path and compares the digest
+// with the one the manifest recorded (when it has one): a missing, truncated
+// or altered file is refused here rather than by a guest that does not boot.
+func checkAsset(what, path, want string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s: %w (rebuild the assets: make microvm)", what, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s %s: %w", what, path, err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	if want != "" && sum != want {
+		return "", fmt.Errorf("microvm: %s %s is corrupt: %d bytes with sha256 %s, the assets manifest says %s (rebuild the assets: make microvm)", what, path, n, sum, want)
+	}
+	return sum, nil
 }
 
 // hostTSCkHz reads the host's clock rate from /proc/cpuinfo (0 if unknown:
@@ -296,6 +361,9 @@ func validateSpec(spec sandbox.Spec) error {
 	if spec.CPULimit < 0 {
 		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is negative", spec.ID, spec.CPULimit)
 	}
+	if spec.CPULimit > maxCPUs {
+		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is above %d vCPUs", spec.ID, spec.CPULimit, maxCPUs)
+	}
 	return nil
 }
 
@@ -323,8 +391,10 @@ func (b *Backend) sockBase(id string) string {
 }
 
 // memPrefix names the RAM files of this backend's instances in MemoryDir.
-func (b *Backend) memPrefix() string {
-	sum := sha256.Sum256([]byte(b.cfg.Root))
+func (b *Backend) memPrefix() string { return memPrefix(b.cfg.Root) }
+
+func memPrefix(root string) string {
+	sum := sha256.Sum256([]byte(root))
 	return "vhive-microvm-" + hex.EncodeToString(sum[:4]) + "-"
 }
 
@@ -381,6 +451,54 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Leftovers lists what the instances of a backend with state directory
+// root (its Config.Root) hold on the machine: QEMU processes, instance
+// directories, sockets and RAM files in memDir ("" for the default). It is
+// empty once every instance is stopped or Cleanup ran; leak checks of tests
+// use it.
+func Leftovers(root, memDir string) []string {
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	if memDir == "" {
+		memDir = filepath.Join(root, "mem")
+		if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+			memDir = "/dev/shm"
+		}
+	}
+	var out []string
+	procs, _ := os.ReadDir("/proc")
+	for _, e := range procs {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmd), filepath.Join(root, "instances")+"/") {
+			continue
+		}
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || strings.Contains(string(st), ") Z ") {
+			continue // gone, or exited and waiting to be reaped
+		}
+		out = append(out, fmt.Sprintf("QEMU pid %d", pid))
+	}
+	for _, d := range []string{"instances", "sock"} {
+		ents, _ := os.ReadDir(filepath.Join(root, d))
+		for _, e := range ents {
+			out = append(out, filepath.Join(root, d, e.Name()))
+		}
+	}
+	prefix := memPrefix(root)
+	mems, _ := os.ReadDir(memDir)
+	for _, e := range mems {
+		if strings.HasPrefix(e.Name(), prefix) {
+			out = append(out, filepath.Join(memDir, e.Name()))
+		}
+	}
+	return out
 }
 
 // killStale kills pid if it is still a QEMU of instance dir.
