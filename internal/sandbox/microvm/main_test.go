@@ -19,9 +19,14 @@ import (
 
 	"vhive.dev/vhive/internal/microvm/assets"
 	"vhive.dev/vhive/internal/netpool"
+	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/sandbox"
 	"vhive.dev/vhive/internal/testutil"
 )
+
+// shared holds the function images the benchmarks build (once per test
+// binary; removed by runMain).
+var shared nodetest.Shared
 
 // Built once by TestMain: the testfn image rootfs (and its digest) and the
 // guest assets (QEMU, kernel, initramfs with this tree's agent).
@@ -43,6 +48,7 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	defer shared.Cleanup()
 	if err := buildRootfs(dir); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
