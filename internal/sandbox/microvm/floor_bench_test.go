@@ -152,6 +152,18 @@ func median(d []time.Duration) time.Duration {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
+// stages collects durations by stage name and reports their medians as
+// <stage>-ms metrics.
+type stages map[string][]time.Duration
+
+func (s stages) add(name string, d time.Duration) { s[name] = append(s[name], d) }
+
+func (s stages) report(b *testing.B) {
+	for k, v := range s {
+		b.ReportMetric(ms(median(v)), k+"-ms")
+	}
+}
+
 // pair collects the medians of a vhive and a bare-qemu sub-benchmark and
 // reports their ratio in a third one (the parent of sub-benchmarks prints
 // no metrics of its own).
@@ -306,7 +318,8 @@ func (v *bareVM) dialAgent(ctx context.Context) error {
 
 // restore loads the snapshot in dir into the QEMU started with -incoming
 // defer and runs it.
-func (v *bareVM) restore(ctx context.Context, dir string) error {
+func (v *bareVM) restore(ctx context.Context, dir string, st stages) error {
+	t0 := time.Now()
 	q, err := dialMiniQMP(ctx, v.sb.qmpSock, v.done)
 	if err != nil {
 		return err
@@ -315,6 +328,9 @@ func (v *bareVM) restore(ctx context.Context, dir string) error {
 	if err := v.dialAgent(ctx); err != nil {
 		return err
 	}
+	st.add("LaunchVMM", time.Since(t0))
+	t0 = time.Now()
+	defer func() { st.add("LoadState", time.Since(t0)) }()
 	if _, err := q.exec(ctx, "migrate-set-capabilities", map[string]any{
 		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
 	}); err != nil {
@@ -435,6 +451,7 @@ func BenchmarkRestore(b *testing.B) {
 		var p pair
 		b.Run(string(mode)+"/vhive", func(b *testing.B) {
 			var d []time.Duration
+			st := stages{}
 			for i := 0; i < b.N; i++ {
 				seq++
 				id := fmt.Sprintf("r%d", seq)
@@ -443,8 +460,14 @@ func BenchmarkRestore(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
+				t1 := time.Now()
 				err = firstReply(ctx, sb.Endpoint())
 				d = append(d, time.Since(t0))
+				st.add("Reply", time.Since(t1))
+				st.add("Restore", t1.Sub(t0))
+				for k, v := range sb.(sandbox.RestoreReporter).RestoreStats().Stages {
+					st.add(k, v)
+				}
 				b.StopTimer()
 				if serr := sb.Stop(ctx); err == nil {
 					err = serr
@@ -456,9 +479,11 @@ func BenchmarkRestore(b *testing.B) {
 			}
 			p.vhive = median(d)
 			b.ReportMetric(ms(p.vhive), "p50-ms")
+			st.report(b)
 		})
 		b.Run(string(mode)+"/bare-qemu", func(b *testing.B) {
 			var d, tapD []time.Duration
+			st := stages{}
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				seq++
@@ -482,15 +507,20 @@ func BenchmarkRestore(b *testing.B) {
 						if err := readAll(filepath.Join(dir, SnapshotMemory)); err != nil {
 							return err
 						}
+						st.add("ReadMemory", time.Since(t0))
 					}
+					t1 := time.Now()
 					if err := v.start(args, tap); err != nil {
 						return err
 					}
 					tap.Close()
-					if err := v.restore(ctx, dir); err != nil {
+					if err := v.restore(ctx, dir, st); err != nil {
 						return err
 					}
-					return firstReply(ctx, endpoint)
+					t1 = time.Now()
+					err := firstReply(ctx, endpoint)
+					st.add("Reply", time.Since(t1))
+					return err
 				}()
 				d = append(d, time.Since(t0))
 				b.StopTimer()
@@ -507,6 +537,7 @@ func BenchmarkRestore(b *testing.B) {
 			p.bare = median(d)
 			b.ReportMetric(ms(p.bare), "p50-ms")
 			b.ReportMetric(ms(median(tapD)), "tap-ms")
+			st.report(b)
 		})
 		p.report(b, string(mode)+"/ratio")
 	}
@@ -630,13 +661,44 @@ func smapsRollup(pid int) (map[string]int64, error) {
 	return m, nil
 }
 
+// mappingPrivate sums Private_Clean + Private_Dirty (KiB) of pid's mappings
+// of file.
+func mappingPrivate(pid int, file string) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0, err
+	}
+	var sum int64
+	in := false
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if !strings.HasSuffix(f[0], ":") || strings.Contains(f[0], "-") {
+			// A mapping's header: address range, perms, offset, dev, inode, path.
+			in = len(f) >= 6 && f[5] == file
+			continue
+		}
+		if in && (f[0] == "Private_Clean:" || f[0] == "Private_Dirty:") && len(f) >= 2 {
+			v, _ := strconv.ParseInt(f[1], 10, 64)
+			sum += v
+		}
+	}
+	return sum, nil
+}
+
 // BenchmarkClonePrivateMemory restores clonesAtOnce clones of one
 // helloworld snapshot at once (lazy), has each answer one SayHello, and
 // reports the mean per clone of its QEMU process's private memory
 // (Private_Clean + Private_Dirty), shared memory (Shared_Clean +
 // Shared_Dirty), Pss and Rss, in MiB; and the restores' median time to the
-// first reply. Sub-benchmarks: QEMU's default TCG translation buffer and
-// smaller ones (-accel tcg,tb-size=N).
+// first reply; guest-ram-private is the part of private that is the guest's
+// RAM mapping (pages the guest wrote since the restore, copied on write,
+// and pages only this clone read). Sub-benchmarks: QEMU's default TCG
+// translation buffer (1 GiB reserved, of which a restored helloworld
+// touches ≈16-18 MiB) and smaller ones (Config.TCGBufferMiB, -accel
+// tcg,tb-size=N).
 func BenchmarkClonePrivateMemory(b *testing.B) {
 	const clonesAtOnce = 3
 	e, spec := benchEnv(b)
@@ -654,7 +716,7 @@ func BenchmarkClonePrivateMemory(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			e.b.cfg.TCGBufferMiB = tb
 			defer func() { e.b.cfg.TCGBufferMiB = 0 }()
-			var priv, shr, pss, rss float64
+			var priv, shr, pss, rss, ram float64
 			var lat []time.Duration
 			samples := 0
 			for i := 0; i < b.N; i++ {
@@ -693,6 +755,12 @@ func BenchmarkClonePrivateMemory(b *testing.B) {
 						err = errors.Join(err, rerr)
 						continue
 					}
+					r, rerr := mappingPrivate(sb.(*Sandbox).cmd.Process.Pid, filepath.Join(dir, SnapshotMemory))
+					if rerr != nil {
+						err = errors.Join(err, rerr)
+						continue
+					}
+					ram += float64(r) / 1024
 					priv += float64(m["Private_Clean"]+m["Private_Dirty"]) / 1024
 					shr += float64(m["Shared_Clean"]+m["Shared_Dirty"]) / 1024
 					pss += float64(m["Pss"]) / 1024
@@ -711,6 +779,7 @@ func BenchmarkClonePrivateMemory(b *testing.B) {
 			}
 			n := float64(samples)
 			b.ReportMetric(priv/n, "private-MiB/clone")
+			b.ReportMetric(ram/n, "guest-ram-private-MiB/clone")
 			b.ReportMetric(shr/n, "shared-MiB/clone")
 			b.ReportMetric(pss/n, "pss-MiB/clone")
 			b.ReportMetric(rss/n, "rss-MiB/clone")
