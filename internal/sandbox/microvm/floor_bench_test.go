@@ -26,6 +26,10 @@ package microvm
 //     starts, removed after it stops): the netns — the source's own, so the
 //     guest keeps its address and needs no handshake — its bridge and tap.
 //     The tap's set-up is reported as tap-ms.
+//   - Restore, bare-qemu+resume: bare-qemu plus the agent's resume handshake
+//     the backend does (clock, entropy, the address the guest already has)
+//     sent on the agent channel right after cont, without the backend's QMP
+//     status polling: what vhive's clone-uniqueness work costs in the guest.
 //   - Boot, vhive: Backend.Create (netpool Get, rootfs disk from its cache,
 //     bridge and tap) + Start (QEMU, QMP, agent channel, start message, the
 //     agent's ready) and the first SayHello answered.
@@ -167,7 +171,7 @@ func (s stages) report(b *testing.B) {
 // pair collects the medians of a vhive and a bare-qemu sub-benchmark and
 // reports their ratio in a third one (the parent of sub-benchmarks prints
 // no metrics of its own).
-type pair struct{ vhive, bare time.Duration }
+type pair struct{ vhive, bare, bareResume time.Duration }
 
 func (p *pair) report(b *testing.B, name string) {
 	b.Run(name, func(b *testing.B) {
@@ -178,6 +182,10 @@ func (p *pair) report(b *testing.B, name string) {
 		b.ReportMetric(ms(p.bare), "bare-ms")
 		b.ReportMetric(ms(p.vhive-p.bare), "added-ms")
 		b.ReportMetric(float64(p.vhive)/float64(p.bare), "ratio")
+		if p.bareResume > 0 {
+			b.ReportMetric(ms(p.bareResume), "bare+resume-ms")
+			b.ReportMetric(float64(p.vhive)/float64(p.bareResume), "ratio-vs-bare+resume")
+		}
 		b.ReportMetric(0, "ns/op")
 	})
 }
@@ -362,6 +370,39 @@ func (v *bareVM) restore(ctx context.Context, dir string, st stages) error {
 	return err
 }
 
+// resume does the agent's resume handshake as the backend does (clock,
+// entropy, address: here the address the guest already has) and waits for
+// its answer; nothing polls QMP meanwhile.
+func (v *bareVM) resume(ctx context.Context, n *netpool.Net) error {
+	e, err := entropy()
+	if err != nil {
+		return err
+	}
+	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e,
+		Net: agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = v.agent.SetDeadline(dl)
+	} else {
+		_ = v.agent.SetDeadline(time.Now().Add(2 * time.Minute))
+	}
+	if err := agentproto.Write(v.agent, agentproto.Message{Type: agentproto.TypeResume, Resume: res}); err != nil {
+		return err
+	}
+	r := agentproto.NewReader(v.agent)
+	for {
+		m, err := r.Read()
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		if m.Type == agentproto.TypeResumed {
+			if m.Error != "" {
+				return fmt.Errorf("agent: %s", m.Error)
+			}
+			return nil
+		}
+	}
+}
+
 // stop kills QEMU and removes the floor VM's files.
 func (v *bareVM) stop() error {
 	if v.qmp != nil {
@@ -481,64 +522,81 @@ func BenchmarkRestore(b *testing.B) {
 			b.ReportMetric(ms(p.vhive), "p50-ms")
 			st.report(b)
 		})
-		b.Run(string(mode)+"/bare-qemu", func(b *testing.B) {
-			var d, tapD []time.Duration
-			st := stages{}
-			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				seq++
-				id := fmt.Sprintf("bare%d", seq)
-				v, err := newBare(e, id, meta.Disk, meta.MemoryMiB)
-				if err != nil {
-					b.Fatal(err)
-				}
-				t0 := time.Now()
-				tap, err := plugTap(srcNet)
-				if err != nil {
-					b.Fatal(err)
-				}
-				tapD = append(tapD, time.Since(t0))
-				rp := &restoreParams{dir: dir, meta: meta, mode: mode}
-				args := v.sb.qemuArgs(rp.memProps(e.b), meta.Vmlinuz, meta.Initramfs, true)
-				b.StartTimer()
-				t0 = time.Now()
-				err = func() error {
-					if mode == sandbox.MemoryEager {
-						if err := readAll(filepath.Join(dir, SnapshotMemory)); err != nil {
+		for _, withResume := range []bool{false, true} {
+			name := "/bare-qemu"
+			if withResume {
+				name = "/bare-qemu+resume"
+			}
+			b.Run(string(mode)+name, func(b *testing.B) {
+				var d, tapD []time.Duration
+				st := stages{}
+				for i := 0; i < b.N; i++ {
+					b.StopTimer()
+					seq++
+					id := fmt.Sprintf("bare%d", seq)
+					v, err := newBare(e, id, meta.Disk, meta.MemoryMiB)
+					if err != nil {
+						b.Fatal(err)
+					}
+					t0 := time.Now()
+					tap, err := plugTap(srcNet)
+					if err != nil {
+						b.Fatal(err)
+					}
+					tapD = append(tapD, time.Since(t0))
+					rp := &restoreParams{dir: dir, meta: meta, mode: mode}
+					args := v.sb.qemuArgs(rp.memProps(e.b), meta.Vmlinuz, meta.Initramfs, true)
+					b.StartTimer()
+					t0 = time.Now()
+					err = func() error {
+						if mode == sandbox.MemoryEager {
+							if err := readAll(filepath.Join(dir, SnapshotMemory)); err != nil {
+								return err
+							}
+							st.add("ReadMemory", time.Since(t0))
+						}
+						t1 := time.Now()
+						if err := v.start(args, tap); err != nil {
 							return err
 						}
-						st.add("ReadMemory", time.Since(t0))
-					}
-					t1 := time.Now()
-					if err := v.start(args, tap); err != nil {
+						tap.Close()
+						if err := v.restore(ctx, dir, st); err != nil {
+							return err
+						}
+						if withResume {
+							t1 = time.Now()
+							if err := v.resume(ctx, srcNet); err != nil {
+								return err
+							}
+							st.add("ResumeAgent", time.Since(t1))
+						}
+						t1 = time.Now()
+						err := firstReply(ctx, endpoint)
+						st.add("Reply", time.Since(t1))
 						return err
-					}
+					}()
+					d = append(d, time.Since(t0))
+					b.StopTimer()
 					tap.Close()
-					if err := v.restore(ctx, dir, st); err != nil {
-						return err
+					if err != nil {
+						err = fmt.Errorf("%w; console: %s", err, tailOf(filepath.Join(v.sb.dir, "console.log"), 1024))
 					}
-					t1 = time.Now()
-					err := firstReply(ctx, endpoint)
-					st.add("Reply", time.Since(t1))
-					return err
-				}()
-				d = append(d, time.Since(t0))
-				b.StopTimer()
-				tap.Close()
-				if err != nil {
-					err = fmt.Errorf("%w; console: %s", err, tailOf(filepath.Join(v.sb.dir, "console.log"), 1024))
+					err = errors.Join(err, v.stop(), unplugTap(srcNet))
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
 				}
-				err = errors.Join(err, v.stop(), unplugTap(srcNet))
-				if err != nil {
-					b.Fatal(err)
+				if withResume {
+					p.bareResume = median(d)
+				} else {
+					p.bare = median(d)
 				}
-				b.StartTimer()
-			}
-			p.bare = median(d)
-			b.ReportMetric(ms(p.bare), "p50-ms")
-			b.ReportMetric(ms(median(tapD)), "tap-ms")
-			st.report(b)
-		})
+				b.ReportMetric(ms(median(d)), "p50-ms")
+				b.ReportMetric(ms(median(tapD)), "tap-ms")
+				st.report(b)
+			})
+		}
 		p.report(b, string(mode)+"/ratio")
 	}
 }
