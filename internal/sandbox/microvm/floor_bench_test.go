@@ -772,6 +772,8 @@ func BenchmarkClonePrivateMemory(b *testing.B) {
 			name = "tb-size=qemu-default"
 		}
 		b.Run(name, func(b *testing.B) {
+			// Nothing else uses the backend meanwhile: set its
+			// configuration in place for this sub-benchmark's restores.
 			e.b.cfg.TCGBufferMiB = tb
 			defer func() { e.b.cfg.TCGBufferMiB = 0 }()
 			var priv, shr, pss, rss, ram float64
