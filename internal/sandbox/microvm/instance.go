@@ -237,9 +237,13 @@ func (s *Sandbox) qemuArgs(mem string, kernel, initrd string, incoming bool) []s
 	if b.cfg.kernelArgs != "" {
 		cmdline += " " + b.cfg.kernelArgs
 	}
+	accel := b.cfg.Accel
+	if accel == AccelTCG && b.cfg.TCGBufferMiB > 0 {
+		accel += ",tb-size=" + strconv.Itoa(b.cfg.TCGBufferMiB)
+	}
 	args := []string{
 		"-name", "vhive-" + s.id,
-		"-accel", b.cfg.Accel,
+		"-accel", accel,
 		"-M", "microvm,memory-backend=mem",
 		"-m", strconv.Itoa(s.memMiB) + "M",
 		"-smp", strconv.Itoa(s.cpus),

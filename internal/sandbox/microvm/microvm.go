@@ -102,6 +102,10 @@ type Config struct {
 	CPUs int
 	// Accel is AccelTCG (default) or AccelKVM.
 	Accel string
+	// TCGBufferMiB is the size of TCG's translation buffer (QEMU's
+	// -accel tcg,tb-size=N, in MiB); 0 leaves QEMU's default. Ignored
+	// under KVM.
+	TCGBufferMiB int
 	// TSCkHz is passed to the guest as tsc_early_khz (under TCG the guest
 	// TSC ticks at the host's rate; without it a loaded host makes the
 	// guest's TSC calibration hang). Default: the host's "cpu MHz".
@@ -196,6 +200,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	case AccelTCG, AccelKVM:
 	default:
 		return nil, fmt.Errorf("microvm: Accel %q is not %q or %q", cfg.Accel, AccelTCG, AccelKVM)
+	}
+	if cfg.TCGBufferMiB < 0 {
+		return nil, fmt.Errorf("microvm: TCGBufferMiB %d is negative", cfg.TCGBufferMiB)
 	}
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = 256
