@@ -44,7 +44,9 @@ type Sandbox struct {
 	start    agentproto.Start
 	net      *netpool.Net
 	tap      *os.File
-	endpoint string
+	// fwdBefore is the netns's ip_forward before plugTap (see net.go).
+	fwdBefore string
+	endpoint  string
 
 	// restore: the snapshot to resume from (nil for a boot).
 	restore *restoreParams
@@ -128,12 +130,12 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec, rp *restorePar
 	}
 	s.net = n
 	s.endpoint = net.JoinHostPort(n.GuestIP.String(), strconv.Itoa(spec.Port))
-	s.start.Net = agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}
-	tap, err := plugTap(n)
+	s.start.Net = agentproto.Net{IP: guestIP.String(), Bits: guestPrefix.Bits(), Gateway: tapIP.String()}
+	tap, fwd, err := plugTap(ctx, n)
 	if err != nil {
 		return nil, fmt.Errorf("microvm: sandbox %q: %w", spec.ID, err)
 	}
-	s.tap = tap
+	s.tap, s.fwdBefore = tap, fwd
 	return s, nil
 }
 
@@ -531,7 +533,7 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	s.net = nil
 	s.mu.Unlock()
 	if n != nil {
-		if err := unplugTap(n); err != nil {
+		if err := unplugTap(ctx, n, s.fwdBefore); err != nil {
 			errs = append(errs, fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 		}
 		if err := s.b.cfg.NetPool.Put(ctx, n); err != nil {
