@@ -59,3 +59,34 @@ func BenchmarkRestoreStages(b *testing.B) {
 	}
 	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "to-first-reply-ms/op")
 }
+
+// BenchmarkPlugTap is the network part of a Create or Restore and of its
+// Stop, without a VM: the tap, the netns's nftables table and forwarding
+// switch (plugTap), then their removal (unplugTap).
+//
+//	go test -run XXX -bench PlugTap -benchtime 50x ./internal/sandbox/microvm/
+func BenchmarkPlugTap(b *testing.B) {
+	e := newEnv(b)
+	ctx := context.Background()
+	n, err := e.pool.Get(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.pool.Put(ctx, n)
+	var plug, unplug time.Duration
+	for range b.N {
+		t0 := time.Now()
+		tap, fwd, err := plugTap(ctx, n)
+		if err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		tap.Close()
+		if err := unplugTap(ctx, n, fwd); err != nil {
+			b.Fatal(err)
+		}
+		plug, unplug = plug+t1.Sub(t0), unplug+time.Since(t1)
+	}
+	b.ReportMetric(float64(plug.Microseconds())/1000/float64(b.N), "plug-ms/op")
+	b.ReportMetric(float64(unplug.Microseconds())/1000/float64(b.N), "unplug-ms/op")
+}
