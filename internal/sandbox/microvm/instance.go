@@ -44,9 +44,8 @@ type Sandbox struct {
 	start    agentproto.Start
 	net      *netpool.Net
 	tap      *os.File
-	// fwdBefore is the netns's ip_forward before plugTap (see net.go).
-	fwdBefore string
-	endpoint  string
+	nat      *natSetup // the NAT to the guest, set up while QEMU starts
+	endpoint string
 
 	// restore: the snapshot to resume from (nil for a boot).
 	restore *restoreParams
@@ -131,11 +130,12 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec, rp *restorePar
 	s.net = n
 	s.endpoint = net.JoinHostPort(n.GuestIP.String(), strconv.Itoa(spec.Port))
 	s.start.Net = agentproto.Net{IP: guestIP.String(), Bits: guestPrefix.Bits(), Gateway: tapIP.String()}
-	tap, fwd, err := plugTap(ctx, n)
+	tap, err := plugTap(n)
 	if err != nil {
 		return nil, fmt.Errorf("microvm: sandbox %q: %w", spec.ID, err)
 	}
-	s.tap, s.fwdBefore = tap, fwd
+	s.tap = tap
+	s.nat = startNAT(ctx, n)
 	return s, nil
 }
 
@@ -312,6 +312,11 @@ func (s *Sandbox) launch(ctx context.Context) error {
 		time.Sleep(5 * time.Millisecond)
 	}
 	go s.readAgent(s.agent)
+	if s.nat != nil {
+		if err := s.nat.wait(); err != nil {
+			return fmt.Errorf("microvm: sandbox %q: %w", s.id, err)
+		}
+	}
 	return nil
 }
 
@@ -533,7 +538,12 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	s.net = nil
 	s.mu.Unlock()
 	if n != nil {
-		if err := unplugTap(ctx, n, s.fwdBefore); err != nil {
+		fwd := ""
+		if s.nat != nil {
+			_ = s.nat.wait() // unplugTap removes whatever it did
+			fwd = s.nat.fwdBefore
+		}
+		if err := unplugTap(ctx, n, fwd); err != nil {
 			errs = append(errs, fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 		}
 		if err := s.b.cfg.NetPool.Put(ctx, n); err != nil {

@@ -91,54 +91,88 @@ table inet %[1]s {
 `, microVMTable, n.GuestIf, n.GuestIP, guestIP, tapName)
 }
 
-// plugTap creates the tap (tapIP, tapMAC) in n's netns, installs the NAT
-// table, turns forwarding on in that netns and returns the tap's fd for
-// QEMU (the tap disappears when the last fd is closed) and the netns's
-// forwarding setting before (for unplugTap). On error it leaves the netns
-// as it found it.
-func plugTap(ctx context.Context, n *netpool.Net) (_ *os.File, _ string, retErr error) {
+// plugTap creates the tap (tapIP, tapMAC) in n's netns and returns its fd
+// for QEMU (the tap disappears when the last fd is closed). On error it
+// leaves no tap behind. The NAT is natUp's.
+func plugTap(n *netpool.Net) (_ *os.File, retErr error) {
 	if guestPrefix.Contains(n.GuestIP) || guestPrefix.Contains(n.Gateway) {
-		return nil, "", fmt.Errorf("net %q (%s, gateway %s) overlaps the guests' own %s: choose another netpool subnet", n.Name, n.GuestIP, n.Gateway, guestPrefix)
+		return nil, fmt.Errorf("net %q (%s, gateway %s) overlaps the guests' own %s: choose another netpool subnet", n.Name, n.GuestIP, n.Gateway, guestPrefix)
 	}
 	ns, err := netns.GetFromPath(n.NsPath)
 	if err != nil {
-		return nil, "", fmt.Errorf("open netns %q: %w", n.NsPath, err)
+		return nil, fmt.Errorf("open netns %q: %w", n.NsPath, err)
 	}
 	defer ns.Close()
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
-		return nil, "", fmt.Errorf("netlink in netns %q: %w", n.Name, err)
+		return nil, fmt.Errorf("netlink in netns %q: %w", n.Name, err)
 	}
 	defer h.Close()
-	// Not a named result: every error return sets those to "".
-	fwdBefore := ""
 	tap, err := openTap(ns, tapName)
 	if err != nil {
-		return nil, "", fmt.Errorf("tap in netns %q: %w", n.Name, err)
+		return nil, fmt.Errorf("tap in netns %q: %w", n.Name, err)
 	}
 	defer func() {
 		if retErr != nil {
-			tap.Close()
-			if err := unplugTap(context.WithoutCancel(ctx), n, fwdBefore); err != nil {
-				retErr = errors.Join(retErr, err)
-			}
+			tap.Close() // the last fd: the tap goes with it
 		}
 	}()
 	tl, err := h.LinkByName(tapName)
 	if err != nil {
-		return nil, "", fmt.Errorf("find tap in netns %q: %w", n.Name, err)
+		return nil, fmt.Errorf("find tap in netns %q: %w", n.Name, err)
 	}
 	mac, _ := net.ParseMAC(tapMAC)
 	if err := h.LinkSetHardwareAddr(tl, mac); err != nil {
-		return nil, "", fmt.Errorf("tap MAC in netns %q: %w", n.Name, err)
+		return nil, fmt.Errorf("tap MAC in netns %q: %w", n.Name, err)
 	}
 	addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(tapIP.AsSlice()), Mask: net.CIDRMask(guestPrefix.Bits(), 32)}}
 	if err := h.AddrAdd(tl, addr); err != nil {
-		return nil, "", fmt.Errorf("address %s on the tap in netns %q: %w", addr.IPNet, n.Name, err)
+		return nil, fmt.Errorf("address %s on the tap in netns %q: %w", addr.IPNet, n.Name, err)
 	}
 	if err := h.LinkSetUp(tl); err != nil {
-		return nil, "", fmt.Errorf("set the tap up in netns %q: %w", n.Name, err)
+		return nil, fmt.Errorf("set the tap up in netns %q: %w", n.Name, err)
 	}
+	return tap, nil
+}
+
+// natSetup is natUp running in the background: it costs a run of nft
+// (≈15 ms), which overlaps QEMU's start instead of adding to a cold start.
+// Until it is done the netns forwards nothing (forwarding is off in a pool's
+// netns, and natUp turns it on only after the table is in), so a guest
+// that runs already reaches nothing it could not reach later; nobody dials
+// the guest before Start or Restore returns, which wait for it (launch).
+type natSetup struct {
+	done      chan struct{}
+	fwdBefore string // the netns's ip_forward before natUp
+	err       error
+}
+
+// startNAT runs natUp for n in the background.
+func startNAT(ctx context.Context, n *netpool.Net) *natSetup {
+	ns := &natSetup{done: make(chan struct{})}
+	go func() {
+		defer close(ns.done)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		ns.fwdBefore, ns.err = natUp(ctx, n)
+	}()
+	return ns
+}
+
+// wait returns natUp's error once it has finished.
+func (ns *natSetup) wait() error {
+	<-ns.done
+	return ns.err
+}
+
+// natUp installs the NAT table in n's netns and then turns forwarding on
+// there. It returns the forwarding setting it found (for unplugTap).
+func natUp(ctx context.Context, n *netpool.Net) (fwdBefore string, err error) {
+	ns, err := netns.GetFromPath(n.NsPath)
+	if err != nil {
+		return "", fmt.Errorf("open netns %q: %w", n.NsPath, err)
+	}
+	defer ns.Close()
 	err = inNetns(ns, func() error {
 		b, err := os.ReadFile(ipForward)
 		if err != nil {
@@ -151,14 +185,14 @@ func plugTap(ctx context.Context, n *netpool.Net) (_ *os.File, _ string, retErr 
 		return os.WriteFile(ipForward, []byte("1\n"), 0)
 	})
 	if err != nil {
-		return nil, "", fmt.Errorf("NAT to the guest in netns %q: %w", n.Name, err)
+		return fwdBefore, fmt.Errorf("NAT to the guest in netns %q: %w", n.Name, err)
 	}
-	return tap, fwdBefore, nil
+	return fwdBefore, nil
 }
 
-// unplugTap undoes plugTap in n's netns: forwarding as it was (fwdBefore;
-// "0" when unknown), the table and the tap gone. What is already gone is
-// not an error.
+// unplugTap undoes plugTap and natUp in n's netns: forwarding as it was
+// (fwdBefore; "0" when unknown), the table and the tap gone. What is
+// already gone is not an error.
 func unplugTap(ctx context.Context, n *netpool.Net, fwdBefore string) error {
 	if fwdBefore != "1" {
 		fwdBefore = "0"
