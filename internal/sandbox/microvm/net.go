@@ -37,9 +37,11 @@ import (
 // their replies, and drops every connection the guest opens: through the
 // netns (egress) and to the netns itself. The guest therefore reaches no
 // more than a runc or gVisor sandbox (nothing but its own answers; the
-// pool's host filter drops the rest anyway). Stop removes the table and the
-// tap and turns forwarding off again, so that the Net returns to the pool as
-// the pool made it.
+// pool's host filter drops the rest anyway). The table goes in while QEMU
+// starts (natSetup). Stop removes the table and the tap and sets forwarding
+// back as it was, so that the Net returns to the pool as the pool made it.
+// Neither the pool's subnet nor any client of a guest may lie in
+// guestPrefix (plugTap checks the Net's own addresses).
 var (
 	guestPrefix = netip.MustParsePrefix("172.16.0.0/30")
 	guestIP     = netip.MustParseAddr("172.16.0.2")
