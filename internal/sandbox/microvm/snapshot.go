@@ -226,9 +226,9 @@ func (rp *restoreParams) memProps(b *Backend) string {
 // netns: QEMU with -incoming defer on a private mapping of the snapshot's
 // RAM, migrate-incoming from the state file, cont, then the resume
 // handshake (the agent sets the clock and reseeds the RNG; the guest keeps
-// its address, the same in every guest, see net.go). MemoryEager reads the whole RAM file into the page cache first;
-// MemoryLazy lets guest accesses fault pages in. The returned sandbox is
-// running; Start is a no-op.
+// its address, the same in every guest, see net.go). MemoryEager reads the
+// whole RAM file into the page cache first; MemoryLazy lets guest accesses
+// fault pages in. The returned sandbox is running; Start is a no-op.
 func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, opts sandbox.RestoreOptions) (_ sandbox.Sandbox, retErr error) {
 	mode := opts.Mode
 	if mode == "" {
