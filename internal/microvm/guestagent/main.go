@@ -7,7 +7,8 @@
 // protocol of internal/microvm/agentproto on the virtio-serial port
 // "vhive.agent": it starts the function chrooted into the overlay, reports
 // ready (the function listens on GUEST_PORT), its exit, and handles resume
-// after a snapshot restore (clock, RNG reseed, new address).
+// after a snapshot restore (clock, RNG reseed; the guest keeps its address,
+// which is the same in every guest).
 //
 // Everything it prints goes to the console (ttyS0), which the host keeps as
 // a log; the function's stdout and stderr go there too.
@@ -203,10 +204,7 @@ func resume(r *agentproto.Resume) error {
 	if err := setClock(r.TimeUnixNano); err != nil {
 		return err
 	}
-	if err := reseed(r.Entropy); err != nil {
-		return err
-	}
-	return setupNet(r.Net)
+	return reseed(r.Entropy)
 }
 
 func setClock(ns int64) error {

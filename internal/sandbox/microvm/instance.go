@@ -46,6 +46,7 @@ type Sandbox struct {
 	start    agentproto.Start
 	net      *netpool.Net
 	tap      *os.File
+	nat      *natSetup // the NAT to the guest, set up while QEMU starts
 	endpoint string
 
 	// restore: the snapshot to resume from (nil for a boot).
@@ -129,12 +130,13 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec, rp *restorePar
 	}
 	s.net = n
 	s.endpoint = net.JoinHostPort(n.GuestIP.String(), strconv.Itoa(spec.Port))
-	s.start.Net = agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}
+	s.start.Net = agentproto.Net{IP: guestIP.String(), Bits: guestPrefix.Bits(), Gateway: tapIP.String()}
 	tap, err := plugTap(n)
 	if err != nil {
 		return nil, fmt.Errorf("microvm: sandbox %q: %w", spec.ID, err)
 	}
 	s.tap = tap
+	s.nat = startNAT(ctx, n)
 	return s, nil
 }
 
@@ -321,6 +323,11 @@ func (s *Sandbox) launch(ctx context.Context) error {
 		time.Sleep(5 * time.Millisecond)
 	}
 	go s.readAgent(s.agent)
+	if s.nat != nil {
+		if err := s.nat.wait(); err != nil {
+			return fmt.Errorf("microvm: sandbox %q: %w", s.id, err)
+		}
+	}
 	return nil
 }
 
@@ -617,7 +624,12 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	s.net = nil
 	s.mu.Unlock()
 	if n != nil {
-		if err := unplugTap(n); err != nil {
+		fwd := ""
+		if s.nat != nil {
+			_ = s.nat.wait() // unplugTap removes whatever it did
+			fwd = s.nat.fwdBefore
+		}
+		if err := unplugTap(ctx, n, fwd); err != nil {
 			errs = append(errs, fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 		}
 		if err := s.b.cfg.NetPool.Put(ctx, n); err != nil {

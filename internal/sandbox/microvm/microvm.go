@@ -20,11 +20,15 @@
 // by default on /dev/shm so that guest writes never go to a disk. A
 // restored instance maps the snapshot's RAM file privately instead.
 //
-// Network: every instance takes a Net from the netpool. Inside its netns
-// the veth eth0 loses its address and joins a bridge with a tap device whose
-// fd QEMU gets (virtio-net); the guest agent puts the Net's GuestIP on the
-// guest's eth0, so the function is reached at GuestIP:Port as in gVisor.
-// Stop removes the bridge and returns the Net, which gets its address back.
+// Network (net.go): every guest has the same address and MAC (172.16.0.2/30
+// behind a tap at 172.16.0.1, Firecracker's network for clones), so clones
+// of one snapshot need no change in the guest. Every instance takes a Net
+// from the netpool; in its netns the veth eth0 keeps the Net's GuestIP, a
+// tap device (whose fd QEMU gets, virtio-net) holds the guests' gateway, and
+// an nftables table DNATs GuestIP to the guest and drops what the guest
+// opens itself. The function is reached at GuestIP:Port as in gVisor and
+// reaches nothing more than there. Stop removes the tap and the table and
+// returns the Net as the pool made it.
 //
 // Agent channel: a virtio-serial port (no vhost-vsock on this host) speaking
 // internal/microvm/agentproto. Start sends the function's configuration and
@@ -42,8 +46,8 @@
 // Snapshots (see snapshot.go): QMP migrate with x-ignore-shared to a state
 // file, the RAM file copied beside it (the source keeps running on its own
 // file); restore starts a new QEMU with -incoming defer on a private mapping
-// of the snapshot's RAM file, then hands the agent the clock, fresh entropy
-// and the new address.
+// of the snapshot's RAM file, then hands the agent the clock and fresh
+// entropy.
 package microvm
 
 import (
@@ -330,10 +334,11 @@ func (b *Backend) Capabilities() sandbox.Capabilities {
 }
 
 // RuntimeVersion names everything a snapshot depends on: QEMU's version,
-// the kernel and the initramfs. A snapshot taken with another is not used.
+// the kernel, the initramfs and the guests' address. A snapshot taken with
+// another is not used.
 func (b *Backend) RuntimeVersion() string {
 	a := b.cfg.Assets
-	return fmt.Sprintf("%s; kernel %s %s; initramfs %.16s; %s", a.QEMUVersion, a.KernelPackage, a.KernelVersion, a.InitramfsSHA256, b.cfg.Accel)
+	return fmt.Sprintf("%s; kernel %s %s; initramfs %.16s; %s; %s", a.QEMUVersion, a.KernelPackage, a.KernelVersion, a.InitramfsSHA256, b.cfg.Accel, guestNetDesc())
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)

@@ -254,10 +254,10 @@ func (rp *restoreParams) memProps(b *Backend) string {
 // Restore starts a new VM from a snapshot taken by Snapshot, in its own
 // netns: QEMU with -incoming defer on a private mapping of the snapshot's
 // RAM, migrate-incoming from the state file, cont, then the resume
-// handshake (the agent sets the clock, reseeds the RNG and takes the new
-// address). MemoryEager reads the whole RAM file into the page cache first;
-// MemoryLazy lets guest accesses fault pages in. The returned sandbox is
-// running; Start is a no-op.
+// handshake (the agent sets the clock and reseeds the RNG; the guest keeps
+// its address, the same in every guest, see net.go). MemoryEager reads the
+// whole RAM file into the page cache first; MemoryLazy lets guest accesses
+// fault pages in. The returned sandbox is running; Start is a no-op.
 func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, opts sandbox.RestoreOptions) (_ sandbox.Sandbox, retErr error) {
 	mode := opts.Mode
 	if mode == "" {
@@ -307,7 +307,8 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 	if err != nil {
 		return nil, err
 	}
-	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e, Net: s.start.Net}
+	// The guest keeps its address: every guest has the same (net.go).
+	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e}
 	if err := s.handshake(ctx, agentproto.Message{Type: agentproto.TypeResume, Resume: res}); err != nil {
 		return nil, err
 	}
@@ -320,8 +321,8 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 
 // RestoreStats implements sandbox.RestoreReporter: the restore's stages
 // (ReadMemory for eager restores, LaunchVMM, LoadState — migrate-incoming
-// until the guest is paused, cont included — and ResumeAgent, the clock,
-// entropy and address handshake).
+// until the guest is paused, cont included — and ResumeAgent, the clock
+// and entropy handshake).
 func (s *Sandbox) RestoreStats() sandbox.RestoreResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
