@@ -67,7 +67,7 @@ func (e *env) leftovers(t testing.TB, id string, pid int) []string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, l := range []string{tapName, bridgeName} {
+		for _, l := range []string{tapName} {
 			if _, err := h.LinkByName(l); err == nil {
 				out = append(out, l+" in netns "+name)
 			}

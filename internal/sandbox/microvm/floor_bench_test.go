@@ -23,11 +23,11 @@ package microvm
 //     chardev (without it QEMU tells the guest that the host side closed the
 //     port, the agent reads EOF and powers the VM off; nothing is sent on it),
 //     then the same first SayHello. Excluded (set up before the timer
-//     starts, removed after it stops): the netns — the source's own, so the
-//     guest keeps its address and needs no handshake — its bridge and tap.
-//     The tap's set-up is reported as tap-ms.
+//     starts, removed after it stops): the netns, its tap and the NAT to the
+//     guest's fixed address (vhive overlaps the NAT with QEMU's start). The
+//     tap's and NAT's set-up is reported as tap-ms.
 //   - Restore, bare-qemu+resume: bare-qemu plus the agent's resume handshake
-//     the backend does (clock, entropy, the address the guest already has)
+//     the backend does (clock, entropy)
 //     sent on the agent channel right after cont, without the backend's QMP
 //     status polling: what vhive's clone-uniqueness work costs in the guest.
 //     (A variant polling QMP every 10 ms during the handshake, as the
@@ -374,7 +374,7 @@ func (v *bareVM) restore(ctx context.Context, dir string, st stages) error {
 }
 
 // resume does the agent's resume handshake as the backend does (clock,
-// entropy, address: here the address the guest already has) and waits for
+// entropy) and waits for
 // its answer; nothing polls QMP meanwhile (the backend does, every
 // nudgeEvery).
 func (v *bareVM) resume(ctx context.Context, n *netpool.Net) error {
@@ -382,8 +382,7 @@ func (v *bareVM) resume(ctx context.Context, n *netpool.Net) error {
 	if err != nil {
 		return err
 	}
-	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e,
-		Net: agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}}
+	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = v.agent.SetDeadline(dl)
 	} else {
@@ -547,6 +546,10 @@ func BenchmarkRestore(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
+					fwd, err := natUp(ctx, srcNet)
+					if err != nil {
+						b.Fatal(errors.Join(err, unplugTap(ctx, srcNet, fwd)))
+					}
 					tapD = append(tapD, time.Since(t0))
 					rp := &restoreParams{dir: dir, meta: meta, mode: mode}
 					args := v.sb.qemuArgs(rp.memProps(e.b), meta.Vmlinuz, meta.Initramfs, true)
@@ -585,7 +588,7 @@ func BenchmarkRestore(b *testing.B) {
 					if err != nil {
 						err = fmt.Errorf("%w; console: %s", err, tailOf(filepath.Join(v.sb.dir, "console.log"), 1024))
 					}
-					err = errors.Join(err, v.stop(), unplugTap(srcNet))
+					err = errors.Join(err, v.stop(), unplugTap(ctx, srcNet, fwd))
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -657,10 +660,14 @@ func BenchmarkBoot(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			st.Net = agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}
+			st.Net = agentproto.Net{IP: guestIP.String(), Bits: guestPrefix.Bits(), Gateway: tapIP.String()}
 			tap, err := plugTap(n)
 			if err != nil {
 				b.Fatal(errors.Join(err, e.pool.Put(ctx, n)))
+			}
+			fwd, err := natUp(ctx, n)
+			if err != nil {
+				b.Fatal(errors.Join(err, unplugTap(ctx, n, fwd), e.pool.Put(ctx, n)))
 			}
 			v, err := newBare(e, id, disk, e.b.cfg.MemoryMiB)
 			if err != nil {
@@ -692,7 +699,7 @@ func BenchmarkBoot(b *testing.B) {
 			if err != nil {
 				err = fmt.Errorf("%w; console: %s", err, tailOf(filepath.Join(v.sb.dir, "console.log"), 1024))
 			}
-			err = errors.Join(err, v.stop(), unplugTap(n), e.pool.Put(ctx, n))
+			err = errors.Join(err, v.stop(), unplugTap(ctx, n, fwd), e.pool.Put(ctx, n))
 			if err != nil {
 				b.Fatal(err)
 			}
