@@ -20,6 +20,7 @@ import (
 	"vhive.dev/vhive/functions/build"
 	"vhive.dev/vhive/internal/daemon"
 	"vhive.dev/vhive/internal/debimage"
+	"vhive.dev/vhive/internal/microvm/assets"
 	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 	"vhive.dev/vhive/internal/wasm/wasmtest"
@@ -226,14 +227,41 @@ func stage(r *vhivepb.InvokeResponse, name string) time.Duration {
 // payloads are the default input set and vHive's two named ones.
 var payloads = []string{"world", "record", "replay"}
 
-// TestSuiteOnGVisorAndRunc runs every CI-set function through a real daemon:
-// on gVisor it boots (answering all three input sets), is snapshotted, and
-// is restored twice — once answering "record" first, once "replay" — and
-// every restored answer must equal the booted one; on runc it boots and
-// must answer the same again.
-func TestSuiteOnGVisorAndRunc(t *testing.T) {
+// microvmSandbox returns "microvm" in a list of sandboxes when its guest
+// assets (`make microvm`) are there, and an empty list (with the reason)
+// when they are not: the microvm parts of the suite tests then skip (fail
+// in CI, where make test builds them).
+func microvmSandbox() (sandboxes []string, missing string) {
+	if _, err := assets.Load(assets.Dir(testutil.CacheDir())); err != nil {
+		return nil, err.Error()
+	}
+	return []string{"microvm"}, ""
+}
+
+// requiresMicroVM skips (fails in CI) when the microvm assets are missing.
+func requiresMicroVM(t *testing.T, missing string) {
+	t.Helper()
+	if missing == "" {
+		return
+	}
+	msg := "microvm sandbox not available: " + missing
+	if os.Getenv("CI") != "" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// TestSuiteOnGVisorRuncAndMicroVM runs every CI-set function through a real
+// daemon: on gVisor it boots (answering all three input sets), is
+// snapshotted, and is restored twice — once answering "record" first, once
+// "replay" — and every restored answer must equal the booted one; on runc
+// it boots and must answer the same again; on microvm (QEMU TCG) it boots,
+// is snapshotted and restored twice as on gVisor, every answer the same as
+// gVisor's.
+func TestSuiteOnGVisorRuncAndMicroVM(t *testing.T) {
 	imgs := buildSuite(t)
-	td := startDaemon(t, 21, "gvisor", "runc")
+	mvm, mvmMissing := microvmSandbox()
+	td := startDaemon(t, 21, append([]string{"gvisor", "runc"}, mvm...)...)
 	for _, name := range sortedKeys(imgs) {
 		img := imgs[name]
 		t.Run(name, func(t *testing.T) {
@@ -287,6 +315,48 @@ func TestSuiteOnGVisorAndRunc(t *testing.T) {
 					t.Errorf("runc answers %q with %q; gVisor %q", p, resp.Payload, booted[p])
 				}
 			}
+			t.Run("microvm", func(t *testing.T) {
+				requiresMicroVM(t, mvmMissing)
+				m := name + "-m"
+				td.deploy(t, &vhivepb.FunctionSpec{Name: m, Image: img.Ref, Sandbox: "microvm", StartMode: "snapshot"})
+				defer func() {
+					if _, err := td.client.RemoveFunction(context.Background(), &vhivepb.RemoveFunctionRequest{Name: m}); err != nil {
+						t.Errorf("rm %s: %v", m, err)
+					}
+				}()
+				for i, p := range payloads {
+					resp := td.invoke(t, m, p)
+					if i == 0 {
+						if !resp.ColdStart || resp.StartMode != "boot" {
+							t.Fatalf("first invocation: cold=%v mode=%q, want a boot", resp.ColdStart, resp.StartMode)
+						}
+						t.Logf("microvm boot: %v total", stage(resp, "Total"))
+					}
+					if string(resp.Payload) != booted[p] {
+						t.Errorf("a booted microvm answers %q with %q; gVisor %q", p, resp.Payload, booted[p])
+					}
+				}
+				td.waitSnapshot(t, m)
+				for _, first := range []string{"replay", "record"} {
+					td.stopInstances(t, m)
+					resp := td.invoke(t, m, first)
+					if !resp.ColdStart || resp.StartMode != "snapshot" || stage(resp, "RestoreSandbox") < 0 {
+						t.Fatalf("cold start after the snapshot: cold=%v mode=%q stages=%v, want a restore", resp.ColdStart, resp.StartMode, resp.Stages)
+					}
+					t.Logf("microvm restore (%s first): %v total", first, stage(resp, "Total"))
+					got := map[string]string{first: string(resp.Payload)}
+					for _, p := range payloads {
+						if p != first {
+							got[p] = string(td.invoke(t, m, p).Payload)
+						}
+					}
+					for _, p := range payloads {
+						if got[p] != booted[p] {
+							t.Errorf("after a microvm restore (%s first), %q answers %q; gVisor %q", first, p, got[p], booted[p])
+						}
+					}
+				}
+			})
 			for _, fn := range []string{g, r} {
 				if _, err := td.client.RemoveFunction(context.Background(), &vhivepb.RemoveFunctionRequest{Name: fn}); err != nil {
 					t.Errorf("rm %s: %v", fn, err)

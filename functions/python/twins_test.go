@@ -17,10 +17,12 @@ var goTwins = []string{"image-rotate", "chameleon", "lr-serving", "json-serdes",
 // TestGoTwinsAcrossRestores: each Go twin answers both input sets the same
 // after a wasm lazy restore, a REAP record restore and a REAP prefetch
 // restore that serves the other input set first, after a gVisor snapshot
-// restore and on runc, as after a wasm boot.
+// restore, on runc, and after a microvm boot and snapshot restore, as
+// after a wasm boot.
 func TestGoTwinsAcrossRestores(t *testing.T) {
 	out := t.TempDir()
-	td := startDaemon(t, 23, "gvisor", "runc", "wasm")
+	mvm, mvmMissing := microvmSandbox()
+	td := startDaemon(t, 23, append([]string{"gvisor", "runc", "wasm"}, mvm...)...)
 	ctx := context.Background()
 	for _, fn := range goTwins {
 		t.Run(fn, func(t *testing.T) {
@@ -38,7 +40,7 @@ func TestGoTwinsAcrossRestores(t *testing.T) {
 			}
 			sets := []string{"record", "replay"}
 			booted := map[string]string{}
-			check := func(where, fnName string, first string, wantMode string) {
+			check := func(t *testing.T, where, fnName string, first string, wantMode string) {
 				t.Helper()
 				resp := td.invoke(t, fnName, first)
 				if wantMode != "" && (!resp.ColdStart || resp.StartMode != wantMode) {
@@ -69,31 +71,45 @@ func TestGoTwinsAcrossRestores(t *testing.T) {
 			}
 			td.waitSnapshot(t, wl)
 			td.stopInstances(t, wl)
-			check("wasm lazy restore", wl, "record", "lazy")
+			check(t, "wasm lazy restore", wl, "record", "lazy")
 
 			// REAP: the first restore records the working set of "record";
 			// the next prefetches it and serves "replay" first, then
 			// "record" again.
 			wr := fn + "-wr"
 			td.deploy(t, &vhivepb.FunctionSpec{Name: wr, Image: refs[build.TargetWasm], Sandbox: "wasm", StartMode: "reap"})
-			check("wasm boot (reap function)", wr, "record", "boot")
+			check(t, "wasm boot (reap function)", wr, "record", "boot")
 			td.waitSnapshot(t, wr)
 			td.stopInstances(t, wr)
-			check("wasm reap record restore", wr, "record", "reap-record")
+			check(t, "wasm reap record restore", wr, "record", "reap-record")
 			waitWorkingSet(t, td, wr)
 			td.stopInstances(t, wr)
-			check("wasm reap prefetch restore", wr, "replay", "reap-prefetch")
+			check(t, "wasm reap prefetch restore", wr, "replay", "reap-prefetch")
 
 			// The Linux build on gVisor (boot, then a snapshot restore) and runc.
 			g := fn + "-g"
 			td.deploy(t, &vhivepb.FunctionSpec{Name: g, Image: refs[build.TargetLinux], Sandbox: "gvisor", StartMode: "snapshot"})
-			check("gvisor boot", g, "record", "boot")
+			check(t, "gvisor boot", g, "record", "boot")
 			td.waitSnapshot(t, g)
 			td.stopInstances(t, g)
-			check("gvisor snapshot restore", g, "replay", "snapshot")
+			check(t, "gvisor snapshot restore", g, "replay", "snapshot")
 			r := fn + "-r"
 			td.deploy(t, &vhivepb.FunctionSpec{Name: r, Image: refs[build.TargetLinux], Sandbox: "runc"})
-			check("runc boot", r, "record", "boot")
+			check(t, "runc boot", r, "record", "boot")
+			t.Run("microvm", func(t *testing.T) {
+				requiresMicroVM(t, mvmMissing)
+				m := fn + "-m"
+				td.deploy(t, &vhivepb.FunctionSpec{Name: m, Image: refs[build.TargetLinux], Sandbox: "microvm", StartMode: "snapshot"})
+				defer func() {
+					if _, err := td.client.RemoveFunction(ctx, &vhivepb.RemoveFunctionRequest{Name: m}); err != nil {
+						t.Errorf("rm %s: %v", m, err)
+					}
+				}()
+				check(t, "microvm boot", m, "record", "boot")
+				td.waitSnapshot(t, m)
+				td.stopInstances(t, m)
+				check(t, "microvm snapshot restore", m, "replay", "snapshot")
+			})
 			for _, f := range []string{wl, wr, g, r} {
 				if _, err := td.client.RemoveFunction(ctx, &vhivepb.RemoveFunctionRequest{Name: f}); err != nil {
 					t.Errorf("rm %s: %v", f, err)

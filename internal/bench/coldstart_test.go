@@ -361,6 +361,18 @@ func TestColdstartOptionErrors(t *testing.T) {
 	}
 }
 
+// TestColdstartSandboxNames: every sandbox the daemon offers is accepted
+// (microvm was refused as unknown before the daemon's fourth backend was
+// added to the bench's list).
+func TestColdstartSandboxNames(t *testing.T) {
+	for _, sb := range []string{"gvisor", "runc", "wasm", "microvm"} {
+		o := ColdstartOptions{Functions: []string{"helloworld"}, Sandboxes: []string{sb}, Modes: []string{"boot"}, Iterations: 1}
+		if err := o.setDefaults(); err != nil {
+			t.Errorf("sandbox %s: %v", sb, err)
+		}
+	}
+}
+
 func TestConcurrencyBursts(t *testing.T) {
 	d := newFakeDaemon()
 	d.images = []string{ImageRef("helloworld", "gvisor")}

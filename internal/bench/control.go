@@ -50,7 +50,7 @@ const (
 )
 
 // knownSandboxes are the sandboxes the daemon knows.
-func knownSandboxes() []string { return []string{"gvisor", "runc", "wasm"} }
+func knownSandboxes() []string { return []string{"gvisor", "runc", "wasm", "microvm"} }
 
 func knownModes() []string { return []string{ModeBoot, ModeSnapshot, ModeLazy, ModeREAP, ModeWarm} }
 

@@ -17,6 +17,7 @@ import (
 
 	"vhive.dev/vhive/internal/mountinfo"
 	"vhive.dev/vhive/internal/netpool"
+	"vhive.dev/vhive/internal/sandbox/microvm"
 )
 
 // Resources are the machine resources a daemon with one state dir and
@@ -32,6 +33,9 @@ type Resources struct {
 	Mounts []string
 	// Cgroups are instance cgroup directories of the daemon's OCI backends.
 	Cgroups []string
+	// MicroVM are what microVM instances hold: QEMU processes, instance
+	// directories, sockets, RAM files (microvm.Leftovers).
+	MicroVM []string
 	// Problems are what could not be inspected at all (a listing that
 	// failed, a veth whose ifindex cannot be read): each is a leak, since
 	// a check that skips what it cannot read cannot fail.
@@ -126,6 +130,7 @@ func Snapshot(stateDir, prefix string) Resources {
 			}
 		}
 	}
+	r.MicroVM = microvm.Leftovers(filepath.Join(abs, "sandboxes", "microvm"), "")
 	sort.Strings(r.Mounts)
 	sort.Strings(r.Cgroups)
 	return r
@@ -143,7 +148,7 @@ func netnsGone(name string) bool {
 
 // Count is the number of resources of every kind.
 func (r Resources) Count() int {
-	return len(r.Netns) + len(r.Veths) + len(r.Mounts) + len(r.Cgroups) + len(r.Problems)
+	return len(r.Netns) + len(r.Veths) + len(r.Mounts) + len(r.Cgroups) + len(r.MicroVM) + len(r.Problems)
 }
 
 // LeakedFrom lists what of old (taken before the old daemon died) still
@@ -180,6 +185,9 @@ func (now Resources) LeakedFrom(old Resources, poolSize int) []string {
 	}
 	for _, c := range now.Cgroups {
 		out = append(out, "cgroup "+c)
+	}
+	for _, m := range now.MicroVM {
+		out = append(out, "microvm "+m)
 	}
 	return out
 }

@@ -8,10 +8,14 @@
 //
 //	host → guest  start   (config of the function; once, after boot)
 //	guest → host  ready   (the function listens on its port)
-//	guest → host  exit    (the function ended: status, stderr tail)
+//	guest → host  exit    (the function ended: status, stderr tail, OOM kill)
 //	guest → host  error   (the agent could not start the function)
-//	host → guest  resume  (after a restore: clock, entropy, network)
-//	guest → host  resumed (clock set, RNG reseeded, address changed)
+//	host → guest  resume  (after a restore: clock, entropy)
+//	guest → host  resumed (clock set, RNG reseeded)
+//
+// The guest's network is configured once, by start: every guest has the
+// same address (the host NATs each instance's own address to it), so clones
+// of one snapshot keep the address they carry in memory.
 package agentproto
 
 import (
@@ -39,7 +43,7 @@ const MaxLine = 1 << 20
 
 // Net is the guest's network configuration (eth0).
 type Net struct {
-	IP      string `json:"ip"`      // guest address, e.g. 10.168.0.2
+	IP      string `json:"ip"`      // guest address, e.g. 172.16.0.2
 	Bits    int    `json:"bits"`    // prefix length
 	Gateway string `json:"gateway"` // default route
 }
@@ -61,11 +65,11 @@ type Start struct {
 	Entropy      []byte `json:"entropy"`
 }
 
-// Resume is sent after a restore.
+// Resume is sent after a restore. It carries no network: the guest keeps
+// the address it had when the snapshot was taken.
 type Resume struct {
 	TimeUnixNano int64  `json:"time_unix_nano"`
 	Entropy      []byte `json:"entropy"`
-	Net          Net    `json:"net"`
 }
 
 // Exit reports the function's end.
@@ -74,6 +78,9 @@ type Exit struct {
 	Status int    `json:"status"`
 	Signal string `json:"signal,omitempty"`
 	Stderr string `json:"stderr,omitempty"`
+	// OOMKilled: the guest kernel's OOM killer ended the function (it died
+	// of SIGKILL while the guest's oom_kill count in /proc/vmstat rose).
+	OOMKilled bool `json:"oom_killed,omitempty"`
 }
 
 // Message is one line of the protocol. Exactly the field of its Type is

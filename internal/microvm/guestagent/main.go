@@ -7,7 +7,8 @@
 // protocol of internal/microvm/agentproto on the virtio-serial port
 // "vhive.agent": it starts the function chrooted into the overlay, reports
 // ready (the function listens on GUEST_PORT), its exit, and handles resume
-// after a snapshot restore (clock, RNG reseed, new address).
+// after a snapshot restore (clock, RNG reseed; the guest keeps its address,
+// which is the same in every guest).
 //
 // Everything it prints goes to the console (ttyS0), which the host keeps as
 // a log; the function's stdout and stderr go there too.
@@ -90,6 +91,14 @@ func boot() (*os.File, error) {
 		return nil, err
 	}
 	logf("modules loaded")
+	// Allocations always succeed and the OOM killer acts when the RAM runs
+	// out, as under a container's memory cgroup: with the default
+	// heuristic, one allocation larger than the guest's RAM fails instead
+	// (a Go function then dies of "out of memory" with status 2, which
+	// nobody can tell from a crash).
+	if err := os.WriteFile("/proc/sys/vm/overcommit_memory", []byte("1"), 0); err != nil {
+		return nil, fmt.Errorf("set vm.overcommit_memory: %w", err)
+	}
 	path, err := waitPort(10 * time.Second)
 	if err != nil {
 		return nil, err
@@ -195,10 +204,7 @@ func resume(r *agentproto.Resume) error {
 	if err := setClock(r.TimeUnixNano); err != nil {
 		return err
 	}
-	if err := reseed(r.Entropy); err != nil {
-		return err
-	}
-	return setupNet(r.Net)
+	return reseed(r.Entropy)
 }
 
 func setClock(ns int64) error {
@@ -302,7 +308,7 @@ func mountRoot() error {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if err := unix.Mount(rootDev, lowerDir, "ext4", unix.MS_RDONLY, ""); err != nil {
-		return fmt.Errorf("mount %s read-only: %w", rootDev, err)
+		return fmt.Errorf("mount the image disk %s (ext4, read-only): %w", rootDev, err)
 	}
 	if err := unix.Mount("tmpfs", rwDir, "tmpfs", 0, "mode=0755"); err != nil {
 		return fmt.Errorf("mount tmpfs for the overlay: %w", err)
@@ -391,6 +397,10 @@ func (a *agent) start(s *agentproto.Start) error {
 		return err
 	}
 	defer null.Close()
+	oom0, err := oomKills()
+	if err != nil {
+		return err
+	}
 	groups := make([]uint32, len(s.Groups))
 	copy(groups, s.Groups)
 	proc, err := os.StartProcess(prog, s.Args, &os.ProcAttr{
@@ -417,9 +427,34 @@ func (a *agent) start(s *agentproto.Start) error {
 		pr.Close()
 	}()
 	exited := make(chan agentproto.Exit, 1)
-	go func() { exited <- reap(proc.Pid) }()
+	go func() {
+		e := reap(proc.Pid)
+		if e.Signal == unix.SIGKILL.String() {
+			// Only the kernel sends SIGKILL inside the guest (the agent
+			// never does): an OOM kill if the counter rose.
+			if n, err := oomKills(); err == nil && n > oom0 {
+				e.OOMKilled = true
+			}
+		}
+		exited <- e
+	}()
 	go a.watch(s.Port, exited, copied, tail)
 	return nil
+}
+
+// oomKills reads the kernel's count of OOM kills ("oom_kill" in
+// /proc/vmstat).
+func oomKills() (int64, error) {
+	data, err := os.ReadFile("/proc/vmstat")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, errors.New("no oom_kill in /proc/vmstat")
 }
 
 // reap waits for pid as PID 1 must: every orphan is re-parented to the
@@ -479,7 +514,7 @@ func (a *agent) reportExit(e agentproto.Exit, copied <-chan struct{}, tail *tail
 	case <-time.After(time.Second): // a grandchild keeps it open
 	}
 	e.Stderr = tail.String()
-	logf("function exited: status %d %s", e.Status, e.Signal)
+	logf("function exited: status %d %s (OOM kill: %v)", e.Status, e.Signal, e.OOMKilled)
 	a.send(agentproto.Message{Type: agentproto.TypeExit, Exit: &e})
 }
 

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/internal/microvm/assets"
 	"vhive.dev/vhive/internal/nodetest"
 	"vhive.dev/vhive/internal/testutil"
 )
@@ -33,7 +34,8 @@ const (
 
 // TestSandboxKilledMidRequest kills the sandbox side of an instance while a
 // request is in flight — the runc container's process, the runsc sandbox
-// process, the wasm worker — and the memory manager's peer (the wasm worker)
+// process, the wasm worker, a microVM's QEMU (when the microVM assets are
+// built) — and the memory manager's peer (the wasm worker)
 // while its lazily restored memory is being faulted in. Each time the
 // request fails with Unavailable naming the instance, the daemon keeps
 // running, the instance and everything it held are released, the
@@ -50,8 +52,21 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(state) })
-	d := nodetest.Start(t, shared.Bin(t), nodetest.Options{StateDir: state, Sandboxes: "runc,gvisor,wasm", NetPrefix: killPrefix, Subnet: killSubnet,
-		Metrics: killMetrics, Log: filepath.Join(work, "daemon.log"), NoGateway: true})
+	sbs := "runc,gvisor,wasm"
+	cases := []struct{ sb, image, warm, slow, wantWarm string }{
+		{"runc", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
+		{"gvisor", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
+		{"wasm", "localhost/vhive/fibonacci-wasm:latest", "10", "100000", "fib(10) = 55"},
+	}
+	if _, err := assets.Load(assets.Dir(testutil.CacheDir())); err == nil {
+		sbs += ",microvm"
+		cases = append(cases, struct{ sb, image, warm, slow, wantWarm string }{"microvm", nodetest.ProbeRef, "counter", "sleep:20000", "1"})
+	} else {
+		t.Logf("microvm not tested: %v", err)
+	}
+	// --ready-timeout: a microVM boot takes 5-40 s on this machine's TCG.
+	d := nodetest.Start(t, shared.Bin(t), nodetest.Options{StateDir: state, Sandboxes: sbs, NetPrefix: killPrefix, Subnet: killSubnet,
+		Metrics: killMetrics, Log: filepath.Join(work, "daemon.log"), NoGateway: true, Args: []string{"--ready-timeout", "3m"}})
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("daemon log tail:\n%s", d.LogTail(5000))
@@ -95,15 +110,18 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 			t.Fatalf("no runsc-sandbox process for %s", id)
 		case "wasm":
 			return workerPid(t, filepath.Dir(strings.TrimPrefix(endpoint, "unix://")))
+		case "microvm":
+			b, err := os.ReadFile(filepath.Join(state, "sandboxes/microvm/instances", id, "qemu.pid"))
+			pid, perr := strconv.Atoi(strings.TrimSpace(string(b)))
+			if err != nil || perr != nil || pid <= 1 {
+				t.Fatalf("QEMU pid of %s: %q, %v", id, b, err)
+			}
+			return pid
 		}
 		return 0
 	}
 
-	for _, tc := range []struct{ sb, image, warm, slow, wantWarm string }{
-		{"runc", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
-		{"gvisor", nodetest.ProbeRef, "counter", "sleep:20000", "1"},
-		{"wasm", "localhost/vhive/fibonacci-wasm:latest", "10", "100000", "fib(10) = 55"},
-	} {
+	for _, tc := range cases {
 		t.Run(tc.sb, func(t *testing.T) {
 			name := "k-" + tc.sb
 			if _, err := c.Deploy(ctx, &vhivepb.DeployRequest{Spec: &vhivepb.FunctionSpec{Name: name, Image: tc.image, Sandbox: tc.sb}}); err != nil {
@@ -254,8 +272,9 @@ func TestSandboxKilledMidRequest(t *testing.T) {
 }
 
 // instanceLeftovers lists what instance id still holds 10 s after it was
-// released at most: processes naming it (runsc, gofer, runc) or the killed
-// pid, mounts of its bundle and its cgroups.
+// released at most: processes naming it (runsc, gofer, runc, QEMU) or the
+// killed pid, mounts of its bundle, its cgroups and any microVM leftover
+// (instance directory, sockets, RAM file).
 func instanceLeftovers(state, id string, pid int) []string {
 	var out []string
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -285,6 +304,9 @@ func instanceLeftovers(state, id string, pid int) []string {
 			if strings.Contains(c, id) {
 				out = append(out, "cgroup "+c)
 			}
+		}
+		for _, m := range r.MicroVM {
+			out = append(out, "microvm "+m) // one instance at a time here
 		}
 		if len(out) == 0 || time.Now().After(deadline) {
 			return out

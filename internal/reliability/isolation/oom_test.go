@@ -11,22 +11,33 @@ import (
 	"google.golang.org/grpc/status"
 
 	vhivepb "vhive.dev/vhive/api/proto/vhive"
+	"vhive.dev/vhive/internal/microvm/assets"
 	"vhive.dev/vhive/internal/nodetest"
+	"vhive.dev/vhive/internal/testutil"
 )
 
 // TestOverMemoryLimitIsOutOfMemory: a function that allocates beyond its
-// memory limit (gVisor and runc) is killed, and the caller is told it ran
+// memory limit (gVisor and runc; microvm, where the limit is the guest's
+// RAM and the guest kernel's OOM killer acts, when its assets are built) is
+// killed, and the caller is told it ran
 // out of memory (ResourceExhausted naming the limit), not that it crashed;
 // the metrics count it as oom. The next request starts a fresh instance.
 func TestOverMemoryLimitIsOutOfMemory(t *testing.T) {
 	bin := shared.Bin(t)
 	metrics := nodetest.Port(t)
+	sbs := []string{"gvisor", "runc"}
+	if _, err := assets.Load(assets.Dir(testutil.CacheDir())); err == nil {
+		sbs = append(sbs, "microvm")
+	} else {
+		t.Logf("microvm not tested: %v", err)
+	}
+	// A microVM boot takes 5-40 s on this machine's TCG.
 	n := nodetest.Start(t, bin, nodetest.Options{NetPrefix: "h3bm", Subnet: "10.188.3.0/24", NoGateway: true,
-		Metrics: metrics})
+		Metrics: metrics, Sandboxes: strings.Join(sbs, ","), Args: []string{"--ready-timeout", "3m"}})
 	n.Import(t, shared.GoImage(t, "./internal/reliability/isolation/testdata/netprobe"))
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	for _, sb := range []string{"gvisor", "runc"} {
+	for _, sb := range sbs {
 		t.Run(sb, func(t *testing.T) {
 			fn := "oom-" + sb
 			n.Deploy(t, &vhivepb.FunctionSpec{Name: fn, Image: probeRef, Sandbox: sb, MemoryLimitMib: 128})

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,9 +42,11 @@ type Sandbox struct {
 	agentSck string
 	disk     string // the image's ext4
 	memMiB   int
+	cpus     int
 	start    agentproto.Start
 	net      *netpool.Net
 	tap      *os.File
+	nat      *natSetup // the NAT to the guest, set up while QEMU starts
 	endpoint string
 
 	// restore: the snapshot to resume from (nil for a boot).
@@ -59,7 +62,8 @@ type Sandbox struct {
 	cmd     *exec.Cmd
 	qmp     *qmp.Client
 	agent   net.Conn
-	ready   chan error // the agent's answer to start/resume
+	ready   chan error  // the agent's answer to start/resume
+	killed  atomic.Bool // kill sent QEMU its SIGKILL
 	stages  map[string]time.Duration
 	waited  chan struct{}
 }
@@ -80,16 +84,14 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec, rp *restorePar
 		dir:      b.InstanceDir(spec.ID),
 		qmpSock:  base + ".qmp",
 		agentSck: base + ".agent",
-		memMiB:   b.cfg.MemoryMiB,
+		memMiB:   b.memMiB(spec),
+		cpus:     b.vcpus(spec),
 		restore:  rp,
 		done:     make(chan struct{}),
 		ready:    make(chan error, 1),
 	}
-	if spec.MemoryLimit > 0 {
-		s.memMiB = int((spec.MemoryLimit + 1<<20 - 1) >> 20)
-	}
 	if rp != nil {
-		s.memMiB = rp.meta.MemoryMiB
+		s.memMiB, s.cpus = rp.meta.MemoryMiB, rp.meta.CPUs
 	}
 	if err := b.register(s); err != nil {
 		return nil, err
@@ -128,12 +130,13 @@ func (b *Backend) prepare(ctx context.Context, spec sandbox.Spec, rp *restorePar
 	}
 	s.net = n
 	s.endpoint = net.JoinHostPort(n.GuestIP.String(), strconv.Itoa(spec.Port))
-	s.start.Net = agentproto.Net{IP: n.GuestIP.String(), Bits: n.Bits, Gateway: n.Gateway.String()}
+	s.start.Net = agentproto.Net{IP: guestIP.String(), Bits: guestPrefix.Bits(), Gateway: tapIP.String()}
 	tap, err := plugTap(n)
 	if err != nil {
 		return nil, fmt.Errorf("microvm: sandbox %q: %w", spec.ID, err)
 	}
 	s.tap = tap
+	s.nat = startNAT(ctx, n)
 	return s, nil
 }
 
@@ -218,6 +221,7 @@ func (s *Sandbox) Start(ctx context.Context) error {
 		}
 	}
 	if err != nil {
+		s.setExit(err)
 		_ = s.kill()
 		return err
 	}
@@ -232,12 +236,19 @@ func (s *Sandbox) qemuArgs(mem string, kernel, initrd string, incoming bool) []s
 	if b.cfg.TSCkHz > 0 {
 		cmdline += " tsc_early_khz=" + strconv.Itoa(b.cfg.TSCkHz)
 	}
+	if b.cfg.kernelArgs != "" {
+		cmdline += " " + b.cfg.kernelArgs
+	}
+	accel := b.cfg.Accel
+	if accel == AccelTCG && b.cfg.TCGBufferMiB > 0 {
+		accel += ",tb-size=" + strconv.Itoa(b.cfg.TCGBufferMiB)
+	}
 	args := []string{
 		"-name", "vhive-" + s.id,
-		"-accel", b.cfg.Accel,
+		"-accel", accel,
 		"-M", "microvm,memory-backend=mem",
 		"-m", strconv.Itoa(s.memMiB) + "M",
-		"-smp", strconv.Itoa(b.cfg.CPUs),
+		"-smp", strconv.Itoa(s.cpus),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-object", "memory-backend-file,id=mem,size=" + strconv.Itoa(s.memMiB) + "M," + mem,
 		"-kernel", kernel, "-initrd", initrd, "-append", cmdline,
@@ -268,7 +279,9 @@ func (s *Sandbox) launch(ctx context.Context) error {
 	if s.restore == nil {
 		args = s.qemuArgs("mem-path="+s.b.MemoryFile(s.id)+",share=on", a.Vmlinuz, a.Initramfs, false)
 	} else {
-		args = s.qemuArgs(s.restore.memProps(s.b), s.restore.meta.Vmlinuz, s.restore.meta.Initramfs, true)
+		// readMeta checked that the snapshot's kernel and initramfs have
+		// the digests of these.
+		args = s.qemuArgs(s.restore.memProps(s.b), a.Vmlinuz, a.Initramfs, true)
 	}
 	logf, err := os.OpenFile(filepath.Join(s.dir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -310,6 +323,11 @@ func (s *Sandbox) launch(ctx context.Context) error {
 		time.Sleep(5 * time.Millisecond)
 	}
 	go s.readAgent(s.agent)
+	if s.nat != nil {
+		if err := s.nat.wait(); err != nil {
+			return fmt.Errorf("microvm: sandbox %q: %w", s.id, err)
+		}
+	}
 	return nil
 }
 
@@ -324,6 +342,18 @@ func (s *Sandbox) whileRunning(ctx context.Context) context.Context {
 		cancel()
 	}()
 	return c
+}
+
+// endsWithin reports whether QEMU has exited or exits within d.
+func (s *Sandbox) endsWithin(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.waited:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 func (s *Sandbox) exited() bool {
@@ -352,14 +382,65 @@ func (s *Sandbox) failure(what string, err error) error {
 // wait reaps QEMU and closes done.
 func (s *Sandbox) wait() {
 	err := s.cmd.Wait()
-	if err == nil {
-		err = errors.New("QEMU exited")
-	} else {
-		err = fmt.Errorf("QEMU: %w", err)
-	}
-	s.setExit(fmt.Errorf("microvm: sandbox %q: %w; console: %s", s.id, err, s.tail()))
+	s.setExit(fmt.Errorf("microvm: sandbox %q: %w", s.id, s.endCause(s.cmd.Process.Pid, s.cmd.ProcessState, err)))
 	close(s.waited)
 	s.closeDone()
+}
+
+// guestDisk is the image disk's device in the guest.
+const guestDisk = "/dev/vda"
+
+// ErrGuestPanic is what Err wraps when the guest kernel panicked.
+var ErrGuestPanic = errors.New("the guest kernel panicked")
+
+// ErrQEMUDied is what Err wraps when QEMU ended on its own (a signal or an
+// error exit) rather than because the guest powered off or Stop killed it.
+var ErrQEMUDied = errors.New("QEMU died")
+
+// endCause says why QEMU ended, from its exit status and what the guest
+// and QEMU printed: the guest kernel panicked (QEMU exits with status 0:
+// panic=-1 reboots and -no-reboot turns that into an exit), the guest
+// powered off (the agent halts when it cannot boot), QEMU was killed by a
+// signal or exited with an error.
+func (s *Sandbox) endCause(pid int, ps *os.ProcessState, werr error) error {
+	console := s.tail()
+	qlog := tailOf(filepath.Join(s.dir, "qemu.log"), 512)
+	if ps == nil {
+		return fmt.Errorf("%w: wait for QEMU pid %d: %w; console: %s", ErrQEMUDied, pid, werr, console)
+	}
+	ws, _ := ps.Sys().(syscall.WaitStatus)
+	switch {
+	case ws.Signaled() && s.killed.Load():
+		return fmt.Errorf("QEMU pid %d stopped by vhive; console: %s", pid, console)
+	case ws.Signaled():
+		return fmt.Errorf("%w: QEMU pid %d was killed by signal %d (%s); console: %s; qemu: %s", ErrQEMUDied, pid, int(ws.Signal()), ws.Signal(), console, qlog)
+	case ps.ExitCode() != 0:
+		return fmt.Errorf("%w: QEMU pid %d exited with status %d; qemu: %s; console: %s", ErrQEMUDied, pid, ps.ExitCode(), qlog, console)
+	}
+	if line := panicLine(console); line != "" {
+		return fmt.Errorf("%w (%s); console: %s", ErrGuestPanic, line, console)
+	}
+	switch {
+	case console == "":
+		return fmt.Errorf("the guest reset or powered off before it printed anything: the kernel did not start (is %s a kernel?); qemu: %s", s.kernelPath(), qlog)
+	case strings.Contains(console, "boot failed"):
+		return fmt.Errorf("the guest agent could not boot and powered the VM off; console: %s", console)
+	}
+	return fmt.Errorf("the guest shut down or reset (QEMU exited with status 0); console: %s", console)
+}
+
+// kernelPath is the kernel QEMU was given.
+func (s *Sandbox) kernelPath() string { return s.b.cfg.Assets.Vmlinuz }
+
+// panicLine returns the guest kernel's "Kernel panic - not syncing: …"
+// line from a console tail, or "".
+func panicLine(console string) string {
+	i := strings.LastIndex(console, "Kernel panic - not syncing")
+	if i < 0 {
+		return ""
+	}
+	line, _, _ := strings.Cut(console[i:], "\n")
+	return strings.TrimSpace(strings.TrimRight(line, "\r -"))
 }
 
 // handshake sends m to the agent and waits for its answer (ready or
@@ -375,6 +456,7 @@ func (s *Sandbox) wait() {
 // did not reproduce it), the agent now logs each boot step to tell.
 func (s *Sandbox) handshake(ctx context.Context, m agentproto.Message) error {
 	if err := agentproto.Write(s.agent, m); err != nil {
+		s.endsWithin(5 * time.Second)
 		return s.failure("send "+m.Type, err)
 	}
 	t := time.NewTimer(s.b.cfg.BootTimeout)
@@ -412,7 +494,9 @@ func (s *Sandbox) checkStatus(ctx context.Context) error {
 	defer cancel()
 	raw, err := s.qmp.Execute(qctx, "query-status", nil)
 	if err != nil {
-		if s.exited() {
+		// A broken QMP connection most often means that QEMU is exiting
+		// (a guest panic): let its exit status tell.
+		if s.endsWithin(5 * time.Second) {
 			return errors.New("the VM ended")
 		}
 		return err
@@ -453,6 +537,9 @@ func (s *Sandbox) readAgent(conn net.Conn) {
 			}
 		case agentproto.TypeError:
 			err := fmt.Errorf("guest agent: %s", m.Error)
+			if strings.Contains(m.Error, guestDisk) {
+				err = fmt.Errorf("%w (%s is the host's %s)", err, guestDisk, s.disk)
+			}
 			s.setExit(fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 			select {
 			case s.ready <- err:
@@ -468,7 +555,12 @@ func (s *Sandbox) readAgent(conn net.Conn) {
 			if e.Signal != "" {
 				how = "killed by " + e.Signal
 			}
-			s.setExit(fmt.Errorf("microvm: sandbox %q: function ended: %s; stderr: %s", s.id, how, strings.TrimSpace(e.Stderr)))
+			if e.OOMKilled {
+				s.setExit(fmt.Errorf("microvm: sandbox %q: %w: the guest kernel's OOM killer killed the function in a guest of %d MiB RAM; stderr: %s",
+					s.id, sandbox.ErrOutOfMemory, s.memMiB, strings.TrimSpace(e.Stderr)))
+			} else {
+				s.setExit(fmt.Errorf("microvm: sandbox %q: function ended: %s; stderr: %s", s.id, how, strings.TrimSpace(e.Stderr)))
+			}
 			_ = s.kill()
 		}
 	}
@@ -482,6 +574,7 @@ func (s *Sandbox) kill() error {
 	if cmd == nil {
 		return nil
 	}
+	s.killed.Store(true)
 	_ = cmd.Process.Signal(syscall.SIGKILL)
 	select {
 	case <-waited:
@@ -534,7 +627,12 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	s.net = nil
 	s.mu.Unlock()
 	if n != nil {
-		if err := unplugTap(n); err != nil {
+		fwd := ""
+		if s.nat != nil {
+			_ = s.nat.wait() // unplugTap removes whatever it did
+			fwd = s.nat.fwdBefore
+		}
+		if err := unplugTap(ctx, n, fwd); err != nil {
 			errs = append(errs, fmt.Errorf("microvm: sandbox %q: %w", s.id, err))
 		}
 		if err := s.b.cfg.NetPool.Put(ctx, n); err != nil {

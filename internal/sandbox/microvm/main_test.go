@@ -14,14 +14,44 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"vhive.dev/vhive/functions/build"
 	"vhive.dev/vhive/internal/microvm/assets"
 	"vhive.dev/vhive/internal/netpool"
 	"vhive.dev/vhive/internal/sandbox"
 	"vhive.dev/vhive/internal/testutil"
 )
+
+// helloworldLayout is the helloworld image the benchmarks use, built once
+// per test binary under helloworldDir (removed by runMain). nodetest's
+// shared builder cannot be used here: nodetest imports this package for its
+// leak checks.
+var (
+	helloworldOnce   sync.Once
+	helloworldDir    string
+	helloworldResult string
+	helloworldErr    error
+)
+
+func helloworldImage(t testing.TB) string {
+	t.Helper()
+	helloworldOnce.Do(func() {
+		imgs, err := build.BuildFunction(context.Background(), build.Options{Function: "helloworld",
+			Targets: []build.Target{build.TargetLinux}, Formats: []build.Format{build.FormatLayout}, OutDir: helloworldDir})
+		if err != nil {
+			helloworldErr = err
+			return
+		}
+		helloworldResult = imgs[0].Layout
+	})
+	if helloworldErr != nil {
+		t.Fatalf("build the helloworld image: %v", helloworldErr)
+	}
+	return helloworldResult
+}
 
 // Built once by TestMain: the testfn image rootfs (and its digest) and the
 // guest assets (QEMU, kernel, initramfs with this tree's agent).
@@ -43,6 +73,7 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	helloworldDir = filepath.Join(dir, "helloworld")
 	if err := buildRootfs(dir); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

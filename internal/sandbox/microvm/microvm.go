@@ -20,26 +20,34 @@
 // by default on /dev/shm so that guest writes never go to a disk. A
 // restored instance maps the snapshot's RAM file privately instead.
 //
-// Network: every instance takes a Net from the netpool. Inside its netns
-// the veth eth0 loses its address and joins a bridge with a tap device whose
-// fd QEMU gets (virtio-net); the guest agent puts the Net's GuestIP on the
-// guest's eth0, so the function is reached at GuestIP:Port as in gVisor.
-// Stop removes the bridge and returns the Net, which gets its address back.
+// Network (net.go): every guest has the same address and MAC (172.16.0.2/30
+// behind a tap at 172.16.0.1, Firecracker's network for clones), so clones
+// of one snapshot need no change in the guest. Every instance takes a Net
+// from the netpool; in its netns the veth eth0 keeps the Net's GuestIP, a
+// tap device (whose fd QEMU gets, virtio-net) holds the guests' gateway, and
+// an nftables table DNATs GuestIP to the guest and drops what the guest
+// opens itself. The function is reached at GuestIP:Port as in gVisor and
+// reaches nothing more than there. Stop removes the tap and the table and
+// returns the Net as the pool made it.
 //
 // Agent channel: a virtio-serial port (no vhost-vsock on this host) speaking
 // internal/microvm/agentproto. Start sends the function's configuration and
 // waits until the agent reports that the function listens.
 //
 // Resources: Spec.MemoryLimit is the guest's RAM size (Config.MemoryMiB
-// when 0); Config.CPUs is the number of vCPUs; Spec.CPULimit is not applied
-// (no cgroup for QEMU yet). Stats are QEMU's RSS and PSS (guest RAM, TCG
-// code cache and QEMU itself).
+// when 0, rounded up to whole MiB); Spec.CPULimit is the number of vCPUs,
+// rounded up (1.5 cores → -smp 2; Config.CPUs when 0): a fractional limit is
+// not a share of a host core, there is no cgroup around QEMU yet. A function
+// that the guest kernel's OOM killer ends is reported as
+// sandbox.ErrOutOfMemory (the agent sees it killed by SIGKILL while the
+// guest's oom_kill counter rose). Stats are QEMU's RSS and PSS (guest RAM,
+// TCG code cache and QEMU itself).
 //
 // Snapshots (see snapshot.go): QMP migrate with x-ignore-shared to a state
 // file, the RAM file copied beside it (the source keeps running on its own
 // file); restore starts a new QEMU with -incoming defer on a private mapping
-// of the snapshot's RAM file, then hands the agent the clock, fresh entropy
-// and the new address.
+// of the snapshot's RAM file, then hands the agent the clock and fresh
+// entropy.
 package microvm
 
 import (
@@ -49,7 +57,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -91,10 +101,15 @@ type Config struct {
 	// MemoryMiB is the guest RAM when the Spec sets no MemoryLimit.
 	// Default 256.
 	MemoryMiB int
-	// CPUs is the number of vCPUs (default 1).
+	// CPUs is the number of vCPUs when the Spec sets no CPULimit (default
+	// 1).
 	CPUs int
 	// Accel is AccelTCG (default) or AccelKVM.
 	Accel string
+	// TCGBufferMiB is the size of TCG's translation buffer (QEMU's
+	// -accel tcg,tb-size=N, in MiB); 0 leaves QEMU's default. Ignored
+	// under KVM.
+	TCGBufferMiB int
 	// TSCkHz is passed to the guest as tsc_early_khz (under TCG the guest
 	// TSC ticks at the host's rate; without it a loaded host makes the
 	// guest's TSC calibration hang). Default: the host's "cpu MHz".
@@ -105,6 +120,30 @@ type Config struct {
 	// BootTimeout bounds Start (boot to the function listening) and a
 	// restore's resume handshake. Default 2 minutes.
 	BootTimeout time.Duration
+
+	// kernelArgs are appended to the guest kernel's command line (tests
+	// use it to make the guest panic).
+	kernelArgs string
+}
+
+// maxCPUs bounds Config.CPUs and Spec.CPULimit.
+const maxCPUs = 64
+
+// vcpus is the number of vCPUs of an instance of spec: CPULimit rounded up
+// (a fractional limit gets a whole vCPU), Config.CPUs when it is 0.
+func (b *Backend) vcpus(spec sandbox.Spec) int {
+	if spec.CPULimit > 0 {
+		return max(1, int(math.Ceil(spec.CPULimit)))
+	}
+	return b.cfg.CPUs
+}
+
+// memMiB is the guest RAM of an instance of spec in MiB.
+func (b *Backend) memMiB(spec sandbox.Spec) int {
+	if spec.MemoryLimit > 0 {
+		return int((spec.MemoryLimit + 1<<20 - 1) >> 20)
+	}
+	return b.cfg.MemoryMiB
 }
 
 // maxRootLen keeps <Root>/sock/<16 hex>.agent below the 107-byte limit of
@@ -120,6 +159,10 @@ type Backend struct {
 	rootfs    *rootfs.Cache
 	qemuMajor int
 	qemuMinor int
+	// kernelSHA256 and initramfsSHA256 are the digests of the files in
+	// use, read once by New (a snapshot records them).
+	kernelSHA256    string
+	initramfsSHA256 string
 	// reapPad is the window REAP prefetches widen runs to (prefetchPad;
 	// benchmarks compare others).
 	reapPad uint64
@@ -165,6 +208,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	default:
 		return nil, fmt.Errorf("microvm: Accel %q is not %q or %q", cfg.Accel, AccelTCG, AccelKVM)
 	}
+	if cfg.TCGBufferMiB < 0 {
+		return nil, fmt.Errorf("microvm: TCGBufferMiB %d is negative", cfg.TCGBufferMiB)
+	}
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = 256
 	}
@@ -174,8 +220,8 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.CPUs == 0 {
 		cfg.CPUs = 1
 	}
-	if cfg.CPUs < 0 || cfg.CPUs > 64 {
-		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-64", cfg.CPUs)
+	if cfg.CPUs < 0 || cfg.CPUs > maxCPUs {
+		return nil, fmt.Errorf("microvm: CPUs %d is not in 1-%d", cfg.CPUs, maxCPUs)
 	}
 	if cfg.TSCkHz == 0 {
 		cfg.TSCkHz = hostTSCkHz()
@@ -198,10 +244,16 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if strings.ContainsAny(cfg.MemoryDir, ",") {
 		return nil, fmt.Errorf("microvm: MemoryDir %q contains ',' (QEMU option syntax)", cfg.MemoryDir)
 	}
-	for _, p := range []string{cfg.Assets.QEMU, cfg.Assets.Vmlinuz, cfg.Assets.Initramfs} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("microvm: asset: %w", err)
-		}
+	if _, err := os.Stat(cfg.Assets.QEMU); err != nil {
+		return nil, fmt.Errorf("microvm: QEMU: %w", err)
+	}
+	kernelSum, err := checkAsset("kernel", cfg.Assets.Vmlinuz, cfg.Assets.VmlinuzSHA256)
+	if err != nil {
+		return nil, err
+	}
+	initrdSum, err := checkAsset("initramfs", cfg.Assets.Initramfs, cfg.Assets.InitramfsSHA256)
+	if err != nil {
+		return nil, err
 	}
 	mm := qemuVerRE.FindStringSubmatch(cfg.Assets.QEMUVersion)
 	if mm == nil {
@@ -218,7 +270,10 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		socks:     filepath.Join(root, "sock"),
 		rootfs:    rc,
 		all:       map[string]*Sandbox{},
-		reapPad:   prefetchPad,
+
+		kernelSHA256:    kernelSum,
+		initramfsSHA256: initrdSum,
+		reapPad:         prefetchPad,
 	}
 	b.qemuMajor, _ = strconv.Atoi(mm[1])
 	b.qemuMinor, _ = strconv.Atoi(mm[2])
@@ -228,6 +283,27 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		}
 	}
 	return b, nil
+}
+
+// checkAsset hashes the kernel or initramfs at path and compares the digest
+// with the one the manifest recorded (when it has one): a missing, truncated
+// or altered file is refused here rather than by a guest that does not boot.
+func checkAsset(what, path, want string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s: %w (rebuild the assets: make microvm)", what, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", fmt.Errorf("microvm: %s %s: %w", what, path, err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	if want != "" && sum != want {
+		return "", fmt.Errorf("microvm: %s %s is corrupt: %d bytes with sha256 %s, the assets manifest says %s (rebuild the assets: make microvm)", what, path, n, sum, want)
+	}
+	return sum, nil
 }
 
 // hostTSCkHz reads the host's clock rate from /proc/cpuinfo (0 if unknown:
@@ -263,10 +339,11 @@ func (b *Backend) Capabilities() sandbox.Capabilities {
 }
 
 // RuntimeVersion names everything a snapshot depends on: QEMU's version,
-// the kernel and the initramfs. A snapshot taken with another is not used.
+// the kernel, the initramfs and the guests' address. A snapshot taken with
+// another is not used.
 func (b *Backend) RuntimeVersion() string {
 	a := b.cfg.Assets
-	return fmt.Sprintf("%s; kernel %s %s; initramfs %.16s; %s", a.QEMUVersion, a.KernelPackage, a.KernelVersion, a.InitramfsSHA256, b.cfg.Accel)
+	return fmt.Sprintf("%s; kernel %s %s; initramfs %.16s; %s; %s", a.QEMUVersion, a.KernelPackage, a.KernelVersion, a.InitramfsSHA256, b.cfg.Accel, guestNetDesc())
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -301,6 +378,9 @@ func validateSpec(spec sandbox.Spec) error {
 	if spec.CPULimit < 0 {
 		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is negative", spec.ID, spec.CPULimit)
 	}
+	if spec.CPULimit > maxCPUs {
+		return fmt.Errorf("microvm: sandbox %q: CPULimit %g is above %d vCPUs", spec.ID, spec.CPULimit, maxCPUs)
+	}
 	return nil
 }
 
@@ -328,8 +408,10 @@ func (b *Backend) sockBase(id string) string {
 }
 
 // memPrefix names the RAM files of this backend's instances in MemoryDir.
-func (b *Backend) memPrefix() string {
-	sum := sha256.Sum256([]byte(b.cfg.Root))
+func (b *Backend) memPrefix() string { return memPrefix(b.cfg.Root) }
+
+func memPrefix(root string) string {
+	sum := sha256.Sum256([]byte(root))
 	return "vhive-microvm-" + hex.EncodeToString(sum[:4]) + "-"
 }
 
@@ -386,6 +468,54 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Leftovers lists what the instances of a backend with state directory
+// root (its Config.Root) hold on the machine: QEMU processes, instance
+// directories, sockets and RAM files in memDir ("" for the default). It is
+// empty once every instance is stopped or Cleanup ran; leak checks of tests
+// use it.
+func Leftovers(root, memDir string) []string {
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	if memDir == "" {
+		memDir = filepath.Join(root, "mem")
+		if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+			memDir = "/dev/shm"
+		}
+	}
+	var out []string
+	procs, _ := os.ReadDir("/proc")
+	for _, e := range procs {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmd), filepath.Join(root, "instances")+"/") {
+			continue
+		}
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || strings.Contains(string(st), ") Z ") {
+			continue // gone, or exited and waiting to be reaped
+		}
+		out = append(out, fmt.Sprintf("QEMU pid %d", pid))
+	}
+	for _, d := range []string{"instances", "sock"} {
+		ents, _ := os.ReadDir(filepath.Join(root, d))
+		for _, e := range ents {
+			out = append(out, filepath.Join(root, d, e.Name()))
+		}
+	}
+	prefix := memPrefix(root)
+	mems, _ := os.ReadDir(memDir)
+	for _, e := range mems {
+		if strings.HasPrefix(e.Name(), prefix) {
+			out = append(out, filepath.Join(memDir, e.Name()))
+		}
+	}
+	return out
 }
 
 // killStale kills pid if it is still a QEMU of instance dir.

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,17 +32,43 @@ const (
 	SnapshotMemory = "mem"
 )
 
-// snapshotMeta is SnapshotMeta's content.
+// snapshotMeta is SnapshotMeta's content. A restore needs the same QEMU
+// version, accelerator, kernel and initramfs (by digest) and machine (the
+// device-relevant part of QEMU's command line) as the snapshot's source;
+// readMeta refuses any difference with sandbox.ErrBadSnapshot.
 type snapshotMeta struct {
-	QEMUVersion string `json:"qemu_version"`
-	Accel       string `json:"accel"`
-	MemoryMiB   int    `json:"memory_mib"`
-	CPUs        int    `json:"cpus"`
-	Vmlinuz     string `json:"vmlinuz"`
-	Initramfs   string `json:"initramfs"`
+	QEMUVersion     string `json:"qemu_version"`
+	Accel           string `json:"accel"`
+	MemoryMiB       int    `json:"memory_mib"`
+	CPUs            int    `json:"cpus"`
+	Vmlinuz         string `json:"vmlinuz"`
+	KernelSHA256    string `json:"kernel_sha256"`
+	Initramfs       string `json:"initramfs"`
+	InitramfsSHA256 string `json:"initramfs_sha256"`
+	// Machine is machineConfig of the source.
+	Machine     string `json:"machine"`
 	Disk        string `json:"disk"`
 	ImageDigest string `json:"image_digest"`
 	Port        int    `json:"port"`
+}
+
+// machineConfig is the device-relevant part of the QEMU command line of an
+// instance with memMiB of RAM and cpus vCPUs: machine, accelerator, RAM,
+// vCPUs and devices, with the per-instance paths, names and the kernel
+// command line left out. A migration stream loads only into the same.
+func (b *Backend) machineConfig(memMiB, cpus int) string {
+	ph := &Sandbox{b: b, id: "ID", dir: "DIR", disk: "DISK", agentSck: "AGENT", qmpSock: "QMP", memMiB: memMiB, cpus: cpus}
+	args := ph.qemuArgs("MEM", "KERNEL", "INITRD", false)
+	var out []string
+	for i := 0; i < len(args); i++ {
+		switch args[i] {
+		case "-name", "-kernel", "-initrd", "-append", "-serial":
+			i++ // per-instance values
+			continue
+		}
+		out = append(out, args[i])
+	}
+	return strings.Join(out, " ")
 }
 
 // Snapshot writes the VM's state into dir and leaves the instance running:
@@ -92,8 +119,10 @@ func (s *Sandbox) Snapshot(ctx context.Context, dir string) error {
 	}
 	a := s.b.cfg.Assets
 	meta := snapshotMeta{
-		QEMUVersion: a.QEMUVersion, Accel: s.b.cfg.Accel, MemoryMiB: s.memMiB, CPUs: s.b.cfg.CPUs,
-		Vmlinuz: a.Vmlinuz, Initramfs: a.Initramfs, Disk: s.disk, ImageDigest: s.spec.ImageDigest, Port: s.spec.Port,
+		QEMUVersion: a.QEMUVersion, Accel: s.b.cfg.Accel, MemoryMiB: s.memMiB, CPUs: s.cpus,
+		Vmlinuz: a.Vmlinuz, KernelSHA256: s.b.kernelSHA256, Initramfs: a.Initramfs, InitramfsSHA256: s.b.initramfsSHA256,
+		Machine: s.b.machineConfig(s.memMiB, s.cpus),
+		Disk:    s.disk, ImageDigest: s.spec.ImageDigest, Port: s.spec.Port,
 	}
 	data, err := json.MarshalIndent(meta, "", "  ")
 	if err != nil {
@@ -236,13 +265,13 @@ func (rp *restoreParams) memProps(b *Backend) string {
 // Restore starts a new VM from a snapshot taken by Snapshot, in its own
 // netns: QEMU with -incoming defer on a private mapping of the snapshot's
 // RAM, migrate-incoming from the state file, cont, then the resume
-// handshake (the agent sets the clock, reseeds the RNG and takes the new
-// address). MemoryEager reads the whole RAM file into the page cache first;
-// MemoryLazy lets guest accesses fault pages in; MemoryRecord does too and
-// records the pages touched until FinishRecord into opts.WorkingSet;
-// MemoryPrefetch reads the runs of opts.WorkingSet into the page cache
-// while QEMU starts (reap.go). The returned sandbox is running; Start is a
-// no-op.
+// handshake (the agent sets the clock and reseeds the RNG; the guest keeps
+// its address, the same in every guest, see net.go). MemoryEager reads the
+// whole RAM file into the page cache first; MemoryLazy lets guest accesses
+// fault pages in; MemoryRecord does too and records the pages touched
+// until FinishRecord into opts.WorkingSet; MemoryPrefetch reads the runs of
+// opts.WorkingSet into the page cache while QEMU starts (reap.go). The
+// returned sandbox is running; Start is a no-op.
 func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, opts sandbox.RestoreOptions) (_ sandbox.Sandbox, retErr error) {
 	mode := opts.Mode
 	if mode == "" {
@@ -309,7 +338,8 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 	if err != nil {
 		return nil, err
 	}
-	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e, Net: s.start.Net}
+	// The guest keeps its address: every guest has the same (net.go).
+	res := &agentproto.Resume{TimeUnixNano: time.Now().UnixNano(), Entropy: e}
 	if err := s.handshake(ctx, agentproto.Message{Type: agentproto.TypeResume, Resume: res}); err != nil {
 		return nil, err
 	}
@@ -322,8 +352,8 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 
 // RestoreStats implements sandbox.RestoreReporter: the restore's stages
 // (ReadMemory for eager restores, LaunchVMM, LoadState — migrate-incoming
-// until the guest is paused, cont included — and ResumeAgent, the clock,
-// entropy and address handshake; for a prefetch, FetchState — reading the
+// until the guest is paused, cont included — and ResumeAgent, the clock
+// and entropy handshake; for a prefetch, FetchState — reading the
 // WS into the page cache, from the restore's start — and PrefetchWait, how
 // long cont waited for it) and page statistics: QEMU's MajorFaults and
 // MinorFaults since cont (live; Unique = MajorFaults) and VMMReadBytes
@@ -396,36 +426,80 @@ func (s *Sandbox) incoming(ctx context.Context) error {
 	return nil
 }
 
-// readMeta loads and checks a snapshot's metadata against this backend.
+// readMeta loads and checks a snapshot's metadata against this backend and
+// spec. Every refusal wraps sandbox.ErrBadSnapshot and names what differs:
+// the field, the snapshot's value and the current one.
 func (b *Backend) readMeta(dir string, spec sandbox.Spec) (snapshotMeta, error) {
 	var m snapshotMeta
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("microvm: restore of %q from %s: %w: %s", spec.ID, dir, sandbox.ErrBadSnapshot, fmt.Sprintf(format, args...))
+	}
 	data, err := os.ReadFile(filepath.Join(dir, SnapshotMeta))
 	if err != nil {
-		return m, fmt.Errorf("microvm: restore of %q: %q holds no microVM snapshot: %w", spec.ID, dir, err)
+		return m, bad("no microVM snapshot: %v", err)
 	}
 	if err := json.Unmarshal(data, &m); err != nil {
-		return m, fmt.Errorf("microvm: restore of %q: %s: %w", spec.ID, filepath.Join(dir, SnapshotMeta), err)
+		return m, bad("%s: %v", SnapshotMeta, err)
 	}
-	if m.QEMUVersion != b.cfg.Assets.QEMUVersion || m.Accel != b.cfg.Accel || m.CPUs != b.cfg.CPUs {
-		return m, fmt.Errorf("microvm: restore of %q: snapshot taken with %q/%s/%d vCPUs, this backend runs %q/%s/%d", spec.ID,
-			m.QEMUVersion, m.Accel, m.CPUs, b.cfg.Assets.QEMUVersion, b.cfg.Accel, b.cfg.CPUs)
+	mem, cpus := b.memMiB(spec), b.vcpus(spec)
+	for _, c := range []struct{ field, snap, cur string }{
+		{"qemu_version", m.QEMUVersion, b.cfg.Assets.QEMUVersion},
+		{"accel", m.Accel, b.cfg.Accel},
+		{"kernel_sha256", m.KernelSHA256, b.kernelSHA256},
+		{"initramfs_sha256", m.InitramfsSHA256, b.initramfsSHA256},
+		{"memory_mib", strconv.Itoa(m.MemoryMiB), strconv.Itoa(mem)},
+		{"cpus", strconv.Itoa(m.CPUs), strconv.Itoa(cpus)},
+		{"machine", m.Machine, b.machineConfig(mem, cpus)},
+	} {
+		if c.snap != c.cur {
+			if c.field == "machine" {
+				return m, bad("machine differs: %s", firstDifference(c.snap, c.cur))
+			}
+			if c.snap == "" {
+				c.snap = "(none)"
+			}
+			return m, bad("%s differs: snapshot %q, current %q", c.field, c.snap, c.cur)
+		}
 	}
 	if spec.ImageDigest != "" && spec.ImageDigest != m.ImageDigest {
-		return m, fmt.Errorf("microvm: restore of %q: snapshot of image %s, spec has %s", spec.ID, m.ImageDigest, spec.ImageDigest)
+		return m, bad("image_digest differs: snapshot %q, current %q", m.ImageDigest, spec.ImageDigest)
 	}
-	for _, p := range []string{m.Vmlinuz, m.Initramfs, m.Disk, filepath.Join(dir, SnapshotState), filepath.Join(dir, SnapshotMemory)} {
+	for _, p := range []string{m.Disk, filepath.Join(dir, SnapshotState), filepath.Join(dir, SnapshotMemory)} {
 		if _, err := os.Stat(p); err != nil {
-			return m, fmt.Errorf("microvm: restore of %q: %w", spec.ID, err)
+			return m, bad("%v", err)
 		}
 	}
 	fi, err := os.Stat(filepath.Join(dir, SnapshotMemory))
 	if err != nil {
-		return m, err
+		return m, bad("%v", err)
 	}
 	if fi.Size() != int64(m.MemoryMiB)<<20 {
-		return m, fmt.Errorf("microvm: restore of %q: RAM file is %d bytes, want %d MiB", spec.ID, fi.Size(), m.MemoryMiB)
+		return m, bad("RAM file is %d bytes, want %d MiB", fi.Size(), m.MemoryMiB)
 	}
 	return m, nil
+}
+
+// firstDifference describes where two machine configurations part: the
+// first differing argument of each.
+func firstDifference(snap, cur string) string {
+	a, b := strings.Fields(snap), strings.Fields(cur)
+	for i := 0; i < max(len(a), len(b)); i++ {
+		var x, y string
+		if i < len(a) {
+			x = a[i]
+		}
+		if i < len(b) {
+			y = b[i]
+		}
+		if x != y {
+			prev := ""
+			if i > 0 && i-1 < len(b) {
+				prev = " after " + b[i-1]
+			}
+			return fmt.Sprintf("argument %d%s is %q in the snapshot, %q here (snapshot: %q)", i+1, prev, x, y, snap)
+		}
+	}
+	return "none"
 }
 
 // readAll reads the data extents of path (into the page cache).

@@ -4,7 +4,8 @@
 // that Spec.Process was applied.
 //
 // Endpoints: /count (increments and returns the counter), /info (JSON with
-// env, cwd, uid, gid), /alloc?mb=N (allocates and touches N MiB, kept),
+// env, cwd, uid, gid, num_cpu — the CPUs it may run on — and mem_total_kib,
+// MemTotal of /proc/meminfo or -1), /alloc?mb=N (allocates and touches N MiB, kept),
 // /random (16 bytes from the kernel's RNG, hex), /clock (the wall clock in
 // Unix nanoseconds): clones of one snapshot must differ in the first and
 // tell the current time in the second.
@@ -19,7 +20,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -54,6 +57,7 @@ func main() {
 		cwd, _ := os.Getwd()
 		_ = json.NewEncoder(w).Encode(map[string]any{
 			"env": os.Environ(), "cwd": cwd, "uid": os.Getuid(), "gid": os.Getgid(),
+			"num_cpu": runtime.NumCPU(), "mem_total_kib": memTotalKiB(),
 		})
 	})
 	mux.HandleFunc("/alloc", func(w http.ResponseWriter, r *http.Request) {
@@ -102,4 +106,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, "serve:", err)
 		os.Exit(1)
 	}
+}
+
+// memTotalKiB is MemTotal from /proc/meminfo (-1 when unreadable).
+func memTotalKiB() int64 {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err == nil {
+				return n
+			}
+		}
+	}
+	return -1
 }
