@@ -53,7 +53,8 @@ type reapState struct {
 	wsPath  string
 
 	// record
-	dev *recordDevice
+	dev       *recordDevice
+	recordErr error // why a record restore runs without recording
 
 	// prefetch
 	ws       *wsFile
@@ -181,6 +182,9 @@ func (s *Sandbox) FinishRecord(ctx context.Context) error {
 	s.mu.Lock()
 	rp, cmd := s.restore, s.cmd
 	s.mu.Unlock()
+	if rp != nil && rp.reap.recordErr != nil {
+		return fmt.Errorf("microvm: sandbox %q: FinishRecord: nothing recorded: %w", s.id, rp.reap.recordErr)
+	}
 	if rp == nil || rp.reap.dev == nil {
 		return fmt.Errorf("microvm: sandbox %q: FinishRecord: not restored in record mode: %w", s.id, sandbox.ErrNotSupported)
 	}

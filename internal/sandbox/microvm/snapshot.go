@@ -295,9 +295,13 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 	case sandbox.MemoryRecord:
 		dev, err := attachRecordDevice(rp.reap.memPath)
 		if err != nil {
-			return nil, fmt.Errorf("microvm: restore of %q: record: %w", spec.ID, err)
+			// Restore lazily; FinishRecord reports that nothing was
+			// recorded, and the next cold start tries again.
+			rp.reap.recordErr = err
+			b.log.Warn("REAP record: no record device; restoring lazily without recording", "id", spec.ID, "err", err)
+		} else {
+			rp.reap.dev = dev
 		}
-		rp.reap.dev = dev
 	case sandbox.MemoryPrefetch:
 		rp.reap.startPrefetch(ctx, b.log, spec.ID, b.reapPad)
 	}
