@@ -288,7 +288,7 @@ func (s *Sandbox) launch(ctx context.Context) error {
 		return fmt.Errorf("microvm: sandbox %q: %w", s.id, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(a.QEMU, args...)
+	cmd := s.qemuCommand(a.QEMU, args)
 	cmd.Dir = s.dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{s.tap}
@@ -608,6 +608,9 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	var errs []error
 	if err := s.kill(); err != nil {
 		errs = append(errs, err)
+	}
+	if s.restore != nil {
+		s.restore.reap.release()
 	}
 	s.mu.Lock()
 	if s.qmp != nil {

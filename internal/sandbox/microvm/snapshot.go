@@ -237,6 +237,17 @@ type restoreParams struct {
 	dir  string
 	meta snapshotMeta
 	mode sandbox.MemoryMode
+	// reap is the record or prefetch state of a REAP restore (reap.go).
+	reap reapState
+}
+
+// memPath is what QEMU maps as guest RAM: the snapshot's memory file, or
+// the record device over it.
+func (rp *restoreParams) memPath() string {
+	if rp.reap.dev != nil {
+		return rp.reap.dev.path
+	}
+	return filepath.Join(rp.dir, SnapshotMemory)
 }
 
 // memProps maps the snapshot's RAM file privately: writes go to anonymous
@@ -244,7 +255,7 @@ type restoreParams struct {
 // (readonly=on,rom=off); 7.2 has no rom= and opens it read-write, but
 // still maps it MAP_PRIVATE (share=off).
 func (rp *restoreParams) memProps(b *Backend) string {
-	p := "mem-path=" + filepath.Join(rp.dir, SnapshotMemory) + ",share=off"
+	p := "mem-path=" + rp.memPath() + ",share=off"
 	if b.qemuMajor > 8 || (b.qemuMajor == 8 && b.qemuMinor >= 2) {
 		p += ",readonly=on,rom=off"
 	}
@@ -257,22 +268,46 @@ func (rp *restoreParams) memProps(b *Backend) string {
 // handshake (the agent sets the clock and reseeds the RNG; the guest keeps
 // its address, the same in every guest, see net.go). MemoryEager reads the
 // whole RAM file into the page cache first; MemoryLazy lets guest accesses
-// fault pages in. The returned sandbox is running; Start is a no-op.
+// fault pages in; MemoryRecord does too and records the pages touched
+// until FinishRecord into opts.WorkingSet; MemoryPrefetch reads the runs of
+// opts.WorkingSet into the page cache while QEMU starts (reap.go). The
+// returned sandbox is running; Start is a no-op.
 func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, opts sandbox.RestoreOptions) (_ sandbox.Sandbox, retErr error) {
 	mode := opts.Mode
 	if mode == "" {
 		mode = sandbox.MemoryEager
 	}
-	if mode != sandbox.MemoryEager && mode != sandbox.MemoryLazy {
-		return nil, fmt.Errorf("microvm: restore of %q in memory mode %q (eager and lazy only): %w", spec.ID, mode, sandbox.ErrNotSupported)
+	switch mode {
+	case sandbox.MemoryEager, sandbox.MemoryLazy, sandbox.MemoryRecord, sandbox.MemoryPrefetch:
+	default:
+		return nil, fmt.Errorf("microvm: restore of %q in memory mode %q: %w", spec.ID, mode, sandbox.ErrNotSupported)
+	}
+	if (mode == sandbox.MemoryRecord || mode == sandbox.MemoryPrefetch) && opts.WorkingSet == "" {
+		return nil, fmt.Errorf("microvm: restore of %q in memory mode %q: no working-set path", spec.ID, mode)
 	}
 	meta, err := b.readMeta(dir, spec)
 	if err != nil {
 		return nil, err
 	}
 	rp := &restoreParams{dir: dir, meta: meta, mode: mode}
+	rp.reap.memPath, rp.reap.wsPath = filepath.Join(dir, SnapshotMemory), opts.WorkingSet
+	switch mode {
+	case sandbox.MemoryRecord:
+		dev, err := attachRecordDevice(rp.reap.memPath)
+		if err != nil {
+			// Restore lazily; FinishRecord reports that nothing was
+			// recorded, and the next cold start tries again.
+			rp.reap.recordErr = err
+			b.log.Warn("REAP record: no record device; restoring lazily without recording", "id", spec.ID, "err", err)
+		} else {
+			rp.reap.dev = dev
+		}
+	case sandbox.MemoryPrefetch:
+		rp.reap.startPrefetch(ctx, b.log, spec.ID, b.reapPad)
+	}
 	s, err := b.prepare(ctx, spec, rp)
 	if err != nil {
+		rp.reap.release()
 		return nil, err
 	}
 	defer func() {
@@ -322,11 +357,31 @@ func (b *Backend) Restore(ctx context.Context, spec sandbox.Spec, dir string, op
 // RestoreStats implements sandbox.RestoreReporter: the restore's stages
 // (ReadMemory for eager restores, LaunchVMM, LoadState — migrate-incoming
 // until the guest is paused, cont included — and ResumeAgent, the clock
-// and entropy handshake).
+// and entropy handshake; for a prefetch, FetchState — reading the
+// WS into the page cache, from the restore's start — and PrefetchWait, how
+// long cont waited for it) and page statistics: QEMU's MajorFaults and
+// MinorFaults since cont (live; Unique = MajorFaults) and VMMReadBytes
+// (what its faults read from storage since cont), and for REAP
+// RecPages and RecRegions (pages and runs of the WS: recorded, once
+// FinishRecord ran, or prefetched), BytesRead (prefetched), and
+// PrefetchFallback (1 when the WS was not usable).
 func (s *Sandbox) RestoreStats() sandbox.RestoreResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return sandbox.RestoreResult{Stages: maps.Clone(s.stages), Pages: map[string]int64{}}
+	pid := 0
+	if s.cmd != nil && !s.exited() {
+		pid = s.cmd.Process.Pid
+	}
+	res := sandbox.RestoreResult{Stages: maps.Clone(s.stages), Pages: map[string]int64{}}
+	if res.Stages == nil {
+		res.Stages = map[string]time.Duration{}
+	}
+	if s.restore != nil {
+		st, pg := s.restore.reap.stats(pid)
+		maps.Copy(res.Stages, st)
+		res.Pages = pg
+	}
+	return res
 }
 
 // incoming loads the device state and resumes the guest (s.mu held).
@@ -368,6 +423,7 @@ func (s *Sandbox) incoming(ctx context.Context) error {
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
+	s.restore.reap.beforeCont(s.cmd.Process.Pid)
 	if _, err := c.Execute(ctx, "cont", nil); err != nil {
 		return s.failure("restore", err)
 	}
