@@ -73,7 +73,7 @@ images-full: deps images-go
 	$(GO) run ./tools/mkimage -python full -out $(IMAGES)
 
 ## demo: the main job — see the README
-demo: deps runsc build images-go
+demo: deps runsc microvm build images-go
 	./scripts/demo.sh
 
 vet:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The vhive demo: start a daemon, deploy helloworld in gVisor and in runc,
-# invoke each cold then warm and print the stage breakdown, then stop.
+# invoke each cold then warm and print the stage breakdown; wasm with REAP;
+# a microVM boot and snapshot restore (DEMO_MICROVM=0 leaves it out); then stop.
 # Run through `make demo`, which builds everything this needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,20 @@ if [ -d out/images/helloworld-wasm ] && "$VHIVE" images import out/images/hellow
 		step "$VHIVE" invoke hello-wasm --payload "restore-$i"
 		sleep 0.5
 	done
+fi
+if [ -n "${DEMO_MICROVM:-1}" ] && [ "${DEMO_MICROVM:-1}" != 0 ] &&
+	"$VHIVE" deploy hello-mvm --image localhost/vhive/helloworld:latest --sandbox microvm --start-mode snapshot >/dev/null 2>"$WORK/mvm.err"; then
+	echo; echo "# microvm (a Linux guest kernel under QEMU, TCG here): boot, then the snapshot taken after it; the next cold start restores"
+	step "$VHIVE" invoke hello-mvm --payload boot
+	for _ in $(seq 1 120); do
+		"$VHIVE" snapshots ls hello-mvm 2>/dev/null | grep -q '^1 snapshot' && break
+		sleep 0.5
+	done
+	step "$VHIVE" snapshots ls hello-mvm
+	"$VHIVE" instances hello-mvm --stop >/dev/null
+	step "$VHIVE" invoke hello-mvm --payload restored
+elif [ "${DEMO_MICROVM:-1}" != 0 ]; then
+	echo; echo "# microvm skipped: $(cat "$WORK/mvm.err")"
 fi
 step "$VHIVE" ls
 step "$VHIVE" instances --stats
