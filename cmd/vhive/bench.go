@@ -134,7 +134,7 @@ func newBenchColdstartCmd(g *globalOpts) *cobra.Command {
 	}
 	fs := cmd.Flags()
 	fs.StringSliceVar(&functions, "functions", []string{"helloworld"}, "functions to measure (images localhost/vhive/<fn>:latest, <fn>-wasm for wasm)")
-	fs.StringVar(&suite, "suite", "", "measure the function suite instead of --functions: ci (make images) or full (make images-full): the Python functions py-<fn> on gvisor/runc, their Go twins everywhere (docs/functions.md)")
+	fs.StringVar(&suite, "suite", "", "measure the function suite instead of --functions: ci (make images) or full (make images-full): the Python functions py-<fn> on gvisor/runc/microvm, their Go twins everywhere (docs/functions.md)")
 	fs.StringSliceVar(&c.sandboxes, "sandbox", []string{"gvisor"}, "sandboxes: gvisor, runc, wasm, microvm")
 	fs.IntVar(&iterations, "iterations", 10, "measured cold starts per cell")
 	c.register(fs, []string{"boot", "snapshot", "reap", "warm"})

@@ -4,7 +4,7 @@ import "strings"
 
 // The function suite `vhive bench coldstart --suite` measures: the REAP
 // paper's functions as Python images (functions/python, built by `make
-// images`; localhost/vhive/py-<name>) on gvisor and runc, and their Go twins
+// images`; localhost/vhive/py-<name>) on the Linux sandboxes (gvisor, runc, microvm), and their Go twins
 // (functions/<name>, built for Linux and wasm) on every sandbox. docs/functions.md
 // describes them; functions/python's tests check these lists against the
 // function directories.
