@@ -7,10 +7,18 @@
 //
 //	go run ./tools/mkknative -cache /var/cache/vhive
 //	go run ./tools/mkknative -only traefik -p 1
+//
+// It also writes Serving's install YAML for a registry (generated from the
+// pinned modules' config, internal/knative/install) and pushes the cached
+// binaries' images to a registry (internal/knative/images):
+//
+//	go run ./tools/mkknative -yaml serving.yaml -registry 127.0.0.1:5000 -domain example.com
+//	go run ./tools/mkknative -push 127.0.0.1:5000
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -20,6 +28,8 @@ import (
 	"syscall"
 
 	"vhive.dev/vhive/internal/knative/build"
+	"vhive.dev/vhive/internal/knative/images"
+	"vhive.dev/vhive/internal/knative/install"
 )
 
 func main() {
@@ -40,12 +50,26 @@ func run() error {
 	flag.StringVar(&o.Go, "go", "go", "the go command")
 	flag.IntVar(&o.Parallel, "p", 0, "go build -p (0: go's default)")
 	only := flag.String("only", "", "comma-separated components to build (knative-serving, traefik, coredns); default all")
+	yamlOut := flag.String("yaml", "", "write Serving's install YAML to this file (- for stdout) instead of building; needs -registry")
+	registry := flag.String("registry", "", "with -yaml: the registry (host:port) the images are pulled from")
+	domain := flag.String("domain", "example.com", "with -yaml: the cluster's domain")
+	push := flag.String("push", "", "push the cached binaries' images to this registry (host:port) instead of building")
 	flag.Parse()
 	if *only != "" {
 		o.Only = strings.Split(*only, ",")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	switch {
+	case *yamlOut != "":
+		return writeYAML(ctx, o.ToolsDir, *yamlOut, *registry, *domain)
+	case *push != "":
+		pub, err := images.PublishAll(ctx, o.Cache, *push)
+		for _, p := range pub {
+			fmt.Printf("%s@%s\n", p.Ref, p.Digest)
+		}
+		return err
+	}
 	m, err := build.Run(ctx, o)
 	if err != nil {
 		return err
@@ -58,4 +82,25 @@ func run() error {
 	}
 	fmt.Printf("manifest: %s/bin/%s\n", o.Cache, build.ManifestName)
 	return nil
+}
+
+func writeYAML(ctx context.Context, toolsDir, out, registry, domain string) error {
+	if registry == "" {
+		return errors.New("-yaml needs -registry")
+	}
+	src, mods, err := install.SourcesFor(ctx, toolsDir)
+	if err != nil {
+		return err
+	}
+	data, err := install.Generate(install.Options{
+		Sources: src, Registry: registry, Tag: mods[0].Version, Domain: domain, Version: install.Release,
+	})
+	if err != nil {
+		return err
+	}
+	if out == "-" {
+		_, err = os.Stdout.Write(data)
+		return err
+	}
+	return os.WriteFile(out, data, 0o644)
 }

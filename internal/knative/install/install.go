@@ -48,6 +48,9 @@ import (
 // provider implements.
 const TraefikIngressClass = "traefik.ingress.networking.knative.dev"
 
+// Release is the Knative release of the pinned serving module (v0.50.0).
+const Release = "1.23.0"
+
 // Namespace is where Knative Serving runs.
 const Namespace = "knative-serving"
 
