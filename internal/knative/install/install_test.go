@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 )
@@ -38,7 +40,8 @@ const testRegistry = "127.0.0.1:5000"
 // TestGenerateServing generates the install YAML from the pinned modules and
 // reads it back as kubectl would: every document parses into an object with
 // apiVersion, kind and name; every kind serving-core.yaml has is there (its
-// CRDs, the four Deployments, the ConfigMaps, the webhooks); no ko:// path is
+// CRDs, the four Deployments, the ConfigMaps, the webhooks), the Deployments,
+// ConfigMaps and Services decode strictly into their Kubernetes types; no ko:// path is
 // left; and the patches are in the ConfigMaps and images.
 func TestGenerateServing(t *testing.T) {
 	o := Options{Sources: sources(t), Registry: testRegistry, Tag: "v0.50.0", Domain: "vhive.test", Version: "1.23.0"}
@@ -65,6 +68,22 @@ func TestGenerateServing(t *testing.T) {
 		}
 		if obj["apiVersion"] == nil || obj.Kind() == "" || obj.Name() == "" {
 			t.Fatalf("document %d lacks apiVersion, kind or name:\n%s", len(objs), doc)
+		}
+		// Typed, strictly: a patch must not leave a field Kubernetes
+		// would reject (a ConfigMap's data values are strings).
+		var typed any
+		switch obj.Kind() {
+		case "Deployment":
+			typed = &appsv1.Deployment{}
+		case "ConfigMap":
+			typed = &corev1.ConfigMap{}
+		case "Service":
+			typed = &corev1.Service{}
+		}
+		if typed != nil {
+			if err := yaml.UnmarshalStrict(doc, typed); err != nil {
+				t.Errorf("%s %s: %v", obj.Kind(), obj.Name(), err)
+			}
 		}
 		objs = append(objs, obj)
 	}
