@@ -122,7 +122,7 @@ func Unavailable() []Missing {
 	return []Missing{{
 		Name: "kn", Module: "knative.dev/client", Version: "v0.50.0",
 		Reason: "knative.dev/client v0.50.0 is served, but its go.mod replaces knative.dev/client/pkg with ./pkg, " +
-			"a nested module left out of the zip, and the proxy refuses knative.dev/client/pkg (every version, and its list)",
+			"a nested module left out of the zip, and the proxy refuses knative.dev/client/pkg (v0.50.0, @latest and its version list: 403 \"not available\")",
 	}}
 }
 
