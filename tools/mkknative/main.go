@@ -12,7 +12,7 @@
 // pinned modules' config, internal/knative/install) and pushes the cached
 // binaries' images to a registry (internal/knative/images):
 //
-//	go run ./tools/mkknative -yaml serving.yaml -registry 127.0.0.1:5000 -domain example.com
+//	go run ./tools/mkknative -yaml out/knative -registry 127.0.0.1:5000 -domain example.com
 //	go run ./tools/mkknative -push 127.0.0.1:5000
 package main
 
@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -50,7 +51,7 @@ func run() error {
 	flag.StringVar(&o.Go, "go", "go", "the go command")
 	flag.IntVar(&o.Parallel, "p", 0, "go build -p (0: go's default)")
 	only := flag.String("only", "", "comma-separated components to build (knative-serving, traefik, coredns); default all")
-	yamlOut := flag.String("yaml", "", "write Serving's install YAML to this file (- for stdout) instead of building; needs -registry")
+	yamlOut := flag.String("yaml", "", "write Serving's install YAML, serving-crds.yaml and serving-core.yaml, to this directory instead of building; needs -registry")
 	registry := flag.String("registry", "", "with -yaml: the registry (host:port) the images are pulled from")
 	domain := flag.String("domain", "example.com", "with -yaml: the cluster's domain")
 	push := flag.String("push", "", "push the cached binaries' images to this registry (host:port) instead of building")
@@ -84,7 +85,7 @@ func run() error {
 	return nil
 }
 
-func writeYAML(ctx context.Context, toolsDir, out, registry, domain string) error {
+func writeYAML(ctx context.Context, toolsDir, dir, registry, domain string) error {
 	if registry == "" {
 		return errors.New("-yaml needs -registry")
 	}
@@ -92,15 +93,23 @@ func writeYAML(ctx context.Context, toolsDir, out, registry, domain string) erro
 	if err != nil {
 		return err
 	}
-	data, err := install.Generate(install.Options{
+	crds, core, err := install.GenerateParts(install.Options{
 		Sources: src, Registry: registry, Tag: mods[0].Version, Domain: domain, Version: install.Release,
 	})
 	if err != nil {
 		return err
 	}
-	if out == "-" {
-		_, err = os.Stdout.Write(data)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	return os.WriteFile(out, data, 0o644)
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{"serving-crds.yaml", crds}, {"serving-core.yaml", core}} {
+		if err := os.WriteFile(filepath.Join(dir, f.name), f.data, 0o644); err != nil {
+			return err
+		}
+		fmt.Println(filepath.Join(dir, f.name))
+	}
+	return nil
 }

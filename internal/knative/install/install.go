@@ -19,9 +19,10 @@
 //     Service can name a RuntimeClass (vhive's sandbox kinds);
 //   - app.kubernetes.io/version labels set to the release instead of devel.
 //
-// The CustomResourceDefinitions come first in the output, so one
-// `kubectl apply -f` creates them before the objects of their kinds
-// (config/core has a Certificate ahead of its CRD).
+// The CustomResourceDefinitions come first in the output (config/core has a
+// Certificate ahead of its CRD); GenerateParts splits them out, as upstream
+// releases serving-crds.yaml beside serving-core.yaml, since kubectl cannot
+// create a CRD and objects of its kind in one apply.
 package install
 
 import (
@@ -212,12 +213,43 @@ func Objects(o Options) ([]Object, error) {
 	return objs, nil
 }
 
-// Generate is Objects as one multi-document YAML stream.
+// Generate is Objects as one multi-document YAML stream, the CRDs first.
+// kubectl cannot apply it in one go (it maps every kind before creating the
+// CRDs): apply GenerateParts' two streams in turn.
 func Generate(o Options) ([]byte, error) {
-	objs, err := Objects(o)
+	crds, core, err := GenerateParts(o)
 	if err != nil {
 		return nil, err
 	}
+	return append(crds, core...), nil
+}
+
+// GenerateParts is the install YAML as upstream releases it: the
+// CustomResourceDefinitions (serving-crds.yaml) and everything else
+// (serving-core.yaml). Apply the second once the CRDs are Established.
+func GenerateParts(o Options) (crds, core []byte, err error) {
+	objs, err := Objects(o)
+	if err != nil {
+		return nil, nil, err
+	}
+	var c, r []Object
+	for _, obj := range objs {
+		if obj.Kind() == "CustomResourceDefinition" {
+			c = append(c, obj)
+		} else {
+			r = append(r, obj)
+		}
+	}
+	if crds, err = marshal(c); err != nil {
+		return nil, nil, err
+	}
+	if core, err = marshal(r); err != nil {
+		return nil, nil, err
+	}
+	return crds, core, nil
+}
+
+func marshal(objs []Object) ([]byte, error) {
 	var buf bytes.Buffer
 	for _, obj := range objs {
 		y, err := yaml.Marshal(obj)
