@@ -275,7 +275,7 @@ func buildComponent(ctx context.Context, o Options, c Component, prev *Built) (B
 	if complete(o.Cache, stamp, b.Binaries) {
 		o.Logger.Info("knative build: up to date", "component", c.Name, "version", b.Version)
 		if prev != nil && prev.Version == b.Version {
-			b.Sum, b.BuildSeconds, b.BuiltAt = cmp(b.Sum, prev.Sum), prev.BuildSeconds, prev.BuiltAt
+			b.Sum, b.BuildSeconds, b.BuiltAt = firstNonEmpty(b.Sum, prev.Sum), prev.BuildSeconds, prev.BuiltAt
 		}
 		return b, nil
 	}
@@ -304,7 +304,7 @@ func buildComponent(ctx context.Context, o Options, c Component, prev *Built) (B
 	return b, nil
 }
 
-func cmp(a, b string) string {
+func firstNonEmpty(a, b string) string {
 	if a != "" {
 		return a
 	}
