@@ -142,7 +142,7 @@ k8s-tools:
 
 ## knative-tools: Knative Serving v0.50.0 (controller, activator, autoscaler,
 ## webhook, queue), Traefik v3.6.12 and CoreDNS v1.15.0 from their Go modules
-## (tools/knative), cached with a manifest (docs/knative.md; ~30 min cold)
+## (tools/knative), cached with a manifest (docs/knative.md; 20-60 min cold)
 knative-tools:
 	$(GO) run ./tools/mkknative -cache $(VHIVE_CACHE)
 
