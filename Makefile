@@ -21,7 +21,7 @@ FUZZTIME     ?= 60s
 
 .PHONY: all build deps runsc microvm images images-go images-python images-full demo test test-unit test-fuzz fuzz vet proto clean bench \
 	cri-tools k8s-tools critest k8s-e2e bench-cri bench-smoke reliability \
-	cluster-tools cluster cluster-down cluster-e2e
+	cluster-tools cluster cluster-down cluster-e2e knative-tools
 
 all: build
 
@@ -139,6 +139,12 @@ cri-tools:
 ## kube-proxy (k8s.io/kubernetes v1.37.2) and embedded etcd, cached (~15 min cold)
 k8s-tools:
 	bash scripts/k8s/build.sh
+
+## knative-tools: Knative Serving v0.50.0 (controller, activator, autoscaler,
+## webhook, queue), Traefik v3.6.12 and CoreDNS v1.15.0 from their Go modules
+## (tools/knative), cached with a manifest (docs/knative.md; 20-60 min cold)
+knative-tools:
+	$(GO) run ./tools/mkknative -cache $(VHIVE_CACHE)
 
 ## critest: critest against stock containerd and vhive's CRI in one run;
 ## fails if vhive fails a spec containerd passes (docs/critest.md)
