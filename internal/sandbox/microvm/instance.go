@@ -603,7 +603,15 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 		return nil
 	}
 	s.stopped = true
+	cmd := s.cmd
 	s.mu.Unlock()
+	if rp := s.restore; rp != nil && rp.reap.dev != nil {
+		// A record instance stopped before FinishRecord: keep what it
+		// touched (FinishRecord may still come and write it).
+		if _, err := s.captureRecord(rp, cmd); err != nil {
+			s.b.log.Warn("REAP record: working set not captured before stop", "id", s.id, "err", err)
+		}
+	}
 	s.setExit(fmt.Errorf("microvm: sandbox %q: %w", s.id, ErrStopped))
 	var errs []error
 	if err := s.kill(); err != nil {

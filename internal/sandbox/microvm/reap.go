@@ -75,6 +75,10 @@ type reapState struct {
 	recMaj      int64 // QEMU's faults from cont to FinishRecord
 	recMin      int64
 	recorded    bool
+
+	// capMu serialises captureRecord; captured is its result.
+	capMu    sync.Mutex
+	captured *wsFile
 }
 
 // startPrefetch reads and validates the WS and starts reading its runs
@@ -188,9 +192,6 @@ func (s *Sandbox) FinishRecord(ctx context.Context) error {
 	if rp == nil || rp.reap.dev == nil {
 		return fmt.Errorf("microvm: sandbox %q: FinishRecord: not restored in record mode: %w", s.id, sandbox.ErrNotSupported)
 	}
-	if cmd == nil || s.exited() {
-		return fmt.Errorf("microvm: sandbox %q: FinishRecord: not running", s.id)
-	}
 	r := &rp.reap
 	r.mu.Lock()
 	done := r.recorded
@@ -198,28 +199,53 @@ func (s *Sandbox) FinishRecord(ctx context.Context) error {
 	if done {
 		return fmt.Errorf("microvm: sandbox %q: FinishRecord called twice", s.id)
 	}
+	ws, err := s.captureRecord(rp, cmd)
+	if err != nil {
+		return fmt.Errorf("microvm: sandbox %q: FinishRecord: %w", s.id, err)
+	}
+	if err := writeWS(r.wsPath, ws); err != nil {
+		return fmt.Errorf("microvm: sandbox %q: FinishRecord: write %s: %w", s.id, r.wsPath, err)
+	}
+	r.mu.Lock()
+	r.recorded = true
+	r.mu.Unlock()
+	s.b.log.Info("REAP working set recorded", "id", s.id, "pages", ws.Pages(), "runs", len(ws.Runs), "ws", r.wsPath)
+	return nil
+}
+
+// captureRecord reads, once, which pages of the record device QEMU has
+// mapped: the working set up to now. FinishRecord calls it, and so does
+// Stop before it ends QEMU, so an instance stopped right after its first
+// invocation (before the orchestrator's FinishRecord ran) still yields its
+// working set.
+func (s *Sandbox) captureRecord(rp *restoreParams, cmd *exec.Cmd) (*wsFile, error) {
+	r := &rp.reap
+	r.capMu.Lock()
+	defer r.capMu.Unlock()
+	if r.captured != nil {
+		return r.captured, nil
+	}
+	if cmd == nil || s.exited() {
+		return nil, errors.New("QEMU is not running and nothing was recorded before it stopped")
+	}
 	pid := cmd.Process.Pid
 	maj, mnr, _ := procFaults(pid)
 	size := int64(rp.meta.MemoryMiB) << 20
 	pages, err := presentPages(pid, r.dev.path, size)
 	if err != nil {
-		return fmt.Errorf("microvm: sandbox %q: FinishRecord: %w", s.id, err)
+		return nil, err
 	}
 	devPages, err := cachedPages(r.dev.f, size)
 	if err != nil {
 		devPages, _ = mincorePages(r.dev.path, size)
 	}
 	ws := &wsFile{MemSize: uint64(size), Runs: runsOfPages(pages)}
-	if err := writeWS(r.wsPath, ws); err != nil {
-		return fmt.Errorf("microvm: sandbox %q: FinishRecord: write %s: %w", s.id, r.wsPath, err)
-	}
+	r.captured = ws
 	r.mu.Lock()
-	r.recorded = true
 	r.recPages, r.recRuns, r.recDevPages = ws.Pages(), int64(len(ws.Runs)), devPages
 	r.recMaj, r.recMin = maj-r.maj0, mnr-r.min0
 	r.mu.Unlock()
-	s.b.log.Info("REAP working set recorded", "id", s.id, "pages", ws.Pages(), "runs", len(ws.Runs), "ws", r.wsPath)
-	return nil
+	return ws, nil
 }
 
 // presentPages returns the sorted file page indexes of QEMU's mapping of

@@ -128,6 +128,28 @@ func TestReapRecordPrefetch(t *testing.T) {
 	}
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 
+	// A record instance stopped before FinishRecord (the bench stops
+	// instances right after their first reply, while the orchestrator's
+	// FinishRecord is on its way) still yields its working set.
+	ws2 := filepath.Join(t.TempDir(), "ws-after-stop")
+	rs2, err := e.b.Restore(ctx, e.spec("rec2"), dir, sandbox.RestoreOptions{Mode: sandbox.MemoryRecord, WorkingSet: ws2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := get(t, rs2.Endpoint(), reapInputs[0]); got != want[0] {
+		t.Errorf("second record restore %s = %q, want %q", reapInputs[0], got, want[0])
+	}
+	if err := rs2.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+	if err := rs2.(sandbox.Recorder).FinishRecord(ctx); err != nil {
+		t.Fatalf("FinishRecord after Stop: %v", err)
+	}
+	if w2, err := readWS(ws2, mem); err != nil || w2.Pages() == 0 {
+		t.Errorf("WS recorded before Stop: %v, err %v", w2, err)
+	}
+
 	restore := func(id, wsPath string) (sandbox.Sandbox, sandbox.RestoreResult) {
 		t.Helper()
 		if err := evict(mem); err != nil {
