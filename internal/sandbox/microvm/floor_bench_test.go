@@ -617,6 +617,7 @@ func BenchmarkBoot(b *testing.B) {
 	var p pair
 	b.Run("vhive", func(b *testing.B) {
 		var d []time.Duration
+		st := stages{}
 		for i := 0; i < b.N; i++ {
 			seq++
 			t0 := time.Now()
@@ -624,9 +625,14 @@ func BenchmarkBoot(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
+			st.add("Create", time.Since(t0))
+			t1 := time.Now()
 			err = sb.Start(ctx)
+			st.add("Start", time.Since(t1))
 			if err == nil {
+				t1 = time.Now()
 				err = firstReply(ctx, sb.Endpoint())
+				st.add("Reply", time.Since(t1))
 			}
 			d = append(d, time.Since(t0))
 			b.StopTimer()
@@ -640,6 +646,7 @@ func BenchmarkBoot(b *testing.B) {
 		}
 		p.vhive = median(d)
 		b.ReportMetric(ms(p.vhive), "p50-ms")
+		st.report(b)
 	})
 	b.Run("bare-qemu", func(b *testing.B) {
 		var d []time.Duration

@@ -54,8 +54,8 @@ type snapshotMeta struct {
 
 // machineConfig is the device-relevant part of the QEMU command line of an
 // instance with memMiB of RAM and cpus vCPUs: machine, accelerator, RAM,
-// vCPUs and devices, with the per-instance paths, names and the kernel
-// command line left out. A migration stream loads only into the same.
+// vCPUs and devices, with the per-instance paths, names, the kernel
+// command line and the accelerator's options (TCG's buffer size) left out. A migration stream loads only into the same.
 func (b *Backend) machineConfig(memMiB, cpus int) string {
 	ph := &Sandbox{b: b, id: "ID", dir: "DIR", disk: "DISK", agentSck: "AGENT", qmpSock: "QMP", memMiB: memMiB, cpus: cpus}
 	args := ph.qemuArgs("MEM", "KERNEL", "INITRD", false)
@@ -64,6 +64,14 @@ func (b *Backend) machineConfig(memMiB, cpus int) string {
 		switch args[i] {
 		case "-name", "-kernel", "-initrd", "-append", "-serial":
 			i++ // per-instance values
+			continue
+		case "-accel":
+			// The accelerator alone: its options (TCG's tb-size) do not
+			// change what the guest sees.
+			if i+1 < len(args) {
+				out = append(out, args[i], strings.SplitN(args[i+1], ",", 2)[0])
+			}
+			i++
 			continue
 		}
 		out = append(out, args[i])
