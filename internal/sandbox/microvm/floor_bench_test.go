@@ -32,7 +32,7 @@ package microvm
 //     status polling: what vhive's clone-uniqueness work costs in the guest.
 //     (A variant polling QMP every 10 ms during the handshake, as the
 //     backend does every 250 ms, made no consistent difference: commit
-//     98e28ae, docs/bench-microvm-draft.md.)
+//     98e28ae, docs/benchmarks/microvm.md.)
 //   - Boot, vhive: Backend.Create (netpool Get, rootfs disk from its cache,
 //     bridge and tap) + Start (QEMU, QMP, agent channel, start message, the
 //     agent's ready) and the first SayHello answered.

@@ -23,7 +23,7 @@ const (
 )
 
 // prefetchDefault is the method restores use (the fastest measured; see
-// docs/bench-reap-microvm-draft.md).
+// docs/benchmarks/reap-microvm.md).
 const prefetchDefault = prefetchReadahead
 
 // prefetchWorkers is the parallel method's number of reads in flight.

@@ -17,7 +17,7 @@ import (
 // file, e.g. kept by BenchmarkReapRestore with VHIVE_REAP_KEEP=<dir>; the
 // runs widened as a restore reads them) if set, else a 256 MiB file of random bytes with ≈2,000 pages in
 // ≈1,000 runs scattered over it (the shape of the recorded WS of a Python
-// gRPC guest, see docs/bench-reap-microvm-draft.md).
+// gRPC guest, see docs/benchmarks/reap-microvm.md).
 func benchWS(b *testing.B) (string, map[string][]wsRun) {
 	if mem, ws := os.Getenv("VHIVE_REAP_MEM"), os.Getenv("VHIVE_REAP_WS"); mem != "" && ws != "" {
 		w, err := readWS(ws, mem)
