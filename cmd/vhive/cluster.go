@@ -111,7 +111,7 @@ bring-up that fails tears down what it made (logs kept in --dir/logs).`,
 		},
 	}
 	up.Flags().IntVar(&cfg.Nodes, "nodes", 3, fmt.Sprintf("worker nodes (1..%d)", cluster.MaxNodes))
-	up.Flags().StringVar(&cfg.FunctionSandbox, "function-sandbox", "gvisor", "sandbox of Knative user-containers: gvisor or runc")
+	up.Flags().StringVar(&cfg.FunctionSandbox, "function-sandbox", "gvisor", "sandbox of Knative user-containers: gvisor, runc or microvm (needs make microvm)")
 	up.Flags().StringVar(&cfg.Vhive, "vhive", "", "vhive binary for the node daemons (default: this executable)")
 	up.Flags().DurationVar(&cfg.NodeMonitorGracePeriod, "node-monitor-grace-period", 20*time.Second, "how long a silent node stays Ready")
 	up.Flags().StringVar(&nodeCPU, "node-cpu", "", "each node's allocatable CPU, e.g. 1.5 or 500m (default: the machine's CPUs divided among the nodes)")

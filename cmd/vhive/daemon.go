@@ -105,7 +105,7 @@ everything they held is released; deployed functions remain.`,
 	f.StringVar(&cfg.CRI.Handler, "cri-handler", "vhive", "runtime handler (RuntimeClass) whose pods run every container in vhive")
 	f.StringVar(&cfg.CRI.OCIRuntime, "cri-oci-runtime", "runc", `OCI runtime for the containers of --cri-handler pods (runc or a runsc path; "none" disables the handler)`)
 	f.StringVar(&criArgs, "cri-oci-runtime-args", "", "comma-separated global flags for --cri-oci-runtime (e.g. --network=host,--platform=systrap for runsc)")
-	f.StringVar(&cfg.CRI.FunctionSandbox, "cri-function-sandbox", "gvisor", `sandbox for Knative user-containers (GUEST_IMAGE): gvisor, runc, or "none" to proxy them to containerd`)
+	f.StringVar(&cfg.CRI.FunctionSandbox, "cri-function-sandbox", "gvisor", `sandbox for Knative user-containers (GUEST_IMAGE): gvisor, runc, microvm (enabled in --sandboxes), or "none" to proxy them to containerd`)
 	f.StringArrayVar(&mirrors, "cri-mirror", nil, `registry mirror HOST=MIRROR for images vhive pulls for the CRI ("*" matches every host; repeatable)`)
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log as JSON")

@@ -48,8 +48,8 @@ type Config struct {
 	// CNIBinDir holds the CNI plugins (bridge, host-local, loopback,
 	// portmap). Default /usr/lib/cni.
 	CNIBinDir string
-	// FunctionSandbox runs Knative user-containers: "gvisor" (default) or
-	// "runc".
+	// FunctionSandbox runs Knative user-containers: "gvisor" (default),
+	// "runc" or "microvm" (QEMU; the nodes need `make microvm`'s assets).
 	FunctionSandbox string
 	// NodeMonitorGracePeriod is how long a node may miss status updates
 	// before the controller-manager marks it NotReady (default 20s;
@@ -110,9 +110,9 @@ func (c Config) withDefaults() (Config, error) {
 	switch c.FunctionSandbox {
 	case "":
 		c.FunctionSandbox = "gvisor"
-	case "gvisor", "runc":
+	case "gvisor", "runc", "microvm":
 	default:
-		return c, fmt.Errorf("cluster: FunctionSandbox %q: want gvisor or runc", c.FunctionSandbox)
+		return c, fmt.Errorf("cluster: FunctionSandbox %q: want gvisor, runc or microvm", c.FunctionSandbox)
 	}
 	if c.NodeMonitorGracePeriod == 0 {
 		c.NodeMonitorGracePeriod = 20 * time.Second

@@ -283,7 +283,12 @@ func TestContainerEvents(t *testing.T) {
 // created by containerd with GUEST_ADDR/GUEST_PORT pointing at it; removing
 // the pod tears the sandbox and its netns down.
 func TestKnativeRouting(t *testing.T) {
-	e := newEnv(t)
+	knativeRouting(t, newEnv(t))
+}
+
+// knativeRouting is TestKnativeRouting on e, whatever its function backend.
+func knativeRouting(t *testing.T, e *testEnv) {
+	t.Helper()
 	ctx := context.Background()
 	pc := podConfig(t, e, "kn")
 	pr, err := e.rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: pc})

@@ -173,6 +173,16 @@ var envCount int
 // functions) serving on a unix socket; everything is released at cleanup.
 func newEnv(t testing.TB, mut ...func(*Config)) *testEnv {
 	t.Helper()
+	return newEnvWith(t, nil, mut...)
+}
+
+// functionsFactory makes a test env's function backend on the env's
+// netpool, under dir; nil means the runc oci backend.
+type functionsFactory func(t testing.TB, pool *netpool.Pool, dir string) FunctionBackend
+
+// newEnvWith is newEnv with the function backend functions makes.
+func newEnvWith(t testing.TB, functions functionsFactory, mut ...func(*Config)) *testEnv {
+	t.Helper()
 	requireHarness(t)
 	ctx := context.Background()
 	envCount++
@@ -197,11 +207,15 @@ func newEnv(t testing.TB, mut ...func(*Config)) *testEnv {
 	}
 	e.be = be
 	t.Cleanup(func() { _ = be.Cleanup(context.Background()) })
+	var fns FunctionBackend = be
+	if functions != nil {
+		fns = functions(t, pool, dir)
+	}
 	cfg := Config{
 		StateDir:           e.state,
 		ContainerdEndpoint: h.containerd,
 		Images:             imgs,
-		Functions:          be,
+		Functions:          fns,
 		OCIRuntime:         testutil.RuncPath(t),
 		RegistryMirrors:    map[string]string{"*": h.registry},
 	}

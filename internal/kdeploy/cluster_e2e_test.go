@@ -11,7 +11,8 @@ package kdeploy
 //
 // Knobs (defaults are CI's): VHIVE_E2E_NODES (2), VHIVE_E2E_RPS (10 per
 // second over all endpoints), VHIVE_E2E_TIME (steady run, 20s),
-// VHIVE_E2E_REPORT (write the figures as markdown to this file).
+// VHIVE_E2E_REPORT (write the figures as markdown to this file),
+// VHIVE_E2E_SANDBOX (the nodes' function sandbox: gvisor, runc or microvm).
 
 import (
 	"bufio"
@@ -103,7 +104,7 @@ func TestClusterE2E(t *testing.T) {
 	}
 	cfg := cluster.Config{
 		Nodes: nodes, Dir: "/var/lib/vhive-cluster-e2e", Instance: e2eInstance, Vhive: bin,
-		NodeMonitorGracePeriod: 12 * time.Second, Logger: log,
+		NodeMonitorGracePeriod: 12 * time.Second, Logger: log, FunctionSandbox: os.Getenv("VHIVE_E2E_SANDBOX"),
 	}
 	// What a crashed earlier run of this test left (this instance only).
 	if err := cluster.Down(ctx, cfg); err != nil {
