@@ -182,7 +182,7 @@ func TestClusterE2E(t *testing.T) {
 		t.FailNow()
 	}
 
-	rep.printf(t, "Cluster: %d worker nodes (vhive CRI, gVisor function sandboxes), %d pods per function, invoker on the host through the Services' ClusterIPs, a new connection per request.\n", nodes, replicas)
+	rep.printf(t, "Cluster: %d worker nodes (vhive CRI, %s function sandboxes), %d pods per function, invoker on the host through the Services' ClusterIPs, a new connection per request.\n", nodes, c.Config().FunctionSandbox, replicas)
 	steadyRun(ctx, t, c, cs, fns, rps, steady, rep)
 	scaleFromZero(ctx, t, c, cs, fns[len(fns)-1], rps, rep)
 	nodeFailure(ctx, t, c, cs, fns, rps, rep)
@@ -739,7 +739,8 @@ func sandboxProcs(t *testing.T, n cluster.Node) []proc {
 			continue
 		}
 		args := strings.Split(string(b), "\x00")
-		if len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "runsc") {
+		// gVisor's runsc, or the microvm sandbox's QEMU.
+		if len(args) == 0 || !(strings.Contains(filepath.Base(args[0]), "runsc") || strings.HasPrefix(filepath.Base(args[0]), "qemu-system")) {
 			continue
 		}
 		if strings.Contains(string(b), state+"/") {
